@@ -1,0 +1,60 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+STATE ?= $(CURDIR)/.state
+DATA_URL ?= https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz
+EPOCHS ?= 10
+MAX_TRAIN_IMAGES ?= 0
+PORT ?= 3000
+
+# Everything local lives in $(STATE): Airflow (SQLite), MLflow (SQLite + artifacts), BentoML store, data.
+export CIFAR10_STATE_DIR := $(STATE)
+export AIRFLOW_HOME := $(STATE)/airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN ?= sqlite:///$(STATE)/airflow/airflow.db
+export BENTOML_HOME ?= $(STATE)/bentoml
+export BENTOML_DO_NOT_TRACK := True
+export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow/mlflow.db
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONUNBUFFERED := 1
+
+# uv itself lives in its own small venv, so that `uv sync` never removes it.
+UV := .uv/bin/uv
+
+.PHONY: venv run pipeline serve test test-fast clean
+
+# The environment is (re)built only when pyproject.toml or uv.lock changed.
+$(VENV)/.synced: pyproject.toml uv.lock
+	@test -x $(UV) || { $(PYTHON) -m venv .uv && .uv/bin/pip install -q uv==0.13.9; }
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+venv: $(VENV)/.synced
+
+$(STATE)/airflow/.migrated: | $(VENV)/.synced
+	mkdir -p $(STATE)/airflow
+	$(VENV)/bin/airflow db migrate > $(STATE)/airflow/migrate.log 2>&1 || { tail -20 $(STATE)/airflow/migrate.log; exit 1; }
+	@touch $@
+
+## make run: the DAG end to end on DATA_URL, then serve the Bento on PORT
+run: pipeline serve
+
+pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
+	$(VENV)/bin/airflow dags test cifar10_pipeline \
+		-c '{"data_url": "$(DATA_URL)", "epochs": $(EPOCHS), "max_train_images": $(MAX_TRAIN_IMAGES)}'
+
+## make serve: serve the newest Bento the pipeline built (Swagger UI on http://localhost:$(PORT)/)
+serve: $(VENV)/.synced
+	$(VENV)/bin/bentoml serve cifar10-classifier:latest --port $(PORT)
+
+## make test: unit tests and the end-to-end tests (real Airflow, MLflow, bentoml serve)
+test: $(VENV)/.synced
+	$(VENV)/bin/python -m pytest -v --durations=15
+
+test-fast: $(VENV)/.synced
+	$(VENV)/bin/python -m pytest -m "not e2e"
+
+clean:
+	rm -rf $(STATE)

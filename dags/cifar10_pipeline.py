@@ -1,0 +1,137 @@
+"""CIFAR-10 pipeline: fetch -> prepare -> train -> register -> import -> build -> containerize.
+
+This file only wires tasks. Every task body is a lazy import and one call into the
+``training`` package, and returns a path, URI or tag (never arrays), so parsing this
+file stays fast and the scheduler never imports TensorFlow, MLflow or BentoML.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+# The training package lives next to dags/ in this repository.
+PROJECT_DIR = str(Path(__file__).resolve().parent.parent)
+if PROJECT_DIR not in sys.path:
+    sys.path.insert(0, PROJECT_DIR)
+
+DOC = """
+### CIFAR-10: from raw archive to a served container
+
+1. **fetch** the dataset URL (http(s), file, s3, path) into a checksummed cache
+2. **prepare** stratified, seeded train/validation/test splits with a manifest and digest
+3. **train** a Keras 3 CNN in one MLflow run (params, per-epoch metrics, pictures, dataset, model, ONNX)
+4. **register** a new model version; the `champion` alias moves only when the gate passes
+5. **gate**: the Bento tasks below run only when this run's version became champion
+6. **import** the champion into the BentoML store (labels: MLflow model, version, run id)
+7. **build** the Bento from `bentofile.yaml`
+8. **containerize** it when docker, podman or buildah is present (skipped otherwise, with the reason)
+
+Every param overrides the `training.config.PipelineConfig` field of the same name.
+"""
+
+DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(seconds=30)}
+
+
+def _config():
+    """The pipeline config: environment defaults overridden by this run's params."""
+    from training.config import load_config
+
+    params = get_current_context()["params"]
+    return load_config({k: v for k, v in params.items() if v is not None and v != ""})
+
+
+@dag(
+    dag_id="cifar10_pipeline",
+    schedule=None,
+    catchup=False,
+    max_active_runs=1,
+    doc_md=DOC,
+    default_args=DEFAULT_ARGS,
+    tags=["cifar10", "mlops"],
+    params={
+        "data_url": Param("", type="string", description="Dataset URL: http(s)://, file://, s3://, or a path. "
+                                                         "Empty: CIFAR10_DATA_URL or the official release."),
+        "data_checksum": Param("", type="string", description="Expected sha256:<hex> or md5:<hex>; empty: none "
+                                                              "(the official URL's is built in)"),
+        "epochs": Param(None, type=["null", "integer"], minimum=1, description="Training epochs"),
+        "batch_size": Param(None, type=["null", "integer"], minimum=1, description="Batch size"),
+        "seed": Param(None, type=["null", "integer"], description="Seed for split, init and augmentation"),
+        "max_train_images": Param(None, type=["null", "integer"], minimum=0,
+                                  description="Cap on training images (0 = all)"),
+        "val_fraction": Param(None, type=["null", "number"], minimum=0, maximum=0.5),
+        "test_fraction": Param(None, type=["null", "number"], minimum=0, maximum=0.5),
+        "widths": Param("", type="string", description="Conv block widths, e.g. 32,64,128"),
+        "min_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                              description="Quality gate: minimum test accuracy for champion"),
+        "force_promote": Param(False, type="boolean", description="Operator override of the gate"),
+        "container_backend": Param("", type="string", description="auto | docker | podman | buildah | none"),
+    },
+)
+def cifar10_pipeline():
+    @task(execution_timeout=timedelta(hours=2))
+    def fetch() -> str:
+        from training.fetch import fetch as run
+
+        return str(run(_config()))
+
+    @task(execution_timeout=timedelta(minutes=30))
+    def prepare(archive: str) -> str:
+        from training.prepare import prepare as run
+
+        return str(run(Path(archive), _config()))
+
+    @task(execution_timeout=timedelta(hours=3))
+    def train(prepared_dir: str) -> str:
+        from training.train import train as run
+
+        return run(_config(), Path(prepared_dir))
+
+    @task(execution_timeout=timedelta(minutes=10))
+    def register(mlflow_run_id: str) -> str:
+        from training.registry import register as run
+
+        return run(_config(), mlflow_run_id)
+
+    @task.short_circuit(execution_timeout=timedelta(minutes=5))
+    def gate(version_uri: str) -> bool:
+        from training.registry import is_champion
+
+        promoted, reason = is_champion(_config(), version_uri)
+        print(f"{version_uri} {'is' if promoted else 'is NOT'} champion: {reason}"
+              + ("" if promoted else " -> skipping the Bento tasks; the served model is unchanged"))
+        return promoted
+
+    @task(execution_timeout=timedelta(minutes=10))
+    def import_model(version_uri: str) -> str:
+        from training.bento import import_champion
+
+        return import_champion(_config())
+
+    @task(execution_timeout=timedelta(minutes=20))
+    def build(model_tag: str) -> str:
+        from training.bento import build_bento
+
+        return build_bento(_config(), model_tag)
+
+    @task(execution_timeout=timedelta(minutes=45))
+    def containerize(bento_tag: str) -> str:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from training.container import containerize as run
+
+        image = run(_config(), bento_tag)
+        if image is None:
+            raise AirflowSkipException("no container builder available; see the log line above")
+        return image
+
+    version = register(train(prepare(fetch())))
+    model_tag = import_model(version)
+    gate(version) >> model_tag
+    containerize(build(model_tag))
+
+
+cifar10_pipeline()

@@ -1,0 +1,15 @@
+"""CIFAR-10 pipeline logic: one module per stage, nothing happens at import time.
+
+Stages, in the order the Airflow DAG (``dags/cifar10_pipeline.py``) calls them:
+
+- ``config``    one frozen :class:`~training.config.PipelineConfig`
+- ``fetch``     download a URL (http, https, file, s3, path) into a checksummed cache
+- ``archive``   read image-folder archives and the CIFAR-10 binary release safely
+- ``images``    decode any image to RGB 32x32 uint8 (shared with ``service.py``)
+- ``prepare``   stratified seeded splits, validation, manifest and content digest
+- ``model``     the Keras 3 CNN, preprocessing inside
+- ``train``     one MLflow run: fit, evaluate, pictures, ONNX export
+- ``registry``  register a version, gate it, move the ``champion`` alias
+- ``bento``     import the champion into the BentoML store and build the Bento
+- ``container`` build the Bento's container image when a builder is present
+"""

@@ -1,0 +1,163 @@
+"""One frozen configuration for the whole pipeline.
+
+Every default lives here, with a comment saying why. Values are overridden, in
+increasing priority, by environment variables (``CIFAR10_<FIELD>``, upper case)
+and by explicit overrides (the Airflow DAG passes its params). Nothing here reads
+the environment at import time: call :func:`load_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+# The official binary release: parsed with numpy, never unpickled.
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+OFFICIAL_SHA256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
+
+ENV_PREFIX = "CIFAR10_"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """All knobs of the pipeline. Pass it explicitly; never read globals."""
+
+    # --- where state lives -------------------------------------------------
+    # One folder for everything local: data cache, MLflow store, BentoML home.
+    state_dir: str = ".state"
+    # MLflow tracking URI; empty means SQLite inside state_dir (embedded default).
+    mlflow_tracking_uri: str = ""
+    # Where MLflow artifacts go when we create the experiment; empty means
+    # state_dir/mlflow/artifacts. Set to s3://bucket/prefix for S3.
+    mlflow_artifact_location: str = ""
+    experiment_name: str = "cifar10"
+    # BentoML store (models and Bentos); empty means state_dir/bentoml. The
+    # BENTOML_HOME environment variable, when set, wins (BentoML reads it).
+    bentoml_home: str = ""
+
+    # --- data --------------------------------------------------------------
+    data_url: str = OFFICIAL_URL
+    # Expected checksum "sha256:<hex>" or "md5:<hex>" (bare hex = sha256).
+    # Empty: the official URL's known checksum applies, others are not checked.
+    data_checksum: str = ""
+    # Fractions of all images held out; the rest is training data. When the
+    # archive brings its own test split, test_fraction is not used.
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    # Cap on training images (0 = all), for quick runs; stratified.
+    max_train_images: int = 0
+    # Safety caps for archives: total uncompressed bytes and member count.
+    max_archive_bytes: int = 2 * 1024**3
+    max_archive_members: int = 200_000
+    # Fail when more than this fraction of images cannot be decoded.
+    max_bad_image_fraction: float = 0.01
+    seed: int = 42
+
+    # --- model and training ------------------------------------------------
+    # Channel widths of the three conv blocks (comma separated).
+    widths: str = "32,64,128"
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 0.002
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+
+    # --- registry gate -----------------------------------------------------
+    registered_model_name: str = "cifar10-cnn"
+    # A new version becomes champion only at or above this test accuracy and
+    # at or above the current champion's.
+    min_accuracy: float = 0.0
+    force_promote: bool = False
+
+    # --- serving and packaging ---------------------------------------------
+    bento_model_name: str = "cifar10-cnn"
+    bento_name: str = "cifar10-classifier"
+    # docker | podman | buildah | auto (first healthy one) | none (skip)
+    container_backend: str = "auto"
+    image_name: str = "cifar10-classifier"
+
+    # ----------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser().resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_path / "data"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.state_path / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        if self.mlflow_artifact_location:
+            return self.mlflow_artifact_location
+        return (self.state_path / "mlflow" / "artifacts").as_uri()
+
+    @property
+    def bentoml_home_path(self) -> Path:
+        return Path(self.bentoml_home).expanduser().resolve() if self.bentoml_home else self.state_path / "bentoml"
+
+    @property
+    def width_tuple(self) -> tuple[int, ...]:
+        return tuple(int(w) for w in str(self.widths).split(",") if w.strip())
+
+    def replace(self, **changes: Any) -> "PipelineConfig":
+        """A copy with ``changes`` applied and coerced to the field types."""
+        return dataclasses.replace(self, **_coerce(changes))
+
+    def as_params(self) -> dict[str, Any]:
+        """Flat dict for MLflow params and logs."""
+        return dataclasses.asdict(self)
+
+
+def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
+    types = {f.name: f.type for f in fields(PipelineConfig)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in types:
+            raise ValueError(
+                f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}"
+            )
+        kind = types[key]
+        if value is None:
+            continue
+        try:
+            if kind == "bool":
+                out[key] = value if isinstance(value, bool) else str(value).strip().lower() in {"1", "true", "yes", "on"}
+            elif kind == "int":
+                out[key] = int(value)
+            elif kind == "float":
+                out[key] = float(value)
+            else:
+                out[key] = str(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config {key}={value!r} is not a valid {kind}: {exc}") from exc
+    return out
+
+
+def load_config(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> PipelineConfig:
+    """Defaults, then ``CIFAR10_*`` environment variables, then ``overrides``.
+
+    Unknown override keys raise ``ValueError`` naming the valid ones, so a typo in a
+    DAG param cannot silently fall back to a default.
+    """
+    env = os.environ if environ is None else environ
+    from_env = {
+        f.name: env[ENV_PREFIX + f.name.upper()]
+        for f in fields(PipelineConfig)
+        if ENV_PREFIX + f.name.upper() in env
+    }
+    config = PipelineConfig().replace(**from_env)
+    if overrides:
+        config = config.replace(**dict(overrides))
+    return config

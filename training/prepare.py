@@ -1,0 +1,165 @@
+"""Seeded, stratified train/validation/test splits with a manifest and a digest.
+
+Output, in ``<state>/data/prepared/<key>/``: ``data.npz`` (uint8 images, int64 labels
+per split) and ``manifest.json`` (counts per class per split, shape, dtype, source URL,
+checksum, content digest). The folder is written under a temporary name and renamed
+when complete, and it is keyed by the archive's sha256 and the split settings, so a
+rerun reuses it and a half-written folder is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training.archive import RawDataset, read_dataset
+from training.config import PipelineConfig
+from training.fetch import expected_checksum, file_digest
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """The prepared data would be unusable for training; the message says why."""
+
+
+def split_indices(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Stratified split: within each class, a seeded permutation cut by ``fractions``.
+
+    ``fractions`` maps split name to its share; the remainder goes to "train".
+    Each split's indices are returned sorted, so order depends only on the data.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in (*fractions, "train")}
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        start = 0
+        for name, frac in fractions.items():
+            n = int(round(len(idx) * frac))
+            out[name].append(idx[start:start + n])
+            start += n
+        out["train"].append(idx[start:])
+    return {k: np.sort(np.concatenate(v)) for k, v in out.items()}
+
+
+def subsample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Stratified subset of at most ``limit`` positions (all when limit <= 0)."""
+    if limit <= 0 or limit >= len(labels):
+        return np.arange(len(labels))
+    frac = limit / len(labels)
+    return split_indices(labels, {"keep": frac}, seed + 1)["keep"]
+
+
+def make_splits(raw: RawDataset, config: PipelineConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Split ``raw`` into train/val/test per ``config`` (archive test split wins)."""
+    x, y = raw.images, raw.labels
+    if raw.split is not None and (raw.split == "test").any():
+        test_idx = np.flatnonzero(raw.split == "test")
+        pool = np.flatnonzero(raw.split != "test")
+        parts = split_indices(y[pool], {"val": config.val_fraction}, config.seed)
+        idx = {"train": pool[parts["train"]], "val": pool[parts["val"]], "test": test_idx}
+    else:
+        idx = split_indices(y, {"val": config.val_fraction, "test": config.test_fraction}, config.seed)
+    keep = subsample(y[idx["train"]], config.max_train_images, config.seed)
+    idx["train"] = idx["train"][keep]
+    # Training order is shuffled once here (seeded) so that batches mix classes.
+    idx["train"] = np.random.default_rng(config.seed + 2).permutation(idx["train"])
+    return {name: (x[idx[name]], y[idx[name]]) for name in SPLITS}
+
+
+def validate(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str]) -> None:
+    """Raise :class:`DatasetError` when the splits cannot train and evaluate a model."""
+    if len(class_names) < 2:
+        raise DatasetError(f"found {len(class_names)} class ({class_names}); a classifier needs at least 2 "
+                           "class folders")
+    sets = {}
+    for name, (x, y) in splits.items():
+        if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
+            raise DatasetError(f"{name} images have shape {x.shape} {x.dtype}; expected (N, 32, 32, 3) uint8")
+        if len(x) != len(y):
+            raise DatasetError(f"{name}: {len(x)} images but {len(y)} labels")
+        counts = np.bincount(y, minlength=len(class_names))
+        empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+        if empty:
+            raise DatasetError(f"split {name!r} has no images of class(es) {empty}; add images or lower "
+                               "val_fraction/test_fraction so every class appears in every split")
+        sets[name] = set(np.unique(y).tolist())
+    if len({frozenset(s) for s in sets.values()}) != 1:
+        raise DatasetError(f"label sets differ between splits: {sets}")
+
+
+def content_digest(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str]) -> str:
+    """sha256 over class names and every split's images and labels, in a fixed order."""
+    h = hashlib.sha256(json.dumps(class_names).encode())
+    for name in SPLITS:
+        x, y = splits[name]
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(x).data)
+        h.update(np.ascontiguousarray(y, dtype="<i8").data)
+    return h.hexdigest()
+
+
+def prepare(archive: Path, config: PipelineConfig) -> Path:
+    """Read ``archive``, split, validate, and write data.npz + manifest.json; return the folder."""
+    archive = Path(archive)
+    archive_sha = file_digest(archive, "sha256")
+    key_src = json.dumps([archive_sha, config.seed, config.val_fraction, config.test_fraction,
+                          config.max_train_images])
+    out_dir = config.data_dir / "prepared" / hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    if (out_dir / "manifest.json").is_file():
+        log.info("prepared data already present: %s", out_dir)
+        return out_dir
+    start = time.monotonic()
+    raw = read_dataset(archive, max_members=config.max_archive_members, max_bytes=config.max_archive_bytes,
+                       max_bad_fraction=config.max_bad_image_fraction)
+    log.info("decoded %d images of %d classes in %.1f s", len(raw.labels), len(raw.class_names),
+             time.monotonic() - start)
+    splits = make_splits(raw, config)
+    validate(splits, raw.class_names)
+    checksum = expected_checksum(config)
+    manifest = {
+        "source_url": config.data_url,
+        "archive_sha256": archive_sha,
+        "expected_checksum": f"{checksum[0]}:{checksum[1]}" if checksum else None,
+        "seed": config.seed,
+        "class_names": raw.class_names,
+        "image_shape": [32, 32, 3],
+        "dtype": "uint8",
+        "unreadable_images": len(raw.bad_files),
+        "unreadable_examples": raw.bad_files[:10],
+        "counts": {name: {raw.class_names[i]: int(c) for i, c in
+                          enumerate(np.bincount(y, minlength=len(raw.class_names)))}
+                   for name, (_, y) in splits.items()},
+        "sizes": {name: int(len(y)) for name, (_, y) in splits.items()},
+        "digest": content_digest(splits, raw.class_names),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir.parent))
+    try:
+        arrays = {f"{k}_{name}": v for name, (x, y) in splits.items() for k, v in (("x", x), ("y", y))}
+        np.savez(tmp / "data.npz", **arrays)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepared %s in %.1f s: %s", out_dir, time.monotonic() - start, manifest["sizes"])
+    return out_dir
+
+
+def load_prepared(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Load splits and manifest written by :func:`prepare`."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    with np.load(folder / "data.npz") as data:
+        splits = {name: (data[f"x_{name}"], data[f"y_{name}"]) for name in SPLITS}
+    return splits, manifest

@@ -1,0 +1,182 @@
+"""Train the CNN in one MLflow run: fit, evaluate, export, log everything.
+
+``train(config, prepared_dir)`` is what the DAG's train task calls; it returns the
+MLflow run id. The model and the loop use ``keras``/``keras.ops`` only, so the same
+code runs under TensorFlow (default) and JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    """Random horizontal flip and random translation by up to ``pad`` pixels (reflect padding)."""
+    n = len(x)
+    flip = rng.random(n) < 0.5
+    x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    dx, dy = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+    out = np.empty_like(x)
+    for i in range(n):
+        out[i] = padded[i, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+    return out
+
+
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, seed: int):
+    """A Keras PyDataset: shuffled, augmented, one-hot batches; reshuffled per epoch."""
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(len(x))
+
+        def __len__(self):
+            return math.ceil(len(x) / batch_size)
+
+        def __getitem__(self, i):
+            idx = self.order[i * batch_size:(i + 1) * batch_size]
+            xb = _augment(x[idx], self.rng).astype(np.float32)
+            return xb, np.eye(num_classes, dtype=np.float32)[y[idx]]
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(x))
+
+    return Batches()
+
+
+def _progress_callback(epochs: int):
+    """Logs one line per epoch (visible in the Airflow task log) and sends metrics to MLflow."""
+    import keras
+    import mlflow
+
+    class Progress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            seconds = time.monotonic() - self.start
+            metrics = {k: float(v) for k, v in logs.items()} | {"learning_rate": lr, "epoch_seconds": seconds}
+            mlflow.log_metrics(metrics, step=epoch + 1)
+            log.info("epoch %d/%d %.1fs %s", epoch + 1, epochs, seconds,
+                     " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+    return Progress()
+
+
+def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
+    """Build and fit the model on ``splits``; returns the Keras model."""
+    import keras
+
+    from training.model import build_model
+
+    x_train, y_train = splits["train"]
+    x_val, y_val = splits["val"]
+    model = build_model(config.width_tuple, num_classes, config.weight_decay, config.seed)
+    steps = max(1, math.ceil(len(x_train) / config.batch_size)) * config.epochs
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=steps, warmup_target=config.learning_rate, warmup_steps=max(1, steps // 10))
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=0.0),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    model.fit(
+        _batches(x_train, y_train, config.batch_size, num_classes, config.seed),
+        validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
+        epochs=config.epochs,
+        callbacks=[_progress_callback(config.epochs)],
+        verbose=0,
+    )
+    return model
+
+
+def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Probabilities for uint8 images, calling the model directly (no ``predict`` overhead)."""
+    out = [np.asarray(model(x[i:i + batch_size].astype(np.float32), training=False))
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out)
+
+
+def _log_keras_model(model, **kwargs):
+    """``mlflow.keras.log_model(model, name="model", **kwargs)``, working around MLflow 3.17.2.
+
+    Its Keras flavor writes ``input_example.json`` before it creates the model folder
+    and fails with FileNotFoundError; creating the folder first is all it needs.
+    """
+    import mlflow
+    from mlflow.keras import save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model, example, path, *args, **kw):
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, example, path, *args, **kw)
+
+    keras_save._save_example = save_example
+    try:
+        return mlflow.keras.log_model(model, name="model", **kwargs)
+    finally:
+        keras_save._save_example = original
+
+
+def train(config: PipelineConfig, prepared_dir: Path) -> str:
+    """Train on the prepared data in one MLflow run; return the run id."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from training.export import export_onnx
+    from training.prepare import load_prepared
+    from training.tracking import configure_mlflow, git_commit
+
+    splits, manifest = load_prepared(Path(prepared_dir))
+    class_names = manifest["class_names"]
+    configure_mlflow(config)
+    with mlflow.start_run(log_system_metrics=True) as run:
+        mlflow.set_tags({"git_commit": git_commit(), "dataset_digest": manifest["digest"],
+                         "source_url": manifest["source_url"]})
+        mlflow.log_params(config.as_params() | {"num_classes": len(class_names),
+                                                **{f"n_{k}": v for k, v in manifest["sizes"].items()}})
+        x_train, y_train = splits["train"]
+        mlflow.log_input(mlflow.data.from_numpy(x_train, targets=y_train, source=manifest["source_url"],
+                                                name="cifar10-train", digest=manifest["digest"][:32]),
+                         context="training")
+        mlflow.log_dict(manifest, "data/manifest.json")
+
+        start = time.monotonic()
+        model = build_and_fit(config, splits, len(class_names))
+        train_seconds = time.monotonic() - start
+
+        x_test, y_test = splits["test"]
+        probs = predict_probabilities(model, x_test)
+        test_accuracy = float(np.mean(probs.argmax(1) == y_test))
+        mlflow.log_metrics({"test_accuracy": test_accuracy, "train_seconds": train_seconds})
+        log.info("test accuracy %.4f after %.1f s of training", test_accuracy, train_seconds)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            diff = export_onnx(model, onnx_path, x_test[:64])
+            (Path(tmp) / "classes.json").write_text(json.dumps(class_names))
+            mlflow.log_metric("onnx_max_abs_diff", diff)
+            mlflow.log_artifacts(tmp, "onnx")
+
+        example = x_test[:2].astype(np.float32)
+        info = _log_keras_model(model, signature=infer_signature(example, probs[:2]), input_example=example)
+        mlflow.set_tag("logged_model_uri", info.model_uri)
+        return run.info.run_id
