@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED := 1
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
 
-.PHONY: venv run pipeline serve test test-fast clean
+.PHONY: venv run pipeline serve airflow-ui mlflow-ui test test-fast clean
 
 # The environment is (re)built only when pyproject.toml or uv.lock changed.
 $(VENV)/.synced: pyproject.toml uv.lock
@@ -48,6 +48,15 @@ pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
 ## make serve: serve the newest Bento the pipeline built (Swagger UI on http://localhost:$(PORT)/)
 serve: $(VENV)/.synced
 	$(VENV)/bin/bentoml serve cifar10-classifier:latest --port $(PORT)
+
+## make airflow-ui: Airflow (scheduler, API server, UI on :8080) on the same state; password in
+## $(STATE)/airflow/simple_auth_manager_passwords.json.generated
+airflow-ui: $(VENV)/.synced $(STATE)/airflow/.migrated
+	$(VENV)/bin/airflow standalone
+
+## make mlflow-ui: the MLflow UI on :5000 over the same SQLite store and artifacts
+mlflow-ui: $(VENV)/.synced
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000
 
 ## make test: unit tests and the end-to-end tests (real Airflow, MLflow, bentoml serve)
 test: $(VENV)/.synced

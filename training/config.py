@@ -19,6 +19,9 @@ OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 OFFICIAL_SHA256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
 
 ENV_PREFIX = "CIFAR10_"
+# Standard variables of the tools themselves, honoured when the CIFAR10_ one is unset,
+# so a deployment configures MLflow and BentoML the way their docs say.
+ENV_ALIASES = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "bentoml_home": "BENTOML_HOME"}
 
 
 @dataclass(frozen=True)
@@ -152,11 +155,12 @@ def load_config(
     DAG param cannot silently fall back to a default.
     """
     env = os.environ if environ is None else environ
-    from_env = {
+    from_env = {name: env[alias] for name, alias in ENV_ALIASES.items() if env.get(alias)}
+    from_env.update({
         f.name: env[ENV_PREFIX + f.name.upper()]
         for f in fields(PipelineConfig)
         if ENV_PREFIX + f.name.upper() in env
-    }
+    })
     config = PipelineConfig().replace(**from_env)
     if overrides:
         config = config.replace(**dict(overrides))
