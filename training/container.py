@@ -50,7 +50,7 @@ HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-
 NETWORK_ERROR = re.compile(
     r"temporary failure in name resolution|could not resolve|name or service not known|dns error"
     r"|connection (refused|reset|timed out|aborted)|network is unreachable|no route to host"
-    r"|failed to (fetch|download|connect)|error sending request|couldn't download|failed getting release file"
+    r"|failed to (fetch|download|connect|establish a new connection)|newconnectionerror|error sending request|couldn't download|failed getting release file"
     r"|tls handshake|certificate verify failed|read timed out|connecttimeout|max retries exceeded"
     r"|(502|503|504) (bad gateway|service unavailable|gateway time-?out)|remote end closed connection",
     re.IGNORECASE)
