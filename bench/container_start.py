@@ -4,7 +4,7 @@ Uses the pipeline's private container store (CIFAR10_STATE_DIR). Prints one line
 run, the median, the image size and the machine load (`uptime`): on a shared 2-core
 machine, report the load next to the numbers.
 
-    CIFAR10_STATE_DIR=.state .venv/bin/python bench/container_start.py [--image IMG] [--runs 3] [--nice -10]
+    CIFAR10_STATE_DIR=.state .venv/bin/python bench/container_start.py [--image IMG] [--runs 3] [--cpu-shares 16384]
 """
 
 from __future__ import annotations
@@ -39,17 +39,18 @@ def ready(url: str) -> bool:
         return False
 
 
-def start_time(image: str, env: dict[str, str], nice: int = 0, timeout: float = 60) -> float:
+def start_time(image: str, env: dict[str, str], cpu_shares: int = 0, timeout: float = 60) -> float:
     """Seconds from `podman run -d` to /readyz 200 (container removed afterwards).
 
-    ``nice`` < 0 (root only) runs the container ahead of other users' jobs: on a shared
-    machine that approximates an idle CPU; say so when reporting such a number.
+    ``cpu_shares`` > 1024 gives the container's cgroup more CPU weight than other jobs
+    (niceness does not cross cgroups): on a shared machine that approximates an idle
+    CPU; say so when reporting such a number.
     """
     port = free_port()
     name = f"cifar10-bench-{os.getpid()}-{port}"
-    prefix = ["nice", "-n", str(nice)] if nice else []
+    shares = ["--cpu-shares", str(cpu_shares)] if cpu_shares else []
     started = time.monotonic()
-    subprocess.run([*prefix, "podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", image],
+    subprocess.run(["podman", "run", "-d", *shares, "--name", name, "-p", f"127.0.0.1:{port}:3000", image],
                    env=env, check=True, capture_output=True)
     try:
         while not ready(f"http://127.0.0.1:{port}/readyz"):
@@ -65,13 +66,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default="localhost/cifar10-classifier:latest")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--nice", type=int, default=0, help="niceness for podman and the container (e.g. -10)")
+    parser.add_argument("--cpu-shares", type=int, default=0, help="CPU weight of the container (default 1024)")
     args = parser.parse_args()
     env = container_env(load_config())
-    print(f"load before: {os.getloadavg()}; nice {args.nice}")
+    print(f"load before: {os.getloadavg()}; cpu shares {args.cpu_shares or 'default'}")
     times = []
     for i in range(args.runs):
-        times.append(start_time(args.image, env, args.nice))
+        times.append(start_time(args.image, env, args.cpu_shares))
         print(f"run {i + 1}: podman run -> /readyz 200 in {times[-1]:.2f} s  (load {os.getloadavg()[0]:.2f})")
     size = image_size("podman", args.image, env)
     print(f"median {statistics.median(times):.2f} s, min {min(times):.2f} s over {args.runs} runs; "

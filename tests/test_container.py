@@ -271,7 +271,7 @@ def _wait_ready(url: str, timeout: float = 120) -> float:
         try:
             if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return time.monotonic() - started
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy starting to answer
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url}/readyz not 200 after {timeout} s")
