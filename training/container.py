@@ -186,7 +186,9 @@ def containerize(config: PipelineConfig, bento_tag: str) -> str | None:
     from training.base_image import BASE_IMAGE, ensure_base_image
 
     bento = bentoml.bentos.get(bento_tag)
-    if getattr(bento.info.docker, "base_image", None) == BASE_IMAGE:
+    # Bento v1 (ours: bentofile has a dockerfile_template) keeps it in .docker, v2 in .image.
+    options = getattr(bento.info, "docker", None) or getattr(bento.info, "image", None)
+    if getattr(options, "base_image", None) == BASE_IMAGE:
         ensure_base_image(["docker"] if backend == "docker" else ["podman"], env, container_dir(config) / "base")
     image = f"{config.image_name}:{bento.tag.version}"
     tags = [image, f"{config.image_name}:latest"]
@@ -210,7 +212,11 @@ def export_image(config: PipelineConfig, image: str, output: Path) -> Path:
     env = container_env(config)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.unlink(missing_ok=True)
-    subprocess.run(["podman", "save", "--format", "oci-archive", "-o", str(output), image], env=env, check=True)
+    if shutil.which("podman"):
+        cmd = ["podman", "save", "--format", "oci-archive", "-o", str(output), image]
+    else:  # docker >= 25 writes an OCI image layout inside its archive
+        cmd = ["docker", "save", "-o", str(output), image]
+    subprocess.run(cmd, env=env, check=True)
     return output
 
 
