@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED := 1
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
 
-.PHONY: venv run pipeline serve airflow-ui mlflow-ui test test-fast clean
+.PHONY: venv run pipeline serve airflow-ui mlflow-ui test test-fast clean base-image image
 
 # The environment is (re)built only when pyproject.toml or uv.lock changed.
 $(VENV)/.synced: pyproject.toml uv.lock
@@ -67,3 +67,12 @@ test-fast: $(VENV)/.synced
 
 clean:
 	rm -rf $(STATE)
+
+## make base-image: the local Debian base of the Bento image (rebuilt only when its recipe changed)
+base-image: $(VENV)/.synced
+	$(VENV)/bin/python -m training.container base-image
+
+## make image: containerize the newest Bento (podman/buildah, private store in $(STATE)/containers)
+## and export it as an OCI archive, $(STATE)/cifar10-classifier-<version>.oci.tar
+image: $(VENV)/.synced base-image
+	$(VENV)/bin/python -m training.container image --bento cifar10-classifier:latest

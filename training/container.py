@@ -3,28 +3,97 @@
 Backends, in the order ``auto`` tries them: docker (only when its daemon answers),
 podman, buildah. With none present the stage is skipped with a clear reason; the
 pipeline is still complete up to the Bento, which ``bentoml serve`` can run.
+
+Podman and buildah use a private configuration and image store under
+``<state_dir>/containers`` (``CONTAINERS_CONF``/``CONTAINERS_STORAGE_CONF``, rendered
+from ``deploy/containers/``), never the machine-wide one. The base image is built
+locally (:mod:`training.base_image`) because there is no registry to pull from.
+
+BentoML generates the Dockerfile when it builds the Bento (``bentofile.yaml`` ->
+``deploy/containers/Dockerfile.template``); we run the builder ourselves so that its log is kept, a
+network failure is retried once and named as such, and a failed build is an error
+(``bentoml.container.build`` logs failures and returns None).
+
+CLI (the Makefile's ``base-image`` and ``image`` targets)::
+
+    python -m training.container base-image
+    python -m training.container image [--bento TAG] [--output IMAGE.oci.tar]
+    eval "$(python -m training.container env)"   # then podman images, podman run ...
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import re
 import shutil
 import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
 
 from training.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+TEMPLATES = PROJECT_DIR / "deploy" / "containers"
 BACKENDS = ("docker", "podman", "buildah")
+# The host's CA bundle is mounted here (read-only) while packages are installed, so the
+# build works behind a TLS-inspecting proxy without baking that CA into the image.
+BUILD_CA_MOUNT = "/tmp/build-ca.pem"
+HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
+
+# Lines in a failed build's output that mean the network, not the recipe, failed.
+NETWORK_ERROR = re.compile(
+    r"temporary failure in name resolution|could not resolve|name or service not known|dns error"
+    r"|connection (refused|reset|timed out|aborted)|network is unreachable|no route to host"
+    r"|failed to (fetch|download|connect|establish a new connection)|newconnectionerror|error sending request|couldn't download|failed getting release file"
+    r"|tls handshake|certificate verify failed|read timed out|connecttimeout|max retries exceeded"
+    r"|(502|503|504) (bad gateway|service unavailable|gateway time-?out)|remote end closed connection",
+    re.IGNORECASE)
 
 
-def _healthy(backend: str) -> tuple[bool, str]:
+class ContainerBuildError(RuntimeError):
+    """The image build failed for a reason other than the network."""
+
+
+class NetworkBuildError(ContainerBuildError):
+    """The image build failed twice because the network failed."""
+
+
+def container_dir(config: PipelineConfig) -> Path:
+    """The pipeline's private container folder: config, image store, logs."""
+    return config.state_path / "containers"
+
+
+def container_env(config: PipelineConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment whose podman/buildah use the private config and store (rendered here)."""
+    root = container_dir(config)
+    conf = root / "conf"
+    conf.mkdir(parents=True, exist_ok=True)
+    driver = "overlay" if "overlay" in Path("/proc/filesystems").read_text() else "vfs"
+    for name in ("containers.conf", "storage.conf"):
+        text = (TEMPLATES / name).read_text().replace("@STATE@", str(root)).replace("@DRIVER@", driver)
+        target = conf / name
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
+    (root / "tmp").mkdir(exist_ok=True)
+    env = dict(os.environ if base is None else base)
+    env.update(CONTAINERS_CONF=str(conf / "containers.conf"), CONTAINERS_STORAGE_CONF=str(conf / "storage.conf"),
+               TMPDIR=str(root / "tmp"))
+    return env
+
+
+def _healthy(backend: str, env: dict[str, str] | None = None) -> tuple[bool, str]:
     exe = shutil.which(backend)
     if exe is None:
         return False, f"{backend}: not installed"
-    probe = {"docker": [exe, "info"], "podman": [exe, "info"], "buildah": [exe, "version"]}[backend]
+    probe = {"docker": [exe, "info"], "podman": [exe, "info"], "buildah": [exe, "info"]}[backend]
     try:
-        result = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(probe, capture_output=True, text=True, timeout=30, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"{backend}: {exc}"
     if result.returncode != 0:
@@ -32,34 +101,158 @@ def _healthy(backend: str) -> tuple[bool, str]:
     return True, f"{backend}: ok"
 
 
-def find_backend(config: PipelineConfig) -> tuple[str | None, str]:
+def find_backend(config: PipelineConfig, env: dict[str, str] | None = None) -> tuple[str | None, str]:
     """The first healthy backend allowed by ``config.container_backend``, and why."""
     wanted = config.container_backend.strip().lower()
     if wanted == "none":
         return None, "container_backend=none"
-    candidates = BACKENDS if wanted == "auto" else (wanted,)
     if wanted not in ("auto", *BACKENDS):
         raise ValueError(f"container_backend={wanted!r}; use auto, none, {', '.join(BACKENDS)}")
+    candidates = BACKENDS if wanted == "auto" else (wanted,)
     reasons = []
     for backend in candidates:
-        ok, reason = _healthy(backend)
+        ok, reason = _healthy(backend, env)
         if ok:
             return backend, reason
         reasons.append(reason)
     return None, "no healthy container builder (" + "; ".join(reasons) + ")"
 
 
+def is_network_failure(output: str) -> bool:
+    """Whether a failed command's output (its last lines) blames the network."""
+    return bool(NETWORK_ERROR.search("\n".join(output.splitlines()[-80:])))
+
+
+def run_with_network_retry(cmd: list[str], *, env: dict[str, str], log_path: Path, what: str,
+                           before_retry: Callable[[], None] | None = None,
+                           runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> None:
+    """Run ``cmd`` (output to ``log_path``); retry once if the network failed, else raise.
+
+    A second network failure raises :class:`NetworkBuildError` saying so; any other
+    failure raises :class:`ContainerBuildError` with the log's tail and path.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in (1, 2):
+        with open(log_path, "w") as out:
+            result = runner(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if result.returncode == 0:
+            return
+        output = log_path.read_text(errors="replace")
+        tail = "\n".join(output.splitlines()[-25:])
+        if not is_network_failure(output):
+            raise ContainerBuildError(f"{what} failed (exit {result.returncode}); full log: {log_path}\n{tail}")
+        if attempt == 2:
+            raise NetworkBuildError(
+                f"{what} failed twice because of the NETWORK (a package index or mirror could not be reached); "
+                f"check DNS/proxy access to PyPI and the Debian mirror, then rerun. Full log: {log_path}\n{tail}")
+        log.warning("%s hit a network error; retrying once. Last lines:\n%s", what, tail)
+        if before_retry is not None:
+            before_retry()
+
+
+def build_command(backend: str, dockerfile: str, context: str, tags: list[str]) -> list[str]:
+    """The build command line for ``backend`` (host network while building, layers cached)."""
+    tag_args = sum((["-t", t] for t in tags), [])
+    if backend == "docker":
+        return ["docker", "build", "--network", "host", "-f", dockerfile, *tag_args, context]
+    cmd = ["buildah", "bud"] if backend == "buildah" else ["podman", "build"]
+    cmd += ["--layers", "--network", "host", "-f", dockerfile, *tag_args]
+    ca = next((p for p in HOST_CA_BUNDLES if Path(p).exists()), None)
+    if ca:
+        cmd += ["--volume", f"{ca}:{BUILD_CA_MOUNT}:ro"]
+    return [*cmd, context]
+
+
+def image_size(backend: str, image: str, env: dict[str, str]) -> int:
+    """Size of ``image`` in bytes, as the store reports it."""
+    cli = "podman" if backend == "buildah" and shutil.which("podman") else backend
+    fmt = "{{.Size}}"
+    out = subprocess.run([cli, "image", "inspect", "--format", fmt, image], capture_output=True, text=True, env=env,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[0])
+
+
 def containerize(config: PipelineConfig, bento_tag: str) -> str | None:
     """Build the image for ``bento_tag``; return the image tag, or None when skipped."""
     from training.bento import use_bentoml_home
 
-    backend, reason = find_backend(config)
+    env = container_env(config)
+    backend, reason = find_backend(config, env)
     if backend is None:
-        log.warning("skipping containerize: %s. Install docker, podman or buildah to build the image; "
-                    "the Bento %s can still be served with `bentoml serve`.", reason, bento_tag)
+        log.warning("skipping containerize: %s. Install docker, podman or buildah (.ci/setup-container-tools.sh) "
+                    "to build the image; the Bento %s can still be served with `bentoml serve`.", reason, bento_tag)
         return None
     bentoml = use_bentoml_home(config)
-    image = f"{config.image_name}:{bento_tag.split(':')[-1]}"
-    log.info("containerizing %s with %s as %s", bento_tag, backend, image)
-    bentoml.container.build(bento_tag, backend=backend, image_tag=(image,))
+    from training.base_image import BASE_IMAGE, ensure_base_image
+
+    bento = bentoml.bentos.get(bento_tag)
+    # Bento v1 (ours: bentofile has a dockerfile_template) keeps it in .docker, v2 in .image.
+    options = getattr(bento.info, "docker", None) or getattr(bento.info, "image", None)
+    if getattr(options, "base_image", None) == BASE_IMAGE:
+        ensure_base_image(["docker"] if backend == "docker" else ["podman"], env, container_dir(config) / "base")
+    image = f"{config.image_name}:{bento.tag.version}"
+    tags = [image, f"{config.image_name}:latest"]
+    log.info("containerizing %s with %s as %s", bento.tag, backend, image)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=container_dir(config) / "tmp", prefix="context-") as tmp:
+        # The exported folder is the build context: the Bento with its models copied in, and
+        # the Dockerfile BentoML generated from bentofile.yaml at build time.
+        context = Path(tmp) / "bento"
+        bentoml.bentos.export_bento(bento.tag, str(context), output_format="folder")
+        run_with_network_retry(build_command(backend, str(context / "env" / "docker" / "Dockerfile"), str(context), tags),
+                               env=env, log_path=container_dir(config) / "logs" / f"build-{bento.tag.version}.log",
+                               what=f"building image {image} with {backend}")
+    size = image_size(backend, image, env)
+    log.info("built %s in %.0f s: %.0f MB", image, time.monotonic() - started, size / 1e6)
     return image
+
+
+def export_image(config: PipelineConfig, image: str, output: Path) -> Path:
+    """Write ``image`` as an OCI archive (``podman load -i`` / ``docker load -i`` read it)."""
+    env = container_env(config)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.unlink(missing_ok=True)
+    if shutil.which("podman"):
+        cmd = ["podman", "save", "--format", "oci-archive", "-o", str(output), image]
+    else:  # docker >= 25 writes an OCI image layout inside its archive
+        cmd = ["docker", "save", "-o", str(output), image]
+    subprocess.run(cmd, env=env, check=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``base-image``, ``image`` (containerize + export) and ``env`` for the Makefile."""
+    from training.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m training.container", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="print export lines for podman/buildah with the private store")
+    sub.add_parser("base-image", help="build the local base image unless it is up to date")
+    img = sub.add_parser("image", help="containerize a Bento and export it as an OCI archive")
+    img.add_argument("--bento", default="cifar10-classifier:latest")
+    img.add_argument("--output", type=Path, help="OCI archive path (default: <state>/<image>.oci.tar)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = load_config()
+    if args.command == "env":
+        env = container_env(config)
+        for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+            print(f"export {key}={env[key]}")
+    elif args.command == "base-image":
+        from training.base_image import ensure_base_image
+
+        ensure_base_image(["podman"], container_env(config), container_dir(config) / "base")
+    else:
+        if config.container_backend == "none":
+            config = config.replace(container_backend="auto")
+        image = containerize(config, args.bento)
+        if image is None:
+            raise SystemExit("no container builder: run .ci/setup-container-tools.sh")
+        output = args.output or config.state_path / f"{image.replace(':', '-')}.oci.tar"
+        export_image(config, image, output)
+        print(f"{image} -> {output} ({output.stat().st_size / 1e6:.0f} MB)\n"
+              f"load it with: podman load -i {output}  (or docker load -i {output})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Time from `podman run` to the first /readyz 200 of the Bento image (issue 6: <= 5 s).
+
+Uses the pipeline's private container store (CIFAR10_STATE_DIR). Prints one line per
+run, the median, the image size and the machine load (`uptime`): on a shared 2-core
+machine, report the load next to the numbers.
+
+    CIFAR10_STATE_DIR=.state .venv/bin/python bench/container_start.py [--image IMG] [--runs 3] [--cpu-shares 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.config import load_config  # noqa: E402
+from training.container import container_env, image_size  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def start_time(image: str, env: dict[str, str], cpu_shares: int = 0, timeout: float = 60) -> float:
+    """Seconds from `podman run -d` to /readyz 200 (container removed afterwards).
+
+    ``cpu_shares`` > 1024 gives the container's cgroup more CPU weight than other jobs
+    (niceness does not cross cgroups): on a shared machine that approximates an idle
+    CPU; say so when reporting such a number.
+    """
+    port = free_port()
+    name = f"cifar10-bench-{os.getpid()}-{port}"
+    shares = ["--cpu-shares", str(cpu_shares)] if cpu_shares else []
+    started = time.monotonic()
+    subprocess.run(["podman", "run", "-d", *shares, "--name", name, "-p", f"127.0.0.1:{port}:3000", image],
+                   env=env, check=True, capture_output=True)
+    try:
+        while not ready(f"http://127.0.0.1:{port}/readyz"):
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"{image} not ready after {timeout} s")
+            time.sleep(0.05)
+        return time.monotonic() - started
+    finally:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=env, capture_output=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", default="localhost/cifar10-classifier:latest")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cpu-shares", type=int, default=0, help="CPU weight of the container (default 1024)")
+    args = parser.parse_args()
+    env = container_env(load_config())
+    print(f"load before: {os.getloadavg()}; cpu shares {args.cpu_shares or 'default'}")
+    times = []
+    for i in range(args.runs):
+        times.append(start_time(args.image, env, args.cpu_shares))
+        print(f"run {i + 1}: podman run -> /readyz 200 in {times[-1]:.2f} s  (load {os.getloadavg()[0]:.2f})")
+    size = image_size("podman", args.image, env)
+    print(f"median {statistics.median(times):.2f} s, min {min(times):.2f} s over {args.runs} runs; "
+          f"image {size / 1e6:.0f} MB; load after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Tests for training/container.py and training/base_image.py.
+
+Fast tests: backend choice and skip, the network-failure retry, the private
+container configuration, the base image's cache key. The ``container`` test runs
+the DAG on a tiny synthetic dataset with a real builder, so the DAG's containerize
+task builds the image; it then runs the image with podman and talks to it over HTTP,
+and removes every container and image it made (the whole private store).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training import base_image, container
+from training.config import PipelineConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- backend choice -----------------------------------------------------------
+
+def test_backend_none_skips_without_probing(monkeypatch):
+    monkeypatch.setattr(container, "_healthy", lambda *a: pytest.fail("probed a backend"))
+    assert container.find_backend(PipelineConfig(container_backend="none")) == (None, "container_backend=none")
+
+
+def test_unknown_backend_is_rejected_with_choices():
+    with pytest.raises(ValueError, match="use auto, none, docker, podman, buildah"):
+        container.find_backend(PipelineConfig(container_backend="kaniko"))
+
+
+def test_auto_takes_first_healthy_backend_in_order(monkeypatch):
+    probed = []
+
+    def healthy(backend, env=None):
+        probed.append(backend)
+        return backend == "podman", f"{backend}: {'ok' if backend == 'podman' else 'daemon not answering'}"
+
+    monkeypatch.setattr(container, "_healthy", healthy)
+    assert container.find_backend(PipelineConfig(container_backend="auto")) == ("podman", "podman: ok")
+    assert probed == ["docker", "podman"]
+
+
+def test_auto_with_nothing_installed_explains_each_backend(monkeypatch):
+    monkeypatch.setattr(container.shutil, "which", lambda name: None)
+    backend, reason = container.find_backend(PipelineConfig(container_backend="AUTO"))
+    assert backend is None
+    assert reason == ("no healthy container builder (docker: not installed; podman: not installed; "
+                      "buildah: not installed)")
+
+
+def test_docker_without_daemon_is_unhealthy(monkeypatch, tmp_path):
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    ok, reason = container._healthy("docker")
+    assert not ok and "Cannot connect to the Docker daemon" in reason
+
+
+def test_containerize_skips_with_reason_when_no_backend(monkeypatch, tmp_path, caplog):
+    config = PipelineConfig(state_dir=str(tmp_path), container_backend="none")
+    with caplog.at_level("WARNING"):
+        assert container.containerize(config, "cifar10-classifier:abc") is None
+    assert "skipping containerize: container_backend=none" in caplog.text
+    assert "bentoml serve" in caplog.text
+
+
+# --- network failures ---------------------------------------------------------
+
+UV_OFFLINE = """STEP 7/12: RUN set -eu; ...
+error: Failed to fetch: `https://pypi.org/simple/aiohttp/`
+  Caused by: Request failed after 3 retries
+  Caused by: error sending request for url (https://pypi.org/simple/aiohttp/)
+  Caused by: dns error: failed to lookup address information: Temporary failure in name resolution
+Error: building at STEP "RUN set -eu": exit status 2"""
+DEBOOTSTRAP_OFFLINE = "I: Retrieving InRelease\nE: Failed getting release file http://deb.debian.org/debian/dists/bookworm/Release"
+RECIPE_ERROR = """STEP 7/12: RUN set -eu; ...
+  x No solution found when resolving dependencies:
+  Because there is no version of onnxruntime==0.0.1 and you require onnxruntime==0.0.1, we can conclude that
+  your requirements are unsatisfiable.
+Error: building at STEP "RUN set -eu": exit status 1"""
+
+
+@pytest.mark.parametrize("output, network", [(UV_OFFLINE, True), (DEBOOTSTRAP_OFFLINE, True),
+                                             (RECIPE_ERROR, False), ("", False)])
+def test_network_failures_are_recognised(output, network):
+    assert container.is_network_failure(output) is network
+
+
+def _runner(outputs):
+    """A fake subprocess.run: each call writes the next (exit code, output) to stdout."""
+    calls = []
+
+    def run(cmd, env, stdout, stderr):
+        code, text = outputs[len(calls)]
+        calls.append(cmd)
+        stdout.write(text)
+        return subprocess.CompletedProcess(cmd, code)
+
+    return run, calls
+
+
+def test_network_failure_is_retried_once_then_named(tmp_path):
+    run, calls = _runner([(2, UV_OFFLINE), (2, UV_OFFLINE)])
+    retried = []
+    with pytest.raises(container.NetworkBuildError, match="failed twice because of the NETWORK") as err:
+        container.run_with_network_retry(["build"], env={}, log_path=tmp_path / "b.log", what="building X",
+                                         before_retry=lambda: retried.append(1), runner=run)
+    assert len(calls) == 2 and retried == [1]
+    assert "Temporary failure in name resolution" in str(err.value) and str(tmp_path / "b.log") in str(err.value)
+
+
+def test_network_blip_then_success_passes(tmp_path):
+    run, calls = _runner([(2, UV_OFFLINE), (0, "ok")])
+    container.run_with_network_retry(["build"], env={}, log_path=tmp_path / "b.log", what="x", runner=run)
+    assert len(calls) == 2
+
+
+def test_other_failures_are_not_retried(tmp_path):
+    run, calls = _runner([(1, RECIPE_ERROR)])
+    with pytest.raises(container.ContainerBuildError, match="building X failed \\(exit 1\\)") as err:
+        container.run_with_network_retry(["build"], env={}, log_path=tmp_path / "b.log", what="building X",
+                                         runner=run)
+    assert not isinstance(err.value, container.NetworkBuildError)
+    assert len(calls) == 1 and "unsatisfiable" in str(err.value)
+
+
+# --- private configuration and build command -----------------------------------
+
+def test_container_env_points_podman_into_the_state_dir(tmp_path):
+    env = container.container_env(PipelineConfig(state_dir=str(tmp_path)), base={"PATH": "/usr/bin"})
+    conf, storage = Path(env["CONTAINERS_CONF"]), Path(env["CONTAINERS_STORAGE_CONF"])
+    assert conf.parent == storage.parent == tmp_path / "containers" / "conf"
+    text = conf.read_text() + storage.read_text()
+    assert "@" not in text.replace("# ", "")  # every placeholder rendered
+    assert f'graphroot = "{tmp_path}/containers/storage"' in text
+    assert 'runtime = "runc"' in text and "nofile=20000:20000" in text
+    assert env["PATH"] == "/usr/bin"
+
+
+@pytest.mark.parametrize("backend, head", [("podman", ["podman", "build"]), ("buildah", ["buildah", "bud"]),
+                                           ("docker", ["docker", "build"])])
+def test_build_command(backend, head):
+    cmd = container.build_command(backend, "/ctx/env/docker/Dockerfile", "/ctx", ["img:v1", "img:latest"])
+    assert cmd[:2] == head and cmd[-1] == "/ctx"
+    assert cmd[cmd.index("--network") + 1] == "host" and cmd[cmd.index("-f") + 1] == "/ctx/env/docker/Dockerfile"
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "-t"] == ["img:v1", "img:latest"]
+    # docker build has no --volume; podman/buildah mount the host CA bundle read-only while installing
+    assert any(a.endswith(f":{container.BUILD_CA_MOUNT}:ro") for a in cmd) is (backend != "docker")
+
+
+# --- base image recipe ----------------------------------------------------------
+
+def test_recipe_hash_is_stable_and_tracks_content():
+    assert base_image.recipe_hash() == base_image.recipe_hash(json.loads(json.dumps(base_image.RECIPE)))
+    changed = {**base_image.RECIPE, "include": [*base_image.RECIPE["include"], "gcc"]}
+    assert base_image.recipe_hash(changed) != base_image.recipe_hash()
+
+
+def test_base_recipe_has_no_compiler_and_matches_bentofile():
+    assert not {"gcc", "build-essential", "g++", "python3-dev"} & set(base_image.RECIPE["include"])
+    assert f"base_image: {base_image.BASE_IMAGE}" in (ROOT / "bentofile.yaml").read_text()
+
+
+def test_debian_mirror_comes_from_the_host_sources(tmp_path):
+    sources = tmp_path / "debian.sources"
+    sources.write_text("Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n")
+    assert base_image.debian_mirror(sources, tmp_path / "none") == "http://mirror.example/debian"
+    legacy = tmp_path / "sources.list"
+    legacy.write_text("deb [arch=amd64] http://other.example/debian bookworm main\n")
+    assert base_image.debian_mirror(tmp_path / "none", legacy) == "http://other.example/debian"
+    assert base_image.debian_mirror(tmp_path / "none", tmp_path / "none") == base_image.DEFAULT_MIRROR
+
+
+# --- the real thing -------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(color=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def built_image(tmp_path_factory):
+    """Run the DAG with a real builder on a tiny dataset; yield (image, env, state)."""
+    missing = [t for t in ("podman", "buildah", "runc", "debootstrap") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)}: run .ci/setup-container-tools.sh")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from synthetic import image_folder_zip
+
+    state = tmp_path_factory.mktemp("container-state")
+    archive = image_folder_zip(state / "syn.zip", per_class=12)
+    config = PipelineConfig(state_dir=str(state))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CIFAR10_", "BENTOML_", "MLFLOW_"))}
+    env.update({
+        "CIFAR10_STATE_DIR": str(state), "CIFAR10_WIDTHS": "8,16", "CIFAR10_CONTAINER_BACKEND": "podman",
+        "AIRFLOW_HOME": str(state / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{state}/airflow/airflow.db",
+        "BENTOML_HOME": str(state / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{state}/mlflow/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "2",
+    })
+    bin_dir = Path(sys.executable).parent
+    (state / "airflow").mkdir()
+    subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    log = state / "dag.log"
+    conf = json.dumps({"data_url": archive.as_uri(), "epochs": 1, "force_promote": True})
+    with open(log, "w") as out:
+        dag = subprocess.run([str(bin_dir / "airflow"), "dags", "test", "cifar10_pipeline", "-c", conf], env=env,
+                             stdout=out, stderr=subprocess.STDOUT, timeout=2400, cwd=ROOT)
+    text = log.read_text()
+    assert dag.returncode == 0, text[-4000:]
+    # The containerize task (its last try) must have built the image, not skipped.
+    task = text[text.rindex("starting task_id=containerize"):text.rindex("end task task_id=containerize")]
+    assert "new_state=success" in task, task[-4000:]
+    cenv = container.container_env(config, base=env)
+    images = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], env=cenv,
+                            capture_output=True, text=True, check=True).stdout.split()
+    image = next(i for i in images if "cifar10-classifier" in i and not i.endswith(":latest"))
+    try:
+        yield image, cenv, state
+    finally:
+        # Everything the test made lives in the private store: reset it, then delete it.
+        subprocess.run(["podman", "rm", "--all", "--force", "-t", "0"], env=cenv, capture_output=True)
+        subprocess.run(["podman", "system", "reset", "--force"], env=cenv, capture_output=True)
+        shutil.rmtree(state / "containers", ignore_errors=True)
+
+
+@pytest.fixture()
+def running(built_image):
+    """The image running under podman on a free port; removed afterwards."""
+    image, env, _ = built_image
+    port = _free_port()
+    name = f"cifar10-test-{port}"
+    subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", image], env=env,
+                   check=True, capture_output=True)
+    try:
+        yield f"http://127.0.0.1:{port}", name
+    finally:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=env, capture_output=True)
+        left = subprocess.run(["podman", "ps", "-a", "-q", "--filter", f"name={name}"], env=env,
+                              capture_output=True, text=True).stdout.strip()
+        assert left == "", f"container {name} left behind"
+
+
+def _wait_ready(url: str, timeout: float = 120) -> float:
+    import requests
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except requests.RequestException:  # not listening yet, or too busy starting to answer
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url}/readyz not 200 after {timeout} s")
+
+
+@pytest.mark.container
+def test_image_serves_predictions_readyz_metrics_and_errors(built_image, running):
+    import requests
+
+    image, env, _ = built_image
+    url, name = running
+    print(f"{image}: /readyz 200 after {_wait_ready(url):.1f} s (load {os.getloadavg()[0]:.1f})")
+    resp = requests.post(f"{url}/predict", files={"file": ("red.png", _png(), "image/png")}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["label"] in body["probabilities"] and len(body["probabilities"]) == 10
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-3
+    bad = requests.post(f"{url}/predict", files={"file": ("x.png", b"not an image", "image/png")}, timeout=30)
+    assert bad.status_code == 400, bad.text
+    metrics = requests.get(f"{url}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
+    who = subprocess.run(["podman", "exec", name, "id", "-u"], env=env, capture_output=True, text=True, check=True)
+    assert who.stdout.strip() != "0", "the image must not run as root"
+
+
+@pytest.mark.container
+def test_image_is_lean_and_needs_no_network(built_image):
+    image, env, _ = built_image
+    size = container.image_size("podman", image, env)
+    assert size <= 600e6, f"image is {size / 1e6:.0f} MB (limit 600 MB)"
+    # No compiler, apt lists or training stack inside; the model is.
+    probe = ("import importlib.util as u, os, shutil, glob; "
+             "print([m for m in ('tensorflow', 'airflow', 'mlflow', 'keras') if u.find_spec(m)], "
+             "[c for c in ('gcc', 'cc', 'g++', 'uv', 'pip') if shutil.which(c)], "
+             "len(os.listdir('/var/lib/apt/lists')), len(glob.glob('/home/bentoml/bento/models/*/*/model.onnx')))")
+    out = subprocess.run(["podman", "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", probe],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[] [] 0 1", out
+    # Served with no network at all: /readyz answers from inside the container.
+    name = f"cifar10-offline-{os.getpid()}"
+    subprocess.run(["podman", "run", "-d", "--name", name, "--network", "none", image], env=env, check=True,
+                   capture_output=True)
+    try:
+        check = ("import time, urllib.request as r\nfor _ in range(600):\n    try:\n"
+                 "        print(r.urlopen('http://127.0.0.1:3000/readyz').status); break\n"
+                 "    except OSError: time.sleep(0.2)")
+        ready = subprocess.run(["podman", "exec", name, "python", "-c", check], env=env, capture_output=True,
+                               text=True, timeout=180)
+        assert ready.stdout.strip() == "200", ready.stdout + ready.stderr
+    finally:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=env, capture_output=True)
+
+
+@pytest.mark.container
+def test_offline_build_fails_twice_and_says_network(built_image, tmp_path):
+    """A real build whose RUN step cannot reach PyPI: retried once, then named a network failure."""
+    _, env, state = built_image
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {base_image.BASE_IMAGE}\n"
+        "RUN python3 -m venv /tmp/v && /tmp/v/bin/pip install --retries 1 --timeout 5 uv==0.13.9\n")
+    cmd = ["buildah", "bud", "--network", "none", "-f", str(tmp_path / "Dockerfile"), "-t", "offline-test",
+           str(tmp_path)]
+    attempts = []
+    with pytest.raises(container.NetworkBuildError, match="NETWORK"):
+        container.run_with_network_retry(cmd, env=env, log_path=tmp_path / "build.log", what="offline build",
+                                         before_retry=lambda: attempts.append(1))
+    assert attempts == [1]
