@@ -103,7 +103,7 @@ class CIFAR10Classifier:
                 pixels.append(await asyncio.to_thread(decode_image, data) if len(data) > THREAD_DECODE_BYTES
                               else decode_image(data))
             except InvalidImage as exc:
-                where = f"file {i} ({Path(file).name})" if len(files) > 1 else "file"
+                where = f"file {i} (0-based)" if len(files) > 1 else "file"
                 raise BadInput(f"{where}: {exc}") from exc
         try:
             probs = await self.batcher.submit(np.stack(pixels))
@@ -130,10 +130,9 @@ class CIFAR10Classifier:
     @bentoml.api(route="/metadata")
     def metadata(self) -> Metadata:
         """The served model: Bento and BentoML model tags, MLflow lineage, accuracy, batching settings."""
-        info, ctx = self.bento_model.info, bentoml.server_context
-        meta = info.metadata
+        info, meta, bento = self.bento_model.info, self.bento_model.info.metadata, CIFAR10Classifier.bento
         return Metadata(
-            bento_tag=f"{ctx.bento_name}:{ctx.bento_version}" if ctx.bento_name else "not a bento",
+            bento_tag=str(bento.tag) if bento is not None else "not a bento",
             bentoml_model_tag=str(self.bento_model.tag), mlflow_model=info.labels.get("mlflow_model", ""),
             mlflow_version=info.labels.get("mlflow_version", ""), mlflow_run_id=info.labels.get("mlflow_run_id", ""),
             test_accuracy=_finite(meta.get("test_accuracy")), dataset_digest=meta.get("dataset_digest", ""),
@@ -147,7 +146,8 @@ def _finite(value) -> float | None:
     return None if value is None or value != value else float(value)
 
 
-CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes)
+CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes,
+                                      fields={"/predict": {"file"}, "/predict_batch": {"files"}})
 
 
 class _DescribedService(type(CIFAR10Classifier)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -162,42 +163,55 @@ async def _send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+# A multipart part's field name; part headers are ASCII, so a regex over the raw body finds them.
+_PART_NAME = re.compile(rb'content-disposition:\s*form-data;\s*name="([^"]*)"', re.IGNORECASE)
+
+
 class RequestGuard:
-    """ASGI middleware: 413 for bodies over ``max_body_bytes``; error bodies as one JSON object.
+    """ASGI middleware: 413 for bodies over ``max_body_bytes``, 400 for unknown form fields, one-object errors.
 
     - A declared ``Content-Length`` over the limit is refused before any byte of the
       body is read; a chunked body is read only up to the limit.
-    - BentoML 1.4.40 answers a raised ``BadInput`` with a JSON *list* of one object
+    - ``fields`` maps a route to its multipart field names. BentoML 1.4.40 answers an
+      unknown field holding binary data with 500 (``json.loads`` of the bytes raises
+      ``UnicodeDecodeError`` in ``_bentoml_impl/serde.py``); such requests get 400 here.
+    - BentoML answers a raised ``BadInput`` with a JSON *list* of one object
       (``detail = ({"error": ...},)`` in ``_bentoml_impl/server/app.py``); clients get
       the object itself.
     """
 
-    def __init__(self, app, max_body_bytes: int) -> None:
+    def __init__(self, app, max_body_bytes: int, fields: dict[str, set[str]] | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.fields = fields or {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = {"error": f"request body is over the {self.max_body_bytes:,}-byte limit; "
-                            "send fewer or smaller images"}
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await _send_json(send, 400, {"error": "invalid Content-Length header"})
-            if int(length) > self.max_body_bytes:
-                return await _send_json(send, 413, too_big)
-        elif b"chunked" in headers.get(b"transfer-encoding", b""):
+        if length is not None and not length.isdigit():
+            return await _send_json(send, 400, {"error": "invalid Content-Length header"})
+        if length is not None and int(length) > self.max_body_bytes:
+            return await _send_json(send, 413, self._too_big())
+        allowed = self.fields.get(scope["path"])
+        if allowed is not None or (length is None and b"chunked" in headers.get(b"transfer-encoding", b"")):
             messages, size = [], 0
-            while True:
+            while True:  # buffer the body (at most the limit) to check it, then replay it to the app
                 message = await receive()
                 messages.append(message)
                 size += len(message.get("body", b""))
                 if size > self.max_body_bytes:
-                    return await _send_json(send, 413, too_big)
+                    return await _send_json(send, 413, self._too_big())
                 if message["type"] != "http.request" or not message.get("more_body"):
                     break
+            if allowed is not None and headers.get(b"content-type", b"").startswith(b"multipart/"):
+                names = {m.decode("latin-1") for m in _PART_NAME.findall(b"".join(m.get("body", b"")
+                                                                                for m in messages))}
+                if unknown := sorted(names - allowed):
+                    return await _send_json(send, 400, {
+                        "error": f"unexpected form field(s) {unknown}; {scope['path']} takes "
+                                 f"{' and '.join(sorted(allowed))}"})
             replay = iter(messages)
             original_receive = receive
 
@@ -205,6 +219,10 @@ class RequestGuard:
                 return next(replay, None) or await original_receive()
 
         await self.app(scope, receive, _unwrap_error_list(send))
+
+    def _too_big(self) -> dict:
+        return {"error": f"request body is over the {self.max_body_bytes:,}-byte limit; "
+                         "send fewer or smaller images"}
 
 
 def _unwrap_error_list(send):
