@@ -70,8 +70,9 @@ class Metadata(BaseModel):
     batching: dict[str, int] = Field(description="Batching and limit settings (CIFAR10_* environment variables)")
 
 
-@bentoml.service(description=DESCRIPTION, resources={"cpu": "1"}, workers=1,
-                 traffic={"timeout": 30, "max_concurrency": SETTINGS.max_concurrency})
+@bentoml.service(description=DESCRIPTION, resources={"cpu": "1"}, workers=SETTINGS.workers,
+                 traffic={"timeout": 30, "max_concurrency": SETTINGS.max_concurrency},
+                 logging={"access": {"enabled": bool(SETTINGS.access_log)}})
 class CIFAR10Classifier:
     """CIFAR-10 image classifier."""
 

@@ -54,9 +54,14 @@ class ServingSettings:
     max_files: int = 64  # most files in one /predict_batch request (more: 400)
     max_body_bytes: int = 10 * 1024 * 1024  # larger request bodies: 413
     max_concurrency: int = 256  # requests in flight per worker (more: 429, BentoML's limit)
-    # ONNX Runtime intra-op threads: the worker's CPU share minus one core for the
-    # HTTP event loop (which parses multipart and decodes images), at least 1.
-    model_threads: int = max(1, _cpu_share() - 1)
+    # Worker processes, each with its own event loop, model and batcher. Per-request
+    # HTTP work (multipart parsing, middlewares) costs more CPU than the model here,
+    # and one event loop uses one core: one worker per CPU, at most 4.
+    workers: int = min(_cpu_share(), 4)
+    # ONNX Runtime intra-op threads per worker: its share of the CPUs minus one core
+    # for its event loop, at least 1.
+    model_threads: int = max(1, _cpu_share() // min(_cpu_share(), 4) - 1)
+    access_log: int = 1  # 1: one log line per request (BentoML access log); 0: off, saves CPU under load
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServingSettings:
@@ -66,7 +71,7 @@ class ServingSettings:
         for name, default in asdict(cls()).items():
             raw = environ.get(f"CIFAR10_{name.upper()}")
             value = default if raw is None else int(raw)
-            if value < 1:
+            if value < (0 if name == "access_log" else 1):
                 raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be a positive integer")
             values[name] = value
         return cls(**values)
