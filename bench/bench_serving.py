@@ -117,8 +117,12 @@ def bench_server(name: str, cmd: list[str], env: dict, port: int, path: str, arg
         url = f"http://127.0.0.1:{port}{path}"
         run_wrk(url, 8, 2, script, image, proc.pid)  # warm-up, not reported
         rows = []
+        duration = args.seed_duration if name == "c_seed" else args.duration
         for c in CONCURRENCY:
-            rows.append(run_wrk(url, c, args.duration, script, image, proc.pid))
+            # A server still busy with the previous run's abandoned requests would be
+            # measured unfairly: wait until it answers a probe again.
+            wait_ready(ready, proc)
+            rows.append(run_wrk(url, c, duration, script, image, proc.pid))
             print(f"{name} c={c}: {rows[-1]}", flush=True)
         metrics = ""
         if name.startswith("a_"):
@@ -154,6 +158,8 @@ def ceiling(onnx_path: Path, threads: int, seconds: float = 5.0) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--seed-duration", type=int, default=30,
+                        help="seconds per wrk run against the slow seed baseline (it needs more for a p99)")
     parser.add_argument("--state", type=Path, default=Path("/tmp/serving-bench"))
     parser.add_argument("--only", default="abcd", help="subset of a, b, c, d to run")
     args = parser.parse_args()
@@ -200,6 +206,7 @@ def main() -> None:
         port = free_port()
         results["servers"][name] = bench_server(name, [*cmd, "--port", str(port)], {**env, **extra}, port, path,
                                                 args, script, image)
+        (args.state / "results.json").write_text(json.dumps(results, indent=1))  # keep partial results
     results["load_after"] = os.getloadavg()
     (args.state / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results)
@@ -209,7 +216,8 @@ def print_table(results: dict) -> None:
     """Markdown table of every server and concurrency, with a/c and a/d ratios."""
     servers = results["servers"]
     ceil = max(results.get("d_ceiling_img_s", {}).values(), default=None)
-    print(f"\nload before {results['load_before']}, after {results['load_after']}; model {results['model']}")
+    print(f"\nsettings {results['settings']}")
+    print(f"load before {results['load_before']}, after {results['load_after']}; model {results['model']}")
     print(f"(d) ceiling, ONNX Runtime batch 64 in process: {results.get('d_ceiling_img_s')}")
     print("| server | conc | req/s | p50 ms | p99 ms | non-2xx | errors | client CPU | server CPU | a/c | a/d |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -218,7 +226,8 @@ def print_table(results: dict) -> None:
             ac = ad = ""
             if name == "a_batching":
                 if "c_seed" in servers:
-                    ac = f"{row['rps'] / servers['c_seed']['rows'][i]['rps']:.1f}"
+                    seed = servers["c_seed"]["rows"][i]["rps"]
+                    ac = f"{row['rps'] / seed:.1f}" if seed else "inf (seed: 0 done)"
                 if ceil:
                     ad = f"{row['rps'] / ceil:.2f}"
             print(f"| {name} | {row['concurrency']} | {row['rps']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
