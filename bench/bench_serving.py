@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 WIDTHS = (32, 64, 128)
 CONCURRENCY = (1, 8, 32, 64)
+
+from tests.conftest import free_port, make_serving_model, stop_server  # noqa: E402 (needs ROOT on sys.path)
 
 LUA = r"""
 wrk.method = "POST"
@@ -48,12 +49,6 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.timeout, e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -131,11 +126,7 @@ def bench_server(name: str, cmd: list[str], env: dict, port: int, path: str, arg
                                     if line.startswith("cifar10_batch_size_") and not line.startswith("#"))
         return {"rows": rows, "batch_size_metrics": metrics}
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_server(proc)
         log.close()
 
 
@@ -169,8 +160,6 @@ def main() -> None:
     home, keras_path = args.state / "bentoml", args.state / "model.keras"
     tag_file = args.state / "model_tag"
     if not tag_file.exists():
-        from tests.conftest import make_serving_model
-
         tag_file.write_text(make_serving_model(home, WIDTHS, str(keras_path)))
     tag = tag_file.read_text().strip()
     onnx_path = home / "models" / tag.replace(":", "/") / "model.onnx"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -78,6 +79,22 @@ def make_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path
     if out.returncode or not tags:
         raise RuntimeError(f"building the test BentoML model failed:\n{out.stdout}\n{out.stderr[-3000:]}")
     return tags[-1]
+
+
+def free_port() -> int:
+    """A TCP port free on localhost right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True`` and all its children (BentoML workers)."""
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import free_port, stop_server
 from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,16 +153,10 @@ def test_guard_answers_errors_as_one_object():
 
 # ---------------------------------------------------------------- e2e: a real `bentoml serve`
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(serving_model, tmp_path_factory):
     """``bentoml serve service.py`` on a free port with the test model; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True",
            "CIFAR10_MAX_BODY_BYTES": str(MAX_BODY), "CIFAR10_MAX_FILES": str(MAX_FILES),
            "CIFAR10_MAX_LATENCY_MS": "20000", "PYTHONPATH": str(ROOT)}
@@ -186,11 +180,7 @@ def server(serving_model, tmp_path_factory):
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_server(proc)
 
 
 def _check_prediction(body: dict, class_names: list[str]) -> None:
