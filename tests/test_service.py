@@ -153,31 +153,37 @@ def test_guard_answers_errors_as_one_object():
 
 # ---------------------------------------------------------------- e2e: a real `bentoml serve`
 
-@pytest.fixture(scope="module")
-def server(serving_model, tmp_path_factory):
-    """``bentoml serve service.py`` on a free port with the test model; yields its base URL."""
+def _serve(serving_model, log: Path, extra_env: dict[str, str]):
+    """Start ``bentoml serve service.py`` on a free port with the test model; return (process, base URL)."""
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True",
-           "CIFAR10_MAX_BODY_BYTES": str(MAX_BODY), "CIFAR10_MAX_FILES": str(MAX_FILES),
-           "CIFAR10_MAX_LATENCY_MS": "20000", "PYTHONPATH": str(ROOT)}
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
+           "PYTHONPATH": str(ROOT), **extra_env}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--port", str(port),
              "--arg", f"model_tag={serving_model.tag}"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc) if proc.poll() is None else None
+            raise RuntimeError(f"bentoml serve did not get ready:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(serving_model, tmp_path_factory):
+    """The service as shipped (default workers), small body and file limits; yields its base URL."""
+    proc, url = _serve(serving_model, tmp_path_factory.mktemp("serve") / "serve.log",
+                       {"CIFAR10_MAX_BODY_BYTES": str(MAX_BODY), "CIFAR10_MAX_FILES": str(MAX_FILES),
+                        "CIFAR10_MAX_LATENCY_MS": "20000"})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"bentoml serve exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in 180 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
         yield url
     finally:
         stop_server(proc)
@@ -328,3 +334,17 @@ def test_swagger_health_and_metrics(server):
     assert example == ["automobile"]
     for path in ("/healthz", "/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{server}{path}", timeout=30).status_code == 200, path
+
+
+@pytest.mark.e2e
+def test_overload_gives_429_and_503_never_500(serving_model, tmp_path):
+    """Overload is refused (429 over max concurrency, 503 past the 1 ms queueing budget), never a 500."""
+    proc, url = _serve(serving_model, tmp_path / "serve.log", {"CIFAR10_WORKERS": "1", "CIFAR10_MAX_CONCURRENCY": "3",
+                                                              "CIFAR10_MAX_LATENCY_MS": "1"})
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(lambda i: _predict(url, image_bytes(i, size=(256, 256))).status_code, range(48)))
+    finally:
+        stop_server(proc)
+    assert set(codes) <= {200, 429, 503}, codes
+    assert 429 in codes, codes
