@@ -1,36 +1,48 @@
-"""CIFAR-10 classifier service (BentoML 1.4).
+"""CIFAR-10 classifier service (BentoML 1.4): one process, batching in process.
 
-Two services in one Bento:
-
-- ``CIFAR10Classifier`` (the entry point, what clients call): takes an upload,
-  decodes and validates it *before* batching, so a bad upload fails alone with 400.
-- ``CIFAR10Model``: a batchable API over decoded pixels, running the ONNX export of
-  the trained Keras model in ONNX Runtime; BentoML's adaptive batching groups
-  concurrent requests into one model call.
+Each request is decoded and validated in its own handler (a bad upload gets 400
+alone); only valid 32x32 pixels reach the batcher, which groups concurrent requests
+into one ONNX Runtime call. See ``training/serving_io.py`` for why this replaces a
+front service ``bentoml.depends``-ing on a batched model service.
 
 Client call: ``curl -X POST http://localhost:3000/predict -F file=@car.png``
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 from pathlib import Path
-from typing import Annotated
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BadInput
-from bentoml.validators import ContentType
+from bentoml.exceptions import BadInput, ServiceUnavailable
 from pydantic import BaseModel, Field
+
+from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, prediction
 
 # The Bento pins its model through a build argument; a plain `bentoml serve
 # service.py` uses the newest model in the local store.
 MODEL_TAG = getattr(bentoml.use_arguments(), "model_tag", None) or "cifar10-cnn:latest"
-MAX_BATCH_SIZE = int(os.environ.get("CIFAR10_MAX_BATCH_SIZE", "64"))
-MAX_LATENCY_MS = int(os.environ.get("CIFAR10_MAX_LATENCY_MS", "100"))
-# ONNX Runtime threads per model worker: its CPU share, not the whole machine.
-MODEL_THREADS = int(os.environ.get("CIFAR10_MODEL_THREADS", "1"))
+SETTINGS = ServingSettings.from_env()
+# Images above this size are decoded in a thread so a big upload does not stall the event loop.
+THREAD_DECODE_BYTES = 64 * 1024
+
+DESCRIPTION = f"""Classifies an image into one of the ten CIFAR-10 classes (airplane, automobile, bird, cat,
+deer, dog, frog, horse, ship, truck) with a CNN trained by the cifar10-mlops pipeline and run in ONNX Runtime.
+
+- `POST /predict` with multipart field `file` (PNG, JPEG, BMP, GIF, WebP; any size and colour mode):
+  `curl -X POST http://localhost:3000/predict -F file=@car.png`
+- `POST /predict_batch` with repeated field `files` (at most {SETTINGS.max_files}): a list, in input order.
+- `POST /metadata`: which model is served (BentoML and MLflow identifiers, test accuracy, dataset digest).
+
+Errors: 400 for input that is not a valid image or too many files, 413 for bodies over
+{SETTINGS.max_body_bytes:,} bytes, 429 over {SETTINGS.max_concurrency} concurrent requests, 503 when overloaded.
+"""
+
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="cifar10_batch_size", documentation="Images per ONNX Runtime call (in-process adaptive batching)",
+    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256])
 
 
 class Prediction(BaseModel):
@@ -39,50 +51,114 @@ class Prediction(BaseModel):
     label: str = Field(description="Predicted class name", examples=["automobile"])
     class_id: int = Field(description="Index of the predicted class", examples=[1])
     confidence: float = Field(description="Probability of the predicted class", examples=[0.93])
-    probabilities: dict[str, float] = Field(description="Probability of every class; they sum to 1")
+    probabilities: dict[str, float] = Field(description="Probability of every class; they sum to 1",
+                                            examples=[{"airplane": 0.01, "automobile": 0.93, "truck": 0.06}])
 
 
-@bentoml.service(resources={"cpu": "1"}, workers=1, traffic={"timeout": 30})
-class CIFAR10Model:
-    """Batched ONNX Runtime inference over (N, 32, 32, 3) uint8 pixels."""
+class Metadata(BaseModel):
+    """What is being served and how it is batched."""
+
+    bento_tag: str = Field(description="Bento name:version, or 'not a bento' when served from source")
+    bentoml_model_tag: str
+    mlflow_model: str
+    mlflow_version: str
+    mlflow_run_id: str
+    test_accuracy: float | None
+    dataset_digest: str
+    git_commit: str
+    class_names: list[str]
+    batching: dict[str, int] = Field(description="Batching and limit settings (CIFAR10_* environment variables)")
+
+
+@bentoml.service(description=DESCRIPTION, resources={"cpu": "1"}, workers=SETTINGS.workers,
+                 traffic={"timeout": 30, "max_concurrency": SETTINGS.max_concurrency},
+                 logging={"access": {"enabled": bool(SETTINGS.access_log)}})
+class CIFAR10Classifier:
+    """CIFAR-10 image classifier."""
 
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         from training.export import onnx_session
 
-        self.session = onnx_session(Path(self.bento_model.path) / "model.onnx", threads=MODEL_THREADS)
+        model_dir = Path(self.bento_model.path)
+        self.class_names = json.loads((model_dir / "classes.json").read_text())
+        self.session = onnx_session(model_dir / "model.onnx", threads=SETTINGS.model_threads)
         self.input_name = self.session.get_inputs()[0].name
-        self.classify(np.zeros((1, 32, 32, 3), dtype=np.uint8))  # warm up before /readyz says ready
+        # Warm up both the single-image and the full-batch shapes before /readyz says ready.
+        for n in (1, SETTINGS.max_batch_size):
+            self._infer(np.zeros((n, 32, 32, 3), dtype=np.uint8))
+        self.batcher = MicroBatcher(self._infer, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
+                                    on_batch=BATCH_SIZE.observe)
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def classify(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities, (N, classes) float32, for raw uint8 pixels."""
+    def _infer(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: pixels.astype(np.float32)})[0]
 
-
-@bentoml.service(resources={"cpu": "1"}, workers=1, traffic={"timeout": 30})
-class CIFAR10Classifier:
-    """Classify one image into the ten CIFAR-10 classes."""
-
-    bento_model = bentoml.models.BentoModel(MODEL_TAG)
-    model = bentoml.depends(CIFAR10Model)
-
-    def __init__(self) -> None:
-        self.class_names = json.loads((Path(self.bento_model.path) / "classes.json").read_text())
-
-    @bentoml.api(route="/predict")
-    async def predict(self, file: Annotated[Path, ContentType("image/*")]) -> Prediction:
-        """Classify an uploaded image (PNG, JPEG, BMP, GIF, WebP; any size)."""
+    async def _classify(self, files: list[Path]) -> list[Prediction]:
         from training.images import InvalidImage, decode_image
 
+        pixels = []
+        for i, file in enumerate(files):
+            data = Path(file).read_bytes()
+            try:
+                pixels.append(await asyncio.to_thread(decode_image, data) if len(data) > THREAD_DECODE_BYTES
+                              else decode_image(data))
+            except InvalidImage as exc:
+                where = f"file {i} (0-based)" if len(files) > 1 else "file"
+                raise BadInput(f"{where}: {exc}") from exc
         try:
-            pixels = decode_image(Path(file).read_bytes())
-        except InvalidImage as exc:
-            raise BadInput(f"{exc}") from exc
-        probs = (await self.model.to_async.classify(pixels[None]))[0]
-        class_id = int(np.argmax(probs))
-        return Prediction(
-            label=self.class_names[class_id], class_id=class_id, confidence=float(probs[class_id]),
-            probabilities={name: float(p) for name, p in zip(self.class_names, probs)},
+            probs = await self.batcher.submit(np.stack(pixels))
+        except Overloaded as exc:
+            raise ServiceUnavailable(str(exc)) from exc
+        return [Prediction(**prediction(p, self.class_names)) for p in probs]
+
+    @bentoml.api(route="/predict")
+    async def predict(self, file: Path = Field(description="An image: PNG, JPEG, BMP, GIF or WebP")) -> Prediction:
+        """Classify one uploaded image (multipart field `file`)."""
+        return (await self._classify([file]))[0]
+
+    @bentoml.api(route="/predict_batch")
+    async def predict_batch(self, files: list[Path] = Field(description="Images, repeated field `files`")
+                            ) -> list[Prediction]:
+        """Classify several images (repeated multipart field `files`); answers in input order."""
+        if not files:
+            raise BadInput("no files: send one or more images in the repeated multipart field `files`")
+        if len(files) > SETTINGS.max_files:
+            raise BadInput(f"{len(files)} files: at most {SETTINGS.max_files} per request "
+                           "(CIFAR10_MAX_FILES); split the request")
+        return await self._classify(files)
+
+    @bentoml.api(route="/metadata")
+    def metadata(self) -> Metadata:
+        """The served model: Bento and BentoML model tags, MLflow lineage, accuracy, batching settings."""
+        info, meta, bento = self.bento_model.info, self.bento_model.info.metadata, CIFAR10Classifier.bento
+        return Metadata(
+            bento_tag=str(bento.tag) if bento is not None else "not a bento",
+            bentoml_model_tag=str(self.bento_model.tag), mlflow_model=info.labels.get("mlflow_model", ""),
+            mlflow_version=info.labels.get("mlflow_version", ""), mlflow_run_id=info.labels.get("mlflow_run_id", ""),
+            test_accuracy=_finite(meta.get("test_accuracy")), dataset_digest=meta.get("dataset_digest", ""),
+            git_commit=meta.get("git_commit", ""), class_names=self.class_names,
+            batching={k: v for k, v in vars(SETTINGS).items()},
         )
+
+
+def _finite(value) -> float | None:
+    """JSON has no NaN: an unknown accuracy (NaN in the model's metadata) is null."""
+    return None if value is None or value != value else float(value)
+
+
+CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes,
+                                      fields={"/predict": {"file"}, "/predict_batch": {"files"}})
+
+
+class _DescribedService(type(CIFAR10Classifier)):
+    """Swagger's page text is the service's own description, not BentoML's README with remote badges."""
+
+    __slots__ = ()
+
+    @property
+    def doc(self) -> str:
+        return DESCRIPTION
+
+
+CIFAR10Classifier.__class__ = _DescribedService

@@ -1,0 +1,350 @@
+"""The service: fast unit tests of its parts, and e2e tests against a real ``bentoml serve`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port, stop_server
+from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_BODY = 300_000  # small limit so the 413 tests send little
+MAX_FILES = 4
+
+
+def image_bytes(seed: int, size=(32, 32), fmt="JPEG", mode="RGB") -> bytes:
+    """A random image, encoded."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- unit tests (fast)
+
+def test_settings_from_env_overrides_and_rejects_nonpositive():
+    s = ServingSettings.from_env({"CIFAR10_MAX_BATCH_SIZE": "8", "CIFAR10_MAX_BODY_BYTES": "1000"})
+    assert (s.max_batch_size, s.max_body_bytes, s.max_files) == (8, 1000, ServingSettings().max_files)
+    assert s.model_threads >= 1
+    with pytest.raises(ValueError, match="CIFAR10_MAX_FILES"):
+        ServingSettings.from_env({"CIFAR10_MAX_FILES": "0"})
+
+
+def _fake_model(calls: list[int], delay: float = 0.0):
+    def infer(pixels: np.ndarray) -> np.ndarray:
+        calls.append(len(pixels))
+        time.sleep(delay)
+        # "probabilities" that identify each input: its first pixel value, one-hot-ish
+        return np.stack([np.full(10, float(p[0, 0, 0])) for p in pixels])
+    return infer
+
+
+def _pixels(values) -> np.ndarray:
+    return np.stack([np.full((32, 32, 3), v, dtype=np.uint8) for v in values])
+
+
+def test_batcher_groups_concurrent_requests_and_keeps_order():
+    calls: list[int] = []
+
+    async def main():
+        batcher = MicroBatcher(_fake_model(calls, delay=0.05), max_batch_size=8, max_latency_ms=10_000)
+        first = asyncio.create_task(batcher.submit(_pixels([0])))
+        await asyncio.sleep(0.01)  # the first batch is running; the next ones queue behind it
+        rest = [asyncio.create_task(batcher.submit(_pixels([v, v + 1]))) for v in (10, 20, 30)]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert first[:, 0].tolist() == [0]
+    assert [r[:, 0].tolist() for r in rest] == [[10, 11], [20, 21], [30, 31]]
+    assert calls == [1, 6]  # the lone request went alone; the six queued images went together
+
+
+def test_batcher_caps_batch_size():
+    calls: list[int] = []
+
+    async def main():
+        batcher = MicroBatcher(_fake_model(calls), max_batch_size=4, max_latency_ms=10_000)
+        return await batcher.submit(_pixels(range(10)))
+
+    assert asyncio.run(main())[:, 0].tolist() == list(range(10))
+    assert calls == [4, 4, 2]
+
+
+def test_batcher_sheds_requests_that_waited_past_the_budget():
+    calls: list[int] = []
+
+    async def main():
+        batcher = MicroBatcher(_fake_model(calls, delay=0.2), max_batch_size=1, max_latency_ms=50)
+        return await asyncio.gather(*(batcher.submit(_pixels([v])) for v in range(3)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert results[0][:, 0].tolist() == [0]
+    assert all(isinstance(r, Overloaded) for r in results[1:]), results
+
+
+def test_batcher_model_failure_fails_only_its_batch():
+    def infer(pixels):
+        if pixels[0, 0, 0, 0] == 66:
+            raise RuntimeError("boom")
+        return np.zeros((len(pixels), 10))
+
+    async def main():
+        batcher = MicroBatcher(infer, max_batch_size=1, max_latency_ms=10_000)
+        return await asyncio.gather(batcher.submit(_pixels([66])), batcher.submit(_pixels([1])),
+                                    return_exceptions=True)
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, RuntimeError) and good.shape == (1, 10)
+
+
+def _guarded_client(limit: int):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    async def echo(request):
+        body = await request.body()
+        if body == b"bad":
+            return JSONResponse([{"error": "bad input"}], status_code=400)  # BentoML's BadInput shape
+        return JSONResponse({"received": len(body)})
+
+    app = Starlette(routes=[Route("/", echo, methods=["POST"]), Route("/form", echo, methods=["POST"])])
+    return TestClient(RequestGuard(app, max_body_bytes=limit, fields={"/form": {"file"}}))
+
+
+def test_guard_refuses_large_declared_and_chunked_bodies():
+    client = _guarded_client(100)
+    assert client.post("/", content=b"x" * 100).json() == {"received": 100}
+    resp = client.post("/", content=b"x" * 101)
+    assert resp.status_code == 413 and "100-byte limit" in resp.json()["error"]
+    resp = client.post("/", content=iter([b"x" * 60, b"x" * 60]))  # no length: chunked
+    assert resp.status_code == 413
+    assert client.post("/", content=iter([b"x" * 30, b"x" * 30])).json() == {"received": 60}
+
+
+def test_guard_refuses_unknown_form_fields():
+    client = _guarded_client(1000)
+    resp = client.post("/form", files={"other": ("a.bin", b"\xff\xd8", "image/jpeg")})
+    assert resp.status_code == 400 and "['other']" in resp.json()["error"]
+    assert client.post("/form", files={"file": ("a.bin", b"\xff\xd8", "image/jpeg")}).status_code == 200
+
+
+def test_guard_answers_errors_as_one_object():
+    resp = _guarded_client(100).post("/", content=b"bad")
+    assert resp.status_code == 400 and resp.json() == {"error": "bad input"}
+    assert int(resp.headers["content-length"]) == len(resp.content)
+
+
+# ---------------------------------------------------------------- e2e: a real `bentoml serve`
+
+def _serve(serving_model, log: Path, extra_env: dict[str, str]):
+    """Start ``bentoml serve service.py`` on a free port with the test model; return (process, base URL)."""
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True",
+           "PYTHONPATH": str(ROOT), **extra_env}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--port", str(port),
+             "--arg", f"model_tag={serving_model.tag}"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc) if proc.poll() is None else None
+            raise RuntimeError(f"bentoml serve did not get ready:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(serving_model, tmp_path_factory):
+    """The service as shipped (default workers), small body and file limits; yields its base URL."""
+    proc, url = _serve(serving_model, tmp_path_factory.mktemp("serve") / "serve.log",
+                       {"CIFAR10_MAX_BODY_BYTES": str(MAX_BODY), "CIFAR10_MAX_FILES": str(MAX_FILES),
+                        "CIFAR10_MAX_LATENCY_MS": "20000"})
+    try:
+        yield url
+    finally:
+        stop_server(proc)
+
+
+def _check_prediction(body: dict, class_names: list[str]) -> None:
+    assert isinstance(body, dict), body
+    assert set(body) == {"label", "class_id", "confidence", "probabilities"}
+    assert list(body["probabilities"]) == class_names
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
+    assert body["label"] == class_names[body["class_id"]]
+    assert body["confidence"] == max(body["probabilities"].values())
+
+
+def _predict(url: str, data: bytes, content_type="image/jpeg", name="img.jpg") -> httpx.Response:
+    return httpx.post(f"{url}/predict", files={"file": (name, data, content_type)}, timeout=60)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_seed_curl_form(server, serving_model, tmp_path):
+    (tmp_path / "car.png").write_bytes(image_bytes(0, size=(64, 48), fmt="PNG"))
+    out = subprocess.run(["curl", "-s", "-X", "POST", f"{server}/predict", "-F", "file=@car.png"],
+                         cwd=tmp_path, capture_output=True, text=True, check=True)
+    _check_prediction(json.loads(out.stdout), serving_model.metadata["class_names"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fmt,mode,size", [("JPEG", "RGB", (32, 32)), ("PNG", "RGBA", (100, 60)),
+                                           ("BMP", "L", (40, 40)), ("GIF", "P", (33, 31)), ("WEBP", "RGB", (50, 50))])
+def test_predict_formats_give_one_object(server, serving_model, fmt, mode, size):
+    resp = _predict(server, image_bytes(1, size, fmt, mode), content_type="application/octet-stream")
+    assert resp.status_code == 200, resp.text
+    _check_prediction(resp.json(), serving_model.metadata["class_names"])
+
+
+@pytest.mark.e2e
+def test_predict_batch_keeps_input_order(server, serving_model):
+    images = [image_bytes(seed) for seed in range(MAX_FILES)]
+    single = [_predict(server, img).json()["probabilities"] for img in images]
+    assert len({json.dumps(p) for p in single}) == len(images), "test images should give distinct outputs"
+    resp = httpx.post(f"{server}/predict_batch", files=[("files", (f"{i}.jpg", img, "image/jpeg"))
+                                                       for i, img in enumerate(images)], timeout=60)
+    assert resp.status_code == 200, resp.text
+    batch = resp.json()
+    assert isinstance(batch, list) and len(batch) == len(images)
+    for got, want in zip(batch, single):
+        _check_prediction(got, serving_model.metadata["class_names"])
+        assert got["probabilities"] == pytest.approx(want, abs=1e-5)
+
+
+def _truncated_jpeg() -> bytes:
+    data = image_bytes(2, size=(64, 64))
+    return data[: len(data) // 2]
+
+
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(buf, format="PNG")  # 48 megapixels in a few kB
+    return buf.getvalue()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("data,message", [(b"just some text", "not a readable image"),
+                                          (b"", "empty file"),
+                                          (_truncated_jpeg(), "corrupt or truncated"),
+                                          (_bomb_png(), "decompression bomb")])
+def test_bad_uploads_get_400_json(server, data, message):
+    resp = _predict(server, data)
+    assert resp.status_code == 400
+    assert isinstance(resp.json(), dict) and message in resp.json()["error"]
+
+
+@pytest.mark.e2e
+def test_missing_field_gets_400(server):
+    resp = httpx.post(f"{server}/predict", files={"other": ("a.jpg", image_bytes(0), "image/jpeg")}, timeout=30)
+    assert resp.status_code == 400 and "error" in resp.json()
+
+
+@pytest.mark.e2e
+def test_too_many_files_gets_400(server):
+    files = [("files", (f"{i}.jpg", image_bytes(i), "image/jpeg")) for i in range(MAX_FILES + 1)]
+    resp = httpx.post(f"{server}/predict_batch", files=files, timeout=30)
+    assert resp.status_code == 400 and f"at most {MAX_FILES}" in resp.json()["error"]
+
+
+@pytest.mark.e2e
+def test_bad_file_in_batch_names_it(server):
+    files = [("files", ("ok.jpg", image_bytes(0), "image/jpeg")), ("files", ("bad.jpg", b"nope", "image/jpeg"))]
+    resp = httpx.post(f"{server}/predict_batch", files=files, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"].startswith("file 1 (0-based): ")
+
+
+@pytest.mark.e2e
+def test_body_over_limit_gets_413(server):
+    big = os.urandom(MAX_BODY + 1)
+    resp = httpx.post(f"{server}/predict", content=big, timeout=30,
+                      headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert resp.status_code == 413 and "limit" in resp.json()["error"]
+
+
+@pytest.mark.e2e
+def test_concurrent_good_and_bad_requests_fail_alone(server, serving_model):
+    good, bad = image_bytes(3), b"GIF89a-but-not-really"
+    jobs = [good if i % 3 else bad for i in range(30)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda data: _predict(server, data), jobs))
+    for data, resp in zip(jobs, responses):
+        if data is good:
+            assert resp.status_code == 200, resp.text
+            _check_prediction(resp.json(), serving_model.metadata["class_names"])
+        else:
+            assert resp.status_code == 400, resp.text
+
+
+@pytest.mark.e2e
+def test_metrics_show_batches_larger_than_one(server):
+    files = [("files", (f"{i}.jpg", image_bytes(i), "image/jpeg")) for i in range(MAX_FILES)]
+    assert httpx.post(f"{server}/predict_batch", files=files, timeout=60).status_code == 200
+    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+              if line.startswith("cifar10_batch_size_")}
+    le2 = next(v for k, v in values.items() if k.startswith("cifar10_batch_size_bucket") and 'le="2.0"' in k)
+    count = next(v for k, v in values.items() if k.startswith("cifar10_batch_size_count"))
+    assert count > le2, "one four-image request must have made a batch of more than 2"
+
+
+@pytest.mark.e2e
+def test_metadata_matches_the_model(server, serving_model):
+    resp = httpx.post(f"{server}/metadata", timeout=30)
+    assert resp.status_code == 200, resp.text
+    meta = resp.json()
+    assert meta["bentoml_model_tag"] == serving_model.tag
+    assert {k: meta[k] for k in serving_model.labels} == serving_model.labels
+    for key in ("test_accuracy", "dataset_digest", "git_commit", "class_names"):
+        assert meta[key] == serving_model.metadata[key]
+    assert meta["bento_tag"] == "not a bento"
+    assert meta["batching"]["max_files"] == MAX_FILES and meta["batching"]["max_body_bytes"] == MAX_BODY
+
+
+@pytest.mark.e2e
+def test_swagger_health_and_metrics(server):
+    assert httpx.get(f"{server}/", timeout=30).status_code == 200
+    spec = httpx.get(f"{server}/docs.json", timeout=30).json()
+    assert {"/predict", "/predict_batch", "/metadata"} <= set(spec["paths"])
+    assert "img.shields.io" not in json.dumps(spec) and "CIFAR-10" in spec["info"]["description"]
+    example = spec["components"]["schemas"]["Prediction"]["properties"]["label"]["examples"]
+    assert example == ["automobile"]
+    for path in ("/healthz", "/readyz", "/livez", "/metrics"):
+        assert httpx.get(f"{server}{path}", timeout=30).status_code == 200, path
+
+
+@pytest.mark.e2e
+def test_overload_gives_429_and_503_never_500(serving_model, tmp_path):
+    """Overload is refused (429 over max concurrency, 503 past the 1 ms queueing budget), never a 500."""
+    proc, url = _serve(serving_model, tmp_path / "serve.log", {"CIFAR10_WORKERS": "1", "CIFAR10_MAX_CONCURRENCY": "3",
+                                                              "CIFAR10_MAX_LATENCY_MS": "1"})
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(lambda i: _predict(url, image_bytes(i, size=(256, 256))).status_code, range(48)))
+    finally:
+        stop_server(proc)
+    assert set(codes) <= {200, 429, 503}, codes
+    assert 429 in codes, codes

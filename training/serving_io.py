@@ -1,0 +1,260 @@
+"""Serving runtime pieces that ``service.py`` composes: settings, in-process batching, request guard.
+
+Why in-process batching and not ``bentoml.depends`` on a batched model service: in
+BentoML 1.4.40 the inter-service client (``_bentoml_impl/client/proxy2.py``,
+``SessionManager``) replaces its aiohttp session after ``runner_connection.max_requests``
+(default 100) requests or ``max_age`` seconds and *closes the old session while other
+requests are still in flight on it*; those requests fail with
+``ServerDisconnectedError`` / "Cannot write to closing transport" and the front answers
+500. At concurrency 1 nothing overlaps, from 2 on it happens every 100 requests. The
+second hop also costs CPU (pickle + HTTP over a Unix socket in a second process) that a
+2-core machine does not have. So the service decodes and validates each upload in the
+request handler and hands only valid pixels to :class:`MicroBatcher`, which groups
+concurrent requests into one ONNX Runtime call in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def _cpu_share() -> int:
+    """CPUs this process may use: affinity mask, capped by a cgroup v2 quota if one is set."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Runtime settings of the service, read from ``CIFAR10_<FIELD>`` environment variables.
+
+    They are read where the service starts (container or ``bentoml serve``), not at
+    build time, so one Bento can be tuned per deployment.
+    """
+
+    max_batch_size: int = 64  # most images in one ONNX Runtime call
+    # A request that waited longer than this in the batch queue is answered 503
+    # (shed load instead of letting latency grow without bound).
+    max_latency_ms: int = 1000
+    max_files: int = 64  # most files in one /predict_batch request (more: 400)
+    max_body_bytes: int = 10 * 1024 * 1024  # larger request bodies: 413
+    max_concurrency: int = 256  # requests in flight per worker (more: 429, BentoML's limit)
+    # Worker processes, each with its own event loop, model and batcher. Per-request
+    # HTTP work (multipart parsing, middlewares) costs more CPU than the model here,
+    # and one event loop uses one core: one worker per CPU, at most 4.
+    workers: int = min(_cpu_share(), 4)
+    # ONNX Runtime intra-op threads per worker: its share of the CPUs minus one core
+    # for its event loop, at least 1.
+    model_threads: int = max(1, _cpu_share() // min(_cpu_share(), 4) - 1)
+    access_log: int = 1  # 1: one log line per request (BentoML access log); 0: off, saves CPU under load
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServingSettings:
+        """Defaults overridden by ``CIFAR10_MAX_BATCH_SIZE`` etc.; rejects non-positive values."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for name, default in asdict(cls()).items():
+            raw = environ.get(f"CIFAR10_{name.upper()}")
+            value = default if raw is None else int(raw)
+            if value < (0 if name == "access_log" else 1):
+                raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be a positive integer")
+            values[name] = value
+        return cls(**values)
+
+
+def prediction(probs: np.ndarray, class_names: list[str]) -> dict:
+    """The API's answer for one image from its class probabilities."""
+    class_id = int(np.argmax(probs))
+    return {"label": class_names[class_id], "class_id": class_id, "confidence": float(probs[class_id]),
+            "probabilities": {name: float(p) for name, p in zip(class_names, probs)}}
+
+
+class Overloaded(RuntimeError):
+    """A request waited longer than the latency budget before its batch started."""
+
+
+class MicroBatcher:
+    """Group concurrent requests into one call of ``infer`` (run in a worker thread).
+
+    Greedy, adaptive batching: while one batch runs, new images queue; the next batch
+    takes everything queued (up to ``max_batch_size``), so batches grow with load and
+    a lone request never waits for company. Only valid, decoded pixels ever reach
+    the queue, so one bad upload cannot fail its neighbours.
+    """
+
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_latency_ms: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self._infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max_latency_ms / 1000
+        self._on_batch = on_batch or (lambda size: None)
+        self._queue: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities (k, classes) for ``pixels`` (k, 32, 32, 3) uint8, in order."""
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures = []
+        for image in pixels:
+            future = loop.create_future()
+            self._queue.append((image, future, now))
+            futures.append(future)
+        self._wakeup.set()
+        return np.stack(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch = self._take()
+                if not batch:
+                    continue
+                images, futures = np.stack([b[0] for b in batch]), [b[1] for b in batch]
+                self._on_batch(len(batch))
+                try:
+                    probs = await asyncio.to_thread(self._infer, images)
+                except Exception as exc:  # a model failure fails this batch only, then we go on
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for future, row in zip(futures, probs):
+                    if not future.done():  # the client may have gone (cancelled)
+                        future.set_result(row)
+
+    def _take(self) -> list[tuple[np.ndarray, asyncio.Future, float]]:
+        """Up to ``max_batch_size`` live queued items; too-old ones get :class:`Overloaded`."""
+        deadline = time.monotonic() - self.max_latency_s
+        batch = []
+        while self._queue and len(batch) < self.max_batch_size:
+            item = self._queue.popleft()
+            if item[1].done():
+                continue
+            if item[2] < deadline:
+                item[1].set_exception(Overloaded(
+                    f"server overloaded: the request waited over {self.max_latency_s * 1000:.0f} ms "
+                    "for the model; retry later"))
+                continue
+            batch.append(item)
+        return batch
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+# A multipart part's field name; part headers are ASCII, so a regex over the raw body finds them.
+_PART_NAME = re.compile(rb'content-disposition:\s*form-data;\s*name="([^"]*)"', re.IGNORECASE)
+
+
+class RequestGuard:
+    """ASGI middleware: 413 for bodies over ``max_body_bytes``, 400 for unknown form fields, one-object errors.
+
+    - A declared ``Content-Length`` over the limit is refused before any byte of the
+      body is read; a chunked body is read only up to the limit.
+    - ``fields`` maps a route to its multipart field names. BentoML 1.4.40 answers an
+      unknown field holding binary data with 500 (``json.loads`` of the bytes raises
+      ``UnicodeDecodeError`` in ``_bentoml_impl/serde.py``); such requests get 400 here.
+    - BentoML answers a raised ``BadInput`` with a JSON *list* of one object
+      (``detail = ({"error": ...},)`` in ``_bentoml_impl/server/app.py``); clients get
+      the object itself.
+    """
+
+    def __init__(self, app, max_body_bytes: int, fields: dict[str, set[str]] | None = None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.fields = fields or {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and not length.isdigit():
+            return await _send_json(send, 400, {"error": "invalid Content-Length header"})
+        if length is not None and int(length) > self.max_body_bytes:
+            return await _send_json(send, 413, self._too_big())
+        allowed = self.fields.get(scope["path"])
+        if allowed is not None or (length is None and b"chunked" in headers.get(b"transfer-encoding", b"")):
+            messages, size = [], 0
+            while True:  # buffer the body (at most the limit) to check it, then replay it to the app
+                message = await receive()
+                messages.append(message)
+                size += len(message.get("body", b""))
+                if size > self.max_body_bytes:
+                    return await _send_json(send, 413, self._too_big())
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+            if allowed is not None and headers.get(b"content-type", b"").startswith(b"multipart/"):
+                names = {m.decode("latin-1") for m in _PART_NAME.findall(b"".join(m.get("body", b"")
+                                                                                for m in messages))}
+                if unknown := sorted(names - allowed):
+                    return await _send_json(send, 400, {
+                        "error": f"unexpected form field(s) {unknown}; {scope['path']} takes "
+                                 f"{' and '.join(sorted(allowed))}"})
+            replay = iter(messages)
+            original_receive = receive
+
+            async def receive():  # noqa: F811 - hand the buffered body to the app, then go live
+                return next(replay, None) or await original_receive()
+
+        await self.app(scope, receive, _unwrap_error_list(send))
+
+    def _too_big(self) -> dict:
+        return {"error": f"request body is over the {self.max_body_bytes:,}-byte limit; "
+                         "send fewer or smaller images"}
+
+
+def _unwrap_error_list(send):
+    """Wrap ``send`` so that a 4xx body ``[{"error": ...}]`` goes out as ``{"error": ...}``."""
+    held: dict = {}
+    chunks: list[bytes] = []
+
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+            held["start"] = message
+            return
+        if "start" not in held or message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        try:
+            parsed = json.loads(body)
+            if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
+                body = json.dumps(parsed[0]).encode()
+        except ValueError:
+            pass
+        start = held.pop("start")
+        start["headers"] = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"] + [
+            (b"content-length", str(len(body)).encode())]
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
