@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from e2e_helpers import free_port, stop_server  # noqa: F401 (re-exported for tests and bench)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,22 +80,6 @@ def make_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path
     if out.returncode or not tags:
         raise RuntimeError(f"building the test BentoML model failed:\n{out.stdout}\n{out.stderr[-3000:]}")
     return tags[-1]
-
-
-def free_port() -> int:
-    """A TCP port free on localhost right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop a server started with ``start_new_session=True`` and all its children (BentoML workers)."""
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True`` and all its children (BentoML workers)."""
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
 def state_env(state: Path, **extra: str) -> dict[str, str]:
     """Environment for a pipeline whose whole state lives in ``state``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CIFAR10_", "BENTOML_", "MLFLOW_"))}
@@ -78,12 +88,7 @@ def bentoml_serve(target: str, env: dict[str, str], log: Path, timeout: float = 
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop_server(proc)
 
 
 def bentoml_cli_json(env: dict[str, str], *args: str):

@@ -13,14 +13,14 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from e2e_helpers import free_port, run_dag, state_env
+from synthetic import image_folder_zip
 from training import base_image, container
 from training.config import PipelineConfig
 
@@ -185,12 +185,6 @@ def test_debian_mirror_comes_from_the_host_sources(tmp_path):
 
 # --- the real thing -------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _png(color=(200, 30, 30)) -> bytes:
     from PIL import Image
 
@@ -205,29 +199,12 @@ def built_image(tmp_path_factory):
     missing = [t for t in ("podman", "buildah", "runc", "debootstrap") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"missing {', '.join(missing)}: run .ci/setup-container-tools.sh")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from synthetic import image_folder_zip
-
     state = tmp_path_factory.mktemp("container-state")
     archive = image_folder_zip(state / "syn.zip", per_class=12)
     config = PipelineConfig(state_dir=str(state))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CIFAR10_", "BENTOML_", "MLFLOW_"))}
-    env.update({
-        "CIFAR10_STATE_DIR": str(state), "CIFAR10_WIDTHS": "8,16", "CIFAR10_CONTAINER_BACKEND": "podman",
-        "AIRFLOW_HOME": str(state / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{state}/airflow/airflow.db",
-        "BENTOML_HOME": str(state / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{state}/mlflow/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "2",
-    })
-    bin_dir = Path(sys.executable).parent
-    (state / "airflow").mkdir()
-    subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    env = state_env(state, CIFAR10_WIDTHS="8,16", CIFAR10_CONTAINER_BACKEND="podman")
     log = state / "dag.log"
-    conf = json.dumps({"data_url": archive.as_uri(), "epochs": 1, "force_promote": True})
-    with open(log, "w") as out:
-        dag = subprocess.run([str(bin_dir / "airflow"), "dags", "test", "cifar10_pipeline", "-c", conf], env=env,
-                             stdout=out, stderr=subprocess.STDOUT, timeout=2400, cwd=ROOT)
+    dag = run_dag(env, {"data_url": archive.as_uri(), "epochs": 1, "force_promote": True}, log)
     text = log.read_text()
     assert dag.returncode == 0, text[-4000:]
     # The containerize task (its last try) must have built the image, not skipped.
@@ -250,7 +227,7 @@ def built_image(tmp_path_factory):
 def running(built_image):
     """The image running under podman on a free port; removed afterwards."""
     image, env, _ = built_image
-    port = _free_port()
+    port = free_port()
     name = f"cifar10-test-{port}"
     subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", image], env=env,
                    check=True, capture_output=True)
