@@ -251,3 +251,43 @@ def test_a_crashing_worker_is_reported_not_hung(small_pool):
 
     with pytest.raises(decode_pool.WorkerError, match="died with exit code 3.*decode_workers=1"):
         decode_pool.decode_into(out, 0, 8, make_read, workers=2)
+
+
+def _prepare_in_daemon(path, result):
+    raw = read(path, workers=2)
+    result.put(len(raw.labels))
+
+
+def test_workers_can_start_inside_a_daemonic_process(tmp_path, small_pool):
+    # Executor and Celery workers are daemonic; multiprocessing refuses children there.
+    import multiprocessing
+
+    path = syn.image_folder_zip(tmp_path / "a.zip", per_class=2)
+    ctx = multiprocessing.get_context("fork")
+    result = ctx.Queue()
+    proc = ctx.Process(target=_prepare_in_daemon, args=(path, result), daemon=True)
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0 and result.get(timeout=5) == 20
+
+
+def test_an_interrupted_parent_leaves_no_worker_behind(small_pool, monkeypatch):
+    import pickle
+    import time
+
+    def make_read():
+        def read(i):
+            time.sleep(30)  # a slow worker, still running when the parent is interrupted
+            return b""
+        return read
+
+    def interrupted(pipe):  # the parent is interrupted while waiting for the first result
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pickle, "load", interrupted)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        decode_pool.decode_into(decode_pool.shared_images(8), 0, 8, make_read, workers=2)
+    assert time.monotonic() - start < 10  # workers were killed, not waited for
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # and reaped: no child process is left

@@ -4,7 +4,8 @@ Decoding 50,000 small images is CPU-bound Python + libjpeg work, so it is split 
 contiguous slices, one per worker process. Workers are forked: they inherit the
 caller's reader factory and the output array without pickling anything, and write
 pixels straight into an anonymous shared memory map that the caller keeps, so no
-image is copied between processes. Only the list of unreadable files travels back.
+image is copied between processes. Only the list of unreadable files travels back,
+through a pipe.
 
 Each worker calls the factory once to get its own ``read(i) -> bytes``, so a worker
 never shares a file position with another (archives are reopened per process).
@@ -14,12 +15,14 @@ Where ``fork`` is unavailable, or the work is small, everything runs in-process.
 from __future__ import annotations
 
 import mmap
-import multiprocessing
 import os
+import pickle
+import signal
 import traceback
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from training.images import SIZE, InvalidImage, decode_image
 
@@ -59,16 +62,23 @@ def _decode_range(out: np.ndarray, lo: int, hi: int, make_read: ReadFactory) -> 
     return bad
 
 
-def _worker(conn, out: np.ndarray, lo: int, hi: int, make_read: ReadFactory) -> None:
+def _run_child(write_fd: int, out: np.ndarray, lo: int, hi: int, make_read: ReadFactory) -> None:
+    """Body of a forked worker: decode, send the result, and leave without cleanup of the parent's state."""
+    code = 0
     try:
-        conn.send(("ok", _decode_range(out, lo, hi, make_read)))
-    except BaseException as exc:  # report anything, the parent decides; never hang it
         try:
-            conn.send(("error", (exc, traceback.format_exc())))
-        except Exception:  # the exception itself does not pickle
-            conn.send(("error", (WorkerError(f"{type(exc).__name__}: {exc}"), traceback.format_exc())))
+            result = ("ok", _decode_range(out, lo, hi, make_read))
+        except BaseException as exc:  # report anything, the parent decides
+            result = ("error", (exc, traceback.format_exc()))
+        with os.fdopen(write_fd, "wb") as pipe:
+            try:
+                pickle.dump(result, pipe)
+            except Exception:  # the exception itself does not pickle
+                pickle.dump(("error", (WorkerError(repr(result[1][0])), result[1][1])), pipe)
+    except BaseException:
+        code = 1
     finally:
-        conn.close()
+        os._exit(code)  # never return into the parent's stack (atexit, finally blocks, test runners)
 
 
 def decode_into(out: np.ndarray, lo: int, hi: int, make_read: ReadFactory, workers: int,
@@ -81,35 +91,48 @@ def decode_into(out: np.ndarray, lo: int, hi: int, make_read: ReadFactory, worke
     """
     count = hi - lo
     workers = max(1, min(workers, count // MIN_PER_WORKER))
-    if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers == 1 or not hasattr(os, "fork"):
         return _decode_range(out, lo, hi, make_read)
-    ctx = multiprocessing.get_context("fork")
+    # Plain os.fork rather than multiprocessing: it also works inside daemonic
+    # processes (Celery or executor workers), where multiprocessing refuses children.
+    Image.init()  # load Pillow's plugins once, before forking, not in every worker
     bounds = np.linspace(lo, hi, workers + 1).astype(int)
-    jobs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(send, out, int(a), int(b), make_read), daemon=True)
-        proc.start()
-        send.close()
-        jobs.append((proc, recv, int(a), int(b)))
+    jobs: list[tuple[int, int, int, int]] = []
     bad: list[tuple[int, str]] = []
     errors = []
-    for proc, recv, a, b in jobs:
-        try:
-            status, payload = recv.recv()
-        except EOFError:
-            status, payload = "died", None
-        finally:
-            recv.close()
-        proc.join()
-        if status == "ok":
-            bad.extend(payload)
-        elif status == "error":
-            errors.append(payload)
-        else:
-            errors.append((WorkerError(f"decode worker for items {a}..{b - 1} died with exit code "
-                                       f"{proc.exitcode}; rerun with decode_workers=1 to see the error "
-                                       "in-process"), ""))
+    try:
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                _run_child(write_fd, out, int(a), int(b), make_read)
+            os.close(write_fd)
+            jobs.append((pid, read_fd, int(a), int(b)))
+        while jobs:
+            pid, read_fd, a, b = jobs[0]
+            with os.fdopen(read_fd, "rb") as pipe:
+                jobs[0] = (pid, -1, a, b)  # the descriptor now belongs to ``pipe``
+                try:
+                    status, payload = pickle.load(pipe)
+                except (EOFError, pickle.UnpicklingError):
+                    status, payload = "died", None
+            exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            jobs.pop(0)
+            if status == "ok":
+                bad.extend(payload)
+            elif status == "error":
+                errors.append(payload)
+            else:
+                errors.append((WorkerError(f"decode worker for items {a}..{b - 1} died with exit code "
+                                           f"{exit_code}; rerun with decode_workers=1 to see the error "
+                                           "in-process"), ""))
+    finally:  # interrupted (task timeout, Ctrl-C) or a failed fork: leave no worker behind
+        for pid, read_fd, _, _ in jobs:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            if read_fd >= 0:
+                os.close(read_fd)
     for exc, trace in errors:
         if isinstance(exc, passthrough):
             raise exc
