@@ -117,50 +117,42 @@ def test_split_indices_are_stratified_and_seeded():
 
 
 # --- validation: each failure names the file and what to do ------------------------------------
-def test_one_class_is_refused(tmp_path):
-    archive = syn.image_folder_zip(tmp_path / "one.zip", per_class=10, classes=["cat"])
-    with pytest.raises(DatasetError, match=r"one\.zip: found 1 class \(\['cat'\]\); .* at least 2 class folders"):
-        prepare(archive, config_for(tmp_path, archive))
+PNG = syn.encode(syn.make_images(1, ["a"])[0][0])
 
 
-def test_empty_class_is_refused(tmp_path):
-    png = syn.encode(syn.make_images(1, ["a"])[0][0])
-    files = {f"{cls}/{i}.png": png for cls in ("cat", "dog") for i in range(5)} | {"bird/0.png": b"broken"}
-    archive = syn.folder_zip(tmp_path / "empty.zip", files)
-    with pytest.raises(DatasetError, match=r"empty\.zip: class folder\(s\) \['bird'\] have no readable images"):
-        prepare(archive, config_for(tmp_path, archive, max_bad_image_fraction=0.5))
+def _files(layout: dict[str, int], broken: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """{"<folder>": image count} -> archive contents; ``broken`` names extra unreadable files."""
+    files = {f"{folder}/{i}.png": PNG for folder, n in layout.items() for i in range(n)}
+    return files | {name: b"broken" for name in broken}
 
 
-def test_label_sets_differing_between_archive_splits_are_refused(tmp_path):
-    png = syn.encode(syn.make_images(1, ["a"])[0][0])
-    files = {f"train/{cls}/{i}.png": png for cls in ("cat", "dog", "frog") for i in range(5)}
-    files |= {f"test/{cls}/{i}.png": png for cls in ("cat", "dog") for i in range(2)}
-    archive = syn.folder_zip(tmp_path / "differ.zip", files)
-    with pytest.raises(DatasetError, match=r"differ\.zip: label sets differ .* only in train \['frog'\]"):
-        prepare(archive, config_for(tmp_path, archive))
+@pytest.mark.parametrize("files, overrides, error, pattern", [
+    (_files({"cat": 10}), {}, DatasetError, r": found 1 class \(\['cat'\]\); .* at least 2 class folders"),
+    (_files({"cat": 5, "dog": 5}, broken=("bird/0.png",)), {"max_bad_image_fraction": 0.5}, DatasetError,
+     r": class folder\(s\) \['bird'\] have no readable images; add images or remove"),
+    (_files({"train/cat": 5, "train/dog": 5, "train/frog": 5, "test/cat": 2, "test/dog": 2}), {}, DatasetError,
+     r": label sets differ .* only in train \['frog'\], only in test \[\]; give both splits"),
+    (_files({"test/a": 3, "test/b": 3}), {}, DatasetError, r": the archive has a test/ folder but no train/ folder"),
+    (_files({"cat": 10, "dog": 10}, broken=("cat/bad.png",)), {"max_bad_image_fraction": 0.01}, ArchiveError,
+     r": 1 of 21 images are unreadable .* e\.g\. cat/bad\.png: .*raise max_bad_image_fraction"),
+], ids=["one-class", "empty-class", "label-sets-differ", "test-without-train", "too-many-unreadable"])
+def test_unusable_archives_fail_naming_the_file_and_the_fix(tmp_path, files, overrides, error, pattern):
+    archive = syn.folder_zip(tmp_path / "bad_data.zip", files)
+    with pytest.raises(error, match=r"bad_data\.zip" + pattern):
+        prepare(archive, config_for(tmp_path, archive, **overrides))
 
 
-def test_test_split_without_train_split_is_refused(tmp_path):
-    png = syn.encode(syn.make_images(1, ["a"])[0][0])
-    archive = syn.folder_zip(tmp_path / "t.zip", {f"test/{c}/{i}.png": png for c in ("a", "b") for i in range(3)})
-    with pytest.raises(DatasetError, match=r"t\.zip: the archive has a test/ folder but no train/ folder"):
-        prepare(archive, config_for(tmp_path, archive))
+def test_unreadable_images_below_the_threshold_are_recorded(tmp_path):
+    archive = syn.folder_zip(tmp_path / "bad.zip", _files({"cat": 10, "dog": 10}, broken=("cat/bad.png",)))
+    _, manifest = load_prepared(prepare(archive, config_for(tmp_path, archive, max_bad_image_fraction=0.1)))
+    assert manifest["unreadable_images"] == 1 and manifest["image_files"] == 21
+    assert manifest["unreadable_examples"][0].startswith("cat/bad.png: ")
 
 
 def test_too_few_images_for_a_split_says_what_to_change(tmp_path):
     archive = syn.image_folder_zip(tmp_path / "tiny.zip", per_class=2, classes=["cat", "dog"])
-    with pytest.raises(DatasetError, match=r"split 'val' has no images of class.*val_fraction/test_fraction"):
+    with pytest.raises(DatasetError, match=r"tiny\.zip: split 'val' has no images of class.*val_fraction/test_fraction"):
         prepare(archive, config_for(tmp_path, archive))
-
-
-def test_too_many_unreadable_images_fail_the_run(tmp_path):
-    png = syn.encode(syn.make_images(1, ["a"])[0][0])
-    files = {f"{cls}/{i}.png": png for cls in ("cat", "dog") for i in range(10)} | {"cat/bad.png": b"x"}
-    archive = syn.folder_zip(tmp_path / "bad.zip", files)
-    with pytest.raises(ArchiveError, match=r"bad\.zip: 1 of 21 images are unreadable.*cat/bad\.png"):
-        prepare(archive, config_for(tmp_path, archive, max_bad_image_fraction=0.01))
-    _, manifest = load_prepared(prepare(archive, config_for(tmp_path, archive, max_bad_image_fraction=0.1)))
-    assert manifest["unreadable_images"] == 1 and manifest["unreadable_examples"][0].startswith("cat/bad.png")
 
 
 @pytest.mark.parametrize("val, test", [(0.6, 0.5), (-0.1, 0.2), (0.1, 1.0)])
@@ -173,8 +165,8 @@ def test_impossible_fractions_fail_before_any_work(tmp_path, folder_zip, val, te
 def test_wrong_shapes_are_refused():
     good = (np.zeros((4, 32, 32, 3), np.uint8), np.array([0, 1, 0, 1]))
     bad = (np.zeros((4, 28, 28, 3), np.uint8), np.array([0, 1, 0, 1]))
-    with pytest.raises(DatasetError, match=r"val images have shape \(4, 28, 28, 3\) uint8; expected"):
-        validate({"train": good, "val": bad, "test": good}, ["a", "b"])
+    with pytest.raises(DatasetError, match=r"x\.zip: val images have shape \(4, 28, 28, 3\) uint8; expected"):
+        validate({"train": good, "val": bad, "test": good}, ["a", "b"], "x.zip")
     validate({"train": good, "val": good, "test": good}, ["a", "b"])
 
 

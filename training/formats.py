@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from training.archive import ArchiveError, Member, SafeArchive
-from training.decode_pool import decode_into, shared_images
+from training.decode_pool import WorkerError, decode_into, shared_images
 from training.images import MAX_IMAGE_BYTES, InvalidImage
 
 log = logging.getLogger(__name__)
@@ -118,17 +118,10 @@ def _read_image_folders(archive: SafeArchive, max_bad_fraction: float, workers: 
     labels = np.array([index[cls] for _, _, cls in entries], dtype=np.int64)
     images = shared_images(len(entries))
     members = [m for m, _, _ in entries]
-    if archive.is_zip:  # workers read the members themselves, from the shared memory map
-        bad = decode_into(images, 0, len(members), lambda: _zip_reader(archive, members), workers,
-                          passthrough=(ArchiveError,))
-    else:
-        bad = []
-        for lo, hi in _chunks(members, TAR_CHUNK_BYTES):
-            # Read in the parent, in archive order (forward only through a compressed stream).
-            datas = [_read_or_error(archive, m) for m in members[lo:hi]]
-            bad += decode_into(images, lo, hi, lambda: _list_reader(datas, lo), workers,
-                               passthrough=(ArchiveError,))
-            del datas
+    try:
+        bad = _decode_members(archive, members, images, workers)
+    except WorkerError as exc:
+        raise WorkerError(f"{archive.path}: {exc}") from exc
     bad_files = [f"{members[i].name}: {reason}" for i, reason in bad]
     _check_bad(archive.path, bad_files, len(entries), max_bad_fraction)
     split = np.array([s for _, s, _ in entries], dtype="<U5") if None not in split_names else None
@@ -138,6 +131,20 @@ def _read_image_folders(archive: SafeArchive, max_bad_fraction: float, workers: 
         images, labels = images[keep], labels[keep]
         split = split[keep] if split is not None else None
     return RawDataset(images, labels, class_names, split, bad_files, total_files=len(entries))
+
+
+def _decode_members(archive: SafeArchive, members: list[Member], images: np.ndarray,
+                    workers: int) -> list[tuple[int, str]]:
+    if archive.is_zip:  # workers read the members themselves, from the shared memory map
+        return decode_into(images, 0, len(members), lambda: _zip_reader(archive, members), workers,
+                           passthrough=(ArchiveError,))
+    bad = []
+    for lo, hi in _chunks(members, TAR_CHUNK_BYTES):
+        # Read in the parent, in archive order (forward only through a compressed stream).
+        datas = [_read_or_error(archive, m) for m in members[lo:hi]]
+        bad += decode_into(images, lo, hi, lambda: _list_reader(datas, lo), workers, passthrough=(ArchiveError,))
+        del datas
+    return bad
 
 
 def _zip_reader(archive: SafeArchive, members: list[Member]) -> Callable[[int], bytes]:

@@ -117,27 +117,31 @@ def validate_raw(raw: RawDataset, archive: Path) -> None:
                 f"{sorted(present['test'] - present['train'])}; give both splits the same class folders")
 
 
-def validate(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str]) -> None:
-    """Raise :class:`DatasetError` when the splits cannot train and evaluate a model."""
+def validate(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
+             source: str = "prepared data") -> None:
+    """Raise :class:`DatasetError` when the splits cannot train and evaluate a model.
+
+    ``source`` (the archive) starts every message, so the operator knows which data failed.
+    """
     if len(class_names) < 2:
-        raise DatasetError(f"found {len(class_names)} class ({class_names}); a classifier needs at least 2 "
-                           "class folders")
+        raise DatasetError(f"{source}: found {len(class_names)} class ({class_names}); a classifier needs at "
+                           "least 2 class folders")
     sets = {}
     for name, (x, y) in splits.items():
         if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
-            raise DatasetError(f"{name} images have shape {x.shape} {x.dtype}; expected (N, 32, 32, 3) uint8. "
-                               "This is a bug in the prepare step; please report it")
+            raise DatasetError(f"{source}: {name} images have shape {x.shape} {x.dtype}; expected "
+                               "(N, 32, 32, 3) uint8. This is a bug in the prepare step; please report it")
         if len(x) != len(y):
-            raise DatasetError(f"{name}: {len(x)} images but {len(y)} labels; this is a bug in the prepare "
-                               "step, please report it")
+            raise DatasetError(f"{source}: {name}: {len(x)} images but {len(y)} labels; this is a bug in the "
+                               "prepare step, please report it")
         counts = np.bincount(y, minlength=len(class_names))
         empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
         if empty:
-            raise DatasetError(f"split {name!r} has no images of class(es) {empty}; add images or change "
-                               "val_fraction/test_fraction so every class appears in every split")
+            raise DatasetError(f"{source}: split {name!r} has no images of class(es) {empty}; add images or "
+                               "change val_fraction/test_fraction so every class appears in every split")
         sets[name] = frozenset(np.unique(y).tolist())
     if len(set(sets.values())) != 1:
-        raise DatasetError(f"label sets differ between splits: "
+        raise DatasetError(f"{source}: label sets differ between splits: "
                            f"{ {k: sorted(class_names[i] for i in v) for k, v in sets.items()} }")
 
 
@@ -173,7 +177,7 @@ def prepare(archive: Path, config: PipelineConfig) -> Path:
     validate_raw(raw, archive)
     splits = make_splits(raw, config)
     del raw.images  # the splits hold copies; free the decoded block before writing
-    validate(splits, raw.class_names)
+    validate(splits, raw.class_names, str(archive))
     manifest = {
         "source_url": config.data_url,
         "archive_sha256": archive_sha,
