@@ -142,7 +142,8 @@ def _decode_members(archive: SafeArchive, members: list[Member], images: np.ndar
     for lo, hi in _chunks(members, TAR_CHUNK_BYTES):
         # Read in the parent, in archive order (forward only through a compressed stream).
         datas = [_read_or_error(archive, m) for m in members[lo:hi]]
-        bad += decode_into(images, lo, hi, lambda: _list_reader(datas, lo), workers, passthrough=(ArchiveError,))
+        bad += decode_into(images, lo, hi, lambda d=datas, o=lo: _list_reader(d, o), workers,
+                           passthrough=(ArchiveError,))
         del datas
     return bad
 

@@ -2,9 +2,19 @@
 
 Output, in ``<state>/data/prepared/<key>/``: ``data.npz`` (uint8 images, int64 labels
 per split) and ``manifest.json`` (counts per class per split, shape, dtype, source URL,
-checksum, content digest). The folder is written under a temporary name and renamed
-when complete, and it is keyed by the archive's sha256 and the split settings, so a
-rerun reuses it and a half-written folder is never used.
+checksum, unreadable files, content digest). The folder is written under a temporary
+name and renamed when complete, and it is keyed by the archive's sha256, the source
+URL and checksum, the split settings and ``PREPARE_VERSION``, so a rerun reuses it and
+a half-written folder is never used.
+
+The content digest is a sha256 over the class names and every split's arrays: the
+same archive and seed give the same digest, on any machine and with any number of
+decode workers; another seed gives another split and another digest.
+
+The run fails, naming the archive and what to change, when: the split fractions leave
+no training data, there are fewer than 2 classes, a class has no readable image, the
+archive's own train and test splits have different classes, a split lacks a class,
+arrays have the wrong shape, or too many images are unreadable (``formats``).
 """
 
 from __future__ import annotations
