@@ -113,6 +113,16 @@ def test_archive_without_images_is_refused(tmp_path):
         read(path)
 
 
+def test_tar_ending_in_a_zip_is_read_as_a_tar(tmp_path):
+    inner = syn.image_folder_zip(tmp_path / "inner.zip", per_class=1)
+    path = syn.plain_tar(tmp_path / "outer.tar", per_class=2)
+    with tarfile.open(path, "a") as tf:
+        tf.add(inner, arcname="extras/inner.zip")
+    assert zipfile.is_zipfile(path)  # the trap: the zip's end record is near the tar's end
+    raw = read(path)
+    assert raw.class_names == sorted(syn.CLASSES[:3]) and len(raw.labels) == 6
+
+
 def test_not_an_archive_is_refused(tmp_path):
     path = tmp_path / "page.html"
     path.write_text("<html>404 not found</html>")

@@ -34,6 +34,15 @@ from training.images import InvalidImage
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, name length, extra length (30 bytes)
 
 
+def _is_zip(path: Path) -> bool:
+    """Zip by its first bytes; ``is_zipfile`` alone also says yes for a tar whose last member is a zip."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head in (b"PK\x03\x04", b"PK\x05\x06"):
+        return True
+    return zipfile.is_zipfile(path) and not tarfile.is_tarfile(path)  # e.g. a self-extracting zip
+
+
 class ArchiveError(ValueError):
     """The archive is unsafe, malformed, or not a dataset we understand."""
 
@@ -57,7 +66,7 @@ class SafeArchive:
         self._mm: mmap.mmap | None = None
         self._zip_pid = os.getpid()
         try:
-            if zipfile.is_zipfile(self.path):
+            if _is_zip(self.path):
                 self.members = self._open_zip(max_members, max_bytes)
             else:
                 self.members = self._open_tar(max_members, max_bytes)
