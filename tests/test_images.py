@@ -61,12 +61,13 @@ def _image_in_mode(mode: str) -> Image.Image:
         return Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16))
     if mode == "F":
         return Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32))
-    if mode == "PA":  # Pillow cannot convert RGB to PA
-        return Image.new("PA", (32, 32))
+    if mode in ("PA", "La", "I;16B"):  # Pillow cannot convert RGB to these
+        return Image.new(mode, (40, 24))
     return Image.fromarray(make_images(1, ["a"])[0][0]).convert(mode)
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "1", "RGBA", "LA", "PA", "CMYK", "YCbCr", "I;16", "I", "F", "RGBX"])
+@pytest.mark.parametrize("mode", ["L", "P", "1", "RGBA", "LA", "La", "PA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV",
+                                  "I;16", "I;16B", "I", "F", "RGBX"])
 def test_every_mode_becomes_rgb_uint8(mode):
     img = _image_in_mode(mode)
     assert img.mode == mode

@@ -102,8 +102,10 @@ def to_rgb32(img: Image.Image) -> np.ndarray:
     """Apply the resize policy of this module to a loaded Pillow image."""
     if img.mode.startswith("I") or img.mode == "F":
         img = _to_8bit(img)
+    if img.mode == "La":  # premultiplied grey+alpha: Pillow converts it only to LA
+        img = img.convert("LA")
     if img.mode != "RGB":
-        if img.mode in ("RGBA", "LA", "La", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (0, 0, 0, 255))
             img = Image.alpha_composite(background, img)
