@@ -30,6 +30,18 @@ def test_jpeg_fast_path_gives_the_same_pixels_as_the_general_path(options):
         np.testing.assert_array_equal(decode_image(data), _general_path(data))
 
 
+def test_fast_path_after_a_refused_file_still_gives_exact_pixels():
+    # The fast path decodes into one reused image: a file refused half-way must not leak into the next.
+    good = encode(make_images(1, ["a"])[0][0], "JPEG")
+    white, tall = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(white, "JPEG")
+    Image.new("RGB", (32, 64), (0, 0, 0)).save(tall, "JPEG")
+    assert images._decode_jpeg_32(white.getvalue()) is not None
+    assert images._decode_jpeg_32(tall.getvalue()) is None  # wrong size
+    assert images._decode_jpeg_32(good[: len(good) // 2]) is None  # truncated: refused half-way
+    np.testing.assert_array_equal(images._decode_jpeg_32(good), _general_path(good))
+
+
 def test_grey_jpeg_takes_the_fast_path_and_matches():
     buf = io.BytesIO()
     Image.fromarray(make_images(1, ["a"])[0][0]).convert("L").save(buf, "JPEG")

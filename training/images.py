@@ -20,6 +20,7 @@ before any pixel is decoded (decompression bombs). Pillow's own guard
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,6 +34,7 @@ MAX_PIXELS = 40_000_000
 # upload is larger, and it bounds the memory one member of an archive can take.
 MAX_IMAGE_BYTES = 64 * 1024**2
 _JPEG_SOI = b"\xff\xd8\xff"
+_scratch = threading.local()
 
 
 class InvalidImage(ValueError):
@@ -73,19 +75,23 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 def _decode_jpeg_32(data: bytes) -> np.ndarray | None:
     """Fast path for the common case, a 32x32 RGB or grey JPEG (all of CIFAR-10 as JPEG).
 
-    ``Image.frombytes`` with Pillow's "jpeg" decoder skips the Python-level header
-    parsing of ``Image.open``, which costs more than decoding a 32x32 image. The
-    decoder is the same libjpeg call with the same arguments as the general path, so
-    the pixels are identical (tests check this). libjpeg refuses data whose size is
-    not 32x32 or that is CMYK or truncated; then None sends it down the general path,
-    which handles or reports it.
+    Decoding into a reused 32x32 image with Pillow's "jpeg" decoder skips the
+    Python-level header parsing of ``Image.open`` and the allocation of a new image,
+    which together cost more than decoding a 32x32 JPEG. The decoder is the same
+    libjpeg call with the same arguments as the general path, so the pixels are
+    identical (tests check this). libjpeg refuses data whose size is not 32x32 or that
+    is CMYK or truncated; then None sends it down the general path, which handles or
+    reports it.
     """
+    scratch = getattr(_scratch, "image", None)
+    if scratch is None:  # one per thread: service.py may decode on several threads
+        scratch = _scratch.image = Image.new("RGB", (SIZE, SIZE))
     try:
-        img = Image.frombytes("RGB", (SIZE, SIZE), data, "jpeg", "RGB", "")
+        scratch.frombytes(data, "jpeg", ("RGB", ""))  # every pixel is written, or it raises
     except (ValueError, OSError, SyntaxError):
         return None
     # tobytes + frombuffer: a little cheaper than np.asarray's array-interface path.
-    return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(SIZE, SIZE, 3)
+    return np.frombuffer(scratch.tobytes(), dtype=np.uint8).reshape(SIZE, SIZE, 3)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
