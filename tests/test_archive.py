@@ -123,6 +123,14 @@ def test_tar_ending_in_a_zip_is_read_as_a_tar(tmp_path):
     assert raw.class_names == sorted(syn.CLASSES[:3]) and len(raw.labels) == 6
 
 
+def test_truncated_download_is_refused_as_damaged(tmp_path):
+    full = syn.image_folder_zip(tmp_path / "full.zip", per_class=2).read_bytes()
+    path = tmp_path / "cut.zip"
+    path.write_bytes(full[: len(full) // 2])
+    with pytest.raises(ArchiveError, match=r"cut\.zip is a damaged zip archive .*download it again"):
+        read(path)
+
+
 def test_not_an_archive_is_refused(tmp_path):
     path = tmp_path / "page.html"
     path.write_text("<html>404 not found</html>")
