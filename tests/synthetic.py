@@ -7,8 +7,11 @@ learn something in one epoch; images are drawn with a fixed seed.
 from __future__ import annotations
 
 import io
+import stat
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +88,141 @@ def binary_release(path: Path, per_class: int = 10, test_per_class: int = 4, see
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return path
+
+
+def plain_tar(path: Path, per_class: int = 5, classes: list[str] = CLASSES[:3]) -> Path:
+    """An uncompressed tar of PNG files laid out as <class>/<i>.png."""
+    x, y = make_images(per_class, classes)
+    with tarfile.open(path, "w") as tf:
+        for i, (img, label) in enumerate(zip(x, y)):
+            _add_tar_file(tf, f"{classes[label]}/{i:05d}.png", encode(img))
+    return path
+
+
+def folder_zip(path: Path, files: dict[str, bytes]) -> Path:
+    """A zip holding exactly ``files`` (name -> bytes), e.g. for odd layouts and corrupt images."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _add_tar_file(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+# --- hostile archives: each holds a few valid images plus one bad entry ----------------
+HOSTILE_KINDS = ("traversal", "absolute", "windows", "symlink", "hardlink", "device", "fifo")
+
+
+def hostile_tar(path: Path, kind: str) -> Path:
+    """A tar.gz with valid cat/dog images plus one entry of the given hostile ``kind``."""
+    ok = encode(make_images(1, ["cat"])[0][0])
+    with tarfile.open(path, "w:gz") as tf:
+        for name in ("cat/0.png", "dog/0.png"):
+            _add_tar_file(tf, name, ok)
+        if kind in ("traversal", "absolute", "windows"):
+            name = {"traversal": "cat/../../evil.png", "absolute": "/tmp/evil.png", "windows": "C:\\evil.png"}[kind]
+            _add_tar_file(tf, name, ok)
+        else:
+            info = tarfile.TarInfo("cat/evil.png")
+            info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "device": tarfile.CHRTYPE,
+                         "fifo": tarfile.FIFOTYPE}[kind]
+            info.linkname = "/etc/passwd" if kind in ("symlink", "hardlink") else ""
+            tf.addfile(info)
+    return path
+
+
+def hostile_zip(path: Path, kind: str) -> Path:
+    """Like :func:`hostile_tar` for zip (zip has no hard links: "hardlink" is not offered)."""
+    ok = encode(make_images(1, ["cat"])[0][0])
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in ("cat/0.png", "dog/0.png"):
+            zf.writestr(name, ok)
+        if kind in ("traversal", "absolute", "windows"):
+            name = {"traversal": "cat/../../evil.png", "absolute": "/tmp/evil.png", "windows": "C:\\evil.png"}[kind]
+            zf.writestr(zipfile.ZipInfo(name), ok)
+        else:
+            mode = {"symlink": stat.S_IFLNK, "device": stat.S_IFCHR, "fifo": stat.S_IFIFO}[kind]
+            info = zipfile.ZipInfo("cat/evil.png")
+            info.create_system = 3  # Unix, so external_attr holds a file mode
+            info.external_attr = (mode | 0o644) << 16
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+def bomb_by_size(path: Path, megabytes: int = 8, fmt: str = "zip") -> Path:
+    """One member of ``megabytes`` zeros (tiny when compressed), plus two valid images."""
+    ok = encode(make_images(1, ["cat"])[0][0])
+    zeros = bytes(megabytes * 2**20)
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("cat/0.png", ok)
+            zf.writestr("dog/0.png", ok)
+            zf.writestr("cat/big.png", zeros)
+    else:
+        with tarfile.open(path, "w:gz") as tf:
+            _add_tar_file(tf, "cat/0.png", ok)
+            _add_tar_file(tf, "dog/0.png", ok)
+            _add_tar_file(tf, "cat/big.png", zeros)
+    return path
+
+
+def bomb_by_count(path: Path, members: int = 300, fmt: str = "zip") -> Path:
+    """Many tiny members (count bombs are cheap to build and costly to list)."""
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for i in range(members):
+                zf.writestr(f"cat/{i}.png", b"x")
+    else:
+        with tarfile.open(path, "w:gz") as tf:
+            for i in range(members):
+                _add_tar_file(tf, f"cat/{i}.png", b"x")
+    return path
+
+
+def zip_lying_size(path: Path) -> Path:
+    """A zip whose member inflates to 1 MB while its central directory declares 100 bytes."""
+    ok = encode(make_images(1, ["cat"])[0][0])
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cat/0.png", ok)
+        zf.writestr("dog/0.png", ok)
+        zf.writestr("cat/liar.png", bytes(2**20))
+    data = bytearray(path.read_bytes())
+    entry = data.rfind(b"PK\x01\x02", 0, data.rfind(b"cat/liar.png"))  # its central directory record
+    struct.pack_into("<I", data, entry + 24, 100)  # uncompressed size field
+    path.write_bytes(bytes(data))
+    return path
+
+
+def zip_bad_crc(path: Path, per_class: int = 5, classes: list[str] = CLASSES[:2]) -> Path:
+    """An image-folder zip (stored) where one member's bytes were flipped after writing."""
+    x, y = make_images(per_class, classes)
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, (img, label) in enumerate(zip(x, y)):
+            zf.writestr(f"{classes[label]}/{i:05d}.png", encode(img))
+    data = bytearray(path.read_bytes())
+    first = data.find(b"\x89PNG")  # the first member's data (stored, so visible)
+    data[first + 40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def pickled_release(path: Path) -> Path:
+    """Stand-in for the pickled python release: names only (it is refused before reading)."""
+    with tarfile.open(path, "w:gz") as tf:
+        for name in ("cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/batches.meta"):
+            _add_tar_file(tf, name, b"not really a pickle")
+    return path
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, with almost no data (a bomb's shape)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) \
+        + chunk(b"IEND", b"")

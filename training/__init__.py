@@ -4,7 +4,9 @@ Stages, in the order the Airflow DAG (``dags/cifar10_pipeline.py``) calls them:
 
 - ``config``    one frozen :class:`~training.config.PipelineConfig`
 - ``fetch``     download a URL (http, https, file, s3, path) into a checksummed cache
-- ``archive``   read image-folder archives and the CIFAR-10 binary release safely
+- ``archive``   open zip/tar archives safely (no extraction, hostile entries refused)
+- ``formats``   read the CIFAR-10 binary release or image folders into arrays
+- ``decode_pool`` decode many images in forked worker processes into shared memory
 - ``images``    decode any image to RGB 32x32 uint8 (shared with ``service.py``)
 - ``prepare``   stratified seeded splits, validation, manifest and content digest
 - ``model``     the Keras 3 CNN, preprocessing inside

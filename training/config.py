@@ -57,6 +57,9 @@ class PipelineConfig:
     max_archive_members: int = 200_000
     # Fail when more than this fraction of images cannot be decoded.
     max_bad_image_fraction: float = 0.01
+    # Processes that decode images in the prepare step; 0 = one per CPU this
+    # process may use (decoding 50,000 JPEGs is CPU-bound; 1 = in-process).
+    decode_workers: int = 0
     seed: int = 42
 
     # --- model and training ------------------------------------------------

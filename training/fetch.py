@@ -1,10 +1,16 @@
 """Fetch a dataset URL into a local, checksummed cache.
 
 Supported: ``http(s)://``, ``file://``, plain local paths, and ``s3://bucket/key``
-through boto3 (endpoint and credentials from the standard AWS environment, so MinIO
-and other S3-compatible stores work). Downloads go to a temporary file that is
-renamed only when complete and verified, so a partial file is never taken as the
-dataset. The cache is keyed by URL and expected checksum: a rerun costs nothing.
+through boto3. For S3, boto3 alone reads the standard AWS settings: credentials
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles), region,
+and the endpoint (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``), so MinIO and other
+S3-compatible stores work without any setting of ours.
+
+Downloads go to a temporary ``.partial-*`` file in the cache folder that is renamed
+only when complete and verified, so a partial file is never taken as the dataset.
+The cache is keyed by URL and expected checksum: a rerun costs nothing (a cached file
+is verified again when a checksum is known). Long downloads log progress (bytes and
+percent) every ``PROGRESS_SECONDS``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from training.config import OFFICIAL_SHA256, OFFICIAL_URL, PipelineConfig
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+PROGRESS_SECONDS = 5.0
+HEX_LENGTH = {"sha256": 64, "md5": 32}
 
 
 class FetchError(RuntimeError):
@@ -39,8 +47,12 @@ def parse_checksum(spec: str) -> tuple[str, str] | None:
         algo, digest = spec.split(":", 1)
     else:
         algo, digest = ("md5" if len(spec) == 32 else "sha256"), spec
-    if algo not in {"sha256", "md5"}:
-        raise FetchError(f"checksum algorithm {algo!r} is not supported; use sha256:<hex> or md5:<hex>")
+    if algo not in HEX_LENGTH:
+        raise FetchError(f"checksum algorithm {algo!r} in data_checksum={spec!r} is not supported; "
+                         "use sha256:<hex> or md5:<hex>")
+    if len(digest) != HEX_LENGTH[algo] or any(c not in "0123456789abcdef" for c in digest):
+        raise FetchError(f"data_checksum={spec!r} is not a {algo} digest ({HEX_LENGTH[algo]} hex digits); "
+                         "fix the data_checksum param, e.g. sha256:<64 hex digits> or md5:<32 hex digits>")
     return algo, digest
 
 
@@ -53,6 +65,7 @@ def expected_checksum(config: PipelineConfig) -> tuple[str, str] | None:
 
 
 def file_digest(path: Path, algo: str) -> str:
+    """Hex digest of the file at ``path`` (``algo``: sha256 or md5)."""
     h = hashlib.new(algo)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -75,8 +88,8 @@ def _open_source(url: str) -> tuple[BinaryIO, int | None, Callable[[], None]]:
             resp = urllib.request.urlopen(url, timeout=60)  # noqa: S310 (scheme checked)
         except OSError as exc:
             raise FetchError(
-                f"cannot reach {url}: {exc}. If this machine is offline, point the pipeline at a "
-                "local archive, e.g. DATA_URL=file:///path/to/cifar10-train-jpeg.zip make run"
+                f"cannot download {url}: {exc}. Check the URL; if this machine is offline, point the "
+                "pipeline at a local archive, e.g. DATA_URL=file:///path/to/cifar10-train-jpeg.zip make run"
             ) from exc
         size = resp.headers.get("Content-Length")
         return resp, int(size) if size else None, resp.close
@@ -84,11 +97,15 @@ def _open_source(url: str) -> tuple[BinaryIO, int | None, Callable[[], None]]:
         import boto3  # lazy: only S3 users pay for it
 
         bucket, key = parsed.netloc, parsed.path.lstrip("/")
-        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None)
+        if not bucket or not key:
+            raise FetchError(f"{url} is not an S3 object URL; write s3://bucket/path/to/archive.zip")
         try:
-            obj = client.get_object(Bucket=bucket, Key=key)
+            # No endpoint argument: boto3 reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself.
+            obj = boto3.client("s3").get_object(Bucket=bucket, Key=key)
         except Exception as exc:  # botocore raises many types; all mean "not fetched"
-            raise FetchError(f"cannot read {url} from S3: {exc}. Check the bucket, key and AWS_* credentials.") from exc
+            raise FetchError(f"cannot read {url} from S3: {exc}. Check the bucket and key, the credentials "
+                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and, for MinIO or another "
+                             "S3-compatible store, AWS_ENDPOINT_URL_S3") from exc
         body = obj["Body"]
         return body, int(obj.get("ContentLength") or 0) or None, body.close
     if scheme in {"file", ""}:
@@ -106,30 +123,37 @@ def fetch(config: PipelineConfig) -> Path:
     checksum = expected_checksum(config)
     target = _cache_path(config, url, checksum)
     if target.is_file():
-        log.info("cache hit: %s -> %s", url, target)
-        return target
+        if checksum is None or file_digest(target, checksum[0]) == checksum[1]:
+            log.info("cache hit: %s -> %s", url, target)
+            return target
+        log.warning("cached %s does not match %s:%s any more; downloading again", target, *checksum)
+        target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target.parent)
     stream, size, close = _open_source(url)
     hasher = hashlib.new(checksum[0]) if checksum else None
     fd, tmp_name = tempfile.mkstemp(prefix=".partial-", dir=target.parent)
     tmp = Path(tmp_name)
     try:
-        done, last_log, start = 0, 0.0, time.monotonic()
+        log.info("downloading %s (%s) -> %s", url, _size_text(size) if size else "size unknown", target)
+        done, start = 0, time.monotonic()
+        last_log = start
         with os.fdopen(fd, "wb") as out:
-            while chunk := stream.read(CHUNK):
+            while chunk := _read_chunk(stream, url):
                 out.write(chunk)
                 if hasher:
                     hasher.update(chunk)
                 done += len(chunk)
                 now = time.monotonic()
-                if now - last_log > 5:
-                    pct = f" ({100 * done / size:.0f}%)" if size else ""
-                    log.info("downloading %s: %d MB%s", url, done >> 20, pct)
+                if now - last_log >= PROGRESS_SECONDS:
+                    pct = f" of {_size_text(size)} ({100 * done / size:.0f}%)" if size else ""
+                    log.info("downloading %s: %d bytes%s, %.1f MB/s", url, done, pct,
+                             done / 2**20 / max(now - start, 1e-9))
                     last_log = now
             out.flush()
             os.fsync(out.fileno())
         if size is not None and done != size:
-            raise FetchError(f"download of {url} is truncated: got {done} of {size} bytes; rerun to retry")
+            raise FetchError(f"download of {url} is truncated: got {done} of {size} bytes; rerun the task to retry")
         if hasher and checksum and hasher.hexdigest() != checksum[1]:
             raise FetchError(
                 f"checksum mismatch for {url}: expected {checksum[0]}:{checksum[1]}, "
@@ -140,7 +164,27 @@ def fetch(config: PipelineConfig) -> Path:
         log.info("fetched %s (%d bytes in %.1f s) -> %s", url, done, time.monotonic() - start, target)
     finally:
         close()
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return target
 
+
+def _read_chunk(stream: BinaryIO, url: str) -> bytes:
+    try:
+        return stream.read(CHUNK)
+    except Exception as exc:  # connection reset, IncompleteRead, botocore read timeouts, ...
+        raise FetchError(f"download of {url} broke off: {exc}; rerun the task to retry") from exc
+
+
+def _size_text(size: int | None) -> str:
+    return f"{size} bytes = {size / 2**20:.1f} MB" if size else "?"
+
+
+def _remove_stale_partials(folder: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove ``.partial-*`` files left by killed runs (never used, only taking space)."""
+    now = time.time()
+    for path in folder.glob(".partial-*"):
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+        except OSError:  # a concurrent run removed or renamed it
+            pass

@@ -2,9 +2,19 @@
 
 Output, in ``<state>/data/prepared/<key>/``: ``data.npz`` (uint8 images, int64 labels
 per split) and ``manifest.json`` (counts per class per split, shape, dtype, source URL,
-checksum, content digest). The folder is written under a temporary name and renamed
-when complete, and it is keyed by the archive's sha256 and the split settings, so a
-rerun reuses it and a half-written folder is never used.
+checksum, unreadable files, content digest). The folder is written under a temporary
+name and renamed when complete, and it is keyed by the archive's sha256, the source
+URL and checksum, the split settings and ``PREPARE_VERSION``, so a rerun reuses it and
+a half-written folder is never used.
+
+The content digest is a sha256 over the class names and every split's arrays: the
+same archive and seed give the same digest, on any machine and with any number of
+decode workers; another seed gives another split and another digest.
+
+The run fails, naming the archive and what to change, when: the split fractions leave
+no training data, there are fewer than 2 classes, a class has no readable image, the
+archive's own train and test splits have different classes, a split lacks a class,
+arrays have the wrong shape, or too many images are unreadable (``formats``).
 """
 
 from __future__ import annotations
@@ -20,13 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from training.archive import RawDataset, read_dataset
 from training.config import PipelineConfig
+from training.decode_pool import default_workers
 from training.fetch import expected_checksum, file_digest
+from training.formats import RawDataset, read_dataset
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# Part of the cache key: bump when decoding or splitting changes, so that an
+# existing prepared folder made by older code is not reused.
+PREPARE_VERSION = 2
 
 
 class DatasetError(ValueError):
@@ -63,7 +77,7 @@ def subsample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 def make_splits(raw: RawDataset, config: PipelineConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Split ``raw`` into train/val/test per ``config`` (archive test split wins)."""
     x, y = raw.images, raw.labels
-    if raw.split is not None and (raw.split == "test").any():
+    if archive_has_test_split(raw):
         test_idx = np.flatnonzero(raw.split == "test")
         pool = np.flatnonzero(raw.split != "test")
         parts = split_indices(y[pool], {"val": config.val_fraction}, config.seed)
@@ -77,25 +91,68 @@ def make_splits(raw: RawDataset, config: PipelineConfig) -> dict[str, tuple[np.n
     return {name: (x[idx[name]], y[idx[name]]) for name in SPLITS}
 
 
-def validate(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str]) -> None:
-    """Raise :class:`DatasetError` when the splits cannot train and evaluate a model."""
+def check_fractions(config: PipelineConfig) -> None:
+    """Raise :class:`DatasetError` unless the split fractions leave training data."""
+    val, test = config.val_fraction, config.test_fraction
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise DatasetError(f"val_fraction={val} and test_fraction={test} must each be in [0, 1) and sum to "
+                           "less than 1, so that training data remains; e.g. 0.1 and 0.2")
+
+
+def archive_has_test_split(raw: RawDataset) -> bool:
+    """True when the archive brought its own test split (``test/<class>/<image>``)."""
+    return raw.split is not None and bool((raw.split == "test").any())
+
+
+def validate_raw(raw: RawDataset, archive: Path) -> None:
+    """Raise :class:`DatasetError` when the decoded archive cannot make a classifier."""
+    names = raw.class_names
+    if len(names) < 2:
+        raise DatasetError(f"{archive}: found {len(names)} class ({names}); a classifier needs at least 2 class "
+                           "folders, laid out as <class>/<image> or <split>/<class>/<image>")
+    counts = np.bincount(raw.labels, minlength=len(names))
+    empty = [names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DatasetError(f"{archive}: class folder(s) {empty} have no readable images; add images or remove "
+                           "the folder(s)")
+    if archive_has_test_split(raw):
+        present = {s: {names[i] for i in np.unique(raw.labels[raw.split == s])} for s in ("train", "test")}
+        if not present["train"]:
+            raise DatasetError(f"{archive}: the archive has a test/ folder but no train/ folder; add train/ "
+                               "or lay the images out as <class>/<image> to have all splits carved out")
+        if present["train"] != present["test"]:
+            raise DatasetError(
+                f"{archive}: label sets differ between the archive's splits: only in train "
+                f"{sorted(present['train'] - present['test'])}, only in test "
+                f"{sorted(present['test'] - present['train'])}; give both splits the same class folders")
+
+
+def validate(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
+             source: str = "prepared data") -> None:
+    """Raise :class:`DatasetError` when the splits cannot train and evaluate a model.
+
+    ``source`` (the archive) starts every message, so the operator knows which data failed.
+    """
     if len(class_names) < 2:
-        raise DatasetError(f"found {len(class_names)} class ({class_names}); a classifier needs at least 2 "
-                           "class folders")
+        raise DatasetError(f"{source}: found {len(class_names)} class ({class_names}); a classifier needs at "
+                           "least 2 class folders")
     sets = {}
     for name, (x, y) in splits.items():
         if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
-            raise DatasetError(f"{name} images have shape {x.shape} {x.dtype}; expected (N, 32, 32, 3) uint8")
+            raise DatasetError(f"{source}: {name} images have shape {x.shape} {x.dtype}; expected "
+                               "(N, 32, 32, 3) uint8. This is a bug in the prepare step; please report it")
         if len(x) != len(y):
-            raise DatasetError(f"{name}: {len(x)} images but {len(y)} labels")
+            raise DatasetError(f"{source}: {name}: {len(x)} images but {len(y)} labels; this is a bug in the "
+                               "prepare step, please report it")
         counts = np.bincount(y, minlength=len(class_names))
         empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
         if empty:
-            raise DatasetError(f"split {name!r} has no images of class(es) {empty}; add images or lower "
-                               "val_fraction/test_fraction so every class appears in every split")
-        sets[name] = set(np.unique(y).tolist())
-    if len({frozenset(s) for s in sets.values()}) != 1:
-        raise DatasetError(f"label sets differ between splits: {sets}")
+            raise DatasetError(f"{source}: split {name!r} has no images of class(es) {empty}; add images or "
+                               "change val_fraction/test_fraction so every class appears in every split")
+        sets[name] = frozenset(np.unique(y).tolist())
+    if len(set(sets.values())) != 1:
+        raise DatasetError(f"{source}: label sets differ between splits: "
+                           f"{ {k: sorted(class_names[i] for i in v) for k, v in sets.items()} }")
 
 
 def content_digest(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str]) -> str:
@@ -112,29 +169,38 @@ def content_digest(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names
 def prepare(archive: Path, config: PipelineConfig) -> Path:
     """Read ``archive``, split, validate, and write data.npz + manifest.json; return the folder."""
     archive = Path(archive)
+    check_fractions(config)
     archive_sha = file_digest(archive, "sha256")
-    key_src = json.dumps([archive_sha, config.seed, config.val_fraction, config.test_fraction,
-                          config.max_train_images])
+    checksum = expected_checksum(config)
+    key_src = json.dumps([PREPARE_VERSION, archive_sha, config.data_url, checksum, config.seed,
+                          config.val_fraction, config.test_fraction, config.max_train_images])
     out_dir = config.data_dir / "prepared" / hashlib.sha256(key_src.encode()).hexdigest()[:16]
     if (out_dir / "manifest.json").is_file():
         log.info("prepared data already present: %s", out_dir)
         return out_dir
     start = time.monotonic()
+    workers = config.decode_workers if config.decode_workers > 0 else default_workers()
     raw = read_dataset(archive, max_members=config.max_archive_members, max_bytes=config.max_archive_bytes,
-                       max_bad_fraction=config.max_bad_image_fraction)
-    log.info("decoded %d images of %d classes in %.1f s", len(raw.labels), len(raw.class_names),
-             time.monotonic() - start)
+                       max_bad_fraction=config.max_bad_image_fraction, workers=workers)
+    log.info("decoded %d images of %d classes in %.1f s with %d worker(s)", len(raw.labels),
+             len(raw.class_names), time.monotonic() - start, workers)
+    validate_raw(raw, archive)
     splits = make_splits(raw, config)
-    validate(splits, raw.class_names)
-    checksum = expected_checksum(config)
+    del raw.images  # the splits hold copies; free the decoded block before writing
+    validate(splits, raw.class_names, str(archive))
     manifest = {
         "source_url": config.data_url,
         "archive_sha256": archive_sha,
         "expected_checksum": f"{checksum[0]}:{checksum[1]}" if checksum else None,
+        "prepare_version": PREPARE_VERSION,
         "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "test_fraction": None if archive_has_test_split(raw) else config.test_fraction,
+        "test_split_from_archive": archive_has_test_split(raw),
         "class_names": raw.class_names,
         "image_shape": [32, 32, 3],
         "dtype": "uint8",
+        "image_files": raw.total_files,
         "unreadable_images": len(raw.bad_files),
         "unreadable_examples": raw.bad_files[:10],
         "counts": {name: {raw.class_names[i]: int(c) for i, c in
@@ -143,17 +209,27 @@ def prepare(archive: Path, config: PipelineConfig) -> Path:
         "sizes": {name: int(len(y)) for name, (_, y) in splits.items()},
         "digest": content_digest(splits, raw.class_names),
     }
+    _write(out_dir, splits, manifest)
+    log.info("prepared %s in %.1f s: %s, digest %s", out_dir, time.monotonic() - start, manifest["sizes"],
+             manifest["digest"][:16])
+    return out_dir
+
+
+def _write(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict) -> None:
+    """Write under a temporary name, then rename: a half-written folder is never used."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir.parent))
     try:
         arrays = {f"{k}_{name}": v for name, (x, y) in splits.items() for k, v in (("x", x), ("y", y))}
         np.savez(tmp / "data.npz", **arrays)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "manifest.json").is_file():  # not a concurrent run that finished first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("prepared %s in %.1f s: %s", out_dir, time.monotonic() - start, manifest["sizes"])
-    return out_dir
 
 
 def load_prepared(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
