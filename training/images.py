@@ -65,7 +65,11 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         img.load()
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
+        # Pillow's message names an internal BytesIO object; say what matters instead.
+        raise InvalidImage("not a readable image: the bytes are not PNG, JPEG, BMP, GIF, WebP or another "
+                           "format Pillow knows; send an image file") from exc
+    except Image.DecompressionBombError as exc:
         raise InvalidImage(f"not a readable image: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise InvalidImage(f"corrupt or truncated image: {exc}") from exc
