@@ -59,8 +59,9 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, se
     return Batches()
 
 
-def _progress_callback(epochs: int):
-    """Logs one line per epoch (visible in the Airflow task log) and sends metrics to MLflow."""
+def _progress_callback(epochs: int, history: dict[str, list[float]]):
+    """Logs one line per epoch (visible in the Airflow task log), sends metrics to MLflow
+    and appends them to ``history`` (for the learning-curve plot)."""
     import keras
     import mlflow
 
@@ -73,6 +74,8 @@ def _progress_callback(epochs: int):
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             seconds = time.monotonic() - self.start
             metrics = {k: float(v) for k, v in logs.items()} | {"learning_rate": lr, "epoch_seconds": seconds}
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
             mlflow.log_metrics(metrics, step=epoch + 1)
             log.info("epoch %d/%d %.1fs %s", epoch + 1, epochs, seconds,
                      " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -81,7 +84,7 @@ def _progress_callback(epochs: int):
 
 
 def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
-    """Build and fit the model on ``splits``; returns the Keras model."""
+    """Build and fit the model on ``splits``; returns the Keras model and the per-epoch history."""
     import keras
 
     from training.model import build_model
@@ -97,14 +100,15 @@ def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
+    history: dict[str, list[float]] = {}
     model.fit(
         _batches(x_train, y_train, config.batch_size, num_classes, config.seed),
         validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
         epochs=config.epochs,
-        callbacks=[_progress_callback(config.epochs)],
+        callbacks=[_progress_callback(config.epochs, history)],
         verbose=0,
     )
-    return model
+    return model, history
 
 
 def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -136,6 +140,40 @@ def _log_keras_model(model, **kwargs):
         keras_save._save_example = original
 
 
+def log_evaluation(x_test: np.ndarray, y_test: np.ndarray, probs: np.ndarray, class_names: list[str],
+                   history: dict[str, list[float]], folder: Path) -> dict[str, float]:
+    """Write and log the evaluation pictures and tables; return the test metrics.
+
+    Artifacts: ``plots/learning_curves.png``, ``plots/confusion_matrix.png``,
+    ``plots/test_samples.png``, ``evaluation/per_class_accuracy.json`` and
+    ``evaluation/confusion_matrix.json``; metrics ``test_accuracy`` and
+    ``test_accuracy_<class>`` for every class.
+    """
+    import mlflow
+
+    from training import plots
+
+    y_pred = probs.argmax(1)
+    matrix = plots.confusion_matrix(y_test, y_pred, len(class_names))
+    per_class = plots.per_class_accuracy(matrix, class_names)
+    metrics = {"test_accuracy": float(np.mean(y_pred == y_test))}
+    metrics |= {f"test_accuracy_{name}": acc for name, acc in per_class.items()}
+    folder = Path(folder)
+    plots.learning_curves(history, folder / "plots" / "learning_curves.png")
+    plots.confusion_matrix_plot(matrix, class_names, folder / "plots" / "confusion_matrix.png")
+    # A fixed, seeded choice of test images so grids of different runs are comparable.
+    pick = np.sort(np.random.default_rng(0).choice(len(x_test), size=min(32, len(x_test)), replace=False))
+    plots.sample_grid(x_test[pick], y_test[pick], y_pred[pick], class_names, folder / "plots" / "test_samples.png")
+    (folder / "evaluation").mkdir(parents=True, exist_ok=True)
+    (folder / "evaluation" / "per_class_accuracy.json").write_text(json.dumps(per_class, indent=2))
+    (folder / "evaluation" / "confusion_matrix.json").write_text(
+        json.dumps({"class_names": class_names, "rows_true_columns_predicted": matrix.tolist()}))
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifacts(str(folder / "plots"), "plots")
+    mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
+    return metrics
+
+
 def train(config: PipelineConfig, prepared_dir: Path) -> str:
     """Train on the prepared data in one MLflow run; return the run id."""
     import mlflow
@@ -160,14 +198,15 @@ def train(config: PipelineConfig, prepared_dir: Path) -> str:
         mlflow.log_dict(manifest, "data/manifest.json")
 
         start = time.monotonic()
-        model = build_and_fit(config, splits, len(class_names))
+        model, history = build_and_fit(config, splits, len(class_names))
         train_seconds = time.monotonic() - start
+        mlflow.log_metric("train_seconds", train_seconds)
 
         x_test, y_test = splits["test"]
         probs = predict_probabilities(model, x_test)
-        test_accuracy = float(np.mean(probs.argmax(1) == y_test))
-        mlflow.log_metrics({"test_accuracy": test_accuracy, "train_seconds": train_seconds})
-        log.info("test accuracy %.4f after %.1f s of training", test_accuracy, train_seconds)
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = log_evaluation(x_test, y_test, probs, class_names, history, Path(tmp))
+        log.info("test accuracy %.4f after %.1f s of training", metrics["test_accuracy"], train_seconds)
 
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
