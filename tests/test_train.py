@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
     from training.train import train
 
     tmp = tmp_path_factory.mktemp("train")
-    config = load_config({"state_dir": str(tmp / "state"), "widths": "8,16", "batch_size": 32, "epochs": EPOCHS,
+    config = load_config({"state_dir": str(tmp / "state"), "recipe": "tiny", "epochs": EPOCHS,
                           **store_overrides(shared_store(tmp_path_factory), "train")}, environ={})
     archive = image_folder_zip(tmp / "data.zip", per_class=20)
     prepared = prepare(archive, config)
