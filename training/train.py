@@ -98,12 +98,15 @@ def _progress_callback(epochs: int, history: dict[str, list[float]]):
     class Progress(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.monotonic()
+            self.cpu_start = time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
             logs = dict(logs or {})
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             seconds = time.monotonic() - self.start
-            metrics = {k: float(v) for k, v in logs.items()} | {"learning_rate": lr, "epoch_seconds": seconds}
+            # CPU seconds next to wall seconds show how much of the machine the run got.
+            metrics = {k: float(v) for k, v in logs.items()} | {
+                "learning_rate": lr, "epoch_seconds": seconds, "epoch_cpu_seconds": time.process_time() - self.cpu_start}
             for key, value in metrics.items():
                 history.setdefault(key, []).append(value)
             mlflow.log_metrics(metrics, step=epoch + 1)
