@@ -88,10 +88,10 @@ class PipelineConfig:
     label_smoothing: float = 0.2
     # Random translation by up to this many pixels (reflect padding), plus flips.
     translate: int = 2
-    # Train in mixed_bfloat16: 1.3-1.5x faster on CPUs with native bf16
-    # (avx512_bf16/AMX) and on GPUs, but emulated and many times slower on CPUs
-    # without it (this project's 2-core machine has only AVX2), hence off by
-    # default. Evaluation and the exported model are float32 either way.
+    # Train in mixed_bfloat16: KNOWLEDGE.md measured 1.3-1.46x on a CPU with native
+    # bf16; this project's 2-core machine shows only AVX2 (no avx512_bf16/AMX), where
+    # bf16 is emulated, so it is opt-in: check with bench/bench_train.py --probe-steps.
+    # Evaluation and the exported model are float32 either way.
     mixed_precision: bool = False
     # Flip test-time augmentation inside the exported model (2x inference cost).
     tta: bool = True
