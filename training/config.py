@@ -90,8 +90,8 @@ class PipelineConfig:
     # Random translation by up to this many pixels (reflect padding), plus flips.
     translate: int = 2
     # Train in mixed_bfloat16: KNOWLEDGE.md measured 1.3-1.46x on a CPU with native
-    # bf16; this project's 2-core machine shows only AVX2 (no avx512_bf16/AMX), where
-    # bf16 is emulated, so it is opt-in: check with bench/bench_train.py --probe-steps.
+    # bf16, but this project's 2-core machine has only AVX2 (no avx512_bf16/AMX) and a
+    # training step there took 8-11x the CPU time of float32, so it is opt-in (GPUs).
     # Evaluation and the exported model are float32 either way.
     mixed_precision: bool = False
     # Flip test-time augmentation inside the exported model (2x inference cost).
