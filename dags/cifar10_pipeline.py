@@ -57,6 +57,8 @@ def _config():
                                                          "Empty: CIFAR10_DATA_URL or the official release."),
         "data_checksum": Param("", type="string", description="Expected sha256:<hex> or md5:<hex>; empty: none "
                                                               "(the official URL's is built in)"),
+        "recipe": Param("", type="string", description="Training preset: default (~20 min on 2 cores), quick "
+                                                       "(~5 min) or tiny (tests); fields set here or in env win"),
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="Training epochs"),
         "batch_size": Param(None, type=["null", "integer"], minimum=1, description="Batch size"),
         "seed": Param(None, type=["null", "integer"], description="Seed for split, init and augmentation"),

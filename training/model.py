@@ -1,33 +1,63 @@
-"""The CIFAR-10 CNN, in Keras 3 with ``keras.ops`` only (any backend).
+"""The CIFAR-10 CNN, in Keras 3 layers and ``keras.ops`` only (any backend).
+
+An airbench-style net (Keller Jordan's airbench94, ported): a frozen 2x2 *whitening*
+convolution initialised from the training data's patch statistics, then one
+conv-pool-BN-act-conv-BN-act group per width, a max-pool head and a linear layer whose
+logits are scaled by 1/9. BatchNorm has no trainable scale (only a bias) and short
+memory (PyTorch momentum 0.6).
 
 Preprocessing is part of the model: it takes raw pixels (float32 in 0..255, shape
-(N, 32, 32, 3)) and returns class probabilities, so the exported model (Keras or
-ONNX) needs no separate preprocessing code that could drift from training.
+(N, 32, 32, 3)) and returns class probabilities (float32, also under mixed
+precision), so the exported model (Keras or ONNX) needs no separate preprocessing.
 """
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 # Per-channel mean and std of the CIFAR-10 training set, in 0..1 pixel units.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# The whitening conv sees 2x2x3 = 12-dimensional patches; it gets each eigenvector
+# and its negation (so a following ReLU-like activation keeps both signs): 24 filters.
+WHITEN_SIZE = 2
+WHITEN_FILTERS = 2 * WHITEN_SIZE * WHITEN_SIZE * 3
+WHITEN_EPS = 5e-4
+# Logit scale of the head (airbench's "scaling_factor"): keeps initial softmax soft.
+LOGIT_SCALE = 1 / 9
 
 
-def _conv_bn(x, filters: int, weight_decay: float, name: str):
-    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
-                            kernel_regularizer=keras.regularizers.L2(weight_decay) if weight_decay else None,
-                            name=f"{name}_conv")(x)
-    x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
-    # ReLU, not GELU: tf2onnx turns GELU into Erfc, which ONNX Runtime lacks.
-    return keras.layers.Activation("relu", name=f"{name}_act")(x)
+@keras.saving.register_keras_serializable(package="cifar10")
+def gelu_tanh(x):
+    """GELU, tanh approximation: exact GELU exports to ONNX as Erfc, which ONNX Runtime lacks."""
+    return keras.activations.gelu(x, approximate=True)
 
 
-def build_model(widths: tuple[int, ...], num_classes: int, weight_decay: float = 0.0, seed: int = 0) -> keras.Model:
-    """A VGG-style net: per width, two conv-BN-ReLU layers then 2x2 max-pooling.
+def _init():
+    # PyTorch's default conv/linear init (uniform, bound 1/sqrt(fan_in)): the learning
+    # rate and weight decay below were tuned (by airbench) for weights of this size.
+    return keras.initializers.VarianceScaling(1 / 3, mode="fan_in", distribution="uniform")
 
-    The stem scales 0..255 pixels to standardized values with the CIFAR-10 statistics,
-    so callers feed raw pixels at training and serving time alike.
+
+def _conv_bn(x, filters: int, name: str, dtype, momentum: float, pool: bool):
+    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_init(),
+                            dtype=dtype, name=f"{name}_conv")(x)
+    if pool:
+        x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"{name}_pool")(x)
+    # Keras momentum is the weight of the old average: PyTorch 0.6 == Keras 0.4.
+    x = keras.layers.BatchNormalization(momentum=1 - momentum, epsilon=1e-5, scale=False, dtype=dtype,
+                                        name=f"{name}_bn")(x)
+    return keras.layers.Activation(gelu_tanh, dtype=dtype, name=f"{name}_act")(x)
+
+
+def build_model(widths: tuple[int, ...], num_classes: int, seed: int = 0, dtype: str = "float32",
+                batchnorm_momentum: float = 0.6) -> keras.Model:
+    """The network, raw pixels in, probabilities out.
+
+    ``dtype`` is a Keras dtype policy for the conv blocks ("float32" or
+    "mixed_bfloat16"); the stem and the output stay float32. Call
+    :func:`set_whitening` before training.
     """
     keras.utils.set_random_seed(seed)
     inputs = keras.Input(shape=(32, 32, 3), dtype="float32", name="pixels")
@@ -36,11 +66,61 @@ def build_model(widths: tuple[int, ...], num_classes: int, weight_decay: float =
     scale = [1.0 / (255.0 * s) for s in CIFAR_STD]
     offset = [-m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD)]
     x = keras.layers.Rescaling(scale=scale, offset=offset, name="standardize")(inputs)
+    # Frozen weights (set from data), trainable bias.
+    whiten = keras.layers.Conv2D(WHITEN_FILTERS, WHITEN_SIZE, padding="valid", name="whiten")
+    x = whiten(x)
+    whiten.kernel.trainable = False
+    x = keras.layers.Activation(gelu_tanh, dtype=dtype, name="whiten_act")(x)
     for i, width in enumerate(widths):
-        x = _conv_bn(x, width, weight_decay, f"block{i}a")
-        x = _conv_bn(x, width, weight_decay, f"block{i}b")
-        x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
-    x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
-    x = keras.layers.Dense(num_classes, name="logits")(x)
+        x = _conv_bn(x, width, f"block{i}a", dtype, batchnorm_momentum, pool=True)
+        x = _conv_bn(x, width, f"block{i}b", dtype, batchnorm_momentum, pool=False)
+    x = keras.layers.GlobalMaxPooling2D(dtype=dtype, name="pool")(x)
+    x = keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=_init(), dtype=dtype, name="logits")(x)
+    x = keras.layers.Rescaling(LOGIT_SCALE, dtype=dtype, name="logit_scale")(x)
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="cifar10_cnn")
+
+
+def whitening_kernel(images: np.ndarray, eps: float = WHITEN_EPS) -> np.ndarray:
+    """Conv kernel (2, 2, 3, 24) that whitens 2x2 patches of standardized ``images`` (uint8 NHWC).
+
+    Eigen-decomposition of the patch covariance: each filter is an eigenvector divided by
+    sqrt(eigenvalue + eps), once with each sign.
+    """
+    x = (images.astype(np.float64) / 255.0 - np.array(CIFAR_MEAN)) / np.array(CIFAR_STD)
+    k = WHITEN_SIZE
+    h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+    # Patch vectors ordered (dy, dx, channel), matching Keras' (kh, kw, in, out) kernel layout.
+    patches = np.stack([x[:, dy:dy + h, dx:dx + w, :] for dy in range(k) for dx in range(k)], axis=3)
+    patches = patches.reshape(-1, k * k * x.shape[3])
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
+    order = np.argsort(eigenvalues)[::-1]
+    filters = eigenvectors[:, order] / np.sqrt(np.maximum(eigenvalues[order], 0) + eps)
+    kernel = filters.reshape(k, k, x.shape[3], -1)
+    return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
+
+
+def set_whitening(model: keras.Model, images: np.ndarray) -> None:
+    """Initialise the frozen whitening conv from (a sample of) the training images."""
+    layer = model.get_layer("whiten")
+    layer.kernel.assign(whitening_kernel(images))
+    layer.bias.assign(np.zeros(layer.bias.shape, np.float32))
+
+
+def float32_copy(model: keras.Model, widths: tuple[int, ...], num_classes: int) -> keras.Model:
+    """The same weights in an all-float32 net, for evaluation and export (ONNX stays float32)."""
+    copy = build_model(widths, num_classes, dtype="float32")
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def with_flip_tta(model: keras.Model) -> keras.Model:
+    """Test-time augmentation inside the model: mean of the probabilities of x and its mirror image.
+
+    Being part of the graph, it travels into the Keras and ONNX artifacts, so serving
+    applies exactly what evaluation measured (at twice the compute per image).
+    """
+    inputs = keras.Input(shape=(32, 32, 3), dtype="float32", name="pixels")
+    mirrored = keras.ops.flip(inputs, axis=2)
+    outputs = keras.layers.Average(name="tta_mean")([model(inputs), model(mirrored)])
+    return keras.Model(inputs, outputs, name="cifar10_cnn_tta")

@@ -61,8 +61,12 @@ def register(config: PipelineConfig, run_id: str) -> str:
     except MlflowException:
         champion_accuracy = None
     decision = decide(accuracy, champion_accuracy, config)
-    client.set_model_version_tag(name, version.version, "gate_decision", "promoted" if decision.promote else "rejected")
-    client.set_model_version_tag(name, version.version, "gate_reason", decision.reason)
+    # On the version (the registry explains the served model) and on the run (the
+    # experiment view explains why a good-looking run was not promoted).
+    tags = {"gate_decision": "promoted" if decision.promote else "rejected", "gate_reason": decision.reason}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+        client.set_tag(run_id, key, value)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     log.info("%s version %s: %s (%s)", name, version.version,

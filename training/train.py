@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -22,21 +21,32 @@ from training.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 
-def _augment(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
     """Random horizontal flip and random translation by up to ``pad`` pixels (reflect padding)."""
     n = len(x)
     flip = rng.random(n) < 0.5
     x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    if pad <= 0:
+        return x
     padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     dx, dy = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
     out = np.empty_like(x)
-    for i in range(n):
-        out[i] = padded[i, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+    # One vectorised copy per offset, not one per image: (2*pad+1)^2 copies per batch.
+    for oy in range(2 * pad + 1):
+        for ox in range(2 * pad + 1):
+            sel = (dy == oy) & (dx == ox)
+            if sel.any():
+                out[sel] = padded[sel, oy:oy + 32, ox:ox + 32]
     return out
 
 
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, seed: int):
-    """A Keras PyDataset: shuffled, augmented, one-hot batches; reshuffled per epoch."""
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, translate: int, seed: int):
+    """The training input pipeline: shuffled, augmented, one-hot batches, reshuffled per epoch.
+
+    A Keras ``PyDataset`` over numpy arrays, so it feeds ``fit`` on any backend. Partial
+    last batches are dropped (airbench does the same): a tiny last batch would give
+    BatchNorm noisy statistics.
+    """
     import keras
 
     class Batches(keras.utils.PyDataset):
@@ -46,11 +56,11 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, se
             self.order = self.rng.permutation(len(x))
 
         def __len__(self):
-            return math.ceil(len(x) / batch_size)
+            return max(1, len(x) // batch_size)
 
         def __getitem__(self, i):
             idx = self.order[i * batch_size:(i + 1) * batch_size]
-            xb = _augment(x[idx], self.rng).astype(np.float32)
+            xb = _augment(x[idx], self.rng, translate).astype(np.float32)
             return xb, np.eye(num_classes, dtype=np.float32)[y[idx]]
 
         def on_epoch_end(self):
@@ -59,20 +69,46 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, se
     return Batches()
 
 
-def _progress_callback(epochs: int):
-    """Logs one line per epoch (visible in the Airflow task log) and sends metrics to MLflow."""
+def _triangle_schedule(peak: float, total_steps: int, warmup_fraction: float = 0.23,
+                       start: float = 0.2, end: float = 0.07):
+    """airbench's learning rate: linear from start*peak up to peak, then down to end*peak."""
+    import keras
+
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    class Triangle(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            step = keras.ops.cast(step, "float32")
+            up = start + (1 - start) * step / warmup
+            down = 1 + (end - 1) * (step - warmup) / max(1, total_steps - warmup)
+            return peak * keras.ops.where(step < warmup, up, keras.ops.maximum(down, end))
+
+        def get_config(self):
+            return {"peak": peak, "total_steps": total_steps, "warmup_fraction": warmup_fraction}
+
+    return Triangle()
+
+
+def _progress_callback(epochs: int, history: dict[str, list[float]]):
+    """Logs one line per epoch (visible in the Airflow task log), sends metrics to MLflow
+    and appends them to ``history`` (for the learning-curve plot)."""
     import keras
     import mlflow
 
     class Progress(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.monotonic()
+            self.cpu_start = time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
             logs = dict(logs or {})
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             seconds = time.monotonic() - self.start
-            metrics = {k: float(v) for k, v in logs.items()} | {"learning_rate": lr, "epoch_seconds": seconds}
+            # CPU seconds next to wall seconds show how much of the machine the run got.
+            metrics = {k: float(v) for k, v in logs.items()} | {
+                "learning_rate": lr, "epoch_seconds": seconds, "epoch_cpu_seconds": time.process_time() - self.cpu_start}
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
             mlflow.log_metrics(metrics, step=epoch + 1)
             log.info("epoch %d/%d %.1fs %s", epoch + 1, epochs, seconds,
                      " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -81,30 +117,40 @@ def _progress_callback(epochs: int):
 
 
 def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
-    """Build and fit the model on ``splits``; returns the Keras model."""
+    """Build and fit the model on ``splits``.
+
+    Returns the float32 model for evaluation and export (with flip test-time
+    augmentation inside when ``config.tta``) and the per-epoch history.
+    """
     import keras
 
-    from training.model import build_model
+    from training.model import build_model, float32_copy, set_whitening, with_flip_tta
 
     x_train, y_train = splits["train"]
     x_val, y_val = splits["val"]
-    model = build_model(config.width_tuple, num_classes, config.weight_decay, config.seed)
-    steps = max(1, math.ceil(len(x_train) / config.batch_size)) * config.epochs
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=steps, warmup_target=config.learning_rate, warmup_steps=max(1, steps // 10))
+    widths = config.width_tuple
+    model = build_model(widths, num_classes, config.seed,
+                        dtype="mixed_bfloat16" if config.mixed_precision else "float32")
+    set_whitening(model, x_train[:5000])
+    data = _batches(x_train, y_train, config.batch_size, num_classes, config.translate, config.seed)
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=0.0),
+        optimizer=keras.optimizers.SGD(
+            learning_rate=_triangle_schedule(config.learning_rate, len(data) * config.epochs),
+            momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
+    history: dict[str, list[float]] = {}
     model.fit(
-        _batches(x_train, y_train, config.batch_size, num_classes, config.seed),
+        data,
         validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
+        validation_batch_size=512,
         epochs=config.epochs,
-        callbacks=[_progress_callback(config.epochs)],
+        callbacks=[_progress_callback(config.epochs, history)],
         verbose=0,
     )
-    return model
+    final = float32_copy(model, widths, num_classes)
+    return (with_flip_tta(final) if config.tta else final), history
 
 
 def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -136,6 +182,40 @@ def _log_keras_model(model, **kwargs):
         keras_save._save_example = original
 
 
+def log_evaluation(x_test: np.ndarray, y_test: np.ndarray, probs: np.ndarray, class_names: list[str],
+                   history: dict[str, list[float]], folder: Path) -> dict[str, float]:
+    """Write and log the evaluation pictures and tables; return the test metrics.
+
+    Artifacts: ``plots/learning_curves.png``, ``plots/confusion_matrix.png``,
+    ``plots/test_samples.png``, ``evaluation/per_class_accuracy.json`` and
+    ``evaluation/confusion_matrix.json``; metrics ``test_accuracy`` and
+    ``test_accuracy_<class>`` for every class.
+    """
+    import mlflow
+
+    from training import plots
+
+    y_pred = probs.argmax(1)
+    matrix = plots.confusion_matrix(y_test, y_pred, len(class_names))
+    per_class = plots.per_class_accuracy(matrix, class_names)
+    metrics = {"test_accuracy": float(np.mean(y_pred == y_test))}
+    metrics |= {f"test_accuracy_{name}": acc for name, acc in per_class.items()}
+    folder = Path(folder)
+    plots.learning_curves(history, folder / "plots" / "learning_curves.png")
+    plots.confusion_matrix_plot(matrix, class_names, folder / "plots" / "confusion_matrix.png")
+    # A fixed, seeded choice of test images so grids of different runs are comparable.
+    pick = np.sort(np.random.default_rng(0).choice(len(x_test), size=min(32, len(x_test)), replace=False))
+    plots.sample_grid(x_test[pick], y_test[pick], y_pred[pick], class_names, folder / "plots" / "test_samples.png")
+    (folder / "evaluation").mkdir(parents=True, exist_ok=True)
+    (folder / "evaluation" / "per_class_accuracy.json").write_text(json.dumps(per_class, indent=2))
+    (folder / "evaluation" / "confusion_matrix.json").write_text(
+        json.dumps({"class_names": class_names, "rows_true_columns_predicted": matrix.tolist()}))
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifacts(str(folder / "plots"), "plots")
+    mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
+    return metrics
+
+
 def train(config: PipelineConfig, prepared_dir: Path) -> str:
     """Train on the prepared data in one MLflow run; return the run id."""
     import mlflow
@@ -160,14 +240,15 @@ def train(config: PipelineConfig, prepared_dir: Path) -> str:
         mlflow.log_dict(manifest, "data/manifest.json")
 
         start = time.monotonic()
-        model = build_and_fit(config, splits, len(class_names))
+        model, history = build_and_fit(config, splits, len(class_names))
         train_seconds = time.monotonic() - start
+        mlflow.log_metric("train_seconds", train_seconds)
 
         x_test, y_test = splits["test"]
         probs = predict_probabilities(model, x_test)
-        test_accuracy = float(np.mean(probs.argmax(1) == y_test))
-        mlflow.log_metrics({"test_accuracy": test_accuracy, "train_seconds": train_seconds})
-        log.info("test accuracy %.4f after %.1f s of training", test_accuracy, train_seconds)
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = log_evaluation(x_test, y_test, probs, class_names, history, Path(tmp))
+        log.info("test accuracy %.4f after %.1f s of training", metrics["test_accuracy"], train_seconds)
 
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"

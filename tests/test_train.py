@@ -1,0 +1,93 @@
+"""Tiny-data training runs (seconds): every artifact and metric a run promises is there."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlflow_store import shared_store, store_overrides
+from PIL import Image
+from synthetic import CLASSES, image_folder_zip
+
+from training.config import load_config
+from training.prepare import prepare
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run shared by the tests below: (config, run_id, prepared_dir)."""
+    import mlflow  # noqa: F401  (fail early with a clear import error)
+
+    from training.train import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    config = load_config({"state_dir": str(tmp / "state"), "recipe": "tiny", "epochs": EPOCHS,
+                          **store_overrides(shared_store(tmp_path_factory), "train")}, environ={})
+    archive = image_folder_zip(tmp / "data.zip", per_class=20)
+    prepared = prepare(archive, config)
+    return config, train(config, prepared), prepared
+
+
+def _client(config):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=config.tracking_uri)
+
+
+def test_metrics_exist_for_every_epoch(trained):
+    config, run_id, _ = trained
+    client = _client(config)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, EPOCHS + 1)), f"{key}: {steps}"
+    metrics = client.get_run(run_id).data.metrics
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    for name in CLASSES:
+        assert 0.0 <= metrics[f"test_accuracy_{name}"] <= 1.0
+    assert metrics["onnx_max_abs_diff"] <= 1e-4
+
+
+def test_params_and_tags_describe_the_run(trained):
+    config, run_id, _ = trained
+    run = _client(config).get_run(run_id)
+    for key, value in config.as_params().items():
+        assert run.data.params[key] == str(value)[:6000]
+    assert run.data.tags["git_commit"]
+    assert run.data.tags["logged_model_uri"].startswith("models:/")
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
+
+
+def test_png_artifacts_are_valid_images(trained, tmp_path):
+    import mlflow
+
+    config, run_id, _ = trained
+    mlflow.set_tracking_uri(config.tracking_uri)
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots", dst_path=str(tmp_path))
+    for name in ("learning_curves.png", "confusion_matrix.png", "test_samples.png"):
+        with Image.open(f"{folder}/{name}") as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+    table = json.loads(open(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="evaluation/per_class_accuracy.json", dst_path=str(tmp_path))).read())
+    assert sorted(table) == sorted(CLASSES)
+
+
+def test_onnx_artifact_matches_keras_model(trained, tmp_path):
+    import mlflow
+
+    from training.export import check_parity, onnx_session
+    from training.prepare import load_prepared
+
+    config, run_id, prepared = trained
+    mlflow.set_tracking_uri(config.tracking_uri)
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="onnx", dst_path=str(tmp_path))
+    assert json.loads(open(f"{folder}/classes.json").read()) == CLASSES
+    model_uri = _client(config).get_run(run_id).data.tags["logged_model_uri"]
+    model = mlflow.keras.load_model(model_uri)
+    pixels = load_prepared(prepared)[0]["test"][0][:16].astype(np.float32)
+    reference = np.asarray(model(pixels, training=False))
+    assert np.allclose(reference.sum(axis=1), 1.0, atol=1e-4)
+    assert check_parity(onnx_session(f"{folder}/model.onnx"), reference, pixels) <= 1e-4
