@@ -120,8 +120,10 @@ def postgres():
         for db in dbs.values():
             cur.execute(f'CREATE DATABASE "{db}"')
     try:
-        yield {"admin": admin, "mlflow": _with_db(admin, dbs["mlflow"]), "airflow": _with_db(admin, dbs["airflow"]),
-               "airflow_sqlalchemy": _with_db(admin, dbs["airflow"], "postgresql+psycopg2")}
+        # libpq URLs for psycopg2 here; SQLAlchemy URLs name the driver, because SQLAlchemy 2.1
+        # maps a bare postgresql:// to psycopg 3, which this project does not install.
+        yield {"admin": admin, **{k: _with_db(admin, v) for k, v in dbs.items()},
+               **{f"{k}_sqlalchemy": _with_db(admin, v, "postgresql+psycopg2") for k, v in dbs.items()}}
     finally:
         with conn.cursor() as cur:
             for db in dbs.values():
@@ -162,7 +164,7 @@ def scaled(tmp_path_factory, postgres):
     archive = image_folder_zip(tmp / "cifar-mini.zip", per_class=30, fmt="PNG")
     state = tmp / "state"
     with moto_s3(BUCKET) as s3:
-        mlflow_proc, mlflow_url = _start_mlflow(postgres["mlflow"], s3, state)
+        mlflow_proc, mlflow_url = _start_mlflow(postgres["mlflow_sqlalchemy"], s3, state)
         try:
             # The tasks get no S3 credentials: artifacts go through the server's proxy.
             env = state_env(state, MLFLOW_TRACKING_URI=mlflow_url, AIRFLOW__CORE__EXECUTOR="LocalExecutor",
