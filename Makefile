@@ -68,7 +68,8 @@ status:
 ## make airflow-ui: Airflow (scheduler, API server, UI on :$(AIRFLOW_PORT)) on the same state; password in
 ## $(STATE)/airflow/simple_auth_manager_passwords.json.generated
 airflow-ui: $(VENV)/.synced $(STATE)/airflow/.migrated
-	AIRFLOW__API__PORT=$(AIRFLOW_PORT) AIRFLOW__API__BASE_URL=http://localhost:$(AIRFLOW_PORT) $(VENV)/bin/airflow standalone
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH AIRFLOW__API__PORT=$(AIRFLOW_PORT) \
+		AIRFLOW__API__BASE_URL=http://localhost:$(AIRFLOW_PORT) $(VENV)/bin/airflow standalone
 
 ## make mlflow-ui: the MLflow UI on :$(MLFLOW_PORT) over the same SQLite store and artifacts
 mlflow-ui: $(VENV)/.synced

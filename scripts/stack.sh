@@ -22,6 +22,8 @@ BENTO_PORT="${BENTO_PORT:-3000}"
 HOST="${STACK_HOST:-127.0.0.1}"
 BENTO="${BENTO_TAG:-cifar10-classifier:latest}"
 mkdir -p "$RUN"
+# airflow standalone starts its components as `airflow ...`: they must be on PATH.
+export PATH="$BIN:$PATH"
 
 running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
@@ -36,7 +38,7 @@ start() {
 # wait_http NAME URL SECONDS: until URL answers 200, or the process died, or time is up.
 wait_http() {
   local name=$1 url=$2 deadline=$((SECONDS + $3))
-  until curl -fsS -o /dev/null --max-time 3 "$url"; do
+  until curl -fs -o /dev/null --max-time 3 "$url"; do
     if ! running "$name"; then echo "$name: exited; last log lines:" >&2; tail -20 "$RUN/$name.log" >&2; return 1; fi
     if [ $SECONDS -ge $deadline ]; then echo "$name: not ready after $3 s; see $RUN/$name.log" >&2; return 1; fi
     sleep 2
@@ -57,9 +59,11 @@ up() {
   else
     echo "bento: no $BENTO in $BENTOML_HOME yet: trigger the DAG in the Airflow UI, then run this again"
   fi
-  wait_http mlflow "http://$HOST:$MLFLOW_PORT/health" 180
-  ! running bento || wait_http bento "http://$HOST:$BENTO_PORT/readyz" 180
-  wait_http airflow "http://$HOST:$AIRFLOW_PORT/api/v2/monitor/health" 300
+  # Generous limits: on a busy 2-core machine each of them took minutes to start.
+  local limit="${STACK_START_TIMEOUT:-600}"
+  wait_http mlflow "http://$HOST:$MLFLOW_PORT/health" "$limit"
+  ! running bento || wait_http bento "http://$HOST:$BENTO_PORT/readyz" "$limit"
+  wait_http airflow "http://$HOST:$AIRFLOW_PORT/api/v2/monitor/health" "$limit"
   cat <<EOF
 
 Airflow UI  http://localhost:$AIRFLOW_PORT  user "admin", password in

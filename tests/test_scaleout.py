@@ -169,6 +169,11 @@ def scaled(tmp_path_factory, postgres):
             # The tasks get no S3 credentials: artifacts go through the server's proxy.
             env = state_env(state, MLFLOW_TRACKING_URI=mlflow_url, AIRFLOW__CORE__EXECUTOR="LocalExecutor",
                             AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgres["airflow_sqlalchemy"])
+            # Migrate here, not only in run_dag, so a failure shows Airflow's own message.
+            (state / "airflow").mkdir(parents=True)
+            migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True,
+                                     text=True, timeout=600)
+            assert migrate.returncode == 0, (migrate.stdout + migrate.stderr)[-4000:]
             log = tmp / "dag-run.log"
             result = run_dag(env, {**CONF, "data_url": archive.as_uri()}, log)
             assert result.returncode == 0, log.read_text()[-5000:]
