@@ -73,39 +73,48 @@ def _resolve_key(client, uri: str, suffix: str) -> tuple[str, str]:
     return bucket, newest["Key"]
 
 
+def _export(item, exporter, uri: str, suffix: str) -> str:
+    """Write ``item`` (a Bento or model) with ``exporter`` to a temporary archive and upload it."""
+    bucket, key = _target_key(uri, item.tag, suffix)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = exporter(item.tag, str(Path(tmp) / f"archive{suffix}"))
+        s3_client().upload_file(archive, bucket, key)
+    log.info("exported %s to s3://%s/%s", item.tag, bucket, key)
+    return f"s3://{bucket}/{key}"
+
+
+def _import(bentoml, importer, uri: str, suffix: str) -> str:
+    """Download the archive at ``uri`` (or the newest under it), import it with ``importer``; return the tag.
+
+    Importing what the store already holds is not an error: its tag is returned.
+    """
+    client = s3_client()
+    bucket, key = _resolve_key(client, uri, suffix)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = str(Path(tmp) / f"archive{suffix}")
+        client.download_file(bucket, key, local)
+        try:
+            tag = str(importer(local).tag)
+        except bentoml.exceptions.BentoMLException as exc:
+            tag = _existing_tag(exc)
+    log.info("imported %s from s3://%s/%s", tag, bucket, key)
+    return tag
+
+
 def export_bento(config: PipelineConfig, bento_tag: str, uri: str) -> str:
     """Export Bento ``bento_tag`` (models included) to ``uri`` (an S3 prefix or key); return the S3 URI."""
     from training.bento import use_bentoml_home
 
     bentoml = use_bentoml_home(config)
-    bento = bentoml.get(bento_tag)
-    bucket, key = _target_key(uri, bento.tag, BENTO_SUFFIX)
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = bentoml.export_bento(bento.tag, str(Path(tmp) / f"bento{BENTO_SUFFIX}"))
-        s3_client().upload_file(archive, bucket, key)
-    log.info("exported Bento %s to s3://%s/%s", bento.tag, bucket, key)
-    return f"s3://{bucket}/{key}"
+    return _export(bentoml.get(bento_tag), bentoml.export_bento, uri, BENTO_SUFFIX)
 
 
 def import_bento(config: PipelineConfig, uri: str) -> str:
-    """Import a Bento archive from ``uri`` (a key, or the newest under a prefix); return its tag.
-
-    Importing a Bento that the store already holds is not an error: its tag is returned.
-    """
+    """Import a Bento archive from ``uri`` (a key, or the newest under a prefix); return its tag."""
     from training.bento import use_bentoml_home
 
     bentoml = use_bentoml_home(config)
-    client = s3_client()
-    bucket, key = _resolve_key(client, uri, BENTO_SUFFIX)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = str(Path(tmp) / f"bento{BENTO_SUFFIX}")
-        client.download_file(bucket, key, local)
-        try:
-            tag = str(bentoml.import_bento(local).tag)
-        except bentoml.exceptions.BentoMLException as exc:
-            tag = _existing_tag(exc)
-    log.info("imported Bento %s from s3://%s/%s", tag, bucket, key)
-    return tag
+    return _import(bentoml, bentoml.import_bento, uri, BENTO_SUFFIX)
 
 
 def export_model(config: PipelineConfig, model_tag: str, uri: str) -> str:
@@ -113,13 +122,7 @@ def export_model(config: PipelineConfig, model_tag: str, uri: str) -> str:
     from training.bento import use_bentoml_home
 
     bentoml = use_bentoml_home(config)
-    model = bentoml.models.get(model_tag)
-    bucket, key = _target_key(uri, model.tag, MODEL_SUFFIX)
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = bentoml.models.export_model(model.tag, str(Path(tmp) / f"model{MODEL_SUFFIX}"))
-        s3_client().upload_file(archive, bucket, key)
-    log.info("exported model %s to s3://%s/%s", model.tag, bucket, key)
-    return f"s3://{bucket}/{key}"
+    return _export(bentoml.models.get(model_tag), bentoml.models.export_model, uri, MODEL_SUFFIX)
 
 
 def import_model(config: PipelineConfig, uri: str) -> str:
@@ -127,17 +130,7 @@ def import_model(config: PipelineConfig, uri: str) -> str:
     from training.bento import use_bentoml_home
 
     bentoml = use_bentoml_home(config)
-    client = s3_client()
-    bucket, key = _resolve_key(client, uri, MODEL_SUFFIX)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = str(Path(tmp) / f"model{MODEL_SUFFIX}")
-        client.download_file(bucket, key, local)
-        try:
-            tag = str(bentoml.models.import_model(local).tag)
-        except bentoml.exceptions.BentoMLException as exc:
-            tag = _existing_tag(exc)
-    log.info("imported model %s from s3://%s/%s", tag, bucket, key)
-    return tag
+    return _import(bentoml, bentoml.models.import_model, uri, MODEL_SUFFIX)
 
 
 def _existing_tag(exc: Exception) -> str:
