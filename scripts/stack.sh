@@ -50,6 +50,9 @@ up() {
   # Tasks that airflow standalone runs reach its execution API on this port.
   export AIRFLOW__API__PORT="$AIRFLOW_PORT" AIRFLOW__API__HOST="$HOST"
   export AIRFLOW__API__BASE_URL="http://localhost:$AIRFLOW_PORT"
+  # Task processes call that API; its 5 s default timed out here on a busy 2-core machine
+  # (httpx.ReadTimeout, task marked up_for_retry).
+  export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="${AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT:-60}"
   start airflow "$BIN/airflow" standalone
   mkdir -p "$STATE/mlflow"
   start mlflow "$BIN/mlflow" server --backend-store-uri "${MLFLOW_TRACKING_URI:?}" \
