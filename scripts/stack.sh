@@ -83,11 +83,13 @@ down() {
   for name in bento mlflow airflow; do
     [ -f "$RUN/$name.pid" ] || continue
     pid=$(cat "$RUN/$name.pid")
-    if kill -0 "$pid" 2>/dev/null; then
+    # Signal the whole process group: airflow standalone's components and bentoml's
+    # workers are children that can outlive their parent (seen: the API server).
+    if kill -0 -- "-$pid" 2>/dev/null; then
       kill -TERM -- "-$pid" 2>/dev/null || true
-      for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL -- "-$pid" 2>/dev/null || true
-      echo "$name: stopped (pid $pid)"
+      for _ in $(seq 30); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
+      if kill -0 -- "-$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
+      echo "$name: stopped (process group $pid)"
     fi
     rm -f "$RUN/$name.pid"
   done
