@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED := 1
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
 
-.PHONY: venv run pipeline serve up down status airflow-ui mlflow-ui test test-fast clean
+.PHONY: venv run pipeline serve airflow-ui mlflow-ui test test-fast clean
 
 # The environment is (re)built only when pyproject.toml or uv.lock changed.
 $(VENV)/.synced: pyproject.toml uv.lock
@@ -65,6 +65,10 @@ down:
 status:
 	scripts/stack.sh status
 
+.PHONY: up down status
+# stop the stack before its state folder goes away
+clean: down
+
 ## make airflow-ui: Airflow (scheduler, API server, UI on :$(AIRFLOW_PORT)) on the same state; password in
 ## $(STATE)/airflow/simple_auth_manager_passwords.json.generated
 airflow-ui: $(VENV)/.synced $(STATE)/airflow/.migrated
@@ -82,5 +86,5 @@ test: $(VENV)/.synced
 test-fast: $(VENV)/.synced
 	$(VENV)/bin/python -m pytest -m "not e2e"
 
-clean: down
+clean:
 	rm -rf $(STATE)

@@ -71,7 +71,7 @@ def bentoml_serve(target: str, env: dict[str, str], log: Path, timeout: float = 
             try:
                 if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break
-            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy to answer
+            except requests.ConnectionError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"bentoml serve not ready after {timeout}s:\n{log.read_text()[-3000:]}")
