@@ -7,6 +7,11 @@ DATA_URL ?= https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz
 EPOCHS ?= 10
 MAX_TRAIN_IMAGES ?= 0
 PORT ?= 3000
+# Ports of the local stack (`make up`); the Bento server uses PORT.
+AIRFLOW_PORT ?= 8080
+MLFLOW_PORT ?= 5000
+# Scheduled retraining: a cron expression or preset, "none" for on-demand only.
+export CIFAR10_SCHEDULE ?= @weekly
 
 # Everything local lives in $(STATE): Airflow (SQLite), MLflow (SQLite + artifacts), BentoML store, data.
 export CIFAR10_STATE_DIR := $(STATE)
@@ -49,14 +54,30 @@ pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
 serve: $(VENV)/.synced
 	$(VENV)/bin/bentoml serve cifar10-classifier:latest --port $(PORT)
 
-## make airflow-ui: Airflow (scheduler, API server, UI on :8080) on the same state; password in
+## make up: Airflow (UI on AIRFLOW_PORT), the MLflow server (MLFLOW_PORT) and the newest Bento (PORT) in the
+## background on the same state; logs and pid files in $(STATE)/stack. make down stops them.
+up: $(VENV)/.synced $(STATE)/airflow/.migrated
+	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) BENTO_PORT=$(PORT) scripts/stack.sh up
+
+down:
+	scripts/stack.sh down
+
+status:
+	scripts/stack.sh status
+
+.PHONY: up down status
+# stop the stack before its state folder goes away
+clean: down
+
+## make airflow-ui: Airflow (scheduler, API server, UI on :$(AIRFLOW_PORT)) on the same state; password in
 ## $(STATE)/airflow/simple_auth_manager_passwords.json.generated
 airflow-ui: $(VENV)/.synced $(STATE)/airflow/.migrated
-	$(VENV)/bin/airflow standalone
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH AIRFLOW__API__PORT=$(AIRFLOW_PORT) \
+		AIRFLOW__API__BASE_URL=http://localhost:$(AIRFLOW_PORT) $(VENV)/bin/airflow standalone
 
-## make mlflow-ui: the MLflow UI on :5000 over the same SQLite store and artifacts
+## make mlflow-ui: the MLflow UI on :$(MLFLOW_PORT) over the same SQLite store and artifacts
 mlflow-ui: $(VENV)/.synced
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port $(MLFLOW_PORT)
 
 ## make test: unit tests and the end-to-end tests (real Airflow, MLflow, bentoml serve)
 test: $(VENV)/.synced

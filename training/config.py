@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 # The official binary release: parsed with numpy, never unpickled.
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -133,9 +134,17 @@ class PipelineConfig:
         return f"sqlite:///{self.state_path / 'mlflow' / 'mlflow.db'}"
 
     @property
-    def artifact_location(self) -> str:
+    def artifact_location(self) -> str | None:
+        """Artifact root for a new experiment; ``None`` lets a tracking server choose.
+
+        A server started with ``--artifacts-destination`` proxies artifacts
+        (``mlflow-artifacts:/``); a client-side ``file://`` root would bypass it and
+        leave the artifacts on the training machine.
+        """
         if self.mlflow_artifact_location:
             return self.mlflow_artifact_location
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return None
         return (self.state_path / "mlflow" / "artifacts").as_uri()
 
     @property
@@ -151,8 +160,19 @@ class PipelineConfig:
         return dataclasses.replace(self, **_coerce(changes))
 
     def as_params(self) -> dict[str, Any]:
-        """Flat dict for MLflow params and logs."""
-        return dataclasses.asdict(self)
+        """Flat dict for MLflow params and logs; passwords inside URLs are masked."""
+        return {k: _mask_password(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _mask_password(value: str) -> str:
+    """``scheme://user:secret@host/...`` -> ``scheme://user:***@host/...`` (credentials never logged)."""
+    if "://" not in value or "@" not in value:
+        return value
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,9 +14,10 @@ log = logging.getLogger(__name__)
 def configure_mlflow(config: PipelineConfig) -> str:
     """Point MLflow at ``config``'s store and return the experiment id.
 
-    The experiment is created with an explicit artifact location, because with a
-    SQLite store and no server MLflow would otherwise write to ``./mlruns`` relative
-    to whatever directory the task happens to run in.
+    With a local store the experiment gets an explicit artifact location, because
+    MLflow would otherwise write to ``./mlruns`` relative to whatever directory the
+    task runs in; with a tracking server (``http(s)://``) the server decides, so its
+    ``--artifacts-destination`` (e.g. S3) is used (see ``PipelineConfig.artifact_location``).
     """
     import mlflow
 
