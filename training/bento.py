@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.config import PipelineConfig
+from training.config import PipelineConfig, mask_password
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def import_champion(config: PipelineConfig) -> str:
             "git_commit": run.data.tags.get("git_commit", ""),
             "class_names": json.loads((src / "classes.json").read_text()),
             "onnx_max_abs_diff": diff,
-            "mlflow_tracking_uri": config.tracking_uri,
+            "mlflow_tracking_uri": mask_password(config.tracking_uri),  # never bake a password into a Bento
         }
         with bentoml.models.create(config.bento_model_name, labels=labels, metadata=metadata) as model:
             shutil.copy(src / "model.onnx", Path(model.path) / "model.onnx")

@@ -161,10 +161,10 @@ class PipelineConfig:
 
     def as_params(self) -> dict[str, Any]:
         """Flat dict for MLflow params and logs; passwords inside URLs are masked."""
-        return {k: _mask_password(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: mask_password(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def _mask_password(value: str) -> str:
+def mask_password(value: str) -> str:
     """``scheme://user:secret@host/...`` -> ``scheme://user:***@host/...`` (credentials never logged)."""
     if "://" not in value or "@" not in value:
         return value
