@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from bench.bench_serving import LUA, WIDTHS, run_wrk, wait_ready  # noqa: E402 (needs ROOT on sys.path)
 from tests.conftest import free_port, make_serving_model, stop_server  # noqa: E402

@@ -13,11 +13,9 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,8 +97,23 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, 9)
 
 
+@pytest.fixture(scope="session")
+def serving_model(tmp_path_factory) -> ServingModel:
+    """A tiny ONNX CIFAR-10 model in a temporary BentoML store (built once per test session)."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    tag = make_serving_model(home)
+    from tests.synthetic import CLASSES
+
+    return ServingModel(home=home, tag=tag, labels=dict(FAKE_LABELS),
+                        metadata={**FAKE_METADATA, "class_names": CLASSES})
+
+
 def serve_service(serving_model: ServingModel, log: Path, extra_env: dict[str, str]):
     """Start ``bentoml serve service.py`` on a free port with the test model; return (process, base URL)."""
+    import time
+
+    import httpx
+
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True",
            "PYTHONPATH": str(ROOT), **extra_env}
@@ -121,14 +134,3 @@ def serve_service(serving_model: ServingModel, log: Path, extra_env: dict[str, s
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-
-
-@pytest.fixture(scope="session")
-def serving_model(tmp_path_factory) -> ServingModel:
-    """A tiny ONNX CIFAR-10 model in a temporary BentoML store (built once per test session)."""
-    home = tmp_path_factory.mktemp("bentoml-home")
-    tag = make_serving_model(home)
-    from tests.synthetic import CLASSES
-
-    return ServingModel(home=home, tag=tag, labels=dict(FAKE_LABELS),
-                        metadata={**FAKE_METADATA, "class_names": CLASSES})
