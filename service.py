@@ -148,7 +148,7 @@ def _finite(value) -> float | None:
 
 
 CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes,
-                                      fields={"/predict": {"file"}, "/predict_batch": {"files"}})
+                                      fields={"/predict": {"file"}, "/predict_batch": {"files"}, "/metadata": set()})
 
 
 class _DescribedService(type(CIFAR10Classifier)):

@@ -91,3 +91,31 @@ def serving_model(tmp_path_factory) -> ServingModel:
 
     return ServingModel(home=home, tag=tag, labels=dict(FAKE_LABELS),
                         metadata={**FAKE_METADATA, "class_names": CLASSES})
+
+
+def serve_service(serving_model: ServingModel, log: Path, extra_env: dict[str, str]):
+    """Start ``bentoml serve service.py`` on a free port with the test model; return (process, base URL)."""
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True",
+           "PYTHONPATH": str(ROOT), **extra_env}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--port", str(port),
+             "--arg", f"model_tag={serving_model.tag}"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc) if proc.poll() is None else None
+            raise RuntimeError(f"bentoml serve did not get ready:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port, stop_server
+from tests.conftest import serve_service as _serve
+from tests.conftest import stop_server
 from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,30 +152,6 @@ def test_guard_answers_errors_as_one_object():
 
 
 # ---------------------------------------------------------------- e2e: a real `bentoml serve`
-
-def _serve(serving_model, log: Path, extra_env: dict[str, str]):
-    """Start ``bentoml serve service.py`` on a free port with the test model; return (process, base URL)."""
-    port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True",
-           "PYTHONPATH": str(ROOT), **extra_env}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--port", str(port),
-             "--arg", f"model_tag={serving_model.tag}"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc) if proc.poll() is None else None
-            raise RuntimeError(f"bentoml serve did not get ready:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-
 
 @pytest.fixture(scope="module")
 def server(serving_model, tmp_path_factory):

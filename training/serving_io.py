@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -168,18 +167,19 @@ async def _send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-# A multipart part's field name; part headers are ASCII, so a regex over the raw body finds them.
-_PART_NAME = re.compile(rb'content-disposition:\s*form-data;\s*name="([^"]*)"', re.IGNORECASE)
-
-
 class RequestGuard:
     """ASGI middleware: 413 for bodies over ``max_body_bytes``, 400 for unknown form fields, one-object errors.
 
     - A declared ``Content-Length`` over the limit is refused before any byte of the
       body is read; a chunked body is read only up to the limit.
-    - ``fields`` maps a route to its multipart field names. BentoML 1.4.40 answers an
-      unknown field holding binary data with 500 (``json.loads`` of the bytes raises
-      ``UnicodeDecodeError`` in ``_bentoml_impl/serde.py``); such requests get 400 here.
+    - ``fields`` maps a route to its multipart file fields; such a route's form body is
+      parsed here first (Starlette's parser, as BentoML's) and refused with 400 when
+      BentoML 1.4.40 would answer 500 or do something unsafe: an unknown field holding
+      binary data (``json.loads`` raises ``UnicodeDecodeError`` in ``_bentoml_impl/serde.py``),
+      a malformed multipart body or one without boundary (Starlette's ``HTTPException(400)``
+      becomes 500), and a file field holding text instead of a file, or any url-encoded
+      form: ``MultipartSerde.ensure_file`` *downloads* such a value as a URL (500 for
+      non-URLs; a fetch of any public URL the client names otherwise).
     - BentoML answers a raised ``BadInput`` with a JSON *list* of one object
       (``detail = ({"error": ...},)`` in ``_bentoml_impl/server/app.py``); clients get
       the object itself.
@@ -210,13 +210,8 @@ class RequestGuard:
                     return await _send_json(send, 413, self._too_big())
                 if message["type"] != "http.request" or not message.get("more_body"):
                     break
-            if allowed is not None and headers.get(b"content-type", b"").startswith(b"multipart/"):
-                names = {m.decode("latin-1") for m in _PART_NAME.findall(b"".join(m.get("body", b"")
-                                                                                for m in messages))}
-                if unknown := sorted(names - allowed):
-                    return await _send_json(send, 400, {
-                        "error": f"unexpected form field(s) {unknown}; {scope['path']} takes "
-                                 f"{' and '.join(sorted(allowed))}"})
+            if allowed is not None and (error := await _form_error(headers, messages, scope["path"], allowed)):
+                return await _send_json(send, 400, {"error": error})
             replay = iter(messages)
             original_receive = receive
 
@@ -228,6 +223,36 @@ class RequestGuard:
     def _too_big(self) -> dict:
         return {"error": f"request body is over the {self.max_body_bytes:,}-byte limit; "
                          "send fewer or smaller images"}
+
+
+async def _form_error(headers: dict, messages: list[dict], path: str, allowed: set[str]) -> str | None:
+    """Why a form body for ``path`` (file fields ``allowed``) must be refused, or None if it may go on."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    content_type = headers.get(b"content-type", b"").lower()
+    how = f"send images as multipart file parts (curl -F {min(allowed, default='file')}=@image.png)"
+    if content_type.startswith(b"application/x-www-form-urlencoded"):
+        return f"url-encoded forms are not accepted: {how}"
+    if not content_type.startswith(b"multipart/"):
+        return None  # BentoML answers other bodies (JSON, text) with 400 itself
+
+    async def body():
+        for message in messages:
+            yield message.get("body", b"")
+
+    try:
+        form = await MultiPartParser(Headers(raw=list(headers.items())), body()).parse()
+    except MultiPartException as exc:
+        return f"malformed multipart body ({exc.message}): {how}"
+    try:
+        if unknown := sorted(set(form) - allowed):
+            return f"unexpected form field(s) {unknown}; {path} takes {' and '.join(sorted(allowed)) or 'none'}"
+        if text := sorted({name for name, value in form.multi_items() if not isinstance(value, UploadFile)}):
+            return f"form field(s) {text} hold text, not a file (no filename): {how}"
+        return None
+    finally:
+        await form.close()
 
 
 def _unwrap_error_list(send):
