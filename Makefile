@@ -4,8 +4,10 @@ PYTHON ?= python3.11
 VENV := .venv
 STATE ?= $(CURDIR)/.state
 DATA_URL ?= https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz
-EPOCHS ?= 10
-MAX_TRAIN_IMAGES ?= 0
+# Unset: the recipe preset's value (training/config.py). RECIPE: default | quick | tiny.
+EPOCHS ?=
+MAX_TRAIN_IMAGES ?=
+RECIPE ?=
 PORT ?= 3000
 # Ports of the local stack (`make up`); the Bento server uses PORT.
 AIRFLOW_PORT ?= 8080
@@ -24,6 +26,11 @@ export BENTOML_DO_NOT_TRACK := True
 export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow/mlflow.db
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
+
+# DAG params for `make pipeline`: only what was set, so the recipe preset fills the rest.
+comma := ,
+PIPELINE_CONF = {"data_url": "$(DATA_URL)"$(if $(EPOCHS),$(comma) "epochs": $(EPOCHS))$(if \
+	$(MAX_TRAIN_IMAGES),$(comma) "max_train_images": $(MAX_TRAIN_IMAGES))$(if $(RECIPE),$(comma) "recipe": "$(RECIPE)")}
 
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
@@ -47,8 +54,7 @@ $(STATE)/airflow/.migrated: | $(VENV)/.synced
 run: pipeline serve
 
 pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
-	$(VENV)/bin/airflow dags test cifar10_pipeline \
-		-c '{"data_url": "$(DATA_URL)", "epochs": $(EPOCHS), "max_train_images": $(MAX_TRAIN_IMAGES)}'
+	$(VENV)/bin/airflow dags test cifar10_pipeline -c '$(PIPELINE_CONF)'
 
 ## make serve: serve the newest Bento the pipeline built (Swagger UI on http://localhost:$(PORT)/)
 serve: $(VENV)/.synced
