@@ -74,7 +74,7 @@ def make_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path
     code = ("from pathlib import Path; from tests.conftest import build_serving_model; "
             f"print('TAG=' + build_serving_model(Path({str(home)!r}), {tuple(widths)!r}, {keras_path!r}))")
     env = {**os.environ, "BENTOML_HOME": str(home), "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT)}
+           "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     tags = [line[4:] for line in out.stdout.splitlines() if line.startswith("TAG=")]
     if out.returncode or not tags:
