@@ -4,7 +4,7 @@ built, or the Bento served, on another machine.
 ``bentoml.export_bento``/``bentoml.models.export_model`` write one archive (a Bento
 archive holds its models too); it goes to S3 through boto3, whose endpoint and
 credentials come from the environment only: the standard ``AWS_*`` variables
-(``AWS_ENDPOINT_URL_S3`` or ``MLFLOW_S3_ENDPOINT_URL`` for MinIO and other
+(``AWS_ENDPOINT_URL_S3`` for MinIO and other
 S3-compatible stores), an instance role, or a profile. Nothing here logs them.
 
 CLI (the store is ``BENTOML_HOME``, or the pipeline's ``state_dir/bentoml``)::
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import tempfile
@@ -35,11 +34,14 @@ MODEL_SUFFIX = ".bentomodel"
 
 
 def s3_client():
-    """A boto3 S3 client; endpoint from ``AWS_ENDPOINT_URL_S3`` or ``MLFLOW_S3_ENDPOINT_URL`` if set."""
+    """A boto3 S3 client configured the way ``training.fetch`` is: by boto3 itself.
+
+    boto3 reads the endpoint (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``), credentials and
+    region from the standard AWS environment, so there is one S3 configuration for the pipeline.
+    """
     import boto3  # lazy: only S3 users pay for it
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
+    return boto3.client("s3")
 
 
 def _split(uri: str) -> tuple[str, str]:
