@@ -210,3 +210,12 @@ def test_s3_missing_key_names_the_url_and_the_settings(tmp_path, s3_endpoint):
 def test_s3_url_without_key_is_refused(tmp_path):
     with pytest.raises(FetchError, match=r"s3://datasets is not an S3 object URL; write s3://bucket/"):
         fetch(config_for(tmp_path, "s3://datasets"))
+
+
+def test_unreachable_host_says_how_to_use_a_local_archive(tmp_path):
+    """What `make run` shows when the default (official) URL cannot be reached."""
+    from e2e_helpers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/cifar-10-binary.tar.gz"  # nothing listens there
+    with pytest.raises(FetchError, match=r"cannot download .*DATA_URL=file:///.*make run"):
+        fetch(config_for(tmp_path, url))
