@@ -11,7 +11,14 @@ Stages, in the order the Airflow DAG (``dags/cifar10_pipeline.py``) calls them:
 - ``prepare``   stratified seeded splits, validation, manifest and content digest
 - ``model``     the Keras 3 CNN, preprocessing inside
 - ``train``     one MLflow run: fit, evaluate, pictures, ONNX export
+- ``plots``     learning curves, confusion matrix, sample grid (PNG)
+- ``export``    ONNX export and the Keras/ONNX parity check
+- ``tracking``  MLflow tracking URI and experiment, git commit
 - ``registry``  register a version, gate it, move the ``champion`` alias
 - ``bento``     import the champion into the BentoML store and build the Bento
 - ``container`` build the Bento's container image when a builder is present
+- ``base_image`` the local Debian base image the container builds on
+
+Beside the DAG: ``serving_io`` (batcher and request guard used by ``service.py``) and
+``bento_store`` (Bentos and models to and from S3).
 """
