@@ -57,7 +57,7 @@ def test_flip_tta_averages_image_and_mirror():
 
 
 def test_recipes_sit_between_defaults_and_overrides():
-    assert load_config(environ={}).widths == "64,256,256"
+    assert load_config(environ={}).widths == "64,128,128"
     quick = load_config({"recipe": "quick"}, environ={})
     assert quick.widths == RECIPES["quick"]["widths"] and quick.epochs == RECIPES["quick"]["epochs"]
     assert load_config({"recipe": "quick", "epochs": 3}, environ={}).epochs == 3

@@ -21,6 +21,25 @@ from training.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 
+def prefer_onednn() -> None:
+    """Turn on TensorFlow's oneDNN kernels (``TF_ENABLE_ONEDNN_OPTS=1``) unless the user chose.
+
+    TensorFlow enables them by default only on some Intel CPUs; on this project's AMD
+    (AVX2) machine a training step ran 1.4x faster with them (101 -> 148 img/s, batch
+    512). The variable is read when TensorFlow is imported, so this must run first; it
+    is harmless under other backends.
+    """
+    import sys
+
+    if "TF_ENABLE_ONEDNN_OPTS" in os.environ:
+        return
+    if "tensorflow" in sys.modules:
+        log.warning("TensorFlow was imported before training started: set TF_ENABLE_ONEDNN_OPTS=1 "
+                    "in the environment for ~1.4x faster CPU training")
+        return
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+
+
 def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
     """Random horizontal flip and random translation by up to ``pad`` pixels (reflect padding)."""
     n = len(x)
@@ -122,6 +141,7 @@ def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
     Returns the float32 model for evaluation and export (with flip test-time
     augmentation inside when ``config.tta``) and the per-epoch history.
     """
+    prefer_onednn()
     import keras
 
     from training.model import build_model, float32_copy, set_whitening, with_flip_tta
@@ -218,6 +238,7 @@ def log_evaluation(x_test: np.ndarray, y_test: np.ndarray, probs: np.ndarray, cl
 
 def train(config: PipelineConfig, prepared_dir: Path) -> str:
     """Train on the prepared data in one MLflow run; return the run id."""
+    prefer_onednn()
     import mlflow
     from mlflow.models import infer_signature
 
