@@ -62,5 +62,20 @@ def test_recipes_sit_between_defaults_and_overrides():
     assert quick.widths == RECIPES["quick"]["widths"] and quick.epochs == RECIPES["quick"]["epochs"]
     assert load_config({"recipe": "quick", "epochs": 3}, environ={}).epochs == 3
     assert load_config(environ={"CIFAR10_RECIPE": "tiny", "CIFAR10_EPOCHS": "7"}).epochs == 7
-    with pytest.raises(ValueError, match="unknown recipe 'fast'; valid recipes: default, quick, tiny"):
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; valid recipes: default, quick, airbench94, tiny"):
         load_config({"recipe": "fast"}, environ={})
+
+
+def test_group_convs_start_as_identities_plus_noise():
+    """airbench's dirac init: the first min(in, out) filters copy their input channel."""
+    model = build_model(WIDTHS, 10)
+    kernel = np.asarray(model.get_layer("block1b_conv").kernel)  # 16 -> 16 channels
+    n = kernel.shape[2]
+    centre = kernel[1, 1, :, :n]
+    assert np.array_equal(centre, np.eye(n, dtype=np.float32))
+    off_centre = kernel.copy()
+    off_centre[1, 1] = 0
+    assert not off_centre[..., :n].any()
+    # The filters beyond the identity block keep their random init.
+    wider = np.asarray(model.get_layer("block1a_conv").kernel)  # 8 -> 16 channels
+    assert np.abs(wider[..., 8:]).min() > 0 and np.abs(wider[..., 8:]).std() > 0

@@ -91,3 +91,29 @@ def test_onnx_artifact_matches_keras_model(trained, tmp_path):
     reference = np.asarray(model(pixels, training=False))
     assert np.allclose(reference.sum(axis=1), 1.0, atol=1e-4)
     assert check_parity(onnx_session(f"{folder}/model.onnx"), reference, pixels) <= 1e-4
+
+
+@pytest.mark.parametrize("scale", [1.0, 64.0])
+def test_batchnorm_biases_learn_bias_lr_scale_times_faster(scale):
+    """One SGD step moves BatchNorm biases ``bias_lr_scale`` x further than scale 1 would,
+    and conv kernels exactly as far either way."""
+    import keras
+
+    from training.model import build_model
+    from training.train import make_optimizer
+
+    def step(bias_lr_scale):
+        model = build_model((8, 16, 16), 10, seed=0)
+        model.compile(optimizer=make_optimizer(load_config({"recipe": "tiny", "bias_lr_scale": bias_lr_scale},
+                                                           environ={}), total_steps=10),
+                      loss="categorical_crossentropy")
+        before = [np.array(v) for v in (model.get_layer("block0a_bn").beta, model.get_layer("block0a_conv").kernel)]
+        x = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3)).astype(np.float32)
+        model.train_on_batch(x, keras.utils.to_categorical(np.arange(32) % 10, 10))
+        after = [np.array(v) for v in (model.get_layer("block0a_bn").beta, model.get_layer("block0a_conv").kernel)]
+        return [a - b for a, b in zip(after, before)]
+
+    (beta_1, kernel_1), (beta_s, kernel_s) = step(1.0), step(scale)
+    assert np.abs(beta_1).max() > 0
+    np.testing.assert_allclose(beta_s, scale * beta_1, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(kernel_s, kernel_1, rtol=1e-6, atol=1e-9)

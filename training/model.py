@@ -40,8 +40,32 @@ def _init():
     return keras.initializers.VarianceScaling(1 / 3, mode="fan_in", distribution="uniform")
 
 
+@keras.saving.register_keras_serializable(package="cifar10")
+class DiracInit(keras.initializers.Initializer):
+    """PyTorch-default uniform kernel whose first ``in_channels`` filters are identities.
+
+    airbench's "dirac" initialisation: each conv starts as an implicit residual
+    connection (output channel i copies input channel i), which its ablations found
+    to cut the epochs needed for 94% noticeably.
+    """
+
+    def __call__(self, shape, dtype=None):
+        kh, kw, cin, cout = shape
+        kernel = _init()(shape, dtype=dtype)
+        n = min(cin, cout)
+        # Zero the first n filters, then put a 1 at the centre tap of channel i -> i.
+        mask = np.ones(shape, np.float32)
+        mask[:, :, :, :n] = 0
+        dirac = np.zeros(shape, np.float32)
+        dirac[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1
+        return kernel * keras.ops.convert_to_tensor(mask, dtype) + keras.ops.convert_to_tensor(dirac, dtype)
+
+    def get_config(self):
+        return {}
+
+
 def _conv_bn(x, filters: int, name: str, dtype, momentum: float, pool: bool):
-    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_init(),
+    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=DiracInit(),
                             dtype=dtype, name=f"{name}_conv")(x)
     if pool:
         x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"{name}_pool")(x)

@@ -108,6 +108,30 @@ def _triangle_schedule(peak: float, total_steps: int, warmup_fraction: float = 0
     return Triangle()
 
 
+def make_optimizer(config: PipelineConfig, total_steps: int):
+    """Nesterov SGD on the triangle schedule, BatchNorm biases at ``bias_lr_scale`` x the rate.
+
+    airbench trains BatchNorm biases 64x faster than the weights (its ablation: 94% in
+    18 instead of 22 epochs). Keras optimizers have no parameter groups, so the scale
+    is applied in ``update_step``; decoupled weight decay stays lr x wd for every
+    variable, as airbench keeps it (it divides the biases' decay by the same factor).
+    """
+    import keras
+
+    scale = float(config.bias_lr_scale)
+
+    class BiasScaledSGD(keras.optimizers.SGD):
+        def update_step(self, gradient, variable, learning_rate):
+            # TensorFlow passes its own tf.Variable here (name "..._bn/beta:0"), JAX the Keras one.
+            name = getattr(variable, "path", None) or variable.name
+            if scale != 1.0 and name.split(":")[0].endswith("_bn/beta"):
+                learning_rate = keras.ops.multiply(learning_rate, scale)
+            return super().update_step(gradient, variable, learning_rate)
+
+    return BiasScaledSGD(learning_rate=_triangle_schedule(config.learning_rate, total_steps),
+                         momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+
+
 def _progress_callback(epochs: int, history: dict[str, list[float]]):
     """Logs one line per epoch (visible in the Airflow task log), sends metrics to MLflow
     and appends them to ``history`` (for the learning-curve plot)."""
@@ -154,9 +178,7 @@ def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
     set_whitening(model, x_train[:5000])
     data = _batches(x_train, y_train, config.batch_size, num_classes, config.translate, config.seed)
     model.compile(
-        optimizer=keras.optimizers.SGD(
-            learning_rate=_triangle_schedule(config.learning_rate, len(data) * config.epochs),
-            momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay),
+        optimizer=make_optimizer(config, len(data) * config.epochs),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
