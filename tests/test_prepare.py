@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +184,94 @@ def test_a_failed_prepare_leaves_no_folder(tmp_path):
         prepare(archive, config)
     prepared = config.data_dir / "prepared"
     assert not prepared.exists() or list(prepared.iterdir()) == []
+
+
+# --- a full disk while writing: a clear error, nothing partial kept, a later run succeeds -------
+class _FillingFile(io.FileIO):
+    """A file on a disk with ``budget`` bytes free: the write that crosses it writes what fits, then
+    fails with ENOSPC, as a real full disk does."""
+
+    def __init__(self, path, budget: int, failures: list):
+        super().__init__(path, "wb")
+        self.left, self.failures = budget, failures
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n <= self.left:
+            self.left -= n
+            return super().write(data)
+        super().write(memoryview(data).cast("B")[:self.left])
+        self.flush()
+        self.failures.append((Path(self.name), os.path.getsize(self.name)))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+
+
+def _check_disk_full_left_nothing(info, config) -> None:
+    """The error says disk full, where and what to do; no prepared folder (complete-looking or partial)."""
+    prepared = config.data_dir / "prepared"
+    assert info.value.errno == errno.ENOSPC
+    message = str(info.value)
+    assert f"disk full: no space left to write the prepared data in {prepared} " in message
+    assert re.search(r"needs about [0-9.]+ MB, [0-9.]+ MB free there now", message), message
+    assert "nothing partial was kept" in message and "CIFAR10_STATE_DIR" in message and "rerun" in message
+    assert list(prepared.iterdir()) == []  # neither the final folder nor a .partial-* one
+
+
+def _save_on_full_disk(savez, file, arrays, failures) -> None:
+    with _FillingFile(file, 16384, failures) as f:
+        savez(f, **arrays)
+
+
+def test_full_disk_while_writing_fails_clearly_and_keeps_nothing(tmp_path, folder_zip, monkeypatch):
+    """Simulated full disk (works anywhere): writing data.npz fails with ENOSPC after 16 KiB."""
+    config = config_for(tmp_path, folder_zip)
+    failures: list = []
+    savez = np.savez
+    monkeypatch.setattr(np, "savez", lambda file, **arrays: _save_on_full_disk(savez, file, arrays, failures))
+    with pytest.raises(OSError) as info:
+        prepare(folder_zip, config)
+    assert failures and failures[0][1] == 16384  # a partial data.npz was on disk when the write failed ...
+    assert not failures[0][0].exists()  # ... and is gone
+    _check_disk_full_left_nothing(info, config)
+
+    monkeypatch.undo()  # space is free again: the rerun succeeds with the same data as a clean run
+    out = prepare(folder_zip, config)
+    reference = prepare(folder_zip, config_for(tmp_path, folder_zip, state="reference"))
+    assert load_prepared(out)[1]["digest"] == load_prepared(reference)[1]["digest"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 KiB tmpfs at ``tmp_path/disk``; skipped, saying why, where mounting is not permitted
+    (the simulated test above covers the same code path there). Yields a function that resizes it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = shutil.which("mount")
+    if mount is None or os.geteuid() != 0:
+        pytest.skip("a real full disk needs root to mount a tmpfs; the simulated full-disk test still runs")
+    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}); "
+                    "the simulated full-disk test still runs")
+
+    def resize(size: str) -> None:
+        subprocess.run([mount, "-o", f"remount,size={size}", str(disk)], check=True, capture_output=True)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_real_full_disk_fails_clearly_keeps_nothing_and_a_rerun_with_space_succeeds(tmp_path, folder_zip,
+                                                                                      small_disk):
+    """The state folder on a 64 KiB tmpfs: the 40 images (~120 KB of arrays) do not fit."""
+    config = config_for(tmp_path, folder_zip, state="disk/state")
+    with pytest.raises(OSError) as info:
+        prepare(folder_zip, config)
+    _check_disk_full_left_nothing(info, config)
+
+    small_disk("1m")  # the operator frees space; the same task, rerun, succeeds
+    out = prepare(folder_zip, config)
+    reference = prepare(folder_zip, config_for(tmp_path, folder_zip, state="reference"))
+    assert load_prepared(out)[1]["digest"] == load_prepared(reference)[1]["digest"]

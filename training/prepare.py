@@ -5,7 +5,8 @@ per split) and ``manifest.json`` (counts per class per split, shape, dtype, sour
 checksum, unreadable files, content digest). The folder is written under a temporary
 name and renamed when complete, and it is keyed by the archive's sha256, the source
 URL and checksum, the split settings and ``PREPARE_VERSION``, so a rerun reuses it and
-a half-written folder is never used.
+a half-written folder is never used; a full disk fails saying so, where, and what
+to do, and leaves no partial files.
 
 The content digest is a sha256 over the class names and every split's arrays: the
 same archive and seed give the same digest, on any machine and with any number of
@@ -19,6 +20,7 @@ arrays have the wrong shape, or too many images are unreadable (``formats``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -216,11 +218,16 @@ def prepare(archive: Path, config: PipelineConfig) -> Path:
 
 
 def _write(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict) -> None:
-    """Write under a temporary name, then rename: a half-written folder is never used."""
+    """Write under a temporary name, then rename: a half-written folder is never used.
+
+    A full disk (or quota) raises ``OSError`` with the same errno and a message that
+    names the folder, the space needed and free, and what to do; the partial files are
+    removed first, so the space is given back and nothing half-written remains.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{k}_{name}": v for name, (x, y) in splits.items() for k, v in (("x", x), ("y", y))}
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir.parent))
     try:
-        arrays = {f"{k}_{name}": v for name, (x, y) in splits.items() for k, v in (("x", x), ("y", y))}
         np.savez(tmp / "data.npz", **arrays)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         try:
@@ -228,6 +235,16 @@ def _write(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], mani
         except OSError:
             if not (out_dir / "manifest.json").is_file():  # not a concurrent run that finished first
                 raise
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # before measuring: the partial files' space is free again
+        need = sum(a.nbytes for a in arrays.values()) / 2**20
+        free = shutil.disk_usage(out_dir.parent).free / 2**20
+        raise OSError(exc.errno, f"disk full: no space left to write the prepared data in {out_dir.parent} "
+                                 f"(needs about {need:.1f} MB, {free:.1f} MB free there now); nothing partial "
+                                 "was kept. Free space there, or set CIFAR10_STATE_DIR to a folder on a "
+                                 "bigger disk, and rerun the task") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
