@@ -43,7 +43,12 @@ time); a scheduled run that does not beat the champion leaves the served model u
 # changing what is served.
 SCHEDULE = os.environ.get("CIFAR10_SCHEDULE", "@weekly").strip() or "@weekly"
 
-DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(seconds=30)}
+# Retries are needed at parse time too; training.config imports only the standard library.
+from training.config import load_config  # noqa: E402
+
+_PARSE_CONFIG = load_config()
+DEFAULT_ARGS = {"retries": _PARSE_CONFIG.task_retries,
+                "retry_delay": timedelta(seconds=_PARSE_CONFIG.retry_delay_seconds)}
 
 
 def _config():
@@ -98,9 +103,10 @@ def cifar10_pipeline():
 
     @task(execution_timeout=timedelta(hours=3))
     def train(prepared_dir: str) -> str:
+        from training.attempts import TaskAttempt
         from training.train import train as run
 
-        return run(_config(), Path(prepared_dir))
+        return run(_config(), Path(prepared_dir), TaskAttempt.of(get_current_context()["ti"]))
 
     @task(execution_timeout=timedelta(minutes=10))
     def register(mlflow_run_id: str) -> str:

@@ -53,13 +53,29 @@ def state_env(state: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.CompletedProcess:
-    """``airflow db migrate`` (first time) then ``airflow dags test cifar10_pipeline -c conf``."""
+def _migrate(env: dict[str, str]) -> None:
     airflow_home = Path(env["AIRFLOW_HOME"])
     if not (airflow_home / "airflow.db").exists():
         airflow_home.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True,
                        timeout=300)
+
+
+def start_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.Popen:
+    """Like :func:`run_dag`, but return the running ``airflow dags test`` process (its own session).
+
+    ``airflow dags test`` runs every task inside this one process (no executor), so it
+    is also the process that trains.
+    """
+    _migrate(env)
+    with open(log, "w") as out:
+        return subprocess.Popen([str(BIN / "airflow"), "dags", "test", "cifar10_pipeline", "-c", json.dumps(conf)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def run_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.CompletedProcess:
+    """``airflow db migrate`` (first time) then ``airflow dags test cifar10_pipeline -c conf``."""
+    _migrate(env)
     with open(log, "w") as out:
         return subprocess.run([str(BIN / "airflow"), "dags", "test", "cifar10_pipeline", "-c", json.dumps(conf)],
                               env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1200, cwd=ROOT)

@@ -114,6 +114,16 @@ class PipelineConfig:
     # Flip test-time augmentation inside the exported model (2x inference cost).
     tta: bool = True
 
+    # --- failures and retries ------------------------------------------------
+    # Airflow retries of every task and the wait before each retry. Airflow needs them
+    # when it parses the DAG file, so they come from CIFAR10_* variables of the process
+    # that parses it (a DAG param cannot change them).
+    task_retries: int = 1
+    retry_delay_seconds: float = 30.0
+    # How long a task waits for an http(s) MLflow server before failing: MLflow's own
+    # HTTP retries would keep it waiting for minutes before saying anything.
+    mlflow_connect_timeout: float = 10.0
+
     # --- registry gate -----------------------------------------------------
     registered_model_name: str = "cifar10-cnn"
     # A new version becomes champion only at or above this test accuracy and

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from pathlib import Path
 
-from training.config import PipelineConfig
+from training.config import PipelineConfig, mask_password
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ def configure_mlflow(config: PipelineConfig) -> str:
     """
     import mlflow
 
+    check_reachable(config.tracking_uri, config.mlflow_connect_timeout)
     if config.tracking_uri.startswith("sqlite:///"):
         Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(config.tracking_uri)
@@ -38,6 +40,42 @@ def configure_mlflow(config: PipelineConfig) -> str:
         exp_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+class TrackingServerUnreachable(RuntimeError):
+    """The MLflow tracking server did not answer in time; failing lets Airflow retry the task."""
+
+
+def check_reachable(uri: str, timeout: float) -> None:
+    """Raise :class:`TrackingServerUnreachable` unless the http(s) tracking server answers within ``timeout`` s.
+
+    Without this check a task waits minutes inside MLflow's HTTP retries (exponential
+    backoff) before failing with a long urllib3 traceback. Any answer below 500 counts
+    as reachable (an auth proxy may answer 401); a 5xx from a proxy means MLflow behind
+    it is down. Other URIs (SQLite, databases) are not checked here.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    health = uri.rstrip("/") + "/health"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answer = requests.get(health, timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+            if answer.status_code < 500:
+                return
+            problem = f"HTTP {answer.status_code}"
+        except requests.RequestException as exc:
+            problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if time.monotonic() + 1 >= deadline:
+            break
+        time.sleep(1)
+    raise TrackingServerUnreachable(
+        f"MLflow tracking server {mask_password(uri)} is unreachable: {mask_password(health)} gave no usable "
+        f"answer within {timeout:g} s (last: {problem}). Start the server, or point "
+        "MLFLOW_TRACKING_URI (or CIFAR10_MLFLOW_TRACKING_URI) at a running one; Airflow retries this task, "
+        "and CIFAR10_MLFLOW_CONNECT_TIMEOUT sets how long to wait.")
 
 
 def git_commit(repo: Path | None = None) -> str:

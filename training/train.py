@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.attempts import TaskAttempt, end_orphaned_runs
 from training.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -258,8 +259,12 @@ def log_evaluation(x_test: np.ndarray, y_test: np.ndarray, probs: np.ndarray, cl
     return metrics
 
 
-def train(config: PipelineConfig, prepared_dir: Path) -> str:
-    """Train on the prepared data in one MLflow run; return the run id."""
+def train(config: PipelineConfig, prepared_dir: Path, attempt: TaskAttempt | None = None) -> str:
+    """Train on the prepared data in one MLflow run; return the run id.
+
+    ``attempt`` (the Airflow task try, from the DAG) tags the run; runs that earlier,
+    killed tries of the task left RUNNING are marked KILLED first (see ``training.attempts``).
+    """
     prefer_onednn()
     import mlflow
     from mlflow.models import infer_signature
@@ -270,8 +275,10 @@ def train(config: PipelineConfig, prepared_dir: Path) -> str:
 
     splits, manifest = load_prepared(Path(prepared_dir))
     class_names = manifest["class_names"]
-    configure_mlflow(config)
-    with mlflow.start_run(log_system_metrics=True) as run:
+    experiment_id = configure_mlflow(config)
+    if attempt is not None:
+        end_orphaned_runs(mlflow.MlflowClient(), experiment_id, attempt)
+    with mlflow.start_run(log_system_metrics=True, tags=attempt.tags() if attempt else None) as run:
         mlflow.set_tags({"git_commit": git_commit(), "dataset_digest": manifest["digest"],
                          "source_url": manifest["source_url"]})
         mlflow.log_params(config.as_params() | {"num_classes": len(class_names),
