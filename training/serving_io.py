@@ -78,6 +78,9 @@ class ServingSettings:
             if value < (0 if name == "access_log" else 1):
                 raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be a positive integer")
             values[name] = value
+        if environ.get("CIFAR10_MODEL_THREADS") is None:
+            # The default follows the workers actually configured: one worker on 4 CPUs gets 3 threads.
+            values["model_threads"] = max(1, _cpu_share() // values["workers"] - 1)
         return cls(**values)
 
 
