@@ -4,7 +4,11 @@ Uses the pipeline's private container store (CIFAR10_STATE_DIR). Prints one line
 run, the median, the image size and the machine load (`uptime`): on a shared 2-core
 machine, report the load next to the numbers.
 
-    CIFAR10_STATE_DIR=.state .venv/bin/python bench/container_start.py [--image IMG] [--runs 3] [--cpu-shares 16384]
+    CIFAR10_STATE_DIR=.state .venv/bin/python bench/container_start.py [--image IMG] [--runs 3] [--cpu-shares 16384] \
+        [-e CIFAR10_WORKERS=2] [--cpu]
+
+``--cpu`` also prints the CPU seconds each process in the container had used when
+/readyz first answered 200: unlike wall time, that hardly depends on the machine's load.
 """
 
 from __future__ import annotations
@@ -39,8 +43,28 @@ def ready(url: str) -> bool:
         return False
 
 
-def start_time(image: str, env: dict[str, str], cpu_shares: int = 0, timeout: float = 60) -> float:
+def cpu_seconds(name: str, env: dict[str, str]) -> list[tuple[float, str]]:
+    """(CPU seconds, command line) of each live process in container ``name``."""
+    script = ('for p in /proc/[0-9]*; do [ "${p#/proc/}" = "$$" ] && continue; '
+              's=$(cat $p/stat 2>/dev/null) || continue; c=$(tr "\\0" " " < $p/cmdline); echo "$s|$c"; done')
+    out = subprocess.run(["podman", "exec", name, "sh", "-c", script], env=env, capture_output=True, text=True).stdout
+    tick = os.sysconf("SC_CLK_TCK")
+    rows = []
+    for line in out.splitlines():
+        stat, _, cmd = line.partition("|")
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if "/proc/" in cmd:  # the probe itself
+            continue
+        rows.append(((int(fields[11]) + int(fields[12])) / tick, cmd.strip()[:90]))
+    return rows
+
+
+def start_time(image: str, env: dict[str, str], cpu_shares: int = 0, timeout: float = 60,
+               extra_env: list[str] = (), cpu: bool = False) -> float:
     """Seconds from `podman run -d` to /readyz 200 (container removed afterwards).
+
+    ``extra_env`` are ``KEY=VALUE`` settings for the container (``podman run -e``);
+    ``cpu`` prints each container process's CPU seconds at that moment.
 
     ``cpu_shares`` > 1024 gives the container's cgroup more CPU weight than other jobs
     (niceness does not cross cgroups): on a shared machine that approximates an idle
@@ -49,15 +73,21 @@ def start_time(image: str, env: dict[str, str], cpu_shares: int = 0, timeout: fl
     port = free_port()
     name = f"cifar10-bench-{os.getpid()}-{port}"
     shares = ["--cpu-shares", str(cpu_shares)] if cpu_shares else []
+    envs = sum((["-e", e] for e in extra_env), [])
     started = time.monotonic()
-    subprocess.run(["podman", "run", "-d", *shares, "--name", name, "-p", f"127.0.0.1:{port}:3000", image],
+    subprocess.run(["podman", "run", "-d", *shares, *envs, "--name", name, "-p", f"127.0.0.1:{port}:3000", image],
                    env=env, check=True, capture_output=True)
     try:
         while not ready(f"http://127.0.0.1:{port}/readyz"):
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"{image} not ready after {timeout} s")
             time.sleep(0.05)
-        return time.monotonic() - started
+        elapsed = time.monotonic() - started
+        if cpu:
+            rows = cpu_seconds(name, env)
+            print(f"  CPU at ready: {sum(r[0] for r in rows):.2f} s in all; "
+                  + "; ".join(f"{c:.2f} s {cmd}" for c, cmd in rows))
+        return elapsed
     finally:
         subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=env, capture_output=True)
 
@@ -67,12 +97,16 @@ def main() -> None:
     parser.add_argument("--image", default="localhost/cifar10-classifier:latest")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cpu-shares", type=int, default=0, help="CPU weight of the container (default 1024)")
+    parser.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment setting for the container, e.g. CIFAR10_WORKERS=2 (repeatable)")
+    parser.add_argument("--cpu", action="store_true", help="print CPU seconds per container process at ready")
     args = parser.parse_args()
     env = container_env(load_config())
-    print(f"load before: {os.getloadavg()}; cpu shares {args.cpu_shares or 'default'}")
+    print(f"image {args.image}; env {args.env or 'image defaults'}; load before: {os.getloadavg()}; "
+          f"cpu shares {args.cpu_shares or 'default'}")
     times = []
     for i in range(args.runs):
-        times.append(start_time(args.image, env, args.cpu_shares))
+        times.append(start_time(args.image, env, args.cpu_shares, extra_env=args.env, cpu=args.cpu))
         print(f"run {i + 1}: podman run -> /readyz 200 in {times[-1]:.2f} s  (load {os.getloadavg()[0]:.2f})")
     size = image_size("podman", args.image, env)
     print(f"median {statistics.median(times):.2f} s, min {min(times):.2f} s over {args.runs} runs; "

@@ -193,12 +193,47 @@ def _png(color=(200, 30, 30)) -> bytes:
     return buf.getvalue()
 
 
+CONTAINER_TOOLS = ("podman", "buildah", "runc", "debootstrap")
+
+
+def require_container_tools(environ=os.environ) -> None:
+    """Skip when a container tool is missing; fail instead under CI (``CI`` set, not false/0).
+
+    `.ci/run` installs the tools, so in CI a missing one is a broken setup that must not
+    pass as a skipped test.
+    """
+    missing = [t for t in CONTAINER_TOOLS if shutil.which(t) is None]
+    if not missing:
+        return
+    why = f"missing {', '.join(missing)}: run .ci/setup-container-tools.sh"
+    if environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"CI={environ['CI']} but {why} (.ci/run installs them)", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.mark.parametrize("ci", ["true", "1"])
+def test_missing_tools_fail_under_ci(monkeypatch, ci):
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "buildah" else f"/usr/bin/{name}")
+    with pytest.raises(pytest.fail.Exception, match=f"CI={ci} but missing buildah: run .ci/setup-container-tools.sh"):
+        require_container_tools({"CI": ci})
+
+
+@pytest.mark.parametrize("environ", [{}, {"CI": "false"}, {"CI": ""}])
+def test_missing_tools_skip_outside_ci(monkeypatch, environ):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match="missing podman, buildah, runc, debootstrap"):
+        require_container_tools(environ)
+
+
+def test_present_tools_neither_skip_nor_fail(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert require_container_tools({"CI": "true"}) is None
+
+
 @pytest.fixture(scope="module")
 def built_image(tmp_path_factory):
     """Run the DAG with a real builder on a tiny dataset; yield (image, env, state)."""
-    missing = [t for t in ("podman", "buildah", "runc", "debootstrap") if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"missing {', '.join(missing)}: run .ci/setup-container-tools.sh")
+    require_container_tools()
     state = tmp_path_factory.mktemp("container-state")
     archive = image_folder_zip(state / "syn.zip", per_class=12)
     config = PipelineConfig(state_dir=str(state))

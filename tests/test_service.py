@@ -37,6 +37,15 @@ def image_bytes(seed: int, size=(32, 32), fmt="JPEG", mode="RGB") -> bytes:
 
 # ---------------------------------------------------------------- unit tests (fast)
 
+def test_model_threads_default_follows_the_configured_workers(monkeypatch):
+    from training import serving_io
+
+    monkeypatch.setattr(serving_io, "_cpu_share", lambda: 4)
+    assert ServingSettings.from_env({"CIFAR10_WORKERS": "1"}).model_threads == 3
+    assert ServingSettings.from_env({"CIFAR10_WORKERS": "4"}).model_threads == 1
+    assert ServingSettings.from_env({"CIFAR10_WORKERS": "1", "CIFAR10_MODEL_THREADS": "2"}).model_threads == 2
+
+
 def test_settings_from_env_overrides_and_rejects_nonpositive():
     s = ServingSettings.from_env({"CIFAR10_MAX_BATCH_SIZE": "8", "CIFAR10_MAX_BODY_BYTES": "1000"})
     assert (s.max_batch_size, s.max_body_bytes, s.max_files) == (8, 1000, ServingSettings().max_files)
