@@ -73,8 +73,10 @@ def _export_from_tensorflow(model, path: Path) -> None:
     import tempfile
 
     root = str(Path(__file__).resolve().parent.parent)
-    code = ("import sys; sys.path.insert(0, sys.argv[3]); import keras, training.model; "
-            "keras.saving.load_model(sys.argv[1]).export(sys.argv[2], format='onnx', verbose=False)")
+    # A loaded model must be called once before Keras exports it.
+    code = ("import sys; sys.path.insert(0, sys.argv[3]); import keras, numpy, training.model; "
+            "m = keras.saving.load_model(sys.argv[1]); m(numpy.zeros((1, 32, 32, 3), 'float32')); "
+            "m.export(sys.argv[2], format='onnx', verbose=False)")
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = str(Path(tmp) / "model.keras")
         model.save(keras_path)
@@ -82,6 +84,6 @@ def _export_from_tensorflow(model, path: Path) -> None:
         done = subprocess.run([sys.executable, "-c", code, keras_path, str(path), root], env=env,
                               capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
-        raise RuntimeError(f"ONNX export in a TensorFlow process failed (exit {done.returncode}); TensorFlow "
-                           f"and tf2onnx must be installed to export a {model.name} trained under JAX:\n"
-                           f"{done.stderr[-3000:]}")
+        raise RuntimeError(f"ONNX export of {model.name} in a TensorFlow child process failed (exit "
+                           f"{done.returncode}); a model trained under JAX needs TensorFlow and tf2onnx "
+                           f"installed for its ONNX export:\n{done.stderr[-3000:]}")
