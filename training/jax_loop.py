@@ -13,11 +13,14 @@ non-trainable variables. ``train.build_and_fit`` calls :func:`fit_jax` when
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
 from training.config import PipelineConfig
+
+log = logging.getLogger(__name__)
 
 # Validation batch, as fit's validation_batch_size; the last batch is padded and masked
 # so that one compiled shape serves every batch.
@@ -61,6 +64,7 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
     if keras.backend.backend() != "jax":
         raise ValueError(f"fit_jax needs KERAS_BACKEND=jax before Keras is imported (backend is "
                          f"{keras.backend.backend()!r}); use loop=fit for other backends")
+    setup_start = time.monotonic()
     x_train, y_train = splits["train"]
     x_val, y_val = splits["val"]
     # Partial last batches are dropped, as in fit's input pipeline (which also serves
@@ -125,6 +129,10 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
         state, zeros, order0, np.int32(0), augment_key, x_dev, y_dev).compile()
     eval_c = jax.jit(eval_step).lower(state, zeros, xv[:val_batch], yv[:val_batch], mask[:val_batch]).compile()
     compile_seconds = time.monotonic() - start
+    # Model building runs eagerly (under JAX each new operation compiles on first use):
+    # on a 30-second budget this counts too.
+    log.info("jit loop: setup %.1f s (model, whitening, data to %s), compile %.1f s, %d steps/epoch of %d",
+             start - setup_start, jax.default_backend(), compile_seconds, steps, batch)
 
     history: dict[str, list[float]] = {}
     for epoch in range(epochs):
@@ -148,6 +156,7 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
         record_epoch(history, epoch, epochs, {k: float(v) for k, v in metrics.items()})
 
     # Hand the trained values back to the Keras variables, then build the float32 copy.
+    finish = time.monotonic()
     trainable, non_trainable, opt_vars = state
     for variables, values in ((model.trainable_variables, trainable),
                               (model.non_trainable_variables, non_trainable),
@@ -155,6 +164,7 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
         for variable, value in zip(variables, values):
             variable.assign(value)
     final = float32_copy(model, config.width_tuple, num_classes)
+    log.info("jit loop: float32 copy ready %.1f s after the last epoch", time.monotonic() - finish)
     return (with_flip_tta(final) if config.tta else final), history
 
 
