@@ -9,6 +9,17 @@ in a private state folder) on ``/work/shared/data/cifar10-train-jpeg.zip`` with 
 images held out as the test split (``test_fraction=0.2``), and prints one line:
 recipe, test accuracy, training minutes (``model.fit`` only), epochs, load average.
 
+On the GPU machine (JAX, no TensorFlow or MLflow there): ``bench/gpu_train.sh`` stages
+what travels and runs, with the Keras JAX backend and the jitted loop (``loop=auto``),
+
+    KERAS_BACKEND=jax python3 bench/bench_train.py --backend jax --bare --recipe airbench94
+
+``--backend`` sets ``KERAS_BACKEND`` before Keras is imported; ``--bare`` trains and
+evaluates without MLflow and ONNX (same split, same ``build_and_fit``, test accuracy
+of the returned model). The RESULT line then also gives the compile seconds and the
+training seconds without them. The backend (and, under JAX, the device) is initialised
+before the clock starts.
+
 Probes (seconds to a minute; for shared machines): ``--probe-steps N`` times N
 optimizer steps per recipe on real images after one warm-up epoch and prints images per
 second, the loss trend and the projected minutes of a full run.
@@ -33,17 +44,67 @@ def _load() -> str:
     return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def _warm_backend() -> str:
+    """Import Keras (and start JAX's device) outside the timed training; return the device."""
+    from training.train import prefer_onednn
+
+    prefer_onednn()  # before TensorFlow is imported (harmless under JAX)
+    start = time.monotonic()
+    import keras
+
+    device = "cpu"
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = str(jax.devices()[0])
+    print(f"backend {keras.backend.backend()} on {device} ready in {time.monotonic() - start:.1f} s", flush=True)
+    return device
+
+
+def _result(config, accuracy: float, train_seconds: float, compile_seconds: float | None, run_id: str) -> None:
+    import keras
+
+    from training.train import choose_loop
+
+    backend = keras.backend.backend()
+    compiled = "n/a" if compile_seconds is None else f"{compile_seconds:.1f}"
+    without = "n/a" if compile_seconds is None else f"{train_seconds - compile_seconds:.1f}"
+    print(f"RESULT recipe={config.recipe} test_accuracy={accuracy:.4f} "
+          f"train_minutes={train_seconds / 60:.2f} epochs={config.epochs} "
+          f"widths={config.widths} tta={config.tta} mixed_precision={config.mixed_precision} "
+          f"backend={backend} loop={choose_loop(config.loop, backend)} train_seconds={train_seconds:.1f} "
+          f"compile_seconds={compiled} train_seconds_without_compile={without} "
+          f"run_id={run_id} ({_load()})", flush=True)
+
+
 def full_run(config, prepared: Path) -> None:
     from mlflow import MlflowClient
 
     from training.train import train
 
     run_id = train(config, prepared)
-    metrics = MlflowClient(tracking_uri=config.tracking_uri).get_run(run_id).data.metrics
-    print(f"RESULT recipe={config.recipe} test_accuracy={metrics['test_accuracy']:.4f} "
-          f"train_minutes={metrics['train_seconds'] / 60:.2f} epochs={config.epochs} "
-          f"widths={config.widths} tta={config.tta} mixed_precision={config.mixed_precision} "
-          f"run_id={run_id} ({_load()})", flush=True)
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    metrics = client.get_run(run_id).data.metrics
+    compiled = client.get_metric_history(run_id, "compile_seconds")
+    _result(config, metrics["test_accuracy"], metrics["train_seconds"],
+            sum(m.value for m in compiled) if compiled else None, run_id)
+
+
+def bare_run(config, prepared: Path) -> None:
+    """Train and test without MLflow or ONNX (the GPU machine has neither)."""
+    import numpy as np
+
+    from training.prepare import load_prepared
+    from training.train import build_and_fit, predict_probabilities
+
+    splits, manifest = load_prepared(prepared)
+    start = time.monotonic()
+    model, history = build_and_fit(config, splits, len(manifest["class_names"]))
+    train_seconds = time.monotonic() - start
+    x_test, y_test = splits["test"]
+    accuracy = float(np.mean(predict_probabilities(model, x_test).argmax(1) == y_test))
+    compiled = history.get("compile_seconds")
+    _result(config, accuracy, train_seconds, sum(compiled) if compiled else None, "none(bare)")
 
 
 def probe(config, prepared: Path, steps: int) -> None:
@@ -92,11 +153,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state", type=Path, default=Path("/tmp/bench-train-state"),
                         help="private state folder (prepared data cache, MLflow store)")
     parser.add_argument("--probe-steps", type=int, default=0, help="probe N steps per epoch instead of full runs")
+    parser.add_argument("--backend", choices=["tensorflow", "jax"],
+                        help="Keras backend (sets KERAS_BACKEND before Keras is imported)")
+    parser.add_argument("--bare", action="store_true",
+                        help="train and test without MLflow/ONNX (e.g. on the GPU machine)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="extra config override, e.g. --set epochs=12 (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
 
     from training.config import load_config
     from training.prepare import prepare
@@ -109,8 +176,11 @@ def main(argv: list[str] | None = None) -> None:
         start = time.monotonic()
         prepared = prepare(args.archive, config)
         print(f"prepared {prepared} in {time.monotonic() - start:.0f} s", flush=True)
+        _warm_backend()
         if args.probe_steps:
             probe(config, prepared, args.probe_steps)
+        elif args.bare:
+            bare_run(config, prepared)
         else:
             full_run(config, prepared)
 

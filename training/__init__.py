@@ -11,6 +11,7 @@ Stages, in the order the Airflow DAG (``dags/cifar10_pipeline.py``) calls them:
 - ``prepare``   stratified seeded splits, validation, manifest and content digest
 - ``model``     the Keras 3 CNN, preprocessing inside
 - ``train``     one MLflow run: fit, evaluate, pictures, ONNX export
+- ``jax_loop``  the jitted training loop for the JAX backend (data on the device; GPUs)
 - ``plots``     learning curves, confusion matrix, sample grid (PNG)
 - ``export``    ONNX export and the Keras/ONNX parity check
 - ``tracking``  MLflow tracking URI and experiment, git commit

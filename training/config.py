@@ -106,6 +106,11 @@ class PipelineConfig:
     bias_lr_scale: float = 64.0
     # Random translation by up to this many pixels (reflect padding), plus flips.
     translate: int = 2
+    # Training loop: "fit" (Keras model.fit, any backend), "jit" (training/jax_loop.py:
+    # one jax.jit step with the uint8 data on the device; JAX backend only) or "auto"
+    # (jit under KERAS_BACKEND=jax, else fit). On a GPU fit took 12-14 s per epoch
+    # where the jitted loop took 0.2-0.35 s (KNOWLEDGE.md).
+    loop: str = "auto"
     # Train in mixed_bfloat16: KNOWLEDGE.md measured 1.3-1.46x on a CPU with native
     # bf16, but this project's 2-core machine has only AVX2 (no avx512_bf16/AMX) and a
     # training step there took 8-11x the CPU time of float32, so it is opt-in (GPUs).

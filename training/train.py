@@ -133,11 +133,25 @@ def make_optimizer(config: PipelineConfig, total_steps: int):
                          momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
 
 
+def record_epoch(history: dict[str, list[float]], epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+    """One epoch's bookkeeping, shared by both training loops: append ``metrics`` to
+    ``history`` (for the learning-curve plot), send them to the active MLflow run, if
+    any, and log one progress line (visible in the Airflow task log)."""
+    try:
+        import mlflow
+    except ImportError:  # the GPU machine's bare benchmark runs without MLflow
+        mlflow = None
+    for key, value in metrics.items():
+        history.setdefault(key, []).append(value)
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics, step=epoch + 1)
+    log.info("epoch %d/%d %.1fs %s", epoch + 1, epochs, metrics["epoch_seconds"],
+             " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+
 def _progress_callback(epochs: int, history: dict[str, list[float]]):
-    """Logs one line per epoch (visible in the Airflow task log), sends metrics to MLflow
-    and appends them to ``history`` (for the learning-curve plot)."""
+    """A Keras callback that times each epoch and hands its logs to :func:`record_epoch`."""
     import keras
-    import mlflow
 
     class Progress(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -145,23 +159,49 @@ def _progress_callback(epochs: int, history: dict[str, list[float]]):
             self.cpu_start = time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            seconds = time.monotonic() - self.start
             # CPU seconds next to wall seconds show how much of the machine the run got.
-            metrics = {k: float(v) for k, v in logs.items()} | {
-                "learning_rate": lr, "epoch_seconds": seconds, "epoch_cpu_seconds": time.process_time() - self.cpu_start}
-            for key, value in metrics.items():
-                history.setdefault(key, []).append(value)
-            mlflow.log_metrics(metrics, step=epoch + 1)
-            log.info("epoch %d/%d %.1fs %s", epoch + 1, epochs, seconds,
-                     " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+            metrics = {k: float(v) for k, v in (logs or {}).items()} | {
+                "learning_rate": lr, "epoch_seconds": time.monotonic() - self.start,
+                "epoch_cpu_seconds": time.process_time() - self.cpu_start}
+            record_epoch(history, epoch, epochs, metrics)
 
     return Progress()
 
 
+def choose_loop(requested: str, backend: str) -> str:
+    """The training loop to use: ``fit`` (Keras ``model.fit``) or ``jit`` (:mod:`training.jax_loop`).
+
+    ``auto`` picks ``jit`` under the JAX backend (on a GPU ``fit`` spends 12-14 s per
+    epoch where the jitted loop needs 0.2-0.35 s, see KNOWLEDGE.md) and ``fit`` otherwise.
+    """
+    if requested == "auto":
+        return "jit" if backend == "jax" else "fit"
+    if requested not in ("fit", "jit"):
+        raise ValueError(f"unknown loop {requested!r}; use auto, fit or jit")
+    if requested == "jit" and backend != "jax":
+        raise ValueError(f"loop=jit needs the JAX backend (KERAS_BACKEND=jax, set before Keras is imported); "
+                         f"the backend is {backend!r}: use loop=auto or loop=fit")
+    return requested
+
+
+def compile_model(config: PipelineConfig, x_train: np.ndarray, num_classes: int, steps_per_epoch: int):
+    """The model (whitening set from ``x_train``), its optimizer and its loss, as both loops use them."""
+    import keras
+
+    from training.model import build_model, set_whitening
+
+    model = build_model(config.width_tuple, num_classes, config.seed,
+                        dtype="mixed_bfloat16" if config.mixed_precision else "float32")
+    set_whitening(model, x_train[:5000])
+    optimizer = make_optimizer(config, steps_per_epoch * config.epochs)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    return model, optimizer, loss
+
+
 def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
-    """Build and fit the model on ``splits``.
+    """Build and fit the model on ``splits`` with the loop ``config.loop`` selects.
 
     Returns the float32 model for evaluation and export (with flip test-time
     augmentation inside when ``config.tta``) and the per-epoch history.
@@ -169,20 +209,16 @@ def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
     prefer_onednn()
     import keras
 
-    from training.model import build_model, float32_copy, set_whitening, with_flip_tta
+    from training.model import float32_copy, with_flip_tta
 
+    if choose_loop(config.loop, keras.backend.backend()) == "jit":
+        from training.jax_loop import fit_jax
+
+        return fit_jax(config, splits, num_classes)
     x_train, y_train = splits["train"]
     x_val, y_val = splits["val"]
-    widths = config.width_tuple
-    model = build_model(widths, num_classes, config.seed,
-                        dtype="mixed_bfloat16" if config.mixed_precision else "float32")
-    set_whitening(model, x_train[:5000])
     data = _batches(x_train, y_train, config.batch_size, num_classes, config.translate, config.seed)
-    model.compile(
-        optimizer=make_optimizer(config, len(data) * config.epochs),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
-    )
+    model, _, _ = compile_model(config, x_train, num_classes, len(data))
     history: dict[str, list[float]] = {}
     model.fit(
         data,
@@ -192,12 +228,18 @@ def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
         callbacks=[_progress_callback(config.epochs, history)],
         verbose=0,
     )
-    final = float32_copy(model, widths, num_classes)
+    final = float32_copy(model, config.width_tuple, num_classes)
     return (with_flip_tta(final) if config.tta else final), history
 
 
 def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Probabilities for uint8 images, calling the model directly (no ``predict`` overhead)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        from training.jax_loop import predict_jax
+
+        return predict_jax(model, x, batch_size)
     out = [np.asarray(model(x[i:i + batch_size].astype(np.float32), training=False))
            for i in range(0, len(x), batch_size)]
     return np.concatenate(out)
