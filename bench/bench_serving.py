@@ -2,11 +2,13 @@
 
 One 32x32 JPEG per request, ``wrk`` (one thread, a Lua multipart body) at concurrency
 1, 8, 32 and 64 against each server in turn on this machine; (d) is ONNX Runtime on
-batches of 64 in this process, no HTTP. The model is ``build_model((32, 64, 128))``,
-untrained (the weights do not change the speed).
+batches of 64 in this process, no HTTP. The model is an untrained ``build_model(widths)``
+(the weights do not change the speed); ``--widths 64,128,128 --tta`` is what the default
+recipe ships, the default ``32,64,128`` without TTA the lighter net of the first
+measurements.
 
     apt-get install -y wrk
-    .venv/bin/python bench/bench_serving.py [--duration 10] [--state /tmp/serving-bench]
+    .venv/bin/python bench/bench_serving.py [--duration 10] [--widths 64,128,128 --tta] [--state DIR]
 
 Prints a Markdown table and writes ``results.json`` into the state folder.
 """
@@ -153,14 +155,19 @@ def main() -> None:
                         help="seconds per wrk run against the slow seed baseline (it needs more for a p99)")
     parser.add_argument("--state", type=Path, default=Path("/tmp/serving-bench"))
     parser.add_argument("--only", default="abcd", help="subset of a, b, c, d to run")
+    parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="conv widths of the model")
+    parser.add_argument("--tta", action="store_true", help="flip TTA inside the model, as training exports it")
     args = parser.parse_args()
+    widths = tuple(int(w) for w in args.widths.split(","))
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install -y wrk")
     args.state.mkdir(parents=True, exist_ok=True)
-    home, keras_path = args.state / "bentoml", args.state / "model.keras"
-    tag_file = args.state / "model_tag"
+    home = args.state / "bentoml"
+    # One cached model per architecture, so runs with other widths never reuse it.
+    tag_file = args.state / f"model_tag_{'_'.join(map(str, widths))}{'_tta' if args.tta else ''}"
+    keras_path = args.state / f"{tag_file.name}.keras"
     if not tag_file.exists():
-        tag_file.write_text(make_serving_model(home, WIDTHS, str(keras_path)))
+        tag_file.write_text(make_serving_model(home, widths, str(keras_path), tta=args.tta))
     tag = tag_file.read_text().strip()
     onnx_path = home / "models" / tag.replace(":", "/") / "model.onnx"
 
@@ -174,7 +181,7 @@ def main() -> None:
     from training.serving_io import ServingSettings
 
     settings = ServingSettings.from_env()
-    results = {"load_before": os.getloadavg(), "model": f"build_model({WIDTHS}) untrained", "tag": tag,
+    results = {"load_before": os.getloadavg(), "model": f"build_model({widths}) untrained, tta={args.tta}", "tag": tag,
                "settings": vars(settings), "cpus": os.cpu_count(), "servers": {}}
     if "d" in args.only:
         results["d_ceiling_img_s"] = {f"threads={t}": ceiling(onnx_path, t) for t in

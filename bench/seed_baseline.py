@@ -13,6 +13,8 @@ import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
+import training.model  # noqa: F401 (registers the model's custom activation and initializer for loading)
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 app = FastAPI(title="seed-style CIFAR-10 baseline")

@@ -37,8 +37,10 @@ class ServingModel:
 
 
 def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path: str | None = None,
-                        name: str = "cifar10-cnn") -> str:
+                        name: str = "cifar10-cnn", tta: bool = False) -> str:
     """Build an untrained ``build_model(widths)``, export it to ONNX, store it under ``home``; return its tag.
+
+    With ``tta``, flip test-time augmentation is inside, as in the models training exports.
 
     With ``keras_path``, the Keras model is also saved there (the seed-style benchmark baseline loads it).
 
@@ -52,9 +54,11 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
 
     from tests.synthetic import CLASSES
     from training.export import export_onnx
-    from training.model import build_model
+    from training.model import build_model, with_flip_tta
 
     model = build_model(widths, num_classes=len(CLASSES))
+    if tta:
+        model = with_flip_tta(model)
     if keras_path:
         model.save(keras_path)
     sample = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
@@ -68,11 +72,13 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
     return str(stored.tag)
 
 
-def make_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path: str | None = None) -> str:
+def make_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path: str | None = None,
+                       tta: bool = False) -> str:
     """Run :func:`build_serving_model` in a fresh interpreter with ``BENTOML_HOME=home``; return the tag."""
     home.mkdir(parents=True, exist_ok=True)
     code = ("from pathlib import Path; from tests.conftest import build_serving_model; "
-            f"print('TAG=' + build_serving_model(Path({str(home)!r}), {tuple(widths)!r}, {keras_path!r}))")
+            f"print('TAG=' + build_serving_model(Path({str(home)!r}), {tuple(widths)!r}, {keras_path!r}, "
+            f"tta={tta!r}))")
     env = {**os.environ, "BENTOML_HOME": str(home), "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
            "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
