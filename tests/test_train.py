@@ -117,3 +117,27 @@ def test_batchnorm_biases_learn_bias_lr_scale_times_faster(scale):
     assert np.abs(beta_1).max() > 0
     np.testing.assert_allclose(beta_s, scale * beta_1, rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(kernel_s, kernel_1, rtol=1e-6, atol=1e-9)
+
+
+def test_prefer_onednn_sets_the_flag_only_before_tensorflow_and_never_over_the_user(monkeypatch, caplog):
+    import os
+    import sys
+
+    from training.train import prefer_onednn
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    prefer_onednn()
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # the user's choice wins
+    prefer_onednn()
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
+
+    # Too late to matter once TensorFlow is loaded: say what to do instead of pretending.
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    monkeypatch.setitem(sys.modules, "tensorflow", object())
+    with caplog.at_level("WARNING"):
+        prefer_onednn()
+    assert "TF_ENABLE_ONEDNN_OPTS" not in os.environ
+    assert "set TF_ENABLE_ONEDNN_OPTS=1 in the environment" in caplog.text
