@@ -20,6 +20,7 @@ from bentoml.exceptions import BadInput, ServiceUnavailable
 from pydantic import BaseModel, Field
 
 from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, prediction
+from training.worker_balance import WorkerBalance
 
 if TYPE_CHECKING:  # numpy is imported where it is used: the `bentoml serve` CLI process needs none of it
     import numpy as np
@@ -96,7 +97,7 @@ class CIFAR10Classifier:
         # the default-recipe net) — time that would only delay readiness (issue 6).
         self._infer(np.zeros((1, 32, 32, 3), dtype=np.uint8))
         self.batcher = MicroBatcher(self._infer, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
-                                    on_batch=BATCH_SIZE.observe)
+                                    on_batch=BATCH_SIZE.observe, concurrency=SETTINGS.model_concurrency)
 
     def _infer(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: pixels.astype("float32")})[0]
@@ -158,6 +159,7 @@ def _finite(value) -> float | None:
 
 CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes,
                                       fields={"/predict": {"file"}, "/predict_batch": {"files"}, "/metadata": set()})
+CIFAR10Classifier.add_asgi_middleware(WorkerBalance, workers=SETTINGS.workers)
 
 
 class _DescribedService(type(CIFAR10Classifier)):

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 
 from tests.conftest import serve_service as _serve
 from tests.conftest import stop_server
+from training import serving_io
 from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +39,11 @@ def image_bytes(seed: int, size=(32, 32), fmt="JPEG", mode="RGB") -> bytes:
 
 # ---------------------------------------------------------------- unit tests (fast)
 
-def test_model_threads_default_follows_the_configured_workers(monkeypatch):
-    from training import serving_io
-
-    monkeypatch.setattr(serving_io, "_cpu_share", lambda: 4)
-    assert ServingSettings.from_env({"CIFAR10_WORKERS": "1"}).model_threads == 3
-    assert ServingSettings.from_env({"CIFAR10_WORKERS": "4"}).model_threads == 1
-    assert ServingSettings.from_env({"CIFAR10_WORKERS": "1", "CIFAR10_MODEL_THREADS": "2"}).model_threads == 2
+def test_model_calls_are_single_threaded_and_run_side_by_side_by_default():
+    s = ServingSettings.from_env({})
+    assert s.model_threads == 1
+    assert s.model_concurrency == serving_io._cpu_share() >= 1  # every core, whichever worker is busy
+    assert ServingSettings.from_env({"CIFAR10_MODEL_CONCURRENCY": "3"}).model_concurrency == 3
 
 
 def test_settings_from_env_overrides_and_rejects_nonpositive():
@@ -81,6 +81,29 @@ def test_batcher_groups_concurrent_requests_and_keeps_order():
     assert first[:, 0].tolist() == [0]
     assert [r[:, 0].tolist() for r in rest] == [[10, 11], [20, 21], [30, 31]]
     assert calls == [1, 6]  # the lone request went alone; the six queued images went together
+
+
+def test_batcher_runs_up_to_concurrency_batches_side_by_side():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def infer(pixels):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+        return np.stack([np.full(10, float(p[0, 0, 0])) for p in pixels])
+
+    async def main(concurrency):
+        batcher = MicroBatcher(infer, max_batch_size=1, max_latency_ms=10_000, concurrency=concurrency)
+        return await asyncio.gather(*(batcher.submit(_pixels([v])) for v in range(6)))
+
+    for concurrency in (1, 2):
+        peak[0] = 0
+        results = asyncio.run(main(concurrency))
+        assert [r[:, 0].tolist() for r in results] == [[v] for v in range(6)]  # each got its own answer
+        assert peak[0] == concurrency
 
 
 def test_batcher_caps_batch_size():
