@@ -1,5 +1,8 @@
 """Serving benchmark, all in one run: (a) the Bento with batching, (b) without, (c) seed style, (d) ceiling.
 
+(e) is BentoML's request path alone (``bench/http_floor.py``: same API shape, no decode,
+no model), the floor under (a).
+
 One 32x32 JPEG per request, ``wrk`` (one thread, a Lua multipart body) at concurrency
 1, 8, 32 and 64 against each server in turn on this machine; (d) is ONNX Runtime on
 batches of 64 in this process, no HTTP. The model is an untrained ``build_model(widths)``
@@ -163,7 +166,7 @@ def main() -> None:
     parser.add_argument("--seed-duration", type=int, default=30,
                         help="seconds per wrk run against the slow seed baseline (it needs more for a p99)")
     parser.add_argument("--state", type=Path, default=Path("/tmp/serving-bench"))
-    parser.add_argument("--only", default="abcd", help="subset of a, b, c, d to run")
+    parser.add_argument("--only", default="abcde", help="subset of a, b, c, d, e to run")
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="conv widths of the model")
     parser.add_argument("--tta", action="store_true", help="flip TTA inside the model, as training exports it")
     args = parser.parse_args()
@@ -208,6 +211,7 @@ def main() -> None:
         "b_no_batching": (bento, {"CIFAR10_MAX_BATCH_SIZE": "1"}, "/predict"),
         "c_seed": ([str(ROOT / ".venv/bin/uvicorn"), "bench.seed_baseline:app", "--host", "127.0.0.1",
                     "--log-level", "warning"], {"SEED_KERAS_MODEL": str(keras_path)}, "/predict"),
+        "e_http_floor": ([str(ROOT / ".venv/bin/bentoml"), "serve", "bench.http_floor:HTTPFloor"], {}, "/predict"),
     }
     for name, (cmd, extra, path) in servers.items():
         if name[0] not in args.only:

@@ -1,4 +1,4 @@
-"""WorkerBalance: a worker over its share of in-flight requests asks clients to reconnect."""
+"""WorkerBalance: a worker over its share of active connections asks clients to reconnect."""
 
 from __future__ import annotations
 
@@ -9,59 +9,58 @@ import bentoml
 from training.worker_balance import WorkerBalance
 
 
-def _app(gate: asyncio.Event):
-    async def app(scope, receive, send):
-        await gate.wait()  # stay in flight until the test lets go
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-    return app
+async def _app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok"})
 
 
-def _worker(index: int, gate: asyncio.Event, tmp_path, monkeypatch) -> WorkerBalance:
-    balance = WorkerBalance(_app(gate), workers=2, slack=2, table_dir=str(tmp_path))
+def _worker(index: int, tmp_path, monkeypatch, window_s: float = 60.0) -> WorkerBalance:
+    balance = WorkerBalance(_app, workers=2, slack=2, window_s=window_s, table_dir=str(tmp_path))
     monkeypatch.setattr(bentoml.server_context, "worker_index", index)
     assert balance._attach()  # maps the table now, as worker `index` would on its first request
     return balance
 
 
-async def _request(balance: WorkerBalance) -> list[tuple[bytes, bytes]]:
+def _request(balance: WorkerBalance, port: int) -> list[tuple[bytes, bytes]]:
     sent = []
 
     async def send(message):
         sent.append(message)
 
-    await balance({"type": "http", "path": "/predict", "headers": []}, None, send)
+    scope = {"type": "http", "path": "/predict", "headers": [], "client": ("127.0.0.1", port)}
+    asyncio.run(balance(scope, None, send))
+    assert sent[-1]["type"] == "http.response.body"  # the answer itself is untouched
     return sent[0]["headers"]
 
 
-def test_a_worker_over_its_share_closes_connections_and_a_fair_one_keeps_them(tmp_path, monkeypatch):
-    async def main():
-        gate = asyncio.Event()
-        busy, idle = _worker(1, gate, tmp_path, monkeypatch), _worker(2, gate, tmp_path, monkeypatch)
-        # Six requests in flight on worker 1, one on worker 2: fair share 3.5 (+2 slack).
-        busy_tasks = [asyncio.create_task(_request(busy)) for _ in range(6)]
-        idle_task = asyncio.create_task(_request(idle))
-        await asyncio.sleep(0.01)
-        assert list(busy._table) == [6, 1]  # both workers see the same table
-        assert busy.over_share() and not idle.over_share()
-        gate.set()
-        return await asyncio.gather(*busy_tasks), await idle_task, list(busy._table)
+def _closes(headers) -> bool:
+    return (b"connection", b"close") in headers
 
-    busy_headers, idle_headers, table_after = asyncio.run(main())
-    assert (b"connection", b"close") in busy_headers[0]  # answered while worker 1 held 6 of 7
-    assert (b"connection", b"close") not in idle_headers
-    assert table_after == [0, 0]  # finished requests leave the count
+
+def test_a_worker_over_its_share_of_connections_closes_one_and_a_fair_one_keeps_them(tmp_path, monkeypatch):
+    busy, idle = _worker(1, tmp_path, monkeypatch), _worker(2, tmp_path, monkeypatch)
+    assert not _closes(_request(idle, 6000))
+    assert not any(_closes(_request(busy, port)) for port in range(5000, 5005))  # 5 of 6: within 3 + 2
+    assert list(busy._table) == [5, 1]  # both workers see the same table
+    # A sixth connection: 6 > 7 / 2 + 2, so worker 1 asks this client to reconnect.
+    assert _closes(_request(busy, 5005))
+    assert list(busy._table) == [5, 1]  # the closed connection no longer counts
+    assert not _closes(_request(idle, 6001))  # worker 2 is below its share
+    assert not _closes(_request(busy, 5000))  # a connection worker 1 keeps goes on as before
+
+
+def test_connections_idle_for_a_window_stop_counting(tmp_path, monkeypatch):
+    busy = _worker(1, tmp_path, monkeypatch, window_s=0.05)
+    for port in range(5000, 5004):
+        _request(busy, port)
+    assert busy._table[0] == 4
+    asyncio.run(asyncio.sleep(0.1))
+    _request(busy, 5000)
+    assert busy._table[0] == 1
 
 
 def test_balancing_is_off_outside_a_bentoml_worker(tmp_path, monkeypatch):
     monkeypatch.setattr(bentoml.server_context, "worker_index", None)
-
-    async def main():
-        gate = asyncio.Event()
-        gate.set()
-        balance = WorkerBalance(_app(gate), workers=2, table_dir=str(tmp_path))
-        return await _request(balance), balance
-
-    headers, balance = asyncio.run(main())
-    assert (b"connection", b"close") not in headers and balance._table is None
-    assert list(tmp_path.iterdir()) == []  # no shared table was created
+    balance = WorkerBalance(_app, workers=2, table_dir=str(tmp_path))
+    assert not _closes(_request(balance, 5000))
+    assert balance._table is None and list(tmp_path.iterdir()) == []  # no shared table was created

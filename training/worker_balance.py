@@ -7,12 +7,13 @@ idles, and one process cannot use 2 cores (its Python request handling holds the
 GIL; measured 54-64% of 2 cores). Throughput at a given concurrency became a lottery
 (c=8: 170-220 req/s when one worker held every connection, 290-395 when both had some).
 
-:class:`WorkerBalance` is an ASGI middleware: each worker publishes its in-flight
-request count in a small shared-memory table (one slot per worker), and a worker
-holding more than its share (total / workers + ``slack``) answers with
-``Connection: close``. HTTP/1.1 clients reconnect and the new connection goes to
-whichever worker accepts first, usually the idle one. Clients that already spread
-evenly never see a close.
+:class:`WorkerBalance` is an ASGI middleware: each worker counts its active
+connections (distinct client address and port seen within the last ``window_s``
+seconds; ASGI shows requests, not connections) and publishes the count in a small
+shared-memory table (one slot per worker). A worker holding more than its share
+(total / workers + ``slack``) answers with ``Connection: close``; HTTP/1.1 clients
+reconnect and the new connection goes to whichever worker accepts first, usually the
+idle one. Clients that already spread evenly never see a close.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import mmap
 import os
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,16 @@ log = logging.getLogger(__name__)
 class WorkerBalance:
     """ASGI middleware: ``Connection: close`` from a worker over its share of in-flight requests."""
 
-    def __init__(self, app, workers: int, slack: int = 2, table_dir: str | None = None) -> None:
+    def __init__(self, app, workers: int, slack: int = 2, window_s: float = 1.0, table_dir: str | None = None) -> None:
         self.app = app
         self.workers = workers
         self.slack = slack
+        self.window_s = window_s
         self.table_dir = table_dir
         self._table: memoryview | None = None
         self._slot = -1
+        self._seen: dict[tuple, float] = {}  # client (host, port) -> when it last sent a request
+        self._pruned = 0.0
 
     def _attach(self) -> bool:
         """Map the shared table on first use (in the worker, after BentoML set its index)."""
@@ -66,22 +71,28 @@ class WorkerBalance:
         return True
 
     def over_share(self) -> bool:
-        """Whether this worker holds more than its share of the server's in-flight requests."""
+        """Whether this worker holds more than its share of the server's active connections."""
         table = self._table
         return table[self._slot] > sum(table) / self.workers + self.slack
 
+    def _saw(self, client: tuple, now: float) -> None:
+        self._seen[client] = now
+        if now - self._pruned > self.window_s / 4:  # forget connections idle for a window
+            self._pruned = now
+            self._seen = {c: t for c, t in self._seen.items() if now - t <= self.window_s}
+        self._table[self._slot] = len(self._seen)
+
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not self._attach():
+        if scope["type"] != "http" or not scope.get("client") or not self._attach():
             return await self.app(scope, receive, send)
-        table, slot = self._table, self._slot
-        table[slot] += 1
+        client = tuple(scope["client"])
+        self._saw(client, time.monotonic())
 
         async def send_or_close(message) -> None:
             if message["type"] == "http.response.start" and self.over_share():
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                self._seen.pop(client, None)  # it will reconnect, maybe to another worker
+                self._table[self._slot] = len(self._seen)
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_or_close)
-        finally:
-            table[slot] -= 1
+        await self.app(scope, receive, send_or_close)

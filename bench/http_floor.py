@@ -1,0 +1,31 @@
+"""(e) of bench/bench_serving.py: BentoML's request path alone, no image decode and no model.
+
+Same API shape as ``service.py`` (multipart ``file`` as a ``Path``, a JSON object back),
+same workers, access-log setting and connection balancing, and a fixed answer: what
+one request costs in BentoML itself on this machine, the floor under (a).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bentoml
+from pydantic import Field
+
+from training.serving_io import ServingSettings
+from training.worker_balance import WorkerBalance
+
+SETTINGS = ServingSettings.from_env()
+
+
+@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 30, "max_concurrency": SETTINGS.max_concurrency},
+                 logging={"access": {"enabled": bool(SETTINGS.access_log)}})
+class HTTPFloor:
+    """Answers every upload with the same prediction."""
+
+    @bentoml.api(route="/predict")
+    async def predict(self, file: Path = Field(description="Any file; it is not read")) -> dict:
+        return {"label": "cat", "class_id": 3, "confidence": 1.0}
+
+
+HTTPFloor.add_asgi_middleware(WorkerBalance, workers=SETTINGS.workers)
