@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class WorkerBalance:
-    """ASGI middleware: ``Connection: close`` from a worker over its share of in-flight requests."""
+    """ASGI middleware: ``Connection: close`` from a worker over its share of active connections."""
 
     def __init__(self, app, workers: int, slack: int = 2, window_s: float = 1.0, table_dir: str | None = None) -> None:
         self.app = app
@@ -54,7 +54,7 @@ class WorkerBalance:
             return False
         # All workers of one server are children of the same arbiter process.
         folder = Path(self.table_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()))
-        path = folder / f"cifar10-inflight-{os.getuid()}-{os.getppid()}"
+        path = folder / f"cifar10-connections-{os.getuid()}-{os.getppid()}"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
