@@ -159,7 +159,8 @@ def _finite(value) -> float | None:
 
 CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes,
                                       fields={"/predict": {"file"}, "/predict_batch": {"files"}, "/metadata": set()})
-CIFAR10Classifier.add_asgi_middleware(WorkerBalance, workers=SETTINGS.workers)
+if SETTINGS.balance_connections:
+    CIFAR10Classifier.add_asgi_middleware(WorkerBalance, workers=SETTINGS.workers)
 
 
 class _DescribedService(type(CIFAR10Classifier)):

@@ -1,7 +1,8 @@
 """Serving benchmark, all in one run: (a) the Bento with batching, (b) without, (c) seed style, (d) ceiling.
 
 (e) is BentoML's request path alone (``bench/http_floor.py``: same API shape, no decode,
-no model), the floor under (a).
+no model), the floor under (a). The servers run with ``CIFAR10_BALANCE_CONNECTIONS=1``
+unless the environment sets it (``=0`` measures without connection balancing).
 
 One 32x32 JPEG per request, ``wrk`` (one thread, a Lua multipart body) at concurrency
 1, 8, 32 and 64 against each server in turn on this machine; (d) is ONNX Runtime on
@@ -193,7 +194,8 @@ def main() -> None:
     from training.serving_io import ServingSettings
 
     settings = ServingSettings.from_env()
-    results = {"load_before": os.getloadavg(), "model": f"build_model({widths}) untrained, tta={args.tta}", "tag": tag,
+    results = {"balance_connections": os.environ.get("CIFAR10_BALANCE_CONNECTIONS", "1"),
+               "load_before": os.getloadavg(), "model": f"build_model({widths}) untrained, tta={args.tta}", "tag": tag,
                "settings": vars(settings), "cpus": os.cpu_count(), "servers": {}}
     if "d" in args.only:
         # As served (model_concurrency single-threaded calls side by side), and one call
@@ -205,6 +207,9 @@ def main() -> None:
         print("d:", results["d_ceiling_img_s"], flush=True)
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": str(ROOT)}
+    # wrk opens all its connections at once; without balancing, whichever worker is awake
+    # takes most of them and the figures become a lottery (see training/worker_balance.py).
+    env.setdefault("CIFAR10_BALANCE_CONNECTIONS", "1")
     bento = [str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier", "--arg", f"model_tag={tag}"]
     servers = {
         "a_batching": (bento, {}, "/predict"),

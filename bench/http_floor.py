@@ -1,7 +1,7 @@
 """(e) of bench/bench_serving.py: BentoML's request path alone, no image decode and no model.
 
 Same API shape as ``service.py`` (multipart ``file`` as a ``Path``, a JSON object back),
-same workers, access-log setting and connection balancing, and a fixed answer: what
+same workers, access-log and connection-balancing settings, and a fixed answer: what
 one request costs in BentoML itself on this machine, the floor under (a).
 """
 
@@ -28,4 +28,5 @@ class HTTPFloor:
         return {"label": "cat", "class_id": 3, "confidence": 1.0}
 
 
-HTTPFloor.add_asgi_middleware(WorkerBalance, workers=SETTINGS.workers)
+if SETTINGS.balance_connections:
+    HTTPFloor.add_asgi_middleware(WorkerBalance, workers=SETTINGS.workers)

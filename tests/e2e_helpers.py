@@ -26,7 +26,11 @@ def free_port() -> int:
 
 def stop_server(proc: subprocess.Popen) -> None:
     """Stop a server started with ``start_new_session=True`` and all its children (BentoML workers)."""
-    os.killpg(proc.pid, 15)
+    try:
+        os.killpg(proc.pid, 15)
+    except ProcessLookupError:  # it already exited (a failed start): let the test report why, not this
+        proc.wait()
+        return
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:

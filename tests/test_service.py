@@ -356,3 +356,24 @@ def test_overload_gives_429_and_503_never_500(serving_model, tmp_path):
         stop_server(proc)
     assert set(codes) <= {200, 429, 503}, codes
     assert 429 in codes, codes
+
+
+def test_every_training_module_the_service_imports_is_in_the_bento():
+    """A module missing from bentofile.yaml's include breaks only the built Bento and its image, late."""
+    import ast
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    included = set(yaml.safe_load((root / "bentofile.yaml").read_text())["include"])
+    todo, seen = ["service.py"], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse((root / path).read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            todo += [name.replace(".", "/") + ".py" for name in names if name.startswith("training.")]
+    assert seen - included == set(), f"add to bentofile.yaml include: {sorted(seen - included)}"
