@@ -193,9 +193,12 @@ def main() -> None:
 
     from training.serving_io import ServingSettings
 
+    # wrk opens all its connections at once; without balancing, whichever worker is awake
+    # takes most of them and the figures become a lottery (see training/worker_balance.py).
+    # Set here, so the servers inherit it and the reported settings show it.
+    os.environ.setdefault("CIFAR10_BALANCE_CONNECTIONS", "1")
     settings = ServingSettings.from_env()
-    results = {"balance_connections": os.environ.get("CIFAR10_BALANCE_CONNECTIONS", "1"),
-               "load_before": os.getloadavg(), "model": f"build_model({widths}) untrained, tta={args.tta}", "tag": tag,
+    results = {"load_before": os.getloadavg(), "model": f"build_model({widths}) untrained, tta={args.tta}", "tag": tag,
                "settings": vars(settings), "cpus": os.cpu_count(), "servers": {}}
     if "d" in args.only:
         # As served (model_concurrency single-threaded calls side by side), and one call
@@ -207,9 +210,6 @@ def main() -> None:
         print("d:", results["d_ceiling_img_s"], flush=True)
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": str(ROOT)}
-    # wrk opens all its connections at once; without balancing, whichever worker is awake
-    # takes most of them and the figures become a lottery (see training/worker_balance.py).
-    env.setdefault("CIFAR10_BALANCE_CONNECTIONS", "1")
     bento = [str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier", "--arg", f"model_tag={tag}"]
     servers = {
         "a_batching": (bento, {}, "/predict"),

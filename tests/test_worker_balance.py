@@ -64,3 +64,12 @@ def test_balancing_is_off_outside_a_bentoml_worker(tmp_path, monkeypatch):
     balance = WorkerBalance(_app, workers=2, table_dir=str(tmp_path))
     assert not _closes(_request(balance, 5000))
     assert balance._table is None and list(tmp_path.iterdir()) == []  # no shared table was created
+
+
+def test_a_table_that_cannot_be_mapped_turns_balancing_off_and_says_where(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(bentoml.server_context, "worker_index", 1)
+    balance = WorkerBalance(_app, workers=2, table_dir=str(tmp_path / "missing"))
+    with caplog.at_level("WARNING", logger="training.worker_balance"):
+        assert not _closes(_request(balance, 5000))  # the request is still answered
+    assert balance.workers == 1 and balance._table is None
+    assert "worker balancing off: cannot map" in caplog.text and str(tmp_path / "missing") in caplog.text
