@@ -146,9 +146,9 @@ async def _post_huge_body(base_url: str, path: str, framing: str) -> int:
     """POST 4x the body limit the way curl sends a large body; return the final status.
 
     ``Expect: 100-continue``, body only after ``100 Continue``, and stop sending at the
-    first final answer. A client that writes the whole body before reading (httpx) can
-    get a connection reset instead of the 413 when the server is busy: the server answers
-    early and closes with unread bytes in its socket, as HTTP/1.1 allows.
+    first final answer. The server answers early and then lingers, reading and dropping
+    the rest before it closes (``_refuse_unread``); without that, a write racing the close
+    got a reset here (``BrokenPipeError`` instead of 413, in one fresh-clone CI run).
     """
     url = httpx.URL(base_url)
     reader, writer = await asyncio.open_connection(url.host, url.port)

@@ -50,8 +50,11 @@ def test_settings_from_env_overrides_and_rejects_nonpositive():
     s = ServingSettings.from_env({"CIFAR10_MAX_BATCH_SIZE": "8", "CIFAR10_MAX_BODY_BYTES": "1000"})
     assert (s.max_batch_size, s.max_body_bytes, s.max_files) == (8, 1000, ServingSettings().max_files)
     assert s.model_threads >= 1
-    with pytest.raises(ValueError, match="CIFAR10_MAX_FILES"):
+    with pytest.raises(ValueError, match="CIFAR10_MAX_FILES='0': must be a positive integer"):
         ServingSettings.from_env({"CIFAR10_MAX_FILES": "0"})
+    assert ServingSettings.from_env({"CIFAR10_ACCESS_LOG": "0"}).access_log == 0  # switches may be off
+    with pytest.raises(ValueError, match=r"CIFAR10_BALANCE_CONNECTIONS='2': must be 0 \(off\) or 1 \(on\)"):
+        ServingSettings.from_env({"CIFAR10_BALANCE_CONNECTIONS": "2"})
 
 
 def _fake_model(calls: list[int], delay: float = 0.0):
@@ -168,6 +171,29 @@ def test_guard_refuses_large_declared_and_chunked_bodies():
     resp = client.post("/", content=iter([b"x" * 60, b"x" * 60]))  # no length: chunked
     assert resp.status_code == 413
     assert client.post("/", content=iter([b"x" * 30, b"x" * 30])).json() == {"received": 60}
+
+
+def test_guard_drops_the_rest_of_a_refused_body_for_at_most_linger_s():
+    """After an early 413 the guard reads on (so the close sends no reset), but not forever."""
+    sent, reads = [], 0
+
+    async def endless_body():  # a client that never stops sending
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.001)
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    guard = RequestGuard(None, max_body_bytes=100, linger_s=0.2)
+    scope = {"type": "http", "path": "/", "headers": [(b"content-length", b"5000000")]}
+    t0 = time.perf_counter()
+    asyncio.run(guard(scope, endless_body, send))
+    assert 0.2 <= time.perf_counter() - t0 < 2 and reads > 10
+    assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+    assert sent[1]["more_body"] and b"limit" in sent[1]["body"]  # the answer went out before the drain
+    assert sent[-1] == {"type": "http.response.body", "body": b""}  # then the response ends: uvicorn closes
 
 
 def test_guard_refuses_unknown_form_fields():
@@ -291,6 +317,40 @@ def test_body_over_limit_gets_413(server):
     resp = httpx.post(f"{server}/predict", content=big, timeout=30,
                       headers={"Content-Type": "multipart/form-data; boundary=x"})
     assert resp.status_code == 413 and "limit" in resp.json()["error"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_that_writes_the_whole_body_first_still_reads_its_413(server, framing):
+    """An asyncio client writes the whole body, then reads: a 413 reaches it only if the server lingers.
+
+    Closing with unread bytes makes the kernel reset the connection; asyncio drops the
+    connection at the first failed write, with the answer unread (``ConnectionResetError``).
+    """
+    url = httpx.URL(server)
+
+    async def post() -> int | str:
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        total, piece = 10 * MAX_BODY, b"\0" * 65536
+        length = "Transfer-Encoding: chunked" if framing == "chunked" else f"Content-Length: {total}"
+        try:
+            writer.write(f"POST /predict HTTP/1.1\r\nHost: {url.host}\r\n{length}\r\n"
+                         "Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode())
+            for _ in range(0, total, len(piece)):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece)
+                await writer.drain()
+            writer.write(b"0\r\n\r\n" if framing == "chunked" else b"")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            return int(head.split()[1])
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            return type(exc).__name__
+        finally:
+            writer.close()
+
+    async def main():
+        return [await post() for _ in range(10)]
+
+    assert asyncio.run(main()) == [413] * 10
 
 
 @pytest.mark.e2e

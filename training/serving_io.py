@@ -72,21 +72,24 @@ class ServingSettings:
     # can still use every core.
     model_concurrency: int = max(1, _cpu_share())
     # 1: spread keep-alive connections over the workers (training/worker_balance.py): a
-    # worker over its share answers `Connection: close`. Off by default: in an httpx burst
-    # of 768 requests at concurrency 256, 1 request in about 3 runs got a connection reset
-    # (ReadError) with it on, none in 4 runs with it off; wrk saw no errors either way.
+    # worker over its share answers `Connection: close`. Without it a burst of connections
+    # lands mostly on one worker (30/2 of 32 seen), and one process caps at ~60% of 2
+    # cores. Off by default: with it on, an httpx burst of 768 requests at concurrency 256
+    # got connection resets (ReadError) in 2 of 13 runs; cause not found (README, Serving).
     balance_connections: int = 0
     access_log: int = 1  # 1: one log line per request (BentoML access log); 0: off, saves CPU under load
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServingSettings:
-        """Defaults overridden by ``CIFAR10_MAX_BATCH_SIZE`` etc.; rejects non-positive values."""
+        """Defaults overridden by ``CIFAR10_MAX_BATCH_SIZE`` etc.; rejects non-positive counts and switches not 0/1."""
         environ = os.environ if environ is None else environ
         values = {}
         for name, default in asdict(cls()).items():
             raw = environ.get(f"CIFAR10_{name.upper()}")
             value = default if raw is None else int(raw)
-            if value < (0 if name in ("access_log", "balance_connections") else 1):
+            if name in ("access_log", "balance_connections") and value not in (0, 1):
+                raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be 0 (off) or 1 (on)")
+            if value < 1 and name not in ("access_log", "balance_connections"):
                 raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be a positive integer")
             values[name] = value
         return cls(**values)
@@ -205,11 +208,37 @@ async def _send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+async def _refuse_unread(receive, send, status: int, body: dict, linger_s: float) -> None:
+    """Answer ``status`` before the request body was read, then drop what the client still sends.
+
+    Closing a socket with unread bytes in it makes the kernel send a reset, and a client
+    that gives up at its first failed write (asyncio streams: ``ConnectionResetError``)
+    loses the answer it already received (tests/test_service.py reproduces it). Like
+    nginx's lingering close, the answer goes out first, then the rest of the body is read
+    and dropped until it ends or for at most ``linger_s``; only then does the connection close.
+    """
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload, "more_body": True})
+    deadline = time.monotonic() + linger_s
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            message = await asyncio.wait_for(receive(), left)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+    except asyncio.TimeoutError:
+        pass  # a client still sending after linger_s gets the reset; it had the answer that long
+    await send({"type": "http.response.body", "body": b""})
+
+
 class RequestGuard:
     """ASGI middleware: 413 for bodies over ``max_body_bytes``, 400 for unknown form fields, one-object errors.
 
     - A declared ``Content-Length`` over the limit is refused before any byte of the
-      body is read; a chunked body is read only up to the limit.
+      body is read; a chunked body is read only up to the limit. After such a 413 the
+      connection lingers (see :func:`_refuse_unread`) so that the client reads the answer.
     - ``fields`` maps a route to its multipart file fields; such a route's form body is
       parsed here first (Starlette's parser, as BentoML's) and refused with 400 when
       BentoML 1.4.40 would answer 500 or do something unsafe: an unknown field holding
@@ -223,10 +252,12 @@ class RequestGuard:
       the object itself.
     """
 
-    def __init__(self, app, max_body_bytes: int, fields: dict[str, set[str]] | None = None) -> None:
+    def __init__(self, app, max_body_bytes: int, fields: dict[str, set[str]] | None = None,
+                 linger_s: float = 2.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.fields = fields or {}
+        self.linger_s = linger_s  # most seconds spent dropping the rest of a refused body
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -236,7 +267,9 @@ class RequestGuard:
         if length is not None and not length.isdigit():
             return await _send_json(send, 400, {"error": "invalid Content-Length header"})
         if length is not None and int(length) > self.max_body_bytes:
-            return await _send_json(send, 413, self._too_big())
+            if headers.get(b"expect", b"").lower() == b"100-continue":  # the client waits: nothing is in flight
+                return await _send_json(send, 413, self._too_big())
+            return await _refuse_unread(receive, send, 413, self._too_big(), self.linger_s)
         allowed = self.fields.get(scope["path"])
         if allowed is not None or (length is None and b"chunked" in headers.get(b"transfer-encoding", b"")):
             messages, size = [], 0
@@ -245,7 +278,7 @@ class RequestGuard:
                 messages.append(message)
                 size += len(message.get("body", b""))
                 if size > self.max_body_bytes:
-                    return await _send_json(send, 413, self._too_big())
+                    return await _refuse_unread(receive, send, 413, self._too_big(), self.linger_s)
                 if message["type"] != "http.request" or not message.get("more_body"):
                     break
             if allowed is not None and (error := await _form_error(headers, messages, scope["path"], allowed)):
