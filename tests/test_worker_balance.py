@@ -21,14 +21,26 @@ def _worker(index: int, tmp_path, monkeypatch, window_s: float = 60.0) -> Worker
     return balance
 
 
-def _request(balance: WorkerBalance, port: int) -> list[tuple[bytes, bytes]]:
-    sent = []
+async def _reads_the_body_then_answers(scope, receive, send):
+    while (await receive()).get("more_body"):
+        pass
+    await _app(scope, receive, send)
+
+
+def _request(balance: WorkerBalance, port: int, body: list[bytes] | None = None) -> list[tuple[bytes, bytes]]:
+    """Send one request (``body``: its pieces, as uvicorn would deliver them); return the answer's headers."""
+    sent, pieces = [], list(body or [])
+
+    async def receive():
+        piece = pieces.pop(0)
+        return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
 
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "path": "/predict", "headers": [], "client": ("127.0.0.1", port)}
-    asyncio.run(balance(scope, None, send))
+    headers = [(b"content-length", str(sum(map(len, body))).encode())] if body else []
+    scope = {"type": "http", "path": "/predict", "headers": headers, "client": ("127.0.0.1", port)}
+    asyncio.run(balance(scope, receive, send))
     assert sent[-1]["type"] == "http.response.body"  # the answer itself is untouched
     return sent[0]["headers"]
 
@@ -47,6 +59,16 @@ def test_a_worker_over_its_share_of_connections_closes_one_and_a_fair_one_keeps_
     assert list(busy._table) == [5, 1]  # the closed connection no longer counts
     assert not _closes(_request(idle, 6001))  # worker 2 is below its share
     assert not _closes(_request(busy, 5000))  # a connection worker 1 keeps goes on as before
+
+
+def test_an_answer_before_the_body_was_read_keeps_the_connection(tmp_path, monkeypatch):
+    """Closing with body bytes still in flight resets the connection: the client would lose the answer."""
+    busy = _worker(1, tmp_path, monkeypatch)
+    for port in range(5000, 5010):  # 10 connections on worker 1, none on worker 2: far over its share
+        _request(busy, port)
+    assert not _closes(_request(busy, 5010, body=[b"part 1", b"part 2"]))  # _app answers without reading
+    busy.app = _reads_the_body_then_answers
+    assert _closes(_request(busy, 5011, body=[b"part 1", b"part 2"]))
 
 
 def test_connections_idle_for_a_window_stop_counting(tmp_path, monkeypatch):

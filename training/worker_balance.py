@@ -14,6 +14,11 @@ shared-memory table (one slot per worker). A worker holding more than its share
 (total / workers + ``slack``) answers with ``Connection: close``; HTTP/1.1 clients
 reconnect and the new connection goes to whichever worker accepts first, usually the
 idle one. Clients that already spread evenly never see a close.
+
+A close is only added after the app has read the whole request body. An early answer
+(BentoML's 429, a 413) leaves body bytes in flight; closing then makes the kernel send
+a reset, and a client still writing its body loses the answer (httpx: ``ReadError``).
+Kept open, uvicorn reads and drops the rest, and the next request can balance instead.
 """
 
 from __future__ import annotations
@@ -87,12 +92,21 @@ class WorkerBalance:
             return await self.app(scope, receive, send)
         client = tuple(scope["client"])
         self._saw(client, time.monotonic())
+        headers = dict(scope.get("headers") or ())
+        body_read = b"transfer-encoding" not in headers and headers.get(b"content-length", b"0") == b"0"
+
+        async def receive_and_note() -> dict:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read = True
+            return message
 
         async def send_or_close(message) -> None:
-            if message["type"] == "http.response.start" and self.over_share():
+            if message["type"] == "http.response.start" and body_read and self.over_share():
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
                 self._seen.pop(client, None)  # it will reconnect, maybe to another worker
                 self._table[self._slot] = len(self._seen)
             await send(message)
 
-        await self.app(scope, receive, send_or_close)
+        await self.app(scope, receive_and_note, send_or_close)
