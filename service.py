@@ -19,7 +19,7 @@ import bentoml
 from bentoml.exceptions import BadInput, ServiceUnavailable
 from pydantic import BaseModel, Field
 
-from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, prediction
+from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, UNTRACED, Upload, prediction
 from training.worker_balance import WorkerBalance
 
 if TYPE_CHECKING:  # numpy is imported where it is used: the `bentoml serve` CLI process needs none of it
@@ -76,7 +76,8 @@ class Metadata(BaseModel):
 
 @bentoml.service(description=DESCRIPTION, resources={"cpu": "1"}, workers=SETTINGS.workers,
                  traffic={"timeout": 30, "max_concurrency": SETTINGS.max_concurrency},
-                 logging={"access": {"enabled": bool(SETTINGS.access_log)}})
+                 logging={"access": {"enabled": bool(SETTINGS.access_log)}},
+                 **({} if SETTINGS.trace_requests else {"tracing": {"excluded_urls": UNTRACED}}))
 class CIFAR10Classifier:
     """CIFAR-10 image classifier."""
 
@@ -102,14 +103,14 @@ class CIFAR10Classifier:
     def _infer(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: pixels.astype("float32")})[0]
 
-    async def _classify(self, files: list[Path]) -> list[Prediction]:
+    async def _classify(self, files: list[Upload]) -> list[Prediction]:
         import numpy as np
 
         from training.images import InvalidImage, decode_image
 
         pixels = []
         for i, file in enumerate(files):
-            data = Path(file).read_bytes()
+            data = file.data
             try:
                 pixels.append(await asyncio.to_thread(decode_image, data) if len(data) > THREAD_DECODE_BYTES
                               else decode_image(data))
@@ -123,12 +124,12 @@ class CIFAR10Classifier:
         return [Prediction(**prediction(p, self.class_names)) for p in probs]
 
     @bentoml.api(route="/predict")
-    async def predict(self, file: Path = Field(description="An image: PNG, JPEG, BMP, GIF or WebP")) -> Prediction:
+    async def predict(self, file: Upload = Field(description="An image: PNG, JPEG, BMP, GIF or WebP")) -> Prediction:
         """Classify one uploaded image (multipart field `file`)."""
         return (await self._classify([file]))[0]
 
     @bentoml.api(route="/predict_batch")
-    async def predict_batch(self, files: list[Path] = Field(description="Images, repeated field `files`")
+    async def predict_batch(self, files: list[Upload] = Field(description="Images, repeated field `files`")
                             ) -> list[Prediction]:
         """Classify several images (repeated multipart field `files`); answers in input order."""
         if not files:

@@ -1,30 +1,29 @@
 """(e) of bench/bench_serving.py: BentoML's request path alone, no image decode and no model.
 
-Same API shape as ``service.py`` (multipart ``file`` as a ``Path``, a JSON object back),
-same workers, access-log and connection-balancing settings, and a fixed answer: what
-one request costs in BentoML itself on this machine, the floor under (a).
+Same API shape as ``service.py`` (multipart ``file`` as an in-memory ``Upload``, a JSON
+object back), same workers, access-log, tracing and connection-balancing settings, and a
+fixed answer: what one request costs in BentoML itself on this machine, the floor under (a).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import bentoml
 from pydantic import Field
 
-from training.serving_io import ServingSettings
+from training.serving_io import UNTRACED, ServingSettings, Upload
 from training.worker_balance import WorkerBalance
 
 SETTINGS = ServingSettings.from_env()
 
 
 @bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 30, "max_concurrency": SETTINGS.max_concurrency},
-                 logging={"access": {"enabled": bool(SETTINGS.access_log)}})
+                 logging={"access": {"enabled": bool(SETTINGS.access_log)}},
+                 **({} if SETTINGS.trace_requests else {"tracing": {"excluded_urls": UNTRACED}}))
 class HTTPFloor:
     """Answers every upload with the same prediction."""
 
     @bentoml.api(route="/predict")
-    async def predict(self, file: Path = Field(description="Any file; it is not read")) -> dict:
+    async def predict(self, file: Upload = Field(description="Any file; it is not read")) -> dict:
         return {"label": "cat", "class_id": 3, "confidence": 1.0}
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from tests.conftest import serve_service as _serve
 from tests.conftest import stop_server
 from training import serving_io
-from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings
+from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, Upload
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BODY = 300_000  # small limit so the 413 tests send little
@@ -173,6 +173,16 @@ def test_guard_refuses_large_declared_and_chunked_bodies():
     assert client.post("/", content=iter([b"x" * 30, b"x" * 30])).json() == {"received": 60}
 
 
+def test_upload_keeps_the_form_part_in_memory():
+    from starlette.datastructures import UploadFile
+
+    upload = Upload.from_form(UploadFile(io.BytesIO(b"\x89PNG..."), filename="../../etc/car.png"))
+    assert upload.data == b"\x89PNG..." and str(upload) == "car.png"  # the client's name, no directories
+    assert Upload.from_form(b"raw").data == b"raw"
+    with pytest.raises(ValueError, match="expected an uploaded file"):
+        Upload.from_form("http://example.com/car.png")  # text in a file field is never fetched
+
+
 def test_guard_drops_the_rest_of_a_refused_body_for_at_most_linger_s():
     """After an early 413 the guard reads on (so the close sends no reset), but not forever."""
     sent, reads = [], 0
@@ -211,10 +221,14 @@ def test_guard_answers_errors_as_one_object():
 
 # ---------------------------------------------------------------- e2e: a real `bentoml serve`
 
+SERVER_LOG: list[Path] = []  # the module server's log file
+
+
 @pytest.fixture(scope="module")
 def server(serving_model, tmp_path_factory):
     """The service as shipped (default workers), small body and file limits; yields its base URL."""
-    proc, url = _serve(serving_model, tmp_path_factory.mktemp("serve") / "serve.log",
+    SERVER_LOG[:] = [tmp_path_factory.mktemp("serve") / "serve.log"]
+    proc, url = _serve(serving_model, SERVER_LOG[0],
                        {"CIFAR10_MAX_BODY_BYTES": str(MAX_BODY), "CIFAR10_MAX_FILES": str(MAX_FILES),
                         "CIFAR10_MAX_LATENCY_MS": "20000"})
     try:
@@ -400,8 +414,27 @@ def test_swagger_health_and_metrics(server):
     assert "img.shields.io" not in json.dumps(spec) and "CIFAR-10" in spec["info"]["description"]
     example = spec["components"]["schemas"]["Prediction"]["properties"]["label"]["examples"]
     assert example == ["automobile"]
+    # The in-memory Upload type documents its parts as files, as a Path input does: Swagger's file picker.
+    form = {path: spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+            for path in ("/predict", "/predict_batch")}
+    assert {k: form["/predict"]["properties"]["file"][k] for k in ("type", "format")} == {"type": "string",
+                                                                                       "format": "binary"}
+    assert form["/predict_batch"]["properties"]["files"]["items"] == {"type": "string", "format": "binary"}
     for path in ("/healthz", "/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{server}{path}", timeout=30).status_code == 200, path
+
+
+@pytest.mark.e2e
+def test_api_routes_are_left_out_of_tracing_by_default(server):
+    """CIFAR10_TRACE_REQUESTS=0 (default): no OpenTelemetry span for the API; other routes keep theirs."""
+    assert ServingSettings.from_env({}).trace_requests == 0
+    assert _predict(server, image_bytes(1)).status_code == 200
+    assert httpx.get(f"{server}/docs.json", timeout=30).status_code == 200
+    lines = SERVER_LOG[0].read_text().splitlines()
+    api = [line for line in lines if "path=/predict," in line and "status=200" in line]
+    docs = [line for line in lines if "path=/docs.json," in line]
+    assert api and docs
+    assert not any("trace=" in line for line in api) and all("trace=" in line for line in docs)
 
 
 @pytest.mark.e2e
