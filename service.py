@@ -99,6 +99,14 @@ class CIFAR10Classifier:
         self._infer(np.zeros((1, 32, 32, 3), dtype=np.uint8))
         self.batcher = MicroBatcher(self._infer, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
                                     on_batch=BATCH_SIZE.observe, concurrency=SETTINGS.model_concurrency)
+        # Everything loaded so far (BentoML, pydantic, ONNX Runtime bindings) lives as long as the
+        # worker: move it out of the garbage collector's reach, so full collections under load
+        # scan only what requests create. A/B at concurrency 32, 5 alternating runs: 360 -> 385
+        # req/s, p99 223 -> 187 ms (means; bench/ab_serving.sh).
+        import gc
+
+        gc.collect()
+        gc.freeze()
 
     def _infer(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: pixels.astype("float32")})[0]
