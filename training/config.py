@@ -107,6 +107,9 @@ class PipelineConfig:
     # BatchNorm biases learn this many times faster than the weights (airbench's
     # bias_scaler; its ablation: 94% in 18 instead of 22 epochs).
     bias_lr_scale: float = 64.0
+    # airbench94's Lookahead (training/lookahead.py): every 5 steps the weights are
+    # pulled to a slow copy, which the trained model becomes. `fit` loop only.
+    lookahead: bool = False
     # Random translation by up to this many pixels (reflect padding), plus flips.
     translate: int = 2
     # Training loop: "fit" (Keras model.fit, any backend), "jit" (training/jax_loop.py:
