@@ -44,6 +44,12 @@ def child() -> dict:
     inner = model.get_layer("cifar10_cnn")  # the float32 net inside the TTA wrapper (what ONNX gets)
     reference = build_model(config.width_tuple, NUM_CLASSES)
 
+    # The same data with Lookahead (airbench94's recipe on the GPU): 2 epochs of 6 steps of 32,
+    # so pulls after steps 5 and 10, and the final one.
+    ahead = load_config({"recipe": "tiny", "epochs": 2, "seed": 3, "lookahead": True}, environ={})
+    ahead_model, ahead_history = build_and_fit(ahead, splits, NUM_CLASSES)
+    ahead_probs = predict_probabilities(ahead_model, x[192:])
+
     images = x[:8]
     key = jax.random.key(7)
     out = np.asarray(augment(key, images, 2))
@@ -65,6 +71,8 @@ def child() -> dict:
                                                 whitening_kernel(x[:192]), atol=1e-6)),
         "bn_moving_mean_abs": float(np.abs(keras.ops.convert_to_numpy(
             inner.get_layer("block0a_bn").moving_mean)).max()),
+        "lookahead_history": ahead_history,
+        "lookahead_val_accuracy": float(np.mean(ahead_probs.argmax(1) == y[192:])),
         "augment_windows_found": [len(w) > 0 for w in windows],
         "augment_flips_seen": sorted({f for w in windows for f, _, _ in w}),
         "augment_same_key_same_output": bool(np.array_equal(out, np.asarray(augment(key, images, 2)))),
@@ -129,6 +137,32 @@ def test_returned_model_is_the_float32_export_contract(facts):
     assert result["names"]["trained"] == result["names"]["reference"]
     assert result["dtypes"] == ["float32"]
     assert result["whiten_matches_data"]  # frozen: set from the data, never trained
+
+
+def test_lookahead_runs_in_the_jitted_loop(facts):
+    result = facts[0]
+    assert len(result["lookahead_history"]["loss"]) == 2 and all(np.isfinite(result["lookahead_history"]["loss"]))
+    assert result["lookahead_val_accuracy"] > 1 / NUM_CLASSES  # the slow copy it ends on is a trained model
+
+
+def test_lookahead_pull_on_the_device_matches_the_numpy_one():
+    """jax_loop.lookahead_pull does what lookahead.pull does, on float variables only, and hands
+    the model a copy (the GPU step donates its state: it must not free the slow copy)."""
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed: it is a dev dependency (uv sync --frozen installs it)")
+    import jax.numpy as jnp
+
+    from training.jax_loop import lookahead_pull
+
+    state = ([jnp.array([4.0, 2.0])], [jnp.array([1.0]), jnp.array([7], dtype=jnp.uint32)], ["opt"])
+    slow = [jnp.array([0.0, 10.0]), jnp.array([3.0]), jnp.array([7], dtype=jnp.uint32)]
+    (trainable, non_trainable, opt_vars), slow = lookahead_pull(state, slow, np.float32(0.75))
+    np.testing.assert_allclose(slow[0], [1.0, 8.0])  # 0.75 * slow + 0.25 * weights
+    np.testing.assert_allclose(trainable[0], [1.0, 8.0])
+    np.testing.assert_allclose(non_trainable[0], [2.5])  # BatchNorm statistics take part too
+    assert non_trainable[1].dtype == jnp.uint32 and int(non_trainable[1][0]) == 7  # non-floats pass through
+    assert opt_vars == ["opt"]
+    assert trainable[0].unsafe_buffer_pointer() != slow[0].unsafe_buffer_pointer()
 
 
 @pytest.mark.e2e

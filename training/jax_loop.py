@@ -19,6 +19,8 @@ import time
 import numpy as np
 
 from training.config import PipelineConfig
+from training.lookahead import EVERY as LOOKAHEAD_EVERY
+from training.lookahead import decay_at
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,23 @@ def augment(key, images, pad: int):
     shifts = jax.random.randint(shift_key, (n, 2), 0, 2 * pad + 1)
     crop = lambda image, s: jax.lax.dynamic_slice(image, (s[0], s[1], 0), (h, w, image.shape[2]))  # noqa: E731
     return jax.vmap(crop)(padded, shifts)
+
+
+def lookahead_pull(state: tuple, slow: list, decay):
+    """Lookahead on the device (see training/lookahead.py): ``slow = decay * slow + (1 - decay) * fast``
+    over the model's float variables (trainable and not: BatchNorm statistics too), then the
+    model's variables become the slow copy. Returns ``(state, slow)``; the optimizer's
+    variables are untouched, other variables pass through.
+    """
+    import jax.numpy as jnp
+
+    trainable, non_trainable, opt_vars = state
+    fast = [*trainable, *non_trainable]
+    slow = [(decay * s + (1 - decay) * f).astype(f.dtype) if jnp.issubdtype(f.dtype, jnp.floating) else f
+            for s, f in zip(slow, fast)]
+    # The model gets its own copy: the step donates its state on the GPU, which must not free `slow`.
+    model = [jnp.copy(v) for v in slow]
+    return (model[:len(trainable)], model[len(trainable):], opt_vars), slow
 
 
 def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
@@ -128,6 +147,9 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
     train_c = jax.jit(train_step, donate_argnums=donate).lower(
         state, zeros, order0, np.int32(0), augment_key, x_dev, y_dev).compile()
     eval_c = jax.jit(eval_step).lower(state, zeros, xv[:val_batch], yv[:val_batch], mask[:val_batch]).compile()
+    if config.lookahead:
+        slow = [jnp.copy(v) for v in (*state[0], *state[1])]
+        pull_c = jax.jit(lookahead_pull).lower(state, slow, np.float32(0)).compile()
     compile_seconds = time.monotonic() - start
     # Model building runs eagerly (under JAX each new operation compiles on first use):
     # on a 30-second budget this counts too.
@@ -142,6 +164,9 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
         sums = zeros
         for step in range(steps):
             state, sums = train_c(state, sums, order, np.int32(step), epoch_key, x_dev, y_dev)
+            done = epoch * steps + step + 1
+            if config.lookahead and done % LOOKAHEAD_EVERY == 0:
+                state, slow = pull_c(state, slow, np.float32(decay_at(done, steps * epochs)))
         val_sums = zeros
         for i in range(0, padded, val_batch):
             val_sums = eval_c(state, val_sums, xv[i:i + val_batch], yv[i:i + val_batch], mask[i:i + val_batch])
@@ -157,6 +182,8 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
 
     # Hand the trained values back to the Keras variables, then build the float32 copy.
     finish = time.monotonic()
+    if config.lookahead:
+        state, slow = pull_c(state, slow, np.float32(1.0))  # the trained model is the slow copy
     trainable, non_trainable, opt_vars = state
     for variables, values in ((model.trainable_variables, trainable),
                               (model.non_trainable_variables, non_trainable),

@@ -209,6 +209,7 @@ def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
     prefer_onednn()
     import keras
 
+    from training.lookahead import lookahead_callback
     from training.model import float32_copy, with_flip_tta
 
     if choose_loop(config.loop, keras.backend.backend()) == "jit":
@@ -225,7 +226,8 @@ def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
         validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
         validation_batch_size=512,
         epochs=config.epochs,
-        callbacks=[_progress_callback(config.epochs, history)],
+        callbacks=[_progress_callback(config.epochs, history),
+                   *([lookahead_callback(len(data) * config.epochs)] if config.lookahead else [])],
         verbose=0,
     )
     final = float32_copy(model, config.width_tuple, num_classes)
