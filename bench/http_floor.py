@@ -10,15 +10,13 @@ from __future__ import annotations
 import bentoml
 from pydantic import Field
 
-from training.serving_io import UNTRACED, ServingSettings, Upload
+from training.serving_io import ServingSettings, Upload
 from training.worker_balance import WorkerBalance
 
 SETTINGS = ServingSettings.from_env()
 
 
-@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 30, "max_concurrency": SETTINGS.max_concurrency},
-                 logging={"access": {"enabled": bool(SETTINGS.access_log)}},
-                 **({} if SETTINGS.trace_requests else {"tracing": {"excluded_urls": UNTRACED}}))
+@bentoml.service(**SETTINGS.service_options())
 class HTTPFloor:
     """Answers every upload with the same prediction."""
 

@@ -91,6 +91,14 @@ class ServingSettings:
     # default): with a span per ASGI message it was ~15% of a worker's Python time here.
     trace_requests: int = 0
 
+    def service_options(self) -> dict:
+        """``@bentoml.service`` options these settings decide (service.py and bench/http_floor.py)."""
+        options = {"workers": self.workers, "traffic": {"timeout": 30, "max_concurrency": self.max_concurrency},
+                   "logging": {"access": {"enabled": bool(self.access_log)}}}
+        if not self.trace_requests:
+            options["tracing"] = {"excluded_urls": UNTRACED}
+        return options
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServingSettings:
         """Defaults overridden by ``CIFAR10_MAX_BATCH_SIZE`` etc.; rejects non-positive counts and switches not 0/1."""
@@ -252,12 +260,12 @@ class MicroBatcher:
         return batch
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, more_body: bool = False) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": payload})
+    await send({"type": "http.response.body", "body": payload, "more_body": more_body})
 
 
 async def _refuse_unread(receive, send, status: int, body: dict, linger_s: float) -> None:
@@ -269,11 +277,7 @@ async def _refuse_unread(receive, send, status: int, body: dict, linger_s: float
     nginx's lingering close, the answer goes out first, then the rest of the body is read
     and dropped until it ends or for at most ``linger_s``; only then does the connection close.
     """
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": payload, "more_body": True})
+    await _send_json(send, status, body, more_body=True)
     deadline = time.monotonic() + linger_s
     try:
         while (left := deadline - time.monotonic()) > 0:
