@@ -179,7 +179,7 @@ def test_upload_keeps_the_form_part_in_memory():
     upload = Upload.from_form(UploadFile(io.BytesIO(b"\x89PNG..."), filename="../../etc/car.png"))
     assert upload.data == b"\x89PNG..." and str(upload) == "car.png"  # the client's name, no directories
     assert Upload.from_form(b"raw").data == b"raw"
-    with pytest.raises(ValueError, match="expected an uploaded file"):
+    with pytest.raises(ValueError, match="expected an uploaded file .*curl -F file=@image.png"):
         Upload.from_form("http://example.com/car.png")  # text in a file field is never fetched
 
 

@@ -139,7 +139,8 @@ class Upload(PurePosixPath):
             upload = cls("upload")
             upload.data = bytes(value)
         else:
-            raise ValueError("expected an uploaded file (a multipart part with a filename)")
+            raise ValueError("expected an uploaded file (a multipart part with a filename); "
+                             "send the image as a file: curl -F file=@image.png")
         return upload
 
     @classmethod
