@@ -57,6 +57,26 @@ def test_settings_from_env_overrides_and_rejects_nonpositive():
         ServingSettings.from_env({"CIFAR10_BALANCE_CONNECTIONS": "2"})
 
 
+def test_model_threads_run_at_lower_priority():
+    assert ServingSettings.from_env({}).infer_nice == 10
+    assert ServingSettings.from_env({"CIFAR10_INFER_NICE": "0"}).infer_nice == 0  # 0 keeps the process's
+    with pytest.raises(ValueError, match="CIFAR10_INFER_NICE='20': must be a niceness from 0 to 19"):
+        ServingSettings.from_env({"CIFAR10_INFER_NICE": "20"})
+    seen = []
+
+    def infer(pixels):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return np.zeros((len(pixels), 10))
+
+    async def go():
+        for nice in (0, 3):
+            await MicroBatcher(infer, 8, 10_000, nice=nice).submit(_pixels([1]))
+
+    asyncio.run(go())
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen == [base, min(base + 3, 19)]
+
+
 def _fake_model(calls: list[int], delay: float = 0.0):
     def infer(pixels: np.ndarray) -> np.ndarray:
         calls.append(len(pixels))
