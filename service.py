@@ -20,6 +20,7 @@ import bentoml
 from bentoml.exceptions import BadInput, ServiceUnavailable
 from pydantic import BaseModel, Field
 
+from training.compute_slots import ComputeSlots, server_key
 from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, Upload, prediction
 from training.worker_balance import WorkerBalance
 
@@ -95,9 +96,10 @@ class CIFAR10Classifier:
         # and a first 64-image call costs what later ones do (measured 0.57 vs 0.55 CPU-s with
         # the default-recipe net) — time that would only delay readiness (issue 6).
         self._infer(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+        gate = ComputeSlots(server_key(), SETTINGS.compute_slots) if SETTINGS.compute_slots else None
         self.batcher = MicroBatcher(self._infer, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
                                     on_batch=BATCH_SIZE.observe, concurrency=SETTINGS.model_concurrency,
-                                    nice=SETTINGS.infer_nice)
+                                    nice=SETTINGS.infer_nice, gate=gate)
         # Everything loaded so far (BentoML, pydantic, ONNX Runtime bindings) lives as long as the
         # worker: move it out of the garbage collector's reach, so full collections under load
         # scan only what requests create. A/B at concurrency 32, 5 alternating runs: 360 -> 385

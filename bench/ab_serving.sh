@@ -4,6 +4,7 @@
 #
 #   bench/ab_serving.sh ROUNDS "CHECKOUT [VAR=value ...]" "CHECKOUT [VAR=value ...]" ...
 #   bench/ab_serving.sh 3 "/work/wt-base" ". CIFAR10_TRACE_REQUESTS=1" ". CIFAR10_TRACE_REQUESTS=0"
+#   bench/ab_serving.sh 3 ". TAG_FILE=/tmp/serving-bench/model_tag_other" .   # another model
 #
 # Needs bench/bench_serving.py's state (its model and wrk script; run it once with --tta first).
 # Each run: start `bentoml serve` from CHECKOUT, 4 s warm-up, 12 s measured with wrk -c32.
@@ -20,8 +21,9 @@ stop() { pkill -f "bentoml serve service:CIFAR10Classifier .*--port $PORT" || tr
 trap stop EXIT
 for _ in $(seq "$ROUNDS"); do for spec in "${SPECS[@]}"; do
   read -r dir vars <<< "$spec"; dir=$(cd "$dir" && pwd)
+  tag=$(cat "$(env TAG_FILE="$TAG_FILE" $vars printenv TAG_FILE)")  # a spec may name its own TAG_FILE
   (cd "$dir" && env $vars PYTHONPATH="$dir" "$ROOT/.venv/bin/bentoml" serve service:CIFAR10Classifier \
-     --arg "model_tag=$(cat "$TAG_FILE")" --port "$PORT" > "$STATE/ab-serve.log" 2>&1 &)
+     --arg "model_tag=$tag" --port "$PORT" > "$STATE/ab-serve.log" 2>&1 &)
   for _ in $(seq 180); do curl -sf "localhost:$PORT/readyz" > /dev/null && break; sleep 1; done
   wrk -t1 -c32 -d4s -s "$STATE/multipart.lua" "http://127.0.0.1:$PORT/predict" > /dev/null 2>&1
   out=$(wrk -t1 -c32 -d12s --latency -s "$STATE/multipart.lua" "http://127.0.0.1:$PORT/predict" 2>&1)

@@ -20,6 +20,14 @@ SETTINGS = ServingSettings.from_env()
 class HTTPFloor:
     """Answers every upload with the same prediction."""
 
+    def __init__(self) -> None:
+        import gc
+
+        # As service.py does after loading. Without it the floor's own tail is the garbage
+        # collector's: one worker at concurrency 32, p99 214 / 154 ms without, 120 / 65 ms with.
+        gc.collect()
+        gc.freeze()
+
     @bentoml.api(route="/predict")
     async def predict(self, file: Upload = Field(description="Any file; it is not read")) -> dict:
         return {"label": "cat", "class_id": 3, "confidence": 1.0}

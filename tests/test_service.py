@@ -44,6 +44,11 @@ def test_model_calls_are_single_threaded_and_run_side_by_side_by_default():
     assert s.model_threads == 1
     assert s.model_concurrency == serving_io._cpu_share() >= 1  # every core, whichever worker is busy
     assert ServingSettings.from_env({"CIFAR10_MODEL_CONCURRENCY": "3"}).model_concurrency == 3
+    # ... but no more calls at once than CPUs across all workers (training/compute_slots.py)
+    assert s.compute_slots == serving_io._cpu_share()
+    assert ServingSettings.from_env({"CIFAR10_COMPUTE_SLOTS": "0"}).compute_slots == 0  # 0: no machine-wide cap
+    with pytest.raises(ValueError, match="CIFAR10_COMPUTE_SLOTS='-1': must be 0 or a positive integer"):
+        ServingSettings.from_env({"CIFAR10_COMPUTE_SLOTS": "-1"})
 
 
 def test_settings_from_env_overrides_and_rejects_nonpositive():

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from training.compute_slots import ComputeSlots
 # numpy is imported inside the functions that use it: the `bentoml serve` CLI process
 # imports this module (through service.py) only for the settings and saves ~0.15 CPU-s
 # of start-up without it (issue 6); workers import numpy with ONNX Runtime anyway.
@@ -47,6 +49,7 @@ def _cpu_share() -> int:
 
 
 SWITCHES = ("balance_connections", "access_log", "trace_requests")  # settings that are 0 (off) or 1 (on)
+ZERO_ALLOWED = ("infer_nice", "compute_slots")  # other counts must be positive
 # Routes left out of OpenTelemetry unless CIFAR10_TRACE_REQUESTS=1 (OpenTelemetry's
 # excluded_urls: comma-separated regular expressions searched in the request URL).
 UNTRACED = "/predict,/predict_batch,/metadata"
@@ -91,6 +94,10 @@ class ServingSettings:
     # for it. A/B at concurrency 32, 6 alternating runs: 333 -> 377 req/s, p50 93 -> 83 ms,
     # faster in 6 of 6 (bench/ab_serving.sh); p99 unchanged within its noise.
     infer_nice: int = 10
+    # Model calls running at once across all workers (training/compute_slots.py): the CPU
+    # share, so no two calls time-share a core. 0: no machine-wide cap (each worker still
+    # runs up to model_concurrency).
+    compute_slots: int = _cpu_share()
     access_log: int = 1  # 1: one log line per request (BentoML access log); 0: off, saves CPU under load
     # 1: OpenTelemetry spans for the API routes (set it with a tracing exporter in BentoML's
     # configuration). 0: the routes are excluded from tracing. BentoML runs its tracing
@@ -118,8 +125,9 @@ class ServingSettings:
                 raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be 0 (off) or 1 (on)")
             if name == "infer_nice" and not 0 <= value <= 19:
                 raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be a niceness from 0 to 19")
-            if value < 1 and name not in SWITCHES and name != "infer_nice":
-                raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be a positive integer")
+            if value < 0 or value == 0 and name not in SWITCHES and name not in ZERO_ALLOWED:
+                kind = "0 or a positive integer" if name in ZERO_ALLOWED else "a positive integer"
+                raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be {kind}")
             values[name] = value
         return cls(**values)
 
@@ -194,12 +202,16 @@ class MicroBatcher:
     """
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_latency_ms: int,
-                 on_batch: Callable[[int], None] | None = None, concurrency: int = 1, nice: int = 0) -> None:
+                 on_batch: Callable[[int], None] | None = None, concurrency: int = 1, nice: int = 0,
+                 gate: ComputeSlots | None = None) -> None:
         self._infer = infer
         self.concurrency = concurrency
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000
         self._on_batch = on_batch or (lambda size: None)
+        # Machine-wide slots shared with the other workers (training/compute_slots.py): a
+        # batch is formed only once it has a core, so requests arriving meanwhile join it.
+        self._gate = gate
         self._queue: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -233,15 +245,24 @@ class MicroBatcher:
             self._wakeup.clear()
             while self._queue:
                 await self._slots.acquire()  # at most `concurrency` batches run at once
+                slot = None
+                if self._gate is not None:
+                    slot = await asyncio.get_running_loop().run_in_executor(self._executor, self._gate.acquire)
                 batch = self._take()
                 if not batch:
-                    self._slots.release()
+                    self._release(slot)
                     continue
-                task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch, slot))
                 self._running.add(task)  # keep a reference until it ends
                 task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, batch: list[tuple[np.ndarray, asyncio.Future, float]]) -> None:
+    def _release(self, slot: int | None) -> None:
+        if slot is not None:
+            self._gate.release(slot)
+        self._slots.release()
+
+    async def _run_batch(self, batch: list[tuple[np.ndarray, asyncio.Future, float]], slot: int | None = None
+                         ) -> None:
         import numpy as np
 
         try:
@@ -258,7 +279,7 @@ class MicroBatcher:
                 if not future.done():  # the client may have gone (cancelled)
                     future.set_result(row)
         finally:
-            self._slots.release()
+            self._release(slot)
 
     def _take(self) -> list[tuple[np.ndarray, asyncio.Future, float]]:
         """Up to ``max_batch_size`` live queued items; too-old ones get :class:`Overloaded`."""
