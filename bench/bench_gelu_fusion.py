@@ -15,31 +15,13 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def images_per_second(session, batch: np.ndarray, calls: int, seconds: float) -> float:
-    name = session.get_inputs()[0].name
-
-    def loop(t0: float) -> int:
-        n = 0
-        while time.perf_counter() - t0 < seconds:
-            session.run(None, {name: batch})
-            n += len(batch)
-        return n
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(calls) as pool:
-        done = sum(pool.map(loop, [t0] * calls))
-    return done / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -50,6 +32,7 @@ def main() -> None:
 
     import onnx
 
+    from bench_serving import images_per_second
     from training.export import fuse_gelu_file, onnx_session
     from training.model import build_model, with_flip_tta
 

@@ -138,21 +138,26 @@ def bench_server(name: str, cmd: list[str], env: dict, port: int, path: str, arg
 
 def ceiling(onnx_path: Path, threads: int, calls: int = 1, seconds: float = 5.0) -> float:
     """(d): images/s of ONNX Runtime on batches of 64 in process, ``calls`` batches side by side."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from training.export import onnx_session
 
     session = onnx_session(onnx_path, threads=threads)
-    name = session.get_inputs()[0].name
     batch = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)
     for _ in range(3):
-        session.run(None, {name: batch})
+        session.run(None, {session.get_inputs()[0].name: batch})
+    return images_per_second(session, batch, calls, seconds)
+
+
+def images_per_second(session, batch: np.ndarray, calls: int, seconds: float) -> float:
+    """Images/s of ``session`` on ``batch``, ``calls`` runs side by side for ``seconds``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = session.get_inputs()[0].name
 
     def loop(t0: float) -> int:
         n = 0
         while time.perf_counter() - t0 < seconds:
             session.run(None, {name: batch})
-            n += 64
+            n += len(batch)
         return n
 
     t0 = time.perf_counter()
