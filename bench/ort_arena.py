@@ -1,0 +1,55 @@
+"""Resident memory an ONNX Runtime session adds while serving batches of mixed sizes.
+
+A worker runs two single-threaded calls side by side on batches of 1-64 images.
+ONNX Runtime's CPU memory arena grows to the largest scratch space these calls have
+needed together and keeps it: a server's memory rises until every batch size has met
+every other, then stays. This measures that growth, with the arena on (the default)
+and off, each configuration in a fresh process (freed memory kept by one run would
+hide the next one's growth).
+
+    .venv/bin/python bench/ort_arena.py MODEL.onnx [--batches 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np, onnxruntime as ort, psutil
+path, arena, count = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+options = ort.SessionOptions()
+options.intra_op_num_threads, options.inter_op_num_threads, options.enable_cpu_mem_arena = 1, 1, arena
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+name = session.get_inputs()[0].name
+inputs = {b: np.zeros((b, 32, 32, 3), np.float32) for b in range(1, 65)}
+session.run(None, {name: inputs[1]})
+start, sizes, samples = rss(), np.random.default_rng(0).integers(1, 65, count), []
+t0 = time.perf_counter()
+with ThreadPoolExecutor(2) as pool:
+    for i, _ in enumerate(pool.map(lambda b: session.run(None, {name: inputs[b]}), sizes)):
+        if (i + 1) % (count // 5) == 0:
+            samples.append(round(rss() - start, 1))
+print(json.dumps({"arena": arena, "img_per_s": round(int(sizes.sum()) / (time.perf_counter() - t0)),
+                  "rss_after_one_image_mib": round(start, 1), "growth_mib_by_fifths": samples}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--batches", type=int, default=300)
+    args = parser.parse_args()
+    for arena in ("1", "0", "1", "0"):
+        out = subprocess.run([sys.executable, "-c", CHILD, args.model, arena, str(args.batches)],
+                             capture_output=True, text=True, check=True)
+        print(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+if __name__ == "__main__":
+    main()
