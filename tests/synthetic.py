@@ -226,3 +226,26 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) \
         + chunk(b"IEND", b"")
+
+
+class OverlapModel:
+    """A stand-in model for batcher tests: sleeps ``delay`` s per call and records the most calls that overlapped.
+
+    Its "probabilities" identify each input: ten copies of the image's first pixel value.
+    """
+
+    def __init__(self, delay: float) -> None:
+        import threading
+
+        self.delay, self.peak, self._running, self._lock = delay, 0, 0, threading.Lock()
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        import time
+
+        with self._lock:
+            self._running += 1
+            self.peak = max(self.peak, self._running)
+        time.sleep(self.delay)
+        with self._lock:
+            self._running -= 1
+        return np.stack([np.full(10, float(p[0, 0, 0])) for p in pixels])

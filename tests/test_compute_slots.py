@@ -6,11 +6,11 @@ import asyncio
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 
+from tests.synthetic import OverlapModel
 from training.compute_slots import ComputeSlots
 from training.serving_io import MicroBatcher
 
@@ -45,23 +45,14 @@ def test_a_dead_process_never_keeps_its_slot(tmp_path):
 
 
 def test_batchers_sharing_slots_never_run_more_model_calls_than_slots(tmp_path):
-    running, peak, lock = [0], [0], threading.Lock()
-
-    def infer(pixels):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        time.sleep(0.02)
-        with lock:
-            running[0] -= 1
-        return np.zeros((len(pixels), 10))
+    model = OverlapModel(delay=0.02)
 
     async def go():
         # Two "workers", each allowed 2 calls side by side, share one machine-wide slot.
-        batchers = [MicroBatcher(infer, 1, 10_000, concurrency=2, gate=ComputeSlots("k", 1, tmp_path))
+        batchers = [MicroBatcher(model, 1, 10_000, concurrency=2, gate=ComputeSlots("k", 1, tmp_path))
                     for _ in range(2)]
         images = np.zeros((1, 32, 32, 3), np.uint8)
         return await asyncio.gather(*[b.submit(images) for b in batchers for _ in range(6)])
 
     assert len(asyncio.run(go())) == 12
-    assert peak[0] == 1
+    assert model.peak == 1

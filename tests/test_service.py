@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import serve_service as _serve
+from tests.synthetic import OverlapModel
 from tests.conftest import stop_server
 from training import serving_io
 from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, Upload
@@ -112,26 +113,15 @@ def test_batcher_groups_concurrent_requests_and_keeps_order():
 
 
 def test_batcher_runs_up_to_concurrency_batches_side_by_side():
-    running, peak, lock = [0], [0], threading.Lock()
-
-    def infer(pixels):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        time.sleep(0.1)
-        with lock:
-            running[0] -= 1
-        return np.stack([np.full(10, float(p[0, 0, 0])) for p in pixels])
-
-    async def main(concurrency):
-        batcher = MicroBatcher(infer, max_batch_size=1, max_latency_ms=10_000, concurrency=concurrency)
+    async def main(batcher):
         return await asyncio.gather(*(batcher.submit(_pixels([v])) for v in range(6)))
 
     for concurrency in (1, 2):
-        peak[0] = 0
-        results = asyncio.run(main(concurrency))
+        model = OverlapModel(delay=0.1)
+        batcher = MicroBatcher(model, max_batch_size=1, max_latency_ms=10_000, concurrency=concurrency)
+        results = asyncio.run(main(batcher))
         assert [r[:, 0].tolist() for r in results] == [[v] for v in range(6)]  # each got its own answer
-        assert peak[0] == concurrency
+        assert model.peak == concurrency
 
 
 def test_batcher_caps_batch_size():
