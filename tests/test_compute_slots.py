@@ -27,6 +27,8 @@ def test_slots_are_exclusive_between_holders_and_reusable(tmp_path):
     b.release(taken[0])
     assert a.acquire(timeout=1) == taken[0]
     assert ComputeSlots("other", 1, tmp_path).acquire(timeout=0.1) == 0  # another key: other slots
+    with pytest.raises(ValueError, match="count must be at least 1, got 0"):
+        ComputeSlots("k", 0, tmp_path)
 
 
 def test_a_dead_process_never_keeps_its_slot(tmp_path):
