@@ -69,8 +69,9 @@ def _conv_bn(x, filters: int, name: str, dtype, momentum: float, pool: bool):
                             dtype=dtype, name=f"{name}_conv")(x)
     if pool:
         x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"{name}_pool")(x)
-    # Keras momentum is the weight of the old average: PyTorch 0.6 == Keras 0.4.
-    x = keras.layers.BatchNormalization(momentum=1 - momentum, epsilon=1e-5, scale=False, dtype=dtype,
+    # Keras momentum is the weight of the old average. airbench's BatchNorm(momentum=0.6)
+    # hands PyTorch 1 - 0.6 = 0.4 as the new batch's weight, so the old average keeps 0.6.
+    x = keras.layers.BatchNormalization(momentum=momentum, epsilon=1e-5, scale=False, dtype=dtype,
                                         name=f"{name}_bn")(x)
     return keras.layers.Activation(gelu_tanh, dtype=dtype, name=f"{name}_act")(x)
 
