@@ -21,7 +21,7 @@ from bentoml.exceptions import BadInput, ServiceUnavailable
 from pydantic import BaseModel, Field
 
 from training.compute_slots import ComputeSlots, server_key
-from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, Upload, prediction
+from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, Upload, prediction, warm_up
 from training.worker_balance import WorkerBalance
 
 if TYPE_CHECKING:  # numpy is imported where it is used: the `bentoml serve` CLI process needs none of it
@@ -91,11 +91,11 @@ class CIFAR10Classifier:
         self.class_names = json.loads((model_dir / "classes.json").read_text())
         self.session = onnx_session(model_dir / "model.onnx", threads=SETTINGS.model_threads)
         self.input_name = self.session.get_inputs()[0].name
-        # One single-image call before /readyz says ready proves the model runs. A full-batch
-        # warm-up is not needed: ONNX Runtime prepares the graph when the session is created,
-        # and a first 64-image call costs what later ones do (measured 0.57 vs 0.55 CPU-s with
-        # the default-recipe net) — time that would only delay readiness (issue 6).
+        # A single-image call proves the model runs; then full batches side by side, as under
+        # load, so ONNX Runtime's arena reaches its working size before /readyz says ready
+        # rather than during the first minutes of traffic (issue 8's soak; README, Reliability).
         self._infer(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+        warm_up(self._infer, SETTINGS.max_batch_size, SETTINGS.model_concurrency)
         gate = ComputeSlots(server_key(), SETTINGS.compute_slots) if SETTINGS.compute_slots else None
         self.batcher = MicroBatcher(self._infer, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
                                     on_batch=BATCH_SIZE.observe, concurrency=SETTINGS.model_concurrency,

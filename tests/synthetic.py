@@ -229,7 +229,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 class OverlapModel:
-    """A stand-in model for batcher tests: sleeps ``delay`` s per call and records the most calls that overlapped.
+    """A stand-in model for batcher tests: sleeps ``delay`` s per call and records the most calls that
+    overlapped (``peak``) and each call's batch size (``sizes``).
 
     Its "probabilities" identify each input: ten copies of the image's first pixel value.
     """
@@ -238,12 +239,14 @@ class OverlapModel:
         import threading
 
         self.delay, self.peak, self._running, self._lock = delay, 0, 0, threading.Lock()
+        self.sizes: list[int] = []
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         import time
 
         with self._lock:
             self._running += 1
+            self.sizes.append(len(pixels))
             self.peak = max(self.peak, self._running)
         time.sleep(self.delay)
         with self._lock:

@@ -135,6 +135,12 @@ def test_batcher_caps_batch_size():
     assert calls == [4, 4, 2]
 
 
+def test_warm_up_runs_full_batches_side_by_side():
+    model = OverlapModel(delay=0.1)
+    serving_io.warm_up(model, max_batch_size=16, concurrency=2)
+    assert model.peak == 2 and model.sizes == [16, 16]
+
+
 def test_batcher_sheds_requests_that_waited_past_the_budget():
     calls: list[int] = []
 

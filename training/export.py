@@ -25,6 +25,12 @@ def onnx_session(path: Path, threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    # No memory pattern: ONNX Runtime would plan and cache one memory block per input shape,
+    # and a server sees 64 batch sizes, two calls at a time: its memory grew in steps for 20
+    # minutes (+18% in a soak). Without it tensors come from the arena one by one: after the
+    # service's warm-up, +25 MiB instead of +85-131 MiB in bench/ort_arena.py, soak +2%; it
+    # costs ~3% req/s in the server (README, Serving).
+    options.enable_mem_pattern = False
     if threads > 0:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -193,6 +193,20 @@ def _renice(nice: int) -> None:
         pass
 
 
+def warm_up(infer: Callable[[np.ndarray], np.ndarray], max_batch_size: int, concurrency: int) -> None:
+    """Run ``concurrency`` full batches side by side, as a loaded worker does.
+
+    ONNX Runtime's arena then holds the largest scratch space it will need before the
+    server says ready, instead of growing under the first load (bench/ort_arena.py
+    ``--warm``: about half of the step growth moves here).
+    """
+    import numpy as np
+
+    images = np.zeros((max_batch_size, 32, 32, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(infer, [images] * concurrency))
+
+
 class Overloaded(RuntimeError):
     """A request waited longer than the latency budget before its batch started."""
 
