@@ -88,8 +88,9 @@ class PipelineConfig:
     # ~4.5 epochs. Half the width in the last two groups (~2.2x fewer FLOPs, ~220
     # img/s measured) buys more epochs, which short runs need more than width.
     widths: str = "64,128,128"
-    # 8 epochs at batch 256 took 17.4 min on the idle 2-core machine (85.93% test
-    # accuracy); a 9th would not fit the 20-minute budget. Recheck with bench/bench_train.py.
+    # 8 epochs at batch 256 took 17.4 min on the idle 2-core machine in one hour, 22.2-22.4 min
+    # in others (86.83% test accuracy with weight decay 0.0089); 7 would fit 20 minutes in the
+    # slow hours too (not measured). Recheck with bench/bench_train.py.
     epochs: int = 8
     # Smaller than airbench's 1024: a short CPU run needs optimizer steps more than a
     # GPU-sized batch (`quick`, 4 epochs, same seed: 1024 77.23%, 512 78.19%, 256 79.05%,
