@@ -83,18 +83,15 @@ class CIFAR10Classifier:
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        import numpy as np
-
         from training.export import onnx_session
 
         model_dir = Path(self.bento_model.path)
         self.class_names = json.loads((model_dir / "classes.json").read_text())
         self.session = onnx_session(model_dir / "model.onnx", threads=SETTINGS.model_threads)
         self.input_name = self.session.get_inputs()[0].name
-        # A single-image call proves the model runs; then full batches side by side, as under
-        # load, so ONNX Runtime's arena reaches its working size before /readyz says ready
-        # rather than during the first minutes of traffic (issue 8's soak; README, Reliability).
-        self._infer(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+        # Full batches side by side, as under load, before /readyz says ready: they prove the
+        # model runs, and ONNX Runtime's arena reaches its working size now rather than during
+        # the first minutes of traffic (issue 8's soak; README, Reliability).
         warm_up(self._infer, SETTINGS.max_batch_size, SETTINGS.model_concurrency)
         gate = ComputeSlots(server_key(), SETTINGS.compute_slots) if SETTINGS.compute_slots else None
         self.batcher = MicroBatcher(self._infer, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
