@@ -60,7 +60,7 @@ def test_recipes_sit_between_defaults_and_overrides():
     assert load_config(environ={}).widths == "64,128,128"
     quick = load_config({"recipe": "quick"}, environ={})
     assert quick.widths == RECIPES["quick"]["widths"] and quick.epochs == RECIPES["quick"]["epochs"]
-    assert load_config({"recipe": "quick", "epochs": 3}, environ={}).epochs == 3
+    assert load_config({"recipe": "quick", "epochs": 2}, environ={}).epochs == 2
     assert load_config(environ={"CIFAR10_RECIPE": "tiny", "CIFAR10_EPOCHS": "7"}).epochs == 7
     with pytest.raises(ValueError, match="unknown recipe 'fast'; valid recipes: default, quick, airbench94, tiny"):
         load_config({"recipe": "fast"}, environ={})

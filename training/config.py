@@ -28,9 +28,10 @@ ENV_ALIASES = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "bentoml_home": "BE
 # overrides. "default" is the dataclass defaults themselves.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
-    # Half the default's widths (~3.5x fewer FLOPs): 4 epochs at batch 256 took 3.1 min
-    # on 2 cores (79.05%); 5 took 5.9 min in a slower hour of this VM, so 4 it is.
-    "quick": {"widths": "32,64,64", "epochs": 4},
+    # Half the default's widths (~3.5x fewer FLOPs), sized to 5 minutes in this VM's slow
+    # hours: 3 epochs at batch 256 took 3.55 min (78.61%); 4 took 3.1-4.75 min in faster hours
+    # but 5.41 min in a slow one (80.23%); 4 epochs of 28,000 images: 78.83% in 4.34 min.
+    "quick": {"widths": "32,64,64", "epochs": 3},
     # airbench94's full widths and epochs: ~94% in its PyTorch original, but only
     # ~150 img/s on the 2-core CPU (~55 min); meant for the GPU (KERAS_BACKEND=jax).
     "airbench94": {"widths": "64,256,256", "epochs": 10, "batch_size": 1024, "learning_rate": 1.5,
