@@ -29,8 +29,8 @@ ENV_ALIASES = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "bentoml_home": "BE
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     # Half the default's widths (~3.5x fewer FLOPs), sized to 5 minutes in this VM's slow
-    # hours: 3 epochs at batch 256 took 3.55 min (78.61%); 4 took 3.1-4.75 min in faster hours
-    # but 5.41 min in a slow one (80.23%); 4 epochs of 28,000 images: 78.83% in 4.34 min.
+    # hours: 3 epochs at batch 256 took 3.55 min (78.61%); 4 took 3.1-4.75 min in other hours
+    # but 5.41 min in the slowest (80.23%); 4 epochs of 28,000 images: 78.83% in 4.34 min.
     "quick": {"widths": "32,64,64", "epochs": 3},
     # airbench94's full widths and epochs: ~94% in its PyTorch original, but only
     # ~150 img/s on the 2-core CPU (~55 min); meant for the GPU (KERAS_BACKEND=jax).
@@ -89,7 +89,7 @@ class PipelineConfig:
     # ~4.5 epochs. Half the width in the last two groups (~2.2x fewer FLOPs, ~220
     # img/s measured) buys more epochs, which short runs need more than width.
     widths: str = "64,128,128"
-    # Sized to the 20-minute budget in this VM's slow hours (epochs take 130-200 s there):
+    # Sized to the 20-minute budget in this VM's slow hours (epochs took 150-200 s there):
     # 6 epochs at batch 256 took 17.6 min (86.28% test accuracy), 7 took 20.1 min (86.63%),
     # 8 took 22.2-22.4 min (86.83%; 17.4 min in a faster hour). Recheck with bench/bench_train.py.
     epochs: int = 6
