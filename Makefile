@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+# Any Python 3 bootstraps uv; uv then finds (or downloads) the Python the lock is for.
+PYTHON ?= python3
+PROJECT_PYTHON ?= 3.11
 VENV := .venv
 STATE ?= $(CURDIR)/.state
 DATA_URL ?= https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz
@@ -26,6 +28,9 @@ export BENTOML_DO_NOT_TRACK := True
 export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow/mlflow.db
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
+# Every process a target starts (Airflow tasks, bentoml, the tests' servers) finds the project's
+# tools first: BentoML and MLflow call `uv` through PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 # DAG params for `make pipeline`: only what was set, so the recipe preset fills the rest.
 comma := ,
@@ -35,12 +40,14 @@ PIPELINE_CONF = {"data_url": "$(DATA_URL)"$(if $(EPOCHS),$(comma) "epochs": $(EP
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
 
-.PHONY: venv run pipeline serve airflow-ui mlflow-ui test test-fast clean base-image image
+.PHONY: venv run pipeline serve up down status airflow-ui mlflow-ui test test-fast clean base-image image
 
 # The environment is (re)built only when pyproject.toml or uv.lock changed.
 $(VENV)/.synced: pyproject.toml uv.lock
-	@test -x $(UV) || { $(PYTHON) -m venv .uv && .uv/bin/pip install -q uv==0.13.9; }
-	$(UV) sync --frozen --python $(PYTHON)
+	@test -x $(UV) || { $(PYTHON) -m venv .uv && .uv/bin/pip install -q uv==0.13.9; } || { \
+		echo "make: could not bootstrap uv with '$(PYTHON) -m venv': install Python 3 with its venv module" \
+		     "(Debian/Ubuntu: apt-get install python3-venv) or set PYTHON=/path/to/python3" >&2; exit 1; }
+	$(UV) sync --frozen --python $(PROJECT_PYTHON)
 	@touch $@
 
 venv: $(VENV)/.synced
@@ -53,11 +60,15 @@ $(STATE)/airflow/.migrated: | $(VENV)/.synced
 ## make run: the DAG end to end on DATA_URL, then serve the Bento on PORT
 run: pipeline serve
 
+## make pipeline: the DAG end to end; the console shows progress, the whole output goes to $(STATE)/logs/
 pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
-	$(VENV)/bin/airflow dags test cifar10_pipeline -c '$(PIPELINE_CONF)'
+	@$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-$$(date +%Y%m%d-%H%M%S).log -- \
+		$(VENV)/bin/airflow dags test cifar10_pipeline -c '$(PIPELINE_CONF)'
 
 ## make serve: serve the newest Bento the pipeline built (Swagger UI on http://localhost:$(PORT)/)
 serve: $(VENV)/.synced
+	@echo "Serving the newest Bento. Swagger UI: http://localhost:$(PORT)/  Try it (Ctrl-C stops the server):"
+	@echo "  curl -X POST http://localhost:$(PORT)/predict/ -F file=@car2.png   (any PNG or JPEG)"
 	$(VENV)/bin/bentoml serve cifar10-classifier:latest --port $(PORT)
 
 ## make up: Airflow (UI on AIRFLOW_PORT), the MLflow server (MLFLOW_PORT) and the newest Bento (PORT) in the
@@ -71,14 +82,10 @@ down:
 status:
 	scripts/stack.sh status
 
-.PHONY: up down status
-# stop the stack before its state folder goes away
-clean: down
-
 ## make airflow-ui: Airflow (scheduler, API server, UI on :$(AIRFLOW_PORT)) on the same state; password in
 ## $(STATE)/airflow/simple_auth_manager_passwords.json.generated
 airflow-ui: $(VENV)/.synced $(STATE)/airflow/.migrated
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH AIRFLOW__API__PORT=$(AIRFLOW_PORT) \
+	AIRFLOW__API__PORT=$(AIRFLOW_PORT) \
 		AIRFLOW__API__BASE_URL=http://localhost:$(AIRFLOW_PORT) $(VENV)/bin/airflow standalone
 
 ## make mlflow-ui: the MLflow UI on :$(MLFLOW_PORT) over the same SQLite store and artifacts
@@ -92,7 +99,8 @@ test: $(VENV)/.synced
 test-fast: $(VENV)/.synced
 	$(VENV)/bin/python -m pytest -m "not e2e"
 
-clean:
+# stops the stack before its state folder goes away
+clean: down
 	rm -rf $(STATE)
 
 ## make base-image: the local Debian base of the Bento image (rebuilt only when its recipe changed)

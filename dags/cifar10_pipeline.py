@@ -116,12 +116,9 @@ def cifar10_pipeline():
 
     @task.short_circuit(execution_timeout=timedelta(minutes=5))
     def gate(version_uri: str) -> bool:
-        from training.registry import is_champion
+        from training.registry import serve_if_champion
 
-        promoted, reason = is_champion(_config(), version_uri)
-        print(f"{version_uri} {'is' if promoted else 'is NOT'} champion: {reason}"
-              + ("" if promoted else " -> skipping the Bento tasks; the served model is unchanged"))
-        return promoted
+        return serve_if_champion(_config(), version_uri)
 
     @task(execution_timeout=timedelta(minutes=10))
     def import_model(version_uri: str) -> str:

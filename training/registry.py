@@ -85,3 +85,11 @@ def is_champion(config: PipelineConfig, version_uri: str) -> tuple[bool, str]:
     name, version = version_uri.removeprefix("models:/").rsplit("/", 1)
     mv = client.get_model_version(name, version)
     return CHAMPION in (mv.aliases or []), mv.tags.get("gate_reason", "")
+
+
+def serve_if_champion(config: PipelineConfig, version_uri: str) -> bool:
+    """The DAG's short-circuit: True (go on to import and build) when ``version_uri`` is the champion."""
+    promoted, reason = is_champion(config, version_uri)
+    log.info("%s %s champion: %s%s", version_uri, "is" if promoted else "is NOT", reason,
+             "" if promoted else " -> skipping the Bento tasks; the served model is unchanged")
+    return promoted
