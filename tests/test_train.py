@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from synthetic import CLASSES, image_folder_zip
 
 from training.config import load_config
 from training.prepare import prepare
+
+ROOT = Path(__file__).resolve().parent.parent
 
 EPOCHS = 2
 
@@ -91,6 +94,22 @@ def test_onnx_artifact_matches_keras_model(trained, tmp_path):
     reference = np.asarray(model(pixels, training=False))
     assert np.allclose(reference.sum(axis=1), 1.0, atol=1e-4)
     assert check_parity(onnx_session(f"{folder}/model.onnx"), reference, pixels) <= 1e-4
+
+
+def test_logged_model_requirements_are_the_locked_versions(trained):
+    """MLflow's requirements.txt pins keras and TensorFlow exactly as uv.lock does: no guessing."""
+    import tomllib
+
+    import mlflow
+
+    config, run_id, _ = trained
+    mlflow.set_tracking_uri(config.tracking_uri)
+    model_uri = _client(config).get_run(run_id).data.tags["logged_model_uri"]
+    lines = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text().split()
+    locked = {p["name"]: p["version"] for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
+    assert f"keras=={locked['keras']}" in lines, lines
+    assert any(f"{name}=={locked[name]}" in lines for name in ("tensorflow-cpu", "tensorflow")), lines
+    assert all("==" in line for line in lines), f"unpinned requirement in {lines}"
 
 
 @pytest.mark.parametrize("scale", [1.0, 64.0])

@@ -21,6 +21,8 @@ from training.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 30  # most seconds between progress lines inside an epoch
+
 
 def prefer_onednn() -> None:
     """Turn on TensorFlow's oneDNN kernels (``TF_ENABLE_ONEDNN_OPTS=1``) unless the user chose.
@@ -155,8 +157,19 @@ def _progress_callback(epochs: int, history: dict[str, list[float]]):
 
     class Progress(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.monotonic()
+            self.epoch = epoch
+            self.start = self.last_report = time.monotonic()
             self.cpu_start = time.process_time()
+
+        def on_train_batch_end(self, batch, logs=None):
+            # A CPU epoch takes minutes: say how far it got, so a long run does not look hung.
+            now = time.monotonic()
+            if now - self.last_report >= PROGRESS_EVERY_S:
+                self.last_report = now
+                steps = self.params.get("steps") or 0
+                done = f"{batch + 1}/{steps} batches ({100 * (batch + 1) / steps:.0f}%)" if steps else \
+                    f"{batch + 1} batches"
+                log.info("epoch %d/%d: %s, %.0f s", self.epoch + 1, epochs, done, now - self.start)
 
         def on_epoch_end(self, epoch, logs=None):
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
@@ -245,6 +258,35 @@ def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.nda
     out = [np.asarray(model(x[i:i + batch_size].astype(np.float32), training=False))
            for i in range(0, len(x), batch_size)]
     return np.concatenate(out)
+
+
+def keras_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+# What loading the logged Keras model needs, per Keras backend (MLflow adds itself).
+MODEL_DISTRIBUTIONS = {"tensorflow": ("keras", "tensorflow-cpu", "tensorflow", "numpy"),
+                       "jax": ("keras", "jax", "jaxlib", "numpy")}
+
+
+def model_requirements(backend: str) -> list[str]:
+    """Exact pins of the distributions the logged model needs, as installed from ``uv.lock``.
+
+    MLflow would otherwise guess them: it runs ``uv export`` over the whole project (the
+    pipeline's Airflow and BentoML too) or, without uv, captures imports in a subprocess
+    and falls back to an unpinned ``keras``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in MODEL_DISTRIBUTIONS[backend]:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:  # tensorflow-cpu or tensorflow, whichever this platform has
+            pass
+    return pins
 
 
 def _log_keras_model(model, **kwargs):
@@ -352,6 +394,7 @@ def train(config: PipelineConfig, prepared_dir: Path, attempt: TaskAttempt | Non
             mlflow.log_artifacts(tmp, "onnx")
 
         example = x_test[:2].astype(np.float32)
-        info = _log_keras_model(model, signature=infer_signature(example, probs[:2]), input_example=example)
+        info = _log_keras_model(model, signature=infer_signature(example, probs[:2]), input_example=example,
+                                pip_requirements=model_requirements(keras_backend()))
         mlflow.set_tag("logged_model_uri", info.model_uri)
         return run.info.run_id
