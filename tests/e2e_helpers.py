@@ -52,6 +52,8 @@ def state_env(state: Path, **extra: str) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"sqlite:///{state}/mlflow/mlflow.db",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONUNBUFFERED": "1",
+        # As under make: the project's tools first, so nothing relies on one installed by hand.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     env.update(extra)
     return env

@@ -252,3 +252,25 @@ class OverlapModel:
         with self._lock:
             self._running -= 1
         return np.stack([np.full(10, float(p[0, 0, 0])) for p in pixels])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.synthetic archive OUT.zip [--per-class N]`` or ``... image OUT.png [--class-id K]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a generated CIFAR-10-like archive or one image.")
+    parser.add_argument("kind", choices=["archive", "image"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--per-class", type=int, default=30, help="images per class in the archive")
+    parser.add_argument("--class-id", type=int, default=1, help="class of the image (1: automobile)")
+    args = parser.parse_args(argv)
+    if args.kind == "archive":
+        image_folder_zip(args.out, per_class=args.per_class, fmt="PNG")
+    else:
+        x, y = make_images(1, seed=7)
+        args.out.write_bytes(encode(x[args.class_id], "PNG"))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

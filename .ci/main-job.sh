@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The README's main job as a new user meets it: `make run` on a generated image-folder archive
+# with the tiny recipe, under a minimal PATH (system directories and the project's own folders),
+# then the seed's client call and a batch call against the Bento that `make run` serves.
+# Everything it starts is stopped at the end. Run it locally with: bash .ci/main-job.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SYSTEM_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH="$ROOT/.venv/bin:$ROOT/.uv/bin:$SYSTEM_PATH"
+WORK=$(mktemp -d /tmp/cifar10-main-job.XXXXXX)
+RUN_LOG=$WORK/make-run.log
+READY_TIMEOUT_S=${MAIN_JOB_READY_TIMEOUT_S:-900}
+step_start=$SECONDS
+
+fail() { echo "main-job: FAILED: $*" >&2; exit 1; }
+say() { echo "main-job: [$((SECONDS - step_start)) s] $*"; }
+
+make_pid=""
+cleanup() {
+  if [[ -n $make_pid ]] && kill -0 "$make_pid" 2>/dev/null; then
+    kill -TERM -- "-$make_pid" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$make_pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$make_pid" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# The environment comes from the project's files alone (a no-op when `make test` built it).
+make venv
+# Every tool the project or its libraries call must resolve inside the project: one found in a
+# system folder instead was installed by hand, and a clean machine will not have it.
+for tool in uv bentoml airflow mlflow python; do
+  where=$(command -v "$tool" || true)
+  [[ $where == "$ROOT"/* ]] || fail "'$tool' resolves to '${where:-nothing}', not inside $ROOT; the project's" \
+    "files must install it (pyproject.toml/uv.lock), nothing installed by hand may stand in for it"
+done
+say "tools resolve inside the project: $(command -v uv), $(command -v bentoml)"
+
+PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python -m tests.synthetic archive "$WORK/mini.zip" --per-class 30 >/dev/null
+python -m tests.synthetic image "$WORK/car2.png" >/dev/null
+
+# Its own process group, so that stopping it stops the Bento server and its workers too.
+setsid make run DATA_URL="file://$WORK/mini.zip" RECIPE=tiny STATE="$WORK/state" PORT="$PORT" \
+  CIFAR10_SCHEDULE=none >"$RUN_LOG" 2>&1 &
+make_pid=$!
+say "make run started (pid $make_pid, port $PORT, log $RUN_LOG)"
+
+deadline=$((SECONDS + READY_TIMEOUT_S))
+until curl -fsS -o /dev/null "http://127.0.0.1:$PORT/readyz" 2>/dev/null; do
+  kill -0 "$make_pid" 2>/dev/null || { cat "$RUN_LOG"; fail "make run exited before the Bento was served"; }
+  ((SECONDS < deadline)) || { cat "$RUN_LOG"; fail "the Bento was not ready within $READY_TIMEOUT_S s"; }
+  sleep 2
+done
+say "the Bento answers /readyz; make run's console:"
+sed 's/^/  | /' "$RUN_LOG"
+
+grep -q "✓ pipeline finished" "$RUN_LOG" || fail "the console has no '✓ pipeline finished' line"
+grep -q "Swagger UI: http://localhost:$PORT/" "$RUN_LOG" || fail "the console does not show the Swagger URL"
+if grep -nE "Falling back|uv is not available|Failed to install uv|No module named pip" "$WORK"/state/logs/*.log; then
+  fail "a library fell back (above): a tool it needs is missing from the project's environment"
+fi
+
+check_prediction() {  # stdin: a JSON answer; $1: "one" or the expected list length
+  python -c '
+import json, math, sys
+classes = {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+text = sys.stdin.read()
+try:
+    body = json.loads(text)
+except ValueError:
+    sys.exit(f"not JSON: {text[:300]!r}")
+answers = [body] if sys.argv[1] == "one" else body
+if sys.argv[1] != "one" and (not isinstance(body, list) or len(body) != int(sys.argv[1])):
+    sys.exit(f"expected a list of {sys.argv[1]} predictions, got: {text[:300]}")
+for a in answers:
+    if a.get("label") not in classes or not math.isclose(sum(a["probabilities"].values()), 1, abs_tol=1e-4):
+        sys.exit(f"not a prediction: {text[:300]}")
+print(", ".join("%s %.2f" % (a["label"], a["confidence"]) for a in answers))
+' "$1"
+}
+
+cd "$WORK"
+# The seed's client call, verbatim but for the port.
+answer=$(curl -sS -X 'POST' "http://localhost:$PORT/predict/" -H 'accept: application/json' \
+  -H 'Content-Type: multipart/form-data' -F 'file=@car2.png;type=image/png')
+summary=$(check_prediction one <<<"$answer") || fail "/predict/ answered: $answer"
+say "POST /predict/ (the seed's curl): $summary"
+answer=$(curl -sS -X POST "http://localhost:$PORT/predict_batch" -F files=@car2.png -F files=@car2.png \
+  -F files=@car2.png)
+summary=$(check_prediction 3 <<<"$answer") || fail "/predict_batch answered: $answer"
+say "POST /predict_batch (3 files): $summary"
+cd "$ROOT"
+
+kill -TERM -- "-$make_pid"
+for _ in $(seq 30); do kill -0 "$make_pid" 2>/dev/null || break; sleep 1; done
+! kill -0 "$make_pid" 2>/dev/null || fail "make run did not stop within 30 s of SIGTERM"
+! curl -fsS -o /dev/null "http://127.0.0.1:$PORT/readyz" 2>/dev/null || fail "the Bento still answers after make run stopped"
+make_pid=""
+say "passed: make run served the Bento and everything it started has stopped"
