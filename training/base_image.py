@@ -1,4 +1,6 @@
-"""The Bento image's base, made locally: there is no registry to pull one from.
+"""The Bento image's base for podman/buildah, made locally: there is no registry to pull one from.
+
+Docker builds pull the registry's slim Python instead (:func:`training.container.choose_base_image`).
 
 Recipe: ``debootstrap --variant=minbase`` of Debian bookworm with Python 3.11 (the
 version the Bento is built with, so no Python is downloaded into the image) and the
@@ -22,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# bentofile.yaml's `docker.base_image` names this image.
+# training/container.py builds FROM this image with podman/buildah (the BASE_IMAGE build argument).
 BASE_IMAGE = "localhost/cifar10-bento-base:bookworm"
 RECIPE_LABEL = "org.cifar10-mlops.base-recipe"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"

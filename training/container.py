@@ -6,8 +6,13 @@ pipeline is still complete up to the Bento, which ``bentoml serve`` can run.
 
 Podman and buildah use a private configuration and image store under
 ``<state_dir>/containers`` (``CONTAINERS_CONF``/``CONTAINERS_STORAGE_CONF``, rendered
-from ``deploy/containers/``), never the machine-wide one. The base image is built
-locally (:mod:`training.base_image`) because there is no registry to pull from.
+from ``deploy/containers/``), never the machine-wide one.
+
+The image's base follows the backend (:func:`choose_base_image`): docker, which runs where a
+daemon and a registry are the norm, pulls the slim Python image; podman and buildah build on
+the local debootstrap base (:mod:`training.base_image`), which needs no registry. The
+``base_image`` setting (``CIFAR10_BASE_IMAGE``) overrides either; the Dockerfile takes the
+base as the ``BASE_IMAGE`` build argument.
 
 BentoML generates the Dockerfile when it builds the Bento (``bentofile.yaml`` ->
 ``deploy/containers/Dockerfile.template``); we run the builder ourselves so that its log is kept, a
@@ -41,6 +46,12 @@ log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES = PROJECT_DIR / "deploy" / "containers"
 BACKENDS = ("docker", "podman", "buildah")
+# Docker hosts pull this base from the registry: the same Debian release and Python as the local
+# base, so the Bento's wheels fit either. Fully qualified, so that podman or buildah given it as an
+# override need no short-name lookup.
+REGISTRY_BASE_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
+# deploy/containers/Dockerfile.template builds FROM this build argument.
+BASE_IMAGE_ARG = "BASE_IMAGE"
 # The host's CA bundle is mounted here (read-only) while packages are installed, so the
 # build works behind a TLS-inspecting proxy without baking that CA into the image.
 BUILD_CA_MOUNT = "/tmp/build-ca.pem"
@@ -51,7 +62,7 @@ NETWORK_ERROR = re.compile(
     r"temporary failure in name resolution|could not resolve|name or service not known|dns error"
     r"|connection (refused|reset|timed out|aborted)|network is unreachable|no route to host"
     r"|failed to (fetch|download|connect|establish a new connection)|newconnectionerror|error sending request|couldn't download|failed getting release file"
-    r"|tls handshake|certificate verify failed|read timed out|connecttimeout|max retries exceeded"
+    r"|tls handshake|certificate verify failed|read timed out|connecttimeout|max retries exceeded|no such host|i/o timeout"
     r"|(502|503|504) (bad gateway|service unavailable|gateway time-?out)|remote end closed connection",
     re.IGNORECASE)
 
@@ -118,6 +129,23 @@ def find_backend(config: PipelineConfig, env: dict[str, str] | None = None) -> t
     return None, "no healthy container builder (" + "; ".join(reasons) + ")"
 
 
+def choose_base_image(backend: str, override: str = "") -> str:
+    """The image the Bento's image is built on: ``override`` when set, else the backend's default.
+
+    docker (chosen only when its daemon answers) pulls :data:`REGISTRY_BASE_IMAGE`; podman and
+    buildah use the local debootstrap base, since the machines they serve here have no registry.
+    """
+    from training.base_image import BASE_IMAGE
+
+    if override.strip():
+        return override.strip()
+    if backend == "docker":
+        return REGISTRY_BASE_IMAGE
+    if backend in ("podman", "buildah"):
+        return BASE_IMAGE
+    raise ValueError(f"no base image for backend {backend!r}; use one of {', '.join(BACKENDS)}")
+
+
 def is_network_failure(output: str) -> bool:
     """Whether a failed command's output (its last lines) blames the network."""
     return bool(NETWORK_ERROR.search("\n".join(output.splitlines()[-80:])))
@@ -150,13 +178,15 @@ def run_with_network_retry(cmd: list[str], *, env: dict[str, str], log_path: Pat
             before_retry()
 
 
-def build_command(backend: str, dockerfile: str, context: str, tags: list[str]) -> list[str]:
+def build_command(backend: str, dockerfile: str, context: str, tags: list[str],
+                  build_args: dict[str, str] | None = None) -> list[str]:
     """The build command line for ``backend`` (host network while building, layers cached)."""
-    tag_args = sum((["-t", t] for t in tags), [])
+    args = sum((["-t", t] for t in tags), [])
+    args += sum((["--build-arg", f"{k}={v}"] for k, v in (build_args or {}).items()), [])
     if backend == "docker":
-        return ["docker", "build", "--network", "host", "-f", dockerfile, *tag_args, context]
+        return ["docker", "build", "--network", "host", "-f", dockerfile, *args, context]
     cmd = ["buildah", "bud"] if backend == "buildah" else ["podman", "build"]
-    cmd += ["--layers", "--network", "host", "-f", dockerfile, *tag_args]
+    cmd += ["--layers", "--network", "host", "-f", dockerfile, *args]
     ca = next((p for p in HOST_CA_BUNDLES if Path(p).exists()), None)
     if ca:
         cmd += ["--volume", f"{ca}:{BUILD_CA_MOUNT}:ro"]
@@ -172,8 +202,30 @@ def image_size(backend: str, image: str, env: dict[str, str]) -> int:
     return int(out.stdout.strip().splitlines()[0])
 
 
-def containerize(config: PipelineConfig, bento_tag: str) -> str | None:
-    """Build the image for ``bento_tag``; return the image tag, or None when skipped."""
+def configured_base_image(config: PipelineConfig, environ: dict[str, str] | None = None) -> str:
+    """The user's base image override ("" when unset: the backend decides)."""
+    # PipelineConfig.base_image carries CIFAR10_BASE_IMAGE and the DAG param; a config class
+    # without that field still honours the variable.
+    if hasattr(config, "base_image"):
+        return str(config.base_image or "")
+    return (os.environ if environ is None else environ).get("CIFAR10_BASE_IMAGE", "")
+
+
+def prepare_base_image(config: PipelineConfig, backend: str, env: dict[str, str], override: str | None = None) -> str:
+    """Choose the base for ``backend`` and build it when it is the local one; return its name."""
+    from training.base_image import BASE_IMAGE, ensure_base_image
+
+    base = choose_base_image(backend, configured_base_image(config) if override is None else override)
+    if base == BASE_IMAGE:
+        ensure_base_image(["docker"] if backend == "docker" else ["podman"], env, container_dir(config) / "base")
+    return base
+
+
+def containerize(config: PipelineConfig, bento_tag: str, base_image: str | None = None) -> str | None:
+    """Build the image for ``bento_tag``; return the image tag, or None when skipped.
+
+    ``base_image`` overrides the base (None: ``config.base_image``, then the backend's default).
+    """
     from training.bento import use_bentoml_home
 
     env = container_env(config)
@@ -183,25 +235,31 @@ def containerize(config: PipelineConfig, bento_tag: str) -> str | None:
                     "to build the image; the Bento %s can still be served with `bentoml serve`.", reason, bento_tag)
         return None
     bentoml = use_bentoml_home(config)
-    from training.base_image import BASE_IMAGE, ensure_base_image
-
     bento = bentoml.bentos.get(bento_tag)
-    # Bento v1 (ours: bentofile has a dockerfile_template) keeps it in .docker, v2 in .image.
-    options = getattr(bento.info, "docker", None) or getattr(bento.info, "image", None)
-    if getattr(options, "base_image", None) == BASE_IMAGE:
-        ensure_base_image(["docker"] if backend == "docker" else ["podman"], env, container_dir(config) / "base")
+    base = prepare_base_image(config, backend, env, base_image)
     image = f"{config.image_name}:{bento.tag.version}"
     tags = [image, f"{config.image_name}:latest"]
-    log.info("containerizing %s with %s as %s", bento.tag, backend, image)
+    log.info("containerizing %s with %s as %s on %s", bento.tag, backend, image, base)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=container_dir(config) / "tmp", prefix="context-") as tmp:
         # The exported folder is the build context: the Bento with its models copied in, and
         # the Dockerfile BentoML generated from bentofile.yaml at build time.
         context = Path(tmp) / "bento"
         bentoml.bentos.export_bento(bento.tag, str(context), output_format="folder")
-        run_with_network_retry(build_command(backend, str(context / "env" / "docker" / "Dockerfile"), str(context), tags),
-                               env=env, log_path=container_dir(config) / "logs" / f"build-{bento.tag.version}.log",
-                               what=f"building image {image} with {backend}")
+        cmd = build_command(backend, str(context / "env" / "docker" / "Dockerfile"), str(context), tags,
+                            build_args={BASE_IMAGE_ARG: base})
+        try:
+            run_with_network_retry(cmd, env=env,
+                                   log_path=container_dir(config) / "logs" / f"build-{bento.tag.version}.log",
+                                   what=f"building image {image} with {backend} on {base}")
+        except NetworkBuildError as exc:
+            if base != REGISTRY_BASE_IMAGE:
+                raise
+            from training.base_image import BASE_IMAGE
+
+            raise NetworkBuildError(
+                f"{exc}\nIf this machine cannot reach the registry for {base}, build on the local debootstrap base "
+                f"instead: set CIFAR10_BASE_IMAGE={BASE_IMAGE} (base_image).") from exc
     size = image_size(backend, image, env)
     log.info("built %s in %.0f s: %.0f MB", image, time.monotonic() - started, size / 1e6)
     return image
@@ -227,10 +285,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.container", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print export lines for podman/buildah with the private store")
-    sub.add_parser("base-image", help="build the local base image unless it is up to date")
+    base_cmd = sub.add_parser("base-image", help="build the local base image when the image will use it "
+                              "(podman/buildah, or --base-image naming it), unless it is up to date")
     img = sub.add_parser("image", help="containerize a Bento and export it as an OCI archive")
     img.add_argument("--bento", default="cifar10-classifier:latest")
     img.add_argument("--output", type=Path, help="OCI archive path (default: <state>/<image>.oci.tar)")
+    for command in (base_cmd, img):
+        command.add_argument("--base-image", default=None,
+                             help="base of the Bento image (default: base_image setting, CIFAR10_BASE_IMAGE, "
+                                  f"else {REGISTRY_BASE_IMAGE} with docker, the local base with podman/buildah)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = load_config()
@@ -239,13 +302,18 @@ def main(argv: list[str] | None = None) -> None:
         for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
             print(f"export {key}={env[key]}")
     elif args.command == "base-image":
-        from training.base_image import ensure_base_image
-
-        ensure_base_image(["podman"], container_env(config), container_dir(config) / "base")
+        if config.container_backend == "none":
+            config = config.replace(container_backend="auto")
+        env = container_env(config)
+        backend, reason = find_backend(config, env)
+        if backend is None:
+            raise SystemExit(f"{reason}: install docker, podman or buildah (.ci/setup-container-tools.sh)")
+        base = prepare_base_image(config, backend, env, args.base_image)
+        print(f"{backend} builds the image on {base}")
     else:
         if config.container_backend == "none":
             config = config.replace(container_backend="auto")
-        image = containerize(config, args.bento)
+        image = containerize(config, args.bento, args.base_image)
         if image is None:
             raise SystemExit("no container builder: run .ci/setup-container-tools.sh")
         output = args.output or config.state_path / f"{image.replace(':', '-')}.oci.tar"
