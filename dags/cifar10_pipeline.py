@@ -86,6 +86,8 @@ def _config():
                               description="Quality gate: minimum test accuracy for champion"),
         "force_promote": Param(False, type="boolean", description="Operator override of the gate"),
         "container_backend": Param("", type="string", description="auto | docker | podman | buildah | none"),
+        "base_image": Param("", type="string", description="Base of the Bento image; empty: by backend "
+                                                           "(docker: python:3.11-slim-bookworm, else a local base)"),
     },
 )
 def cifar10_pipeline():

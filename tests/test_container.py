@@ -26,7 +26,7 @@ import yaml
 from e2e_helpers import free_port, run_dag, state_env
 from synthetic import image_folder_zip
 from training import base_image, container
-from training.config import PipelineConfig
+from training.config import PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,13 +104,11 @@ def test_unknown_backend_has_no_base_image():
         container.choose_base_image("kaniko")
 
 
-def test_base_image_override_comes_from_the_config_field_else_the_environment():
-    environ = {"CIFAR10_BASE_IMAGE": "from-env:1"}
-    assert container.configured_base_image(SimpleNamespace(), environ) == "from-env:1"
-    assert container.configured_base_image(SimpleNamespace(), {}) == ""
-    # With the field, the config already holds the variable (or a DAG param that beat it).
-    assert container.configured_base_image(SimpleNamespace(base_image="from-config:1"), environ) == "from-config:1"
-    assert container.configured_base_image(SimpleNamespace(base_image=""), environ) == ""
+def test_base_image_setting_comes_from_the_environment_and_params_win():
+    assert load_config({}, environ={"CIFAR10_BASE_IMAGE": "from-env:1"}).base_image == "from-env:1"
+    assert load_config({"base_image": "from-param:1"}, environ={"CIFAR10_BASE_IMAGE": "from-env:1"}).base_image \
+        == "from-param:1"
+    assert load_config({}, environ={}).base_image == ""
 
 
 class _FakeBentoml:
@@ -155,8 +153,9 @@ def test_containerize_takes_the_base_from_the_environment(monkeypatch, tmp_path)
     monkeypatch.setattr(training.bento, "use_bentoml_home", lambda config: _FakeBentoml())
     monkeypatch.setattr(container, "run_with_network_retry", lambda cmd, **kw: commands.append(cmd))
     monkeypatch.setattr(container, "image_size", lambda *a: 1)
-    monkeypatch.setenv("CIFAR10_BASE_IMAGE", "mirror.example/python:3.11-slim-bookworm")
-    container.containerize(PipelineConfig(state_dir=str(tmp_path)), "cifar10-classifier:v1")
+    config = load_config({"state_dir": str(tmp_path)},
+                         environ={"CIFAR10_BASE_IMAGE": "mirror.example/python:3.11-slim-bookworm"})
+    container.containerize(config, "cifar10-classifier:v1")
     assert "BASE_IMAGE=mirror.example/python:3.11-slim-bookworm" in commands[0]
 
 

@@ -155,6 +155,9 @@ class PipelineConfig:
     bento_name: str = "cifar10-classifier"
     # docker | podman | buildah | auto (first healthy one) | none (skip)
     container_backend: str = "auto"
+    # Base of the Bento image; "" = by backend (docker: the registry's python:3.11-slim-bookworm,
+    # podman/buildah: the local debootstrap base).
+    base_image: str = ""
     image_name: str = "cifar10-classifier"
 
     # ----------------------------------------------------------------------

@@ -202,20 +202,11 @@ def image_size(backend: str, image: str, env: dict[str, str]) -> int:
     return int(out.stdout.strip().splitlines()[0])
 
 
-def configured_base_image(config: PipelineConfig, environ: dict[str, str] | None = None) -> str:
-    """The user's base image override ("" when unset: the backend decides)."""
-    # PipelineConfig.base_image carries CIFAR10_BASE_IMAGE and the DAG param; a config class
-    # without that field still honours the variable.
-    if hasattr(config, "base_image"):
-        return str(config.base_image or "")
-    return (os.environ if environ is None else environ).get("CIFAR10_BASE_IMAGE", "")
-
-
 def prepare_base_image(config: PipelineConfig, backend: str, env: dict[str, str], override: str | None = None) -> str:
     """Choose the base for ``backend`` and build it when it is the local one; return its name."""
     from training.base_image import BASE_IMAGE, ensure_base_image
 
-    base = choose_base_image(backend, configured_base_image(config) if override is None else override)
+    base = choose_base_image(backend, config.base_image if override is None else override)
     if base == BASE_IMAGE:
         ensure_base_image(["docker"] if backend == "docker" else ["podman"], env, container_dir(config) / "base")
     return base
