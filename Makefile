@@ -5,7 +5,8 @@ PYTHON ?= python3
 PROJECT_PYTHON ?= 3.11
 VENV := .venv
 STATE ?= $(CURDIR)/.state
-DATA_URL ?= https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz
+# Unset: CIFAR10_DATA_URL, else the official CIFAR-10 release (training/config.py).
+DATA_URL ?=
 # Unset: the recipe preset's value (training/config.py). RECIPE: default | quick | tiny.
 EPOCHS ?=
 MAX_TRAIN_IMAGES ?=
@@ -34,8 +35,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 # DAG params for `make pipeline`: only what was set, so the recipe preset fills the rest.
 comma := ,
-PIPELINE_CONF = {"data_url": "$(DATA_URL)"$(if $(EPOCHS),$(comma) "epochs": $(EPOCHS))$(if \
-	$(MAX_TRAIN_IMAGES),$(comma) "max_train_images": $(MAX_TRAIN_IMAGES))$(if $(RECIPE),$(comma) "recipe": "$(RECIPE)")}
+PIPELINE_FIELDS = $(if $(DATA_URL),$(comma) "data_url": "$(DATA_URL)")$(if $(EPOCHS),$(comma) "epochs": $(EPOCHS))$(if \
+	$(MAX_TRAIN_IMAGES),$(comma) "max_train_images": $(MAX_TRAIN_IMAGES))$(if $(RECIPE),$(comma) "recipe": "$(RECIPE)")
+PIPELINE_CONF = {$(patsubst $(comma)%,%,$(strip $(PIPELINE_FIELDS)))}
 
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
