@@ -42,8 +42,10 @@ deer, dog, frog, horse, ship, truck) with a CNN trained by the cifar10-mlops pip
 - `POST /predict_batch` with repeated field `files` (at most {SETTINGS.max_files}): a list, in input order.
 - `POST /metadata`: which model is served (BentoML and MLflow identifiers, test accuracy, dataset digest).
 
-Errors: 400 for input that is not a valid image or too many files, 413 for bodies over
-{SETTINGS.max_body_bytes:,} bytes, 429 over {SETTINGS.max_concurrency} concurrent requests, 503 when overloaded.
+Errors are one JSON object, `{{"error": "what was wrong and what to do"}}`: 400 for input that is not a valid
+image, a missing or unknown field, or too many files, 413 for bodies over {SETTINGS.max_body_bytes:,} bytes,
+429 over {SETTINGS.max_concurrency} concurrent requests, 503 when overloaded. A trailing slash
+(`/predict/`) is the same route.
 """
 
 BATCH_SIZE = bentoml.metrics.Histogram(
@@ -132,12 +134,13 @@ class CIFAR10Classifier:
         """Classify one uploaded image (multipart field `file`)."""
         return (await self._classify([file]))[0]
 
+    # maxItems only documents the file limit: the handler enforces it, with a message that names the setting.
     @bentoml.api(route="/predict_batch")
-    async def predict_batch(self, files: list[Upload] = Field(description="Images, repeated field `files`")
+    async def predict_batch(self, files: list[Upload] = Field(description="Images, repeated field `files`",
+                                                              min_length=1,
+                                                              json_schema_extra={"maxItems": SETTINGS.max_files})
                             ) -> list[Prediction]:
         """Classify several images (repeated multipart field `files`); answers in input order."""
-        if not files:
-            raise BadInput("no files: send one or more images in the repeated multipart field `files`")
         if len(files) > SETTINGS.max_files:
             raise BadInput(f"{len(files)} files: at most {SETTINGS.max_files} per request "
                            "(CIFAR10_MAX_FILES); split the request")
@@ -162,20 +165,9 @@ def _finite(value) -> float | None:
     return None if value is None or value != value else float(value)
 
 
-CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes,
+# The guard also serves /docs.json with the real error answers and DESCRIPTION as Swagger's page text
+# (not BentoML's README with remote badges).
+CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, description=DESCRIPTION,
                                       fields={"/predict": {"file"}, "/predict_batch": {"files"}, "/metadata": set()})
 if SETTINGS.balance_connections:
     CIFAR10Classifier.add_asgi_middleware(WorkerBalance, workers=SETTINGS.workers)
-
-
-class _DescribedService(type(CIFAR10Classifier)):
-    """Swagger's page text is the service's own description, not BentoML's README with remote badges."""
-
-    __slots__ = ()
-
-    @property
-    def doc(self) -> str:
-        return DESCRIPTION
-
-
-CIFAR10Classifier.__class__ = _DescribedService

@@ -178,6 +178,10 @@ def _guarded_client(limit: int):
         body = await request.body()
         if body == b"bad":
             return JSONResponse([{"error": "bad input"}], status_code=400)  # BentoML's BadInput shape
+        if body == b"invalid":  # BentoML's answer to a pydantic ValidationError of the input model
+            return JSONResponse({"error": "1 validation error for Input", "detail": [
+                {"type": "missing", "loc": ["file"], "msg": "Field required", "url": "https://errors.pydantic.dev"}]},
+                status_code=400)
         return JSONResponse({"received": len(body)})
 
     app = Starlette(routes=[Route("/", echo, methods=["POST"]), Route("/form", echo, methods=["POST"])])
@@ -200,7 +204,7 @@ def test_upload_keeps_the_form_part_in_memory():
     upload = Upload.from_form(UploadFile(io.BytesIO(b"\x89PNG..."), filename="../../etc/car.png"))
     assert upload.data == b"\x89PNG..." and str(upload) == "car.png"  # the client's name, no directories
     assert Upload.from_form(b"raw").data == b"raw"
-    with pytest.raises(ValueError, match="expected an uploaded file .*curl -F file=@image.png"):
+    with pytest.raises(ValueError, match=r"expected an uploaded file \(a multipart part with a filename\), not text"):
         Upload.from_form("http://example.com/car.png")  # text in a file field is never fetched
 
 
@@ -238,6 +242,35 @@ def test_guard_answers_errors_as_one_object():
     resp = _guarded_client(100).post("/", content=b"bad")
     assert resp.status_code == 400 and resp.json() == {"error": "bad input"}
     assert int(resp.headers["content-length"]) == len(resp.content)
+
+
+def test_guard_answers_validation_errors_in_the_same_shape():
+    """BentoML's ``{"error": "1 validation error for Input", "detail": [...]}`` becomes one message."""
+    resp = _guarded_client(100).post("/form", content=b"invalid")
+    assert resp.status_code == 400 and resp.json() == {
+        "error": "invalid request to /form: file: Field required; "
+                 "send images as multipart file parts (curl -F file=@image.png)"}
+    assert int(resp.headers["content-length"]) == len(resp.content)
+
+
+def test_guard_takes_an_api_route_with_a_trailing_slash_as_the_route():
+    """Starlette answers ``/form/`` with a bodyless 307; the guard makes it ``/form``, its checks included."""
+    client = _guarded_client(1000)
+    part = {"file": ("a.png", b"\x89PNG", "image/png")}
+    resp = client.post("/form/", files=part, follow_redirects=False)
+    assert resp.status_code == 200 and resp.json()["received"] > 0
+    resp = client.post("/form/", files={"other": ("a.png", b"\x89PNG", "image/png")}, follow_redirects=False)
+    assert resp.status_code == 400 and "['other']; /form takes file" in resp.json()["error"]
+    resp = client.post("/form/", content=b"x" * 1001, follow_redirects=False)
+    assert resp.status_code == 413
+    # Other routes are left to Starlette.
+    assert client.post("/other/", content=b"x", follow_redirects=False).status_code == 404
+
+
+def test_guard_leaves_other_methods_on_an_api_route_to_the_router():
+    """A PUT with a text field is answered 405 by the router, not 400 by the form check."""
+    resp = _guarded_client(1000).put("/form", files={"file": (None, "text")})
+    assert resp.status_code == 405, resp.text
 
 
 # ---------------------------------------------------------------- e2e: a real `bentoml serve`
@@ -278,6 +311,52 @@ def test_seed_curl_form(server, serving_model, tmp_path):
     out = subprocess.run(["curl", "-s", "-X", "POST", f"{server}/predict", "-F", "file=@car.png"],
                          cwd=tmp_path, capture_output=True, text=True, check=True)
     _check_prediction(json.loads(out.stdout), serving_model.metadata["class_names"])
+
+
+# The seed's client call, character for character but the port: a trailing slash, and no -L,
+# so a redirect would print nothing.
+SEED_CURL = ("curl -X 'POST' 'http://localhost:{port}/predict/' -H 'accept: application/json' "
+             "-H 'Content-Type: multipart/form-data' -F 'file=@car2.png;type=image/png'")
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not Path("/usr/bin/curl").exists(), reason="needs /usr/bin/curl")
+def test_seed_curl_command_verbatim_prints_the_prediction(server, serving_model, tmp_path):
+    (tmp_path / "car2.png").write_bytes(image_bytes(4, size=(120, 80), fmt="PNG"))
+    out = subprocess.run(SEED_CURL.format(port=httpx.URL(server).port), shell=True, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    _check_prediction(json.loads(out.stdout), serving_model.metadata["class_names"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("route", ["/predict", "/predict/", "/predict_batch", "/predict_batch/", "/metadata",
+                                   "/metadata/"])
+def test_api_routes_answer_with_or_without_a_trailing_slash(server, serving_model, route):
+    field = {"/predict": "file", "/predict_batch": "files"}.get(route.rstrip("/"))
+    files = [(field, ("car.png", image_bytes(5, fmt="PNG"), "image/png"))] if field else None
+    resp = httpx.post(f"{server}{route}", files=files, timeout=60, follow_redirects=False)
+    assert resp.status_code == 200, (resp.status_code, resp.headers, resp.text)
+    body = resp.json()
+    if field is None:
+        assert body["bentoml_model_tag"] == serving_model.tag
+    else:
+        _check_prediction(body[0] if field == "files" else body, serving_model.metadata["class_names"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("request_args", [
+    {"files": {"other": ("a.jpg", image_bytes(0), "image/jpeg")}},  # unknown field
+    {"files": {"file": (None, "http://127.0.0.1:9/x")}},  # text in a file field
+    {"files": {"file": ("big.jpg", b"\0" * (MAX_BODY + 1), "image/jpeg")}},  # over the body limit
+    {"files": {"file": ("bad.jpg", b"not an image", "image/jpeg")}},  # not an image
+    {"content": b"--x--\r\n", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},  # no file at all
+], ids=["unknown field", "text field", "over limit", "not an image", "no file"])
+def test_the_guard_applies_to_the_trailing_slash_form_as_to_the_route(server, request_args):
+    plain = httpx.post(f"{server}/predict", timeout=30, **request_args)
+    slash = httpx.post(f"{server}/predict/", timeout=30, follow_redirects=False, **request_args)
+    assert 400 <= plain.status_code < 500, plain.text
+    assert (slash.status_code, slash.json()) == (plain.status_code, plain.json())
 
 
 @pytest.mark.e2e
@@ -432,17 +511,86 @@ def test_swagger_health_and_metrics(server):
     assert httpx.get(f"{server}/", timeout=30).status_code == 200
     spec = httpx.get(f"{server}/docs.json", timeout=30).json()
     assert {"/predict", "/predict_batch", "/metadata"} <= set(spec["paths"])
-    assert "img.shields.io" not in json.dumps(spec) and "CIFAR-10" in spec["info"]["description"]
+    assert not any(path.endswith("/") and len(path) > 1 for path in spec["paths"])  # each route once
+    # The page text is service.py's DESCRIPTION with this server's settings, not BentoML's README.
+    description = spec["info"]["description"]
+    assert description.startswith("Classifies an image into one of the ten CIFAR-10 classes"), description[:300]
+    assert f"at most {MAX_FILES})" in description and f"over {MAX_BODY:,} bytes" in description
+    assert "img.shields.io" not in json.dumps(spec) and "created with BentoML" not in description
     example = spec["components"]["schemas"]["Prediction"]["properties"]["label"]["examples"]
     assert example == ["automobile"]
     # The in-memory Upload type documents its parts as files, as a Path input does: Swagger's file picker.
-    form = {path: spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-            for path in ("/predict", "/predict_batch")}
-    assert {k: form["/predict"]["properties"]["file"][k] for k in ("type", "format")} == {"type": "string",
-                                                                                       "format": "binary"}
-    assert form["/predict_batch"]["properties"]["files"]["items"] == {"type": "string", "format": "binary"}
+    bodies = {path: spec["paths"][path]["post"]["requestBody"] for path in ("/predict", "/predict_batch")}
+    form = {path: body["content"]["multipart/form-data"] for path, body in bodies.items()}
+    binary = {"type": "string", "format": "binary", "minLength": 1}
+    assert {k: form["/predict"]["schema"]["properties"]["file"][k] for k in binary} == binary
+    files = form["/predict_batch"]["schema"]["properties"]["files"]
+    assert files["items"] == binary and (files["minItems"], files["maxItems"]) == (1, MAX_FILES)
+    # What the guard enforces: a body, no other fields, image parts.
+    for (path, body), field in zip(bodies.items(), ("file", "files")):
+        assert body["required"] is True and form[path]["schema"]["additionalProperties"] is False, path
+        assert form[path]["encoding"] == {field: {"contentType": serving_io.IMAGE_TYPES}}, path
     for path in ("/healthz", "/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{server}{path}", timeout=30).status_code == 200, path
+
+
+@pytest.mark.e2e
+def test_spec_documents_one_error_shape_for_every_error_status(server):
+    spec = httpx.get(f"{server}/docs.json", timeout=30).json()
+    schemas = spec["components"]["schemas"]
+    assert schemas["Error"] == serving_io.ERROR_SCHEMA
+    assert not {"InvalidArgument", "NotFound", "InternalServerError"} & set(schemas)  # BentoML's: `detail` a string
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, statuses in {"/predict": {"400", "413", "429", "500", "503"},
+                           "/predict_batch": {"400", "413", "429", "500", "503"},
+                           "/metadata": {"400", "413", "429", "500"}}.items():
+        responses = spec["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200"} | statuses, path
+        assert all(responses[status]["content"] == ref for status in statuses), path
+
+
+def _error_answers(server: str) -> dict[str, httpx.Response]:
+    """One answer of every kind of refusal the service gives, 429 and 503 aside (the overload test's)."""
+    jpeg = image_bytes(0)
+    empty_form = {"content": b"--x--\r\n", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
+    requests = {
+        "no file (BentoML's validation)": ("/predict", empty_form),
+        "no files (BentoML's validation)": ("/predict_batch", empty_form),
+        "JSON instead of a form (BentoML's validation)": ("/predict", {"json": {"file": "x"}}),
+        "invalid JSON (BentoML's validation)": ("/metadata", {"content": b"\0",
+                                                              "headers": {"Content-Type": "application/json"}}),
+        "not an object (BentoML's validation)": ("/metadata", {"json": [1]}),
+        "not an image (BadInput)": ("/predict", {"files": {"file": ("x.jpg", b"nope", "image/jpeg")}}),
+        "too many files (BadInput)": ("/predict_batch", {"files": [("files", (f"{i}.jpg", jpeg, "image/jpeg"))
+                                                                  for i in range(MAX_FILES + 1)]}),
+        "unknown field (guard)": ("/predict", {"files": {"other": ("x.jpg", jpeg, "image/jpeg")}}),
+        "url-encoded (guard)": ("/predict", {"data": {"file": "http://127.0.0.1:9/x"}}),
+        "over the limit (guard)": ("/predict", {"content": b"\0" * (MAX_BODY + 1),
+                                                "headers": {"Content-Type": "multipart/form-data; boundary=x"}}),
+    }
+    return {name: httpx.post(f"{server}{path}", timeout=30, **args) for name, (path, args) in requests.items()}
+
+
+@pytest.mark.e2e
+def test_every_error_answer_is_the_documented_error_object(server):
+    """BentoML's own answers included: its validation errors carry `detail`, a list, where its spec says a string."""
+    import jsonschema
+
+    spec = httpx.get(f"{server}/docs.json", timeout=30).json()
+    answers = _error_answers(server)
+    for name, resp in answers.items():
+        assert resp.status_code in (400, 413), (name, resp.status_code, resp.text)
+        assert resp.headers["content-type"] == "application/json", name
+        jsonschema.validate(resp.json(), spec["components"]["schemas"]["Error"])
+    # BentoML's validation errors say where the problem is and what to send instead.
+    assert answers["no files (BentoML's validation)"].json()["error"] == (
+        "invalid request to /predict_batch: files: Field required; "
+        "send images as multipart file parts (curl -F files=@image.png)")
+    assert answers["JSON instead of a form (BentoML's validation)"].json()["error"].endswith(
+        "not text; send images as multipart file parts (curl -F file=@image.png)")
+    assert answers["invalid JSON (BentoML's validation)"].json()["error"].startswith(
+        "invalid request to /metadata: body: Invalid JSON")
+    assert "send an empty body" in answers["invalid JSON (BentoML's validation)"].json()["error"]
 
 
 @pytest.mark.e2e
@@ -472,15 +620,16 @@ def test_overload_gives_429_and_503_never_500(serving_model, tmp_path):
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
             responses = await asyncio.gather(*(client.post("/predict", files={"file": ("img.jpg", data, "image/jpeg")})
                                                for data in images))
-        return [r.status_code for r in responses]
+        return [r.status_code for r in responses], [r.json() for r in responses if r.status_code != 200]
 
     try:
-        codes = asyncio.run(burst())
+        codes, bodies = asyncio.run(burst())
     finally:
         stop_server(proc)
     print("status counts:", {code: codes.count(code) for code in sorted(set(codes))})
     assert set(codes) <= {200, 429, 503}, codes
     assert 429 in codes, codes
+    assert all(set(body) == {"error"} and isinstance(body["error"], str) for body in bodies), bodies
 
 
 def test_every_training_module_the_service_imports_is_in_the_bento():

@@ -156,8 +156,8 @@ class Upload(PurePosixPath):
             upload = cls("upload")
             upload.data = bytes(value)
         else:
-            raise ValueError("expected an uploaded file (a multipart part with a filename); "
-                             "send the image as a file: curl -F file=@image.png")
+            # No advice here: the guard adds the route's own (_how) when it answers the validation error.
+            raise ValueError("expected an uploaded file (a multipart part with a filename), not text")
         return upload
 
     @classmethod
@@ -169,8 +169,11 @@ class Upload(PurePosixPath):
     @classmethod
     def __get_pydantic_json_schema__(cls, schema, handler) -> dict:
         # As BentoML's FileSchema for a Path: "file" marks a file part for BentoML's
-        # routing and client; OpenAPI (serialization mode) gets a binary string.
-        return {"type": "file" if handler.mode == "validation" else "string", "format": "binary"}
+        # routing and client; OpenAPI (serialization mode) gets a binary string, never
+        # empty (an empty file is refused).
+        if handler.mode == "validation":
+            return {"type": "file", "format": "binary"}
+        return {"type": "string", "format": "binary", "minLength": 1}
 
 
 def prediction(probs: np.ndarray, class_names: list[str]) -> dict:
@@ -347,34 +350,50 @@ async def _refuse_unread(receive, send, status: int, body: dict, linger_s: float
 
 
 class RequestGuard:
-    """ASGI middleware: 413 for bodies over ``max_body_bytes``, 400 for unknown form fields, one-object errors.
+    """ASGI middleware: 413 for bodies over ``max_body_bytes``, 400 for unknown form fields, one error shape.
 
+    - ``fields`` maps each API route to its multipart file fields. ``/predict/`` is
+      ``/predict`` here, before anything else: Starlette would answer it with a bodyless
+      307, which curl (without ``-L``) prints as nothing.
     - A declared ``Content-Length`` over the limit is refused before any byte of the
       body is read; a chunked body is read only up to the limit. After such a 413 the
       connection lingers (see :func:`_refuse_unread`) so that the client reads the answer.
-    - ``fields`` maps a route to its multipart file fields; such a route's form body is
-      parsed here first (Starlette's parser, as BentoML's) and refused with 400 when
-      BentoML 1.4.40 would answer 500 or do something unsafe: an unknown field holding
-      binary data (``json.loads`` raises ``UnicodeDecodeError`` in ``_bentoml_impl/serde.py``),
-      a malformed multipart body or one without boundary (Starlette's ``HTTPException(400)``
-      becomes 500), and a file field holding text instead of a file, or any url-encoded
-      form: ``MultipartSerde.ensure_file`` *downloads* such a value as a URL (500 for
-      non-URLs; a fetch of any public URL the client names otherwise).
-    - BentoML answers a raised ``BadInput`` with a JSON *list* of one object
-      (``detail = ({"error": ...},)`` in ``_bentoml_impl/server/app.py``); clients get
-      the object itself.
+    - An API route's form body is parsed here first (Starlette's parser, as BentoML's) and
+      refused with 400 when BentoML 1.4.40 would answer 500 or do something unsafe: an
+      unknown field holding binary data (``json.loads`` raises ``UnicodeDecodeError`` in
+      ``_bentoml_impl/serde.py``), a malformed multipart body or one without boundary
+      (Starlette's ``HTTPException(400)`` becomes 500), and a file field holding text
+      instead of a file, or any url-encoded form: ``MultipartSerde.ensure_file``
+      *downloads* such a value as a URL (500 for non-URLs; a fetch of any public URL the
+      client names otherwise).
+    - Every error is one object ``{"error": "..."}`` (:data:`ERROR_SCHEMA`): BentoML answers a
+      raised ``BadInput`` with a JSON *list* of that object, and a request its input model
+      rejects with ``{"error": "1 validation error for Input", "detail": [...]}``
+      (``_bentoml_impl/server/app.py``); both are rewritten to the one shape.
+    - ``GET /docs.json`` says so: BentoML 1.4.40 documents every error as
+      ``{"error": str, "detail": str}`` and has no way to set an operation's responses, so
+      its spec is amended on the way out (:func:`amend_spec`). ``description``, if
+      given, replaces the page text, which for a service served from source is BentoML's
+      own README (``description=`` of ``@bentoml.service`` reaches only a built Bento's).
     """
 
     def __init__(self, app, max_body_bytes: int, fields: dict[str, set[str]] | None = None,
-                 linger_s: float = 2.0) -> None:
+                 linger_s: float = 2.0, description: str | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.fields = fields or {}
         self.linger_s = linger_s  # most seconds spent dropping the rest of a refused body
+        self.description = description
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path.endswith("/") and path[:-1] in self.fields:
+            raw = scope.get("raw_path")
+            scope = {**scope, "path": path[:-1], "raw_path": raw[:-1] if raw and raw.endswith(b"/") else raw}
+        elif path == "/docs.json" and scope["method"] == "GET":
+            return await self.app(scope, receive, _amend_spec(send, self.fields, self.description))
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and not length.isdigit():
@@ -383,7 +402,8 @@ class RequestGuard:
             if headers.get(b"expect", b"").lower() == b"100-continue":  # the client waits: nothing is in flight
                 return await _send_json(send, 413, self._too_big())
             return await _refuse_unread(receive, send, 413, self._too_big(), self.linger_s)
-        allowed = self.fields.get(scope["path"])
+        # The API routes take POST only: another method gets the router's 405, whatever its body.
+        allowed = self.fields.get(scope["path"]) if scope["method"] == "POST" else None
         if allowed is not None or (length is None and b"chunked" in headers.get(b"transfer-encoding", b"")):
             messages, size = [], 0
             while True:  # buffer the body (at most the limit) to check it, then replay it to the app
@@ -402,7 +422,7 @@ class RequestGuard:
             async def receive():  # noqa: F811 - hand the buffered body to the app, then go live
                 return next(replay, None) or await original_receive()
 
-        await self.app(scope, receive, _unwrap_error_list(send))
+        await self.app(scope, receive, _one_error_shape(send, scope["path"], self.fields.get(scope["path"])))
 
     def _too_big(self) -> dict:
         return {"error": f"request body is over the {self.max_body_bytes:,}-byte limit; "
@@ -415,7 +435,7 @@ async def _form_error(headers: dict, messages: list[dict], path: str, allowed: s
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     content_type = headers.get(b"content-type", b"").lower()
-    how = f"send images as multipart file parts (curl -F {min(allowed, default='file')}=@image.png)"
+    how = _how(allowed)
     if content_type.startswith(b"application/x-www-form-urlencoded"):
         return f"url-encoded forms are not accepted: {how}"
     if not content_type.startswith(b"multipart/"):
@@ -439,13 +459,31 @@ async def _form_error(headers: dict, messages: list[dict], path: str, allowed: s
         await form.close()
 
 
-def _unwrap_error_list(send):
-    """Wrap ``send`` so that a 4xx body ``[{"error": ...}]`` goes out as ``{"error": ...}``."""
+def _how(allowed: set[str] | None) -> str:
+    """What a client should send to a route with file fields ``allowed``."""
+    if not allowed:
+        return "it takes no input: send an empty body or the JSON object {}"
+    return f"send images as multipart file parts (curl -F {min(allowed)}=@image.png)"
+
+
+def _one_error(body: object, path: str, allowed: set[str] | None) -> object:
+    """BentoML's error bodies as one ``{"error": ...}`` object; anything else unchanged."""
+    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
+        return body[0]
+    if isinstance(body, dict) and isinstance(body.get("detail"), list):  # a pydantic ValidationError
+        problems = "; ".join(f"{'.'.join(map(str, item.get('loc') or ())) or 'body'}: {item.get('msg')}"
+                             for item in body["detail"] if isinstance(item, dict))
+        return {"error": f"invalid request to {path}: {problems or body.get('error')}; {_how(allowed)}"}
+    return body
+
+
+def _rewrite_body(send, statuses: Callable[[int], bool], rewrite: Callable[[bytes], bytes]):
+    """Wrap ``send``: the body of a response whose status passes ``statuses`` goes out as ``rewrite(body)``."""
     held: dict = {}
     chunks: list[bytes] = []
 
     async def wrapped(message) -> None:
-        if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+        if message["type"] == "http.response.start" and statuses(message["status"]):
             held["start"] = message
             return
         if "start" not in held or message["type"] != "http.response.body":
@@ -453,17 +491,77 @@ def _unwrap_error_list(send):
         chunks.append(message.get("body", b""))
         if message.get("more_body"):
             return
-        body = b"".join(chunks)
-        try:
-            parsed = json.loads(body)
-            if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
-                body = json.dumps(parsed[0]).encode()
-        except ValueError:
-            pass
-        start = held.pop("start")
+        body, start = rewrite(b"".join(chunks)), held.pop("start")
         start["headers"] = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"] + [
             (b"content-length", str(len(body)).encode())]
         await send(start)
         await send({"type": "http.response.body", "body": body})
 
     return wrapped
+
+
+def _one_error_shape(send, path: str, allowed: set[str] | None):
+    """Wrap ``send`` so that a 4xx JSON body goes out in the one documented error shape."""
+
+    def rewrite(body: bytes) -> bytes:
+        try:
+            return json.dumps(_one_error(json.loads(body), path, allowed)).encode()
+        except ValueError:  # not JSON (Starlette's plain-text answers): as it is
+            return body
+
+    return _rewrite_body(send, lambda status: 400 <= status < 500, rewrite)
+
+
+ERROR_SCHEMA = {"type": "object", "title": "Error", "required": ["error"], "additionalProperties": False,
+                "properties": {"error": {"type": "string", "description": "What was wrong and what to do"}}}
+ERROR_STATUSES = {
+    400: "Invalid input: not a readable image, a missing, unknown or text form field, too many files",
+    413: "Request body over the size limit (CIFAR10_MAX_BODY_BYTES)",
+    429: "More requests in flight than the limit (CIFAR10_MAX_CONCURRENCY); retry later",
+    500: "Unexpected server error; the server log has the details",
+    503: "Overloaded: the request waited too long for the model (CIFAR10_MAX_LATENCY_MS); retry later",
+}
+# What a file part holds (OpenAPI encoding.contentType); the decoder goes by the bytes, not the part's type.
+IMAGE_TYPES = "image/png, image/jpeg, image/bmp, image/gif, image/webp"
+# BentoML's error components: dropped once no operation refers to them.
+BENTOML_ERRORS = ("InvalidArgument", "NotFound", "InternalServerError")
+
+
+def amend_spec(spec: dict, fields: dict[str, set[str]], description: str | None = None) -> dict:
+    """``spec`` (BentoML's OpenAPI document) saying what the routes in ``fields`` really take and answer.
+
+    - Errors: :data:`ERROR_SCHEMA` for every status in :data:`ERROR_STATUSES` a route can
+      answer, 503 only where the model runs (routes with file fields). BentoML's 404 goes:
+      an existing route never answers it.
+    - A route with file fields needs a multipart body with no other fields (the guard
+      refuses unknown ones), and its file parts are images (:data:`IMAGE_TYPES`).
+    """
+    for path, allowed in fields.items():
+        for operation in spec.get("paths", {}).get(path, {}).values():
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if allowed and form:
+                operation["requestBody"]["required"] = True
+                form.setdefault("schema", {})["additionalProperties"] = False
+                form.setdefault("encoding", {}).update({name: {"contentType": IMAGE_TYPES} for name in sorted(allowed)})
+            responses = {code: answer for code, answer in operation.get("responses", {}).items()
+                         if int(code) < 400}
+            for status, what in ERROR_STATUSES.items():
+                if status != 503 or allowed:
+                    responses[str(status)] = {"description": what, "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            operation["responses"] = responses
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    referenced = json.dumps(spec.get("paths", {}))
+    for name in BENTOML_ERRORS:
+        if f'"#/components/schemas/{name}"' not in referenced:
+            schemas.pop(name, None)
+    schemas["Error"] = ERROR_SCHEMA
+    if description is not None:
+        spec.setdefault("info", {})["description"] = description
+    return spec
+
+
+def _amend_spec(send, fields: dict[str, set[str]], description: str | None):
+    """Wrap ``send`` so that BentoML's OpenAPI document goes out through :func:`amend_spec`."""
+    return _rewrite_body(send, lambda status: status == 200,
+                         lambda body: json.dumps(amend_spec(json.loads(body), fields, description)).encode())
