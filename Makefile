@@ -42,7 +42,7 @@ PIPELINE_CONF = {$(patsubst $(comma)%,%,$(strip $(PIPELINE_FIELDS)))}
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
 
-.PHONY: venv run pipeline serve up down status airflow-ui mlflow-ui test test-fast clean base-image image
+.PHONY: venv run pipeline serve up down status airflow-ui mlflow-ui test test-fast test-service clean base-image image
 
 # The environment is (re)built only when pyproject.toml or uv.lock changed.
 $(VENV)/.synced: pyproject.toml uv.lock
@@ -94,12 +94,17 @@ airflow-ui: $(VENV)/.synced $(STATE)/airflow/.migrated
 mlflow-ui: $(VENV)/.synced
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port $(MLFLOW_PORT)
 
-## make test: unit tests and the end-to-end tests (real Airflow, MLflow, bentoml serve)
+## make test: every tier: unit, service (real bentoml serve), e2e (real Airflow runs, containers, PostgreSQL)
 test: $(VENV)/.synced
 	$(VENV)/bin/python -m pytest -v --durations=15
 
+## make test-fast: the unit tier (about 2 minutes, no servers)
 test-fast: $(VENV)/.synced
-	$(VENV)/bin/python -m pytest -m "not e2e"
+	$(VENV)/bin/python -m pytest tests/unit
+
+## make test-service: the service tier (BentoML in process and a real `bentoml serve`)
+test-service: $(VENV)/.synced
+	$(VENV)/bin/python -m pytest tests/service
 
 # stops the stack before its state folder goes away
 clean: down
@@ -107,9 +112,9 @@ clean: down
 
 ## make base-image: the local Debian base of the Bento image (rebuilt only when its recipe changed)
 base-image: $(VENV)/.synced
-	$(VENV)/bin/python -m training.container base-image
+	$(VENV)/bin/python -m training.packaging.container base-image
 
 ## make image: containerize the newest Bento (podman/buildah, private store in $(STATE)/containers)
 ## and export it as an OCI archive, $(STATE)/cifar10-classifier-<version>.oci.tar
 image: $(VENV)/.synced base-image
-	$(VENV)/bin/python -m training.container image --bento cifar10-classifier:latest
+	$(VENV)/bin/python -m training.packaging.container image --bento cifar10-classifier:latest

@@ -1,11 +1,11 @@
-"""CIFAR-10 classifier service (BentoML 1.4): one process, batching in process.
+"""CIFAR-10 classifier service (BentoML 1.4): decode and validate per request, batch in process.
 
-Each request is decoded and validated in its own handler (a bad upload gets 400
-alone); only valid 32x32 pixels reach the batcher, which groups concurrent requests
-into one ONNX Runtime call. See ``training/serving_io.py`` for why this replaces a
-front service ``bentoml.depends``-ing on a batched model service.
+Each upload is decoded in its own handler, so a bad one gets its own 400; only valid
+32x32 pixels reach ``serving.batcher.MicroBatcher``, which groups concurrent requests
+into one ONNX Runtime call. Why not BentoML's batchable API behind ``bentoml.depends``:
+docs/serving.md and ``bench/bentoml_batching.py``.
 
-Client call: ``curl -X POST http://localhost:3000/predict -F file=@car.png``
+Client call: ``curl -X POST http://localhost:3000/predict/ -F file=@car2.png``
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import bentoml
 from bentoml.exceptions import BadInput, ServiceUnavailable
 from pydantic import BaseModel, Field
 
-from training.compute_slots import ComputeSlots, server_key
-from training.serving_io import MicroBatcher, Overloaded, RequestGuard, ServingSettings, Upload, prediction, warm_up
-from training.worker_balance import WorkerBalance
+from serving.batcher import MicroBatcher, Overloaded
+from serving.http import RequestGuard, Upload
+from serving.model import prediction, warm_up
+from serving.settings import ServingSettings
+from serving.slots import ComputeSlots, server_key
 
 if TYPE_CHECKING:  # numpy is imported where it is used: the `bentoml serve` CLI process needs none of it
     import numpy as np
@@ -30,6 +32,8 @@ if TYPE_CHECKING:  # numpy is imported where it is used: the `bentoml serve` CLI
 # The Bento pins its model through a build argument; a plain `bentoml serve
 # service.py` uses the newest model in the local store.
 MODEL_TAG = getattr(bentoml.use_arguments(), "model_tag", None) or "cifar10-cnn:latest"
+# Read where the service starts, not where the Bento is built: @bentoml.service needs the worker
+# count and limits when this module is imported.
 SETTINGS = ServingSettings.from_env()
 # Images above this size are decoded in a thread so a big upload does not stall the event loop.
 THREAD_DECODE_BYTES = 64 * 1024
@@ -85,24 +89,21 @@ class CIFAR10Classifier:
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        from training.export import onnx_session
+        from serving.model import onnx_session
 
         model_dir = Path(self.bento_model.path)
         self.class_names = json.loads((model_dir / "classes.json").read_text())
         self.session = onnx_session(model_dir / "model.onnx", threads=SETTINGS.model_threads)
         self.input_name = self.session.get_inputs()[0].name
         # Full batches side by side, as under load, before /readyz says ready: they prove the
-        # model runs, and ONNX Runtime's arena reaches its working size now rather than during
-        # the first minutes of traffic (issue 8's soak; README, Reliability).
+        # model runs, and ONNX Runtime's arena reaches its working size now rather than under traffic.
         warm_up(self._infer, SETTINGS.max_batch_size, SETTINGS.model_concurrency)
         gate = ComputeSlots(server_key(), SETTINGS.compute_slots) if SETTINGS.compute_slots else None
         self.batcher = MicroBatcher(self._infer, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
                                     on_batch=BATCH_SIZE.observe, concurrency=SETTINGS.model_concurrency,
                                     nice=SETTINGS.infer_nice, gate=gate)
-        # Everything loaded so far (BentoML, pydantic, ONNX Runtime bindings) lives as long as the
-        # worker: move it out of the garbage collector's reach, so full collections under load
-        # scan only what requests create. A/B at concurrency 32, 5 alternating runs: 360 -> 385
-        # req/s, p99 223 -> 187 ms (means; bench/ab_serving.sh).
+        # Everything loaded so far lives as long as the worker: out of the garbage collector's
+        # reach, full collections under load scan only what requests create.
         gc.collect()
         gc.freeze()
 
@@ -112,7 +113,7 @@ class CIFAR10Classifier:
     async def _classify(self, files: list[Upload]) -> list[Prediction]:
         import numpy as np
 
-        from training.images import InvalidImage, decode_image
+        from serving.images import InvalidImage, decode_image
 
         pixels = []
         for i, file in enumerate(files):
@@ -169,5 +170,3 @@ def _finite(value) -> float | None:
 # (not BentoML's README with remote badges).
 CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, description=DESCRIPTION,
                                       fields={"/predict": {"file"}, "/predict_batch": {"files"}, "/metadata": set()})
-if SETTINGS.balance_connections:
-    CIFAR10Classifier.add_asgi_middleware(WorkerBalance, workers=SETTINGS.workers)

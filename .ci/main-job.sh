@@ -39,8 +39,8 @@ done
 say "tools resolve inside the project: $(command -v uv), $(command -v bentoml)"
 
 PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-python -m tests.synthetic archive "$WORK/mini.zip" --per-class 30 >/dev/null
-python -m tests.synthetic image "$WORK/car2.png" >/dev/null
+python -m tests.helpers archive "$WORK/mini.zip" --per-class 30 >/dev/null
+python -m tests.helpers image "$WORK/car2.png" >/dev/null
 
 # Its own process group, so that stopping it stops the Bento server and its workers too.
 setsid make run DATA_URL="file://$WORK/mini.zip" RECIPE=tiny STATE="$WORK/state" PORT="$PORT" \

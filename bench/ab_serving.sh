@@ -22,7 +22,7 @@ trap stop EXIT
 for _ in $(seq "$ROUNDS"); do for spec in "${SPECS[@]}"; do
   read -r dir vars <<< "$spec"; dir=$(cd "$dir" && pwd)
   tag=$(cat "$(env TAG_FILE="$TAG_FILE" $vars printenv TAG_FILE)")  # a spec may name its own TAG_FILE
-  (cd "$dir" && env $vars PYTHONPATH="$dir" "$ROOT/.venv/bin/bentoml" serve service:CIFAR10Classifier \
+  (cd "$dir" && env $vars "$ROOT/.venv/bin/bentoml" serve service:CIFAR10Classifier \
      --arg "model_tag=$tag" --port "$PORT" > "$STATE/ab-serve.log" 2>&1 &)
   for _ in $(seq 180); do curl -sf "localhost:$PORT/readyz" > /dev/null && break; sleep 1; done
   wrk -t1 -c32 -d4s -s "$STATE/multipart.lua" "http://127.0.0.1:$PORT/predict" > /dev/null 2>&1

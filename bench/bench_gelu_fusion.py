@@ -1,11 +1,11 @@
-"""ONNX Runtime speed of the served net before and after ``training.export.fuse_gelu``.
+"""ONNX Runtime speed of the served net before and after ``training.model.export.fuse_gelu``.
 
 Exports the default recipe's net (untrained 64/128/128 with flip TTA; weights do not
 change the speed) with Keras' tf2onnx export, fuses a copy, checks both give the same
 probabilities, then times them in alternation on batches of 64: one single-threaded call,
 and two calls side by side (as a worker serves).
 
-    .venv/bin/python bench/bench_gelu_fusion.py [--rounds 4] [--seconds 3]
+    .venv/bin/python -m bench.bench_gelu_fusion [--rounds 4] [--seconds 3]
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,9 +30,10 @@ def main() -> None:
 
     import onnx
 
-    from bench_serving import images_per_second
-    from training.export import fuse_gelu_file, onnx_session
-    from training.model import build_model, with_flip_tta
+    from bench.bench_serving import images_per_second
+    from serving.model import onnx_session
+    from training.model.export import fuse_gelu_file
+    from training.model.network import build_model, with_flip_tta
 
     batch = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)
     model = with_flip_tta(build_model((64, 128, 128), 10))

@@ -1,6 +1,6 @@
 """Benchmark: prepare an image-folder archive end to end (decode, validate, split, digest, write).
 
-Usage: .venv/bin/python bench/bench_prepare.py [ARCHIVE] [--workers N]
+Usage: .venv/bin/python -m bench.bench_prepare [ARCHIVE] [--workers N]
 
 Default archive: ../shared/data/cifar10-train-jpeg.zip (50,000 JPEGs). Prints one JSON
 line: wall seconds of ``prepare`` (fresh state folder, so nothing is cached), peak RSS of
@@ -16,12 +16,10 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-train-jpeg.zip"
 
@@ -33,8 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from training.config import load_config
-    from training.decode_pool import default_workers
-    from training.prepare import prepare
+    from training.data.decode_pool import default_workers
+    from training.data.prepare import prepare
 
     archive = Path(args.archive).resolve()
     load = os.getloadavg()

@@ -12,7 +12,7 @@ recipe ships, the default ``32,64,128`` without TTA the lighter net of the first
 measurements.
 
     apt-get install -y wrk
-    .venv/bin/python bench/bench_serving.py [--duration 10] [--widths 64,128,128 --tta] [--state DIR]
+    .venv/bin/python -m bench.bench_serving [--duration 10] [--widths 64,128,128 --tta] [--state DIR]
 
 Prints a Markdown table and writes ``results.json`` into the state folder.
 """
@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 WIDTHS = (32, 64, 128)
 CONCURRENCY = (1, 8, 32, 64)
 
-from tests.conftest import free_port, make_serving_model, stop_server  # noqa: E402 (needs ROOT on sys.path)
+from tests.helpers import free_port, make_serving_model, stop_server
 
 LUA = r"""
 wrk.method = "POST"
@@ -138,7 +137,7 @@ def bench_server(name: str, cmd: list[str], env: dict, port: int, path: str, arg
 
 def ceiling(onnx_path: Path, threads: int, calls: int = 1, seconds: float = 5.0) -> float:
     """(d): images/s of ONNX Runtime on batches of 64 in process, ``calls`` batches side by side."""
-    from training.export import onnx_session
+    from serving.model import onnx_session
 
     session = onnx_session(onnx_path, threads=threads)
     batch = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)
@@ -196,7 +195,7 @@ def main() -> None:
     script = args.state / "multipart.lua"
     script.write_text(LUA)
 
-    from training.serving_io import ServingSettings
+    from serving.settings import ServingSettings
 
     # wrk opens all its connections at once; without balancing, whichever worker is awake
     # takes most of them and the figures become a lottery (see training/worker_balance.py).
@@ -213,8 +212,7 @@ def main() -> None:
                 ceiling(onnx_path, settings.model_threads, settings.model_concurrency),
             f"1 call x {os.cpu_count()} threads": ceiling(onnx_path, os.cpu_count())}
         print("d:", results["d_ceiling_img_s"], flush=True)
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2"}
     bento = [str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier", "--arg", f"model_tag={tag}"]
     servers = {
         "a_batching": (bento, {}, "/predict"),

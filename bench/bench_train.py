@@ -2,9 +2,9 @@
 
 Full runs (what the README's table reports; run them on an otherwise idle machine):
 
-    .venv/bin/python bench/bench_train.py --recipe default --recipe quick
+    .venv/bin/python -m bench.bench_train --recipe default --recipe quick
 
-Each recipe trains through ``training.train.train`` (the DAG's code path, with MLflow
+Each recipe trains through ``training.model.train.train`` (the DAG's code path, with MLflow
 in a private state folder) on ``/work/shared/data/cifar10-train-jpeg.zip`` with 10,000
 images held out as the test split (``test_fraction=0.2``), and prints one line:
 recipe, test accuracy, training minutes (``model.fit`` only), epochs, load average.
@@ -12,7 +12,7 @@ recipe, test accuracy, training minutes (``model.fit`` only), epochs, load avera
 On the GPU machine (JAX, no TensorFlow or MLflow there): ``bench/gpu_train.sh`` stages
 what travels and runs, with the Keras JAX backend and the jitted loop (``loop=auto``),
 
-    KERAS_BACKEND=jax python3 bench/bench_train.py --backend jax --bare --recipe airbench94
+    KERAS_BACKEND=jax python3 -m bench.bench_train --backend jax --bare --recipe airbench94
 
 ``--backend`` sets ``KERAS_BACKEND`` before Keras is imported; ``--bare`` trains and
 evaluates without MLflow and ONNX (same split, same ``build_and_fit``, test accuracy
@@ -30,12 +30,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 DEFAULT_ARCHIVE = Path("/work/shared/data/cifar10-train-jpeg.zip")
 
@@ -46,7 +44,7 @@ def _load() -> str:
 
 def _warm_backend() -> str:
     """Import Keras (and start JAX's device) outside the timed training; return the device."""
-    from training.train import prefer_onednn
+    from training.model.fit import prefer_onednn
 
     prefer_onednn()  # before TensorFlow is imported (harmless under JAX)
     start = time.monotonic()
@@ -64,7 +62,7 @@ def _warm_backend() -> str:
 def _result(config, accuracy: float, train_seconds: float, compile_seconds: float | None, run_id: str) -> None:
     import keras
 
-    from training.train import choose_loop
+    from training.model.fit import choose_loop
 
     backend = keras.backend.backend()
     compiled = "n/a" if compile_seconds is None else f"{compile_seconds:.1f}"
@@ -80,7 +78,7 @@ def _result(config, accuracy: float, train_seconds: float, compile_seconds: floa
 def full_run(config, prepared: Path) -> None:
     from mlflow import MlflowClient
 
-    from training.train import train
+    from training.model.train import train
 
     run_id = train(config, prepared)
     client = MlflowClient(tracking_uri=config.tracking_uri)
@@ -94,8 +92,8 @@ def bare_run(config, prepared: Path) -> None:
     """Train and test without MLflow or ONNX (the GPU machine has neither)."""
     import numpy as np
 
-    from training.prepare import load_prepared
-    from training.train import build_and_fit, predict_probabilities
+    from training.data.prepare import load_prepared
+    from training.model.train import build_and_fit, predict_probabilities
 
     splits, manifest = load_prepared(prepared)
     start = time.monotonic()
@@ -111,9 +109,9 @@ def probe(config, prepared: Path, steps: int) -> None:
     import mlflow
     import numpy as np
 
-    from training.prepare import load_prepared
-    from training.tracking import configure_mlflow
-    from training.train import build_and_fit
+    from training.data.prepare import load_prepared
+    from training.registry.tracking import configure_mlflow
+    from training.model.train import build_and_fit
 
     splits, manifest = load_prepared(prepared)
     n_train = len(splits["train"][0])
@@ -166,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["KERAS_BACKEND"] = args.backend
 
     from training.config import load_config
-    from training.prepare import prepare
+    from training.data.prepare import prepare
 
     extra = dict(item.split("=", 1) for item in args.set)
     for recipe in args.recipe or ["default", "quick"]:

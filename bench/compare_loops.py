@@ -1,6 +1,6 @@
 """Seconds per epoch of one training loop on synthetic images (no archive, no MLflow).
 
-    KERAS_BACKEND=jax .venv/bin/python bench/compare_loops.py RECIPE LOOP N_TRAIN EPOCHS [WIDTHS]
+    KERAS_BACKEND=jax .venv/bin/python -m bench.compare_loops RECIPE LOOP N_TRAIN EPOCHS [WIDTHS]
 
 e.g. ``tiny jit 1920 3`` vs ``tiny fit 1920 3`` (and KERAS_BACKEND=tensorflow ... fit), or
 ``default jit 4096 3``. Prints one MEASURE line: per-epoch seconds, compile seconds,
@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def main(recipe: str, loop: str, n: int, epochs: int, widths: str | None = None) -> None:
-    from training.train import prefer_onednn
+    from training.model.train import prefer_onednn
 
     prefer_onednn()  # before TensorFlow is imported
     import keras
@@ -28,7 +27,7 @@ def main(recipe: str, loop: str, n: int, epochs: int, widths: str | None = None)
     from synthetic import CLASSES, make_images
 
     from training.config import load_config
-    from training.train import build_and_fit
+    from training.model.train import build_and_fit
 
     overrides = {"recipe": recipe, "loop": loop, "epochs": epochs} | ({"widths": widths} if widths else {})
     config = load_config(overrides, environ={})

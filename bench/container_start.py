@@ -4,7 +4,7 @@ Uses the pipeline's private container store (CIFAR10_STATE_DIR). Prints one line
 run, the median, the image size and the machine load (`uptime`): on a shared 2-core
 machine, report the load next to the numbers.
 
-    CIFAR10_STATE_DIR=.state .venv/bin/python bench/container_start.py [--image IMG] [--runs 3] [--cpu-shares 16384] \
+    CIFAR10_STATE_DIR=.state .venv/bin/python -m bench.container_start [--image IMG] [--runs 3] [--cpu-shares 16384] \
         [-e CIFAR10_WORKERS=2] [--cpu]
 
 ``--cpu`` also prints the CPU seconds each process in the container had used when
@@ -18,15 +18,13 @@ import os
 import socket
 import statistics
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.config import load_config  # noqa: E402
-from training.container import container_env, image_size  # noqa: E402
+
+from training.config import load_config
+from training.packaging.container import container_env, image_size
 
 
 def free_port() -> int:

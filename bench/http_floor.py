@@ -10,7 +10,9 @@ from __future__ import annotations
 import bentoml
 from pydantic import Field
 
-from training.serving_io import ServingSettings, Upload
+from serving.http import Upload
+
+from serving.settings import ServingSettings
 from training.worker_balance import WorkerBalance
 
 SETTINGS = ServingSettings.from_env()

@@ -7,10 +7,10 @@ every other, then stays. This measures that growth, with the arena on (the defau
 and off, each configuration in a fresh process (freed memory kept by one run would
 hide the next one's growth).
 
-    .venv/bin/python bench/ort_arena.py MODEL.onnx [--batches 300] [--warm] [--buckets] [--pad-step 8]
+    .venv/bin/python -m bench.ort_arena MODEL.onnx [--batches 300] [--warm] [--buckets] [--pad-step 8]
         [--shrink] [--session-per-call] [--same-as-requested] [--no-mem-pattern]
 
-``--warm`` does what the service does at start-up (``training.serving_io.warm_up``: two
+``--warm`` does what the service does at start-up (``serving.model.warm_up``: two
 full batches side by side) before measuring. The other options are the alternatives
 tried (README, Serving): batch sizes padded up to powers of two or to multiples of a
 step, the arena handing its extensions back after every call, and one session (so one
@@ -33,7 +33,7 @@ CHILD = r"""
 import json, queue, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np, onnxruntime as ort, psutil
-from training.serving_io import warm_up
+from serving.model import warm_up
 cfg = json.loads(sys.argv[1])
 rss = lambda: psutil.Process().memory_info().rss / 2**20
 options = ort.SessionOptions()

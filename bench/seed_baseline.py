@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-import training.model  # noqa: F401 (registers the model's custom activation and initializer for loading)
+import training.model.network  # noqa: F401 (registers the model's custom activation and initializer for loading)
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -8,7 +8,7 @@ workers as children) every 5 s. Growth is the mean RSS of the last minute over t
 mean RSS of the first minute, minus one.
 
     apt-get install -y wrk
-    .venv/bin/python bench/soak_serving.py [--minutes 10] [--concurrency 64] [--state /tmp/serving-soak]
+    .venv/bin/python -m bench.soak_serving [--minutes 10] [--concurrency 64] [--state /tmp/serving-soak]
 
 Prints one JSON object (also written to ``soak.json`` in the state folder). Goal: 0 errors
 (socket errors and non-2xx, 503s included) and RSS growth under 10%.
@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bench.bench_serving import LUA, WIDTHS, run_wrk, wait_ready  # noqa: E402 (needs ROOT on sys.path)
-from tests.conftest import free_port, make_serving_model, stop_server  # noqa: E402
+from bench.bench_serving import LUA, WIDTHS, run_wrk, wait_ready
+from tests.helpers import free_port, make_serving_model, stop_server
 
 
 def tree_rss(pid: int) -> int:
@@ -79,7 +78,7 @@ def main() -> None:
     script.write_text(LUA)
 
     load_before, port = os.getloadavg(), free_port()
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     cmd = [str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier", "--port", str(port),
            "--arg", f"model_tag={tag}"]
     with open(args.state / "serve.log", "w") as log:

@@ -1,33 +1,31 @@
 """Diagnostic for issue 4's GPU figure: airbench94's recipe in plain PyTorch, on *our* split.
 
-The Keras port (training/model.py, training/jax_loop.py) reaches ~89.5% on the JPEG
+The Keras port (training/model/network.py, training/model/jax_loop.py) reaches ~89.5% on the JPEG
 archive where airbench94 reports 94% on the official CIFAR-10 binaries. This script
 asks whether the gap is the port or the data: it trains the published recipe (written
 here from its description: whitening stem, Dirac-initialised conv groups, BatchNorm
 with frozen scale, Nesterov SGD with airbench's kilostep scaling and 64x bias rate,
 label smoothing 0.2, Lookahead, 9.9 epochs at batch 1024, flip + 2-pixel reflect
 translate, whitening bias trained for 3 epochs) in PyTorch, on exactly the split that
-``bench/bench_train.py`` uses (same ``training.prepare``, same config overrides), and
+``bench/bench_train.py`` uses (same ``training.data.prepare``, same config overrides), and
 prints test accuracy without and with mirror TTA.
 
 It is not part of the product (which is Keras, backend-neutral); it runs only where
 PyTorch and a GPU are, i.e. on the lent GPU machine:
 
-    python3 bench/torch_reference.py --archive .gpu/cifar10-train-jpeg.zip --set val_fraction=0.02
+    python3 -m bench.torch_reference --archive .gpu/cifar10-train-jpeg.zip --set val_fraction=0.02
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def build(torch, nn, widths=(64, 256, 256)):
@@ -76,8 +74,8 @@ def main(argv=None) -> None:
     import torch.nn.functional as F
 
     from training.config import load_config
-    from training.model import CIFAR_MEAN, CIFAR_STD
-    from training.prepare import load_prepared, prepare
+    from training.model.network import CIFAR_MEAN, CIFAR_STD
+    from training.data.prepare import load_prepared, prepare
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, required=True)

@@ -8,16 +8,11 @@ file stays fast and the scheduler never imports TensorFlow, MLflow or BentoML.
 from __future__ import annotations
 
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-# The training package lives next to dags/ in this repository.
-PROJECT_DIR = str(Path(__file__).resolve().parent.parent)
-if PROJECT_DIR not in sys.path:
-    sys.path.insert(0, PROJECT_DIR)
 
 DOC = """
 ### CIFAR-10: from raw archive to a served container
@@ -93,44 +88,44 @@ def _config():
 def cifar10_pipeline():
     @task(execution_timeout=timedelta(hours=2))
     def fetch() -> str:
-        from training.fetch import fetch as run
+        from training.data.fetch import fetch as run
 
         return str(run(_config()))
 
     @task(execution_timeout=timedelta(minutes=30))
     def prepare(archive: str) -> str:
-        from training.prepare import prepare as run
+        from training.data.prepare import prepare as run
 
         return str(run(Path(archive), _config()))
 
     @task(execution_timeout=timedelta(hours=3))
     def train(prepared_dir: str) -> str:
-        from training.attempts import TaskAttempt
-        from training.train import train as run
+        from training.registry.attempts import TaskAttempt
+        from training.model.train import train as run
 
         return run(_config(), Path(prepared_dir), TaskAttempt.of(get_current_context()["ti"]))
 
     @task(execution_timeout=timedelta(minutes=10))
     def register(mlflow_run_id: str) -> str:
-        from training.registry import register as run
+        from training.registry.promotion import register as run
 
         return run(_config(), mlflow_run_id)
 
     @task.short_circuit(execution_timeout=timedelta(minutes=5))
     def gate(version_uri: str) -> bool:
-        from training.registry import serve_if_champion
+        from training.registry.promotion import serve_if_champion
 
         return serve_if_champion(_config(), version_uri)
 
     @task(execution_timeout=timedelta(minutes=10))
     def import_model(version_uri: str) -> str:
-        from training.bento import import_champion
+        from training.packaging.bento import import_champion
 
-        return import_champion(_config())
+        return import_champion(_config(), version_uri)
 
     @task(execution_timeout=timedelta(minutes=20))
     def build(model_tag: str) -> str:
-        from training.bento import build_bento
+        from training.packaging.bento import build_bento
 
         return build_bento(_config(), model_tag)
 
@@ -138,7 +133,7 @@ def cifar10_pipeline():
     def containerize(bento_tag: str) -> str:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from training.container import containerize as run
+        from training.packaging.container import containerize as run
 
         image = run(_config(), bento_tag)
         if image is None:

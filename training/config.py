@@ -28,12 +28,11 @@ ENV_ALIASES = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "bentoml_home": "BE
 # overrides. "default" is the dataclass defaults themselves.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
-    # Half the default's widths (~3.5x fewer FLOPs), sized to 5 minutes in this VM's slow
-    # hours: 3 epochs at batch 256 took 3.55 min (78.61%); 4 took 3.1-4.75 min in other hours
-    # but 5.41 min in the slowest (80.23%); 4 epochs of 28,000 images: 78.83% in 4.34 min.
+    # Half the default's widths, and as many epochs as fit a 5-minute budget on 2 CPU cores
+    # (docs/results.md has the measured times).
     "quick": {"widths": "32,64,64", "epochs": 3},
-    # airbench94's full widths and epochs: ~94% in its PyTorch original, but only
-    # ~150 img/s on the 2-core CPU (~55 min); meant for the GPU (KERAS_BACKEND=jax).
+    # airbench94's full widths and epochs: far too slow for a CPU; meant for the GPU
+    # (KERAS_BACKEND=jax, docs/gpu.md).
     "airbench94": {"widths": "64,256,256", "epochs": 10, "batch_size": 1024, "learning_rate": 1.5,
                    "lookahead": True},
     # Seconds on a few hundred synthetic images: exercises every code path, learns little.
@@ -81,21 +80,18 @@ class PipelineConfig:
 
     # --- model and training ------------------------------------------------
     # A named preset (see RECIPES) applied before env vars and overrides, which win:
-    # "default" (target: >=93% test accuracy in <=20 min on 2 CPU cores),
-    # "quick" (<=5 min, as far as it gets) or "tiny" (seconds; for tests).
+    # "default" (a 20-minute budget on 2 CPU cores), "quick" (5 minutes),
+    # "airbench94" (GPUs) or "tiny" (seconds; for tests).
     recipe: str = "default"
     # Channel widths of the conv groups (comma separated). airbench94 uses 64,256,256;
-    # on 2 CPU cores that net trains at ~150 img/s, so a 20-minute budget buys only
-    # ~4.5 epochs. Half the width in the last two groups (~2.2x fewer FLOPs, ~220
-    # img/s measured) buys more epochs, which short runs need more than width.
+    # half the width in the last two groups buys more epochs within a CPU budget, which
+    # short runs need more than width.
     widths: str = "64,128,128"
-    # Sized to the 20-minute budget in this VM's slow hours (epochs took 150-200 s there):
-    # 6 epochs at batch 256 took 17.6 min (86.28% test accuracy), 7 took 20.1 min (86.63%),
-    # 8 took 22.2-22.4 min (86.83%; 17.4 min in a faster hour). Recheck with bench/bench_train.py.
+    # As many epochs as fit the 20-minute budget on 2 CPU cores when the machine is slow
+    # (docs/results.md; recheck with `python -m bench.bench_train`).
     epochs: int = 6
     # Smaller than airbench's 1024: a short CPU run needs optimizer steps more than a
-    # GPU-sized batch (`quick`, 4 epochs, same seed: 1024 77.23%, 512 78.19%, 256 79.05%,
-    # 128 79.47% but 25% slower). The GPU preset keeps 1024.
+    # GPU-sized batch (smaller still was slower per epoch). The GPU preset keeps 1024.
     batch_size: int = 256
     # Peak learning rate of Nesterov SGD on the mean loss: airbench's 11.5 per 1024
     # summed examples is 1.5 at batch 1024; scaled linearly with the batch. The schedule
@@ -107,27 +103,25 @@ class PipelineConfig:
     # Nesterov momentum, which amplifies it by 1 / (1 - 0.85): its per-step shrink at the
     # peak rate is 0.0153 * 1024 / kilostep_scale / 0.15 = 0.0133 at batch 1024, i.e.
     # 0.0133 / 1.5 = 0.0089 per unit of rate here, at any batch size with the linearly
-    # scaled rate. (Until 2026-11-26 this was 1.3e-5, off by the batch size: GPU airbench94
-    # recipe 87.3% -> 89.2% test with the fix; 0.0044 and 0.0178 gave 89.2% and 89.3%.)
+    # scaled rate.
     weight_decay: float = 0.0089
     label_smoothing: float = 0.2
     # BatchNorm biases learn this many times faster than the weights (airbench's
     # bias_scaler; its ablation: 94% in 18 instead of 22 epochs).
     bias_lr_scale: float = 64.0
-    # airbench94's Lookahead (training/lookahead.py): every 5 steps the weights are
-    # pulled to a slow copy, which the trained model becomes (both loops). On `quick`
-    # on the CPU: +0.33 points for +9% time, so it is on in the airbench94 preset only.
+    # airbench94's Lookahead (training/model/lookahead.py): every 5 steps the weights are
+    # pulled to a slow copy, which the trained model becomes (both loops). On a short CPU
+    # run its gain is small for its time, so it is on in the airbench94 preset only.
     lookahead: bool = False
     # Random translation by up to this many pixels (reflect padding), plus flips.
     translate: int = 2
-    # Training loop: "fit" (Keras model.fit, any backend), "jit" (training/jax_loop.py:
+    # Training loop: "fit" (Keras model.fit, any backend), "jit" (training/model/jax_loop.py:
     # one jax.jit step with the uint8 data on the device; JAX backend only) or "auto"
-    # (jit under KERAS_BACKEND=jax, else fit). On a GPU fit took 12-14 s per epoch
-    # where the jitted loop took 0.2-0.35 s (KNOWLEDGE.md).
+    # (jit under KERAS_BACKEND=jax, else fit). On a GPU the jitted loop is tens of times
+    # faster than fit, which feeds every batch from the host (docs/gpu.md).
     loop: str = "auto"
-    # Train in mixed_bfloat16: KNOWLEDGE.md measured 1.3-1.46x on a CPU with native
-    # bf16, but this project's 2-core machine has only AVX2 (no avx512_bf16/AMX) and a
-    # training step there took 8-11x the CPU time of float32, so it is opt-in (GPUs).
+    # Train in mixed_bfloat16: faster on GPUs and CPUs with native bf16, many times slower
+    # on CPUs with only AVX2 (no avx512_bf16/AMX), so it is opt-in.
     # Evaluation and the exported model are float32 either way.
     mixed_precision: bool = False
     # Flip test-time augmentation inside the exported model (2x inference cost).

@@ -1,0 +1,186 @@
+"""The Bento's image for real: the DAG on a tiny generated dataset with podman, so its containerize task
+builds the image; then the image runs under podman and answers over HTTP. Every container and image it
+made is removed afterwards (the whole private store).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import free_port, image_folder_zip, run_dag, state_env
+from training.config import PipelineConfig
+from training.packaging import base_image, commands, container
+
+
+def _png(color=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+CONTAINER_TOOLS = ("podman", "buildah", "runc", "debootstrap")
+
+
+def require_container_tools(environ=os.environ) -> None:
+    """Skip when a container tool is missing; fail instead under CI (``CI`` set, not false/0).
+
+    `.ci/run` installs the tools, so in CI a missing one is a broken setup that must not
+    pass as a skipped test.
+    """
+    missing = [t for t in CONTAINER_TOOLS if shutil.which(t) is None]
+    if not missing:
+        return
+    why = f"missing {', '.join(missing)}: run .ci/setup-container-tools.sh"
+    if environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"CI={environ['CI']} but {why} (.ci/run installs them)", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.mark.parametrize("ci", ["true", "1"])
+def test_missing_tools_fail_under_ci(monkeypatch, ci):
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "buildah" else f"/usr/bin/{name}")
+    with pytest.raises(pytest.fail.Exception, match=f"CI={ci} but missing buildah: run .ci/setup-container-tools.sh"):
+        require_container_tools({"CI": ci})
+
+
+@pytest.mark.parametrize("environ", [{}, {"CI": "false"}, {"CI": ""}])
+def test_missing_tools_skip_outside_ci(monkeypatch, environ):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match="missing podman, buildah, runc, debootstrap"):
+        require_container_tools(environ)
+
+
+def test_present_tools_neither_skip_nor_fail(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert require_container_tools({"CI": "true"}) is None
+
+
+@pytest.fixture(scope="module")
+def built_image(tmp_path_factory):
+    """Run the DAG with a real builder on a tiny dataset; yield (image, env, state)."""
+    require_container_tools()
+    state = tmp_path_factory.mktemp("container-state")
+    archive = image_folder_zip(state / "syn.zip", per_class=12)
+    config = PipelineConfig(state_dir=str(state))
+    env = state_env(state, CIFAR10_WIDTHS="8,16", CIFAR10_CONTAINER_BACKEND="podman")
+    log = state / "dag.log"
+    dag = run_dag(env, {"data_url": archive.as_uri(), "epochs": 1, "force_promote": True}, log)
+    text = log.read_text()
+    assert dag.returncode == 0, text[-4000:]
+    # The containerize task (its last try) must have built the image, not skipped.
+    task = text[text.rindex("starting task_id=containerize"):text.rindex("end task task_id=containerize")]
+    assert "new_state=success" in task, task[-4000:]
+    cenv = container.container_env(config, base=env)
+    images = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], env=cenv,
+                            capture_output=True, text=True, check=True).stdout.split()
+    image = next(i for i in images if "cifar10-classifier" in i and not i.endswith(":latest"))
+    try:
+        yield image, cenv, state
+    finally:
+        # Everything the test made lives in the private store: reset it, then delete it.
+        subprocess.run(["podman", "rm", "--all", "--force", "-t", "0"], env=cenv, capture_output=True)
+        subprocess.run(["podman", "system", "reset", "--force"], env=cenv, capture_output=True)
+        shutil.rmtree(state / "containers", ignore_errors=True)
+
+
+@pytest.fixture()
+def running(built_image):
+    """The image running under podman on a free port; removed afterwards."""
+    image, env, _ = built_image
+    port = free_port()
+    name = f"cifar10-test-{port}"
+    subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", image], env=env,
+                   check=True, capture_output=True)
+    try:
+        yield f"http://127.0.0.1:{port}", name
+    finally:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=env, capture_output=True)
+        left = subprocess.run(["podman", "ps", "-a", "-q", "--filter", f"name={name}"], env=env,
+                              capture_output=True, text=True).stdout.strip()
+        assert left == "", f"container {name} left behind"
+
+
+def _wait_ready(url: str, timeout: float = 120) -> float:
+    import requests
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except requests.RequestException:  # not listening yet, or too busy starting to answer
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url}/readyz not 200 after {timeout} s")
+
+
+@pytest.mark.container
+def test_image_serves_predictions_readyz_metrics_and_errors(built_image, running):
+    import requests
+
+    image, env, _ = built_image
+    url, name = running
+    print(f"{image}: /readyz 200 after {_wait_ready(url):.1f} s (load {os.getloadavg()[0]:.1f})")
+    resp = requests.post(f"{url}/predict", files={"file": ("red.png", _png(), "image/png")}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["label"] in body["probabilities"] and len(body["probabilities"]) == 10
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-3
+    bad = requests.post(f"{url}/predict", files={"file": ("x.png", b"not an image", "image/png")}, timeout=30)
+    assert bad.status_code == 400, bad.text
+    metrics = requests.get(f"{url}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
+    who = subprocess.run(["podman", "exec", name, "id", "-u"], env=env, capture_output=True, text=True, check=True)
+    assert who.stdout.strip() != "0", "the image must not run as root"
+
+
+@pytest.mark.container
+def test_image_is_lean_and_needs_no_network(built_image):
+    image, env, _ = built_image
+    size = container.image_size("podman", image, env)
+    assert size <= 600e6, f"image is {size / 1e6:.0f} MB (limit 600 MB)"
+    # No compiler, apt lists or training stack inside; the model is.
+    probe = ("import importlib.util as u, os, shutil, glob; "
+             "print([m for m in ('tensorflow', 'airflow', 'mlflow', 'keras') if u.find_spec(m)], "
+             "[c for c in ('gcc', 'cc', 'g++', 'uv', 'pip') if shutil.which(c)], "
+             "len(os.listdir('/var/lib/apt/lists')), len(glob.glob('/home/bentoml/bento/models/*/*/model.onnx')))")
+    out = subprocess.run(["podman", "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", probe],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[] [] 0 1", out
+    # Served with no network at all: /readyz answers from inside the container.
+    name = f"cifar10-offline-{os.getpid()}"
+    subprocess.run(["podman", "run", "-d", "--name", name, "--network", "none", image], env=env, check=True,
+                   capture_output=True)
+    try:
+        check = ("import time, urllib.request as r\nfor _ in range(600):\n    try:\n"
+                 "        print(r.urlopen('http://127.0.0.1:3000/readyz').status); break\n"
+                 "    except OSError: time.sleep(0.2)")
+        ready = subprocess.run(["podman", "exec", name, "python", "-c", check], env=env, capture_output=True,
+                               text=True, timeout=180)
+        assert ready.stdout.strip() == "200", ready.stdout + ready.stderr
+    finally:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=env, capture_output=True)
+
+
+@pytest.mark.container
+def test_offline_build_fails_twice_and_says_network(built_image, tmp_path):
+    """A real build whose RUN step cannot reach PyPI: retried once, then named a network failure."""
+    _, env, state = built_image
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {base_image.BASE_IMAGE}\n"
+        "RUN python3 -m venv /tmp/v && /tmp/v/bin/pip install --retries 1 --timeout 5 uv==0.13.9\n")
+    cmd = ["buildah", "bud", "--network", "none", "-f", str(tmp_path / "Dockerfile"), "-t", "offline-test",
+           str(tmp_path)]
+    attempts = []
+    with pytest.raises(commands.NetworkBuildError, match="NETWORK"):
+        commands.run_with_network_retry(cmd, env=env, log_path=tmp_path / "build.log", what="offline build",
+                                         before_retry=lambda: attempts.append(1))
+    assert attempts == [1]

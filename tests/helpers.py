@@ -1,0 +1,590 @@
+"""What the tests share: generated datasets, stores, a real Airflow run, a real server.
+
+Tests import from here (``from tests.helpers import ...``), never from each other or
+from ``conftest`` (which only declares fixtures). ``python -m tests.helpers archive
+OUT.zip`` writes a generated image-folder archive, ``... image OUT.png`` one image.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import requests
+from PIL import Image
+
+# ---------------------------------------------------------------- generated data
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_images(per_class: int, classes: list[str] = CLASSES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 32, 32, 3) uint8 images and int labels, class-dependent colours plus noise."""
+    rng = np.random.default_rng(seed)
+    n = len(classes)
+    images, labels = [], []
+    for c in range(n):
+        base = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 31 + 160) % 256], dtype=np.float32)
+        noise = rng.normal(0, 30, (per_class, 32, 32, 3))
+        stripe = np.zeros((32, 32, 1))
+        stripe[:, c * 3:(c * 3) + 3] = 80
+        images.append(np.clip(base + noise + stripe, 0, 255).astype(np.uint8))
+        labels.append(np.full(per_class, c))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def encode(img: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def image_folder_zip(path: Path, per_class: int = 20, classes: list[str] = CLASSES, with_split: bool = False,
+                     fmt: str = "PNG", seed: int = 0) -> Path:
+    """A zip laid out as <class>/<i>.png, or train/... and test/... when ``with_split``."""
+    x, y = make_images(per_class, classes, seed)
+    ext = "jpg" if fmt == "JPEG" else fmt.lower()
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, (img, label) in enumerate(zip(x, y)):
+            prefix = ("test/" if i % 5 == 0 else "train/") if with_split else ""
+            zf.writestr(f"{prefix}{classes[label]}/{i:05d}.{ext}", encode(img, fmt))
+    return path
+
+
+def image_folder_tar(path: Path, per_class: int = 20, classes: list[str] = CLASSES, with_split: bool = False,
+                     seed: int = 0) -> Path:
+    """Like :func:`image_folder_zip` but a tar.gz with JPEG files."""
+    x, y = make_images(per_class, classes, seed)
+    with tarfile.open(path, "w:gz") as tf:
+        for i, (img, label) in enumerate(zip(x, y)):
+            prefix = ("test/" if i % 5 == 0 else "train/") if with_split else ""
+            data = encode(img, "JPEG")
+            info = tarfile.TarInfo(f"data/{prefix}{classes[label]}/{i:05d}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def binary_release(path: Path, per_class: int = 10, test_per_class: int = 4, seed: int = 0) -> Path:
+    """A miniature of cifar-10-binary.tar.gz: data_batch_1..2.bin, test_batch.bin, batches.meta.txt."""
+    def records(per: int, s: int) -> bytes:
+        x, y = make_images(per, CLASSES, s)
+        order = np.random.default_rng(s).permutation(len(y))
+        planes = x[order].transpose(0, 3, 1, 2).reshape(len(y), -1)
+        return np.concatenate([y[order, None].astype(np.uint8), planes], axis=1).tobytes()
+
+    half = max(1, per_class // 2)
+    files = {
+        "cifar-10-batches-bin/data_batch_1.bin": records(half, seed),
+        "cifar-10-batches-bin/data_batch_2.bin": records(per_class - half, seed + 1),
+        "cifar-10-batches-bin/test_batch.bin": records(test_per_class, seed + 2),
+        "cifar-10-batches-bin/batches.meta.txt": ("\n".join(CLASSES) + "\n").encode(),
+    }
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def plain_tar(path: Path, per_class: int = 5, classes: list[str] = CLASSES[:3]) -> Path:
+    """An uncompressed tar of PNG files laid out as <class>/<i>.png."""
+    x, y = make_images(per_class, classes)
+    with tarfile.open(path, "w") as tf:
+        for i, (img, label) in enumerate(zip(x, y)):
+            _add_tar_file(tf, f"{classes[label]}/{i:05d}.png", encode(img))
+    return path
+
+
+def folder_zip(path: Path, files: dict[str, bytes]) -> Path:
+    """A zip holding exactly ``files`` (name -> bytes), e.g. for odd layouts and corrupt images."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _add_tar_file(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+# --- hostile archives: each holds a few valid images plus one bad entry ----------------
+HOSTILE_KINDS = ("traversal", "absolute", "windows", "symlink", "hardlink", "device", "fifo")
+
+
+def hostile_tar(path: Path, kind: str) -> Path:
+    """A tar.gz with valid cat/dog images plus one entry of the given hostile ``kind``."""
+    ok = encode(make_images(1, ["cat"])[0][0])
+    with tarfile.open(path, "w:gz") as tf:
+        for name in ("cat/0.png", "dog/0.png"):
+            _add_tar_file(tf, name, ok)
+        if kind in ("traversal", "absolute", "windows"):
+            name = {"traversal": "cat/../../evil.png", "absolute": "/tmp/evil.png", "windows": "C:\\evil.png"}[kind]
+            _add_tar_file(tf, name, ok)
+        else:
+            info = tarfile.TarInfo("cat/evil.png")
+            info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "device": tarfile.CHRTYPE,
+                         "fifo": tarfile.FIFOTYPE}[kind]
+            info.linkname = "/etc/passwd" if kind in ("symlink", "hardlink") else ""
+            tf.addfile(info)
+    return path
+
+
+def hostile_zip(path: Path, kind: str) -> Path:
+    """Like :func:`hostile_tar` for zip (zip has no hard links: "hardlink" is not offered)."""
+    ok = encode(make_images(1, ["cat"])[0][0])
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in ("cat/0.png", "dog/0.png"):
+            zf.writestr(name, ok)
+        if kind in ("traversal", "absolute", "windows"):
+            name = {"traversal": "cat/../../evil.png", "absolute": "/tmp/evil.png", "windows": "C:\\evil.png"}[kind]
+            zf.writestr(zipfile.ZipInfo(name), ok)
+        else:
+            mode = {"symlink": stat.S_IFLNK, "device": stat.S_IFCHR, "fifo": stat.S_IFIFO}[kind]
+            info = zipfile.ZipInfo("cat/evil.png")
+            info.create_system = 3  # Unix, so external_attr holds a file mode
+            info.external_attr = (mode | 0o644) << 16
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+def bomb_by_size(path: Path, megabytes: int = 8, fmt: str = "zip") -> Path:
+    """One member of ``megabytes`` zeros (tiny when compressed), plus two valid images."""
+    ok = encode(make_images(1, ["cat"])[0][0])
+    zeros = bytes(megabytes * 2**20)
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("cat/0.png", ok)
+            zf.writestr("dog/0.png", ok)
+            zf.writestr("cat/big.png", zeros)
+    else:
+        with tarfile.open(path, "w:gz") as tf:
+            _add_tar_file(tf, "cat/0.png", ok)
+            _add_tar_file(tf, "dog/0.png", ok)
+            _add_tar_file(tf, "cat/big.png", zeros)
+    return path
+
+
+def bomb_by_count(path: Path, members: int = 300, fmt: str = "zip") -> Path:
+    """Many tiny members (count bombs are cheap to build and costly to list)."""
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for i in range(members):
+                zf.writestr(f"cat/{i}.png", b"x")
+    else:
+        with tarfile.open(path, "w:gz") as tf:
+            for i in range(members):
+                _add_tar_file(tf, f"cat/{i}.png", b"x")
+    return path
+
+
+def zip_lying_size(path: Path) -> Path:
+    """A zip whose member inflates to 1 MB while its central directory declares 100 bytes."""
+    ok = encode(make_images(1, ["cat"])[0][0])
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cat/0.png", ok)
+        zf.writestr("dog/0.png", ok)
+        zf.writestr("cat/liar.png", bytes(2**20))
+    data = bytearray(path.read_bytes())
+    entry = data.rfind(b"PK\x01\x02", 0, data.rfind(b"cat/liar.png"))  # its central directory record
+    struct.pack_into("<I", data, entry + 24, 100)  # uncompressed size field
+    path.write_bytes(bytes(data))
+    return path
+
+
+def zip_bad_crc(path: Path, per_class: int = 5, classes: list[str] = CLASSES[:2]) -> Path:
+    """An image-folder zip (stored) where one member's bytes were flipped after writing."""
+    x, y = make_images(per_class, classes)
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, (img, label) in enumerate(zip(x, y)):
+            zf.writestr(f"{classes[label]}/{i:05d}.png", encode(img))
+    data = bytearray(path.read_bytes())
+    first = data.find(b"\x89PNG")  # the first member's data (stored, so visible)
+    data[first + 40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def pickled_release(path: Path) -> Path:
+    """Stand-in for the pickled python release: names only (it is refused before reading)."""
+    with tarfile.open(path, "w:gz") as tf:
+        for name in ("cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/batches.meta"):
+            _add_tar_file(tf, name, b"not really a pickle")
+    return path
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, with almost no data (a bomb's shape)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) \
+        + chunk(b"IEND", b"")
+
+
+class OverlapModel:
+    """A stand-in model for batcher tests: sleeps ``delay`` s per call and records the most calls that
+    overlapped (``peak``) and each call's batch size (``sizes``).
+
+    Its "probabilities" identify each input: ten copies of the image's first pixel value.
+    """
+
+    def __init__(self, delay: float) -> None:
+        import threading
+
+        self.delay, self.peak, self._running, self._lock = delay, 0, 0, threading.Lock()
+        self.sizes: list[int] = []
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        import time
+
+        with self._lock:
+            self._running += 1
+            self.sizes.append(len(pixels))
+            self.peak = max(self.peak, self._running)
+        time.sleep(self.delay)
+        with self._lock:
+            self._running -= 1
+        return np.stack([np.full(10, float(p[0, 0, 0])) for p in pixels])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.helpers archive OUT.zip [--per-class N]`` or ``... image OUT.png [--class-id K]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a generated CIFAR-10-like archive or one image.")
+    parser.add_argument("kind", choices=["archive", "image"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--per-class", type=int, default=30, help="images per class in the archive")
+    parser.add_argument("--class-id", type=int, default=1, help="class of the image (1: automobile)")
+    args = parser.parse_args(argv)
+    if args.kind == "archive":
+        image_folder_zip(args.out, per_class=args.per_class, fmt="PNG")
+    else:
+        x, y = make_images(1, seed=7)
+        args.out.write_bytes(encode(x[args.class_id], "PNG"))
+    print(args.out)
+
+
+
+# ---------------------------------------------------------------- processes, Airflow runs, servers
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True`` and all its children (BentoML workers)."""
+    try:
+        os.killpg(proc.pid, 15)
+    except ProcessLookupError:  # it already exited (a failed start): let the test report why, not this
+        proc.wait()
+        return
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+def state_env(state: Path, **extra: str) -> dict[str, str]:
+    """Environment for a pipeline whose whole state lives in ``state``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CIFAR10_", "BENTOML_", "MLFLOW_"))}
+    env.update({
+        "CIFAR10_STATE_DIR": str(state),
+        "AIRFLOW_HOME": str(state / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{state}/airflow/airflow.db",
+        "BENTOML_HOME": str(state / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{state}/mlflow/mlflow.db",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+        # As under make: the project's tools first, so nothing relies on one installed by hand.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    })
+    env.update(extra)
+    return env
+
+
+def _migrate(env: dict[str, str]) -> None:
+    airflow_home = Path(env["AIRFLOW_HOME"])
+    if not (airflow_home / "airflow.db").exists():
+        airflow_home.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True,
+                       timeout=300)
+
+
+def start_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.Popen:
+    """Like :func:`run_dag`, but return the running ``airflow dags test`` process (its own session).
+
+    ``airflow dags test`` runs every task inside this one process (no executor), so it
+    is also the process that trains.
+    """
+    _migrate(env)
+    with open(log, "w") as out:
+        return subprocess.Popen([str(BIN / "airflow"), "dags", "test", "cifar10_pipeline", "-c", json.dumps(conf)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def run_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.CompletedProcess:
+    """``airflow db migrate`` (first time) then ``airflow dags test cifar10_pipeline -c conf``."""
+    _migrate(env)
+    with open(log, "w") as out:
+        return subprocess.run([str(BIN / "airflow"), "dags", "test", "cifar10_pipeline", "-c", json.dumps(conf)],
+                              env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1200, cwd=ROOT)
+
+
+@contextmanager
+def bentoml_serve(target: str, env: dict[str, str], log: Path, timeout: float = 120) -> Iterator[str]:
+    """Run ``bentoml serve target`` on a free port until /readyz answers; yield the base URL."""
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", target, "--port", str(port), "--host", "127.0.0.1"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or busy starting up
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"bentoml serve not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_server(proc)
+
+
+def bentoml_cli_json(env: dict[str, str], *args: str):
+    """Run a ``bentoml ... -o json`` command and parse its output."""
+    out = subprocess.run([str(BIN / "bentoml"), *args, "-o", "json"], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    return json.loads(out.stdout)
+
+
+# A DAG run small enough for end-to-end tests: one epoch of a tiny net, no image.
+TINY_DAG_CONF = {"epochs": 1, "widths": "8,16", "container_backend": "none", "batch_size": 32}
+
+
+# ---------------------------------------------------------------- MLflow store
+
+_STORE: dict[str, Path] = {}
+
+
+def shared_store(tmp_path_factory) -> Path:
+    """The session's MLflow folder (``mlflow.db`` + ``artifacts/``), created on first use."""
+    if "dir" not in _STORE:
+        _STORE["dir"] = tmp_path_factory.mktemp("mlflow-store")
+    return _STORE["dir"]
+
+
+def store_overrides(folder: Path, name: str) -> dict[str, str]:
+    """Config overrides pointing at the shared store with a test-specific experiment/model name."""
+    return {
+        "mlflow_tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+        "mlflow_artifact_location": (folder / "artifacts" / name).as_uri(),
+        "experiment_name": f"test-{name}",
+        "registered_model_name": f"test-{name}",
+    }
+
+
+# ---------------------------------------------------------------- S3
+
+# Fake credentials for the throw-away moto endpoint; moto accepts any.
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def moto_s3(bucket: str) -> Iterator[str]:
+    """Start moto's S3 server on 127.0.0.1 with ``bucket`` created; yield its endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        s3_client(endpoint).create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=FAKE_AWS["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=FAKE_AWS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"])
+
+
+def s3_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    """All keys under ``prefix`` in ``bucket``."""
+    keys: list[str] = []
+    for page in s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [obj["Key"] for obj in page.get("Contents", [])]
+    return keys
+
+
+# ---------------------------------------------------------------- a served test model
+
+# What the fake MLflow champion says about itself; tests compare /metadata with these.
+FAKE_LABELS = {"mlflow_model": "cifar10-cnn", "mlflow_version": "7", "mlflow_run_id": "0123456789abcdef0123"}
+FAKE_METADATA = {"test_accuracy": 0.4321, "dataset_digest": "sha256:feedface", "git_commit": "abc1234"}
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A BentoML model in its own store: ``BENTOML_HOME=home``, served by tag ``tag``."""
+
+    home: Path
+    tag: str
+    labels: dict
+    metadata: dict
+
+
+def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path: str | None = None,
+                        name: str = "cifar10-cnn", tta: bool = False) -> str:
+    """Build an untrained ``build_model(widths)``, export it to ONNX, store it under ``home``; return its tag.
+
+    With ``tta``, flip test-time augmentation is inside, as in the models training exports.
+
+    With ``keras_path``, the Keras model is also saved there (the seed-style benchmark baseline loads it).
+
+    Must run in a process whose ``BENTOML_HOME`` is ``home`` before bentoml is imported
+    (bentoml reads it once): :func:`make_serving_model` does that in a subprocess.
+    """
+    import tempfile
+
+    import bentoml
+    import numpy as np
+
+    from training.model.export import export_onnx
+    from training.model.network import build_model, with_flip_tta
+
+    model = build_model(widths, num_classes=len(CLASSES))
+    if tta:
+        model = with_flip_tta(model)
+    if keras_path:
+        model.save(keras_path)
+    sample = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        diff = export_onnx(model, Path(tmp) / "model.onnx", sample)
+        metadata = {**FAKE_METADATA, "class_names": CLASSES, "onnx_max_abs_diff": diff,
+                    "mlflow_tracking_uri": "sqlite:///nowhere.db"}
+        with bentoml.models.create(name, labels=FAKE_LABELS, metadata=metadata) as stored:
+            (Path(stored.path) / "model.onnx").write_bytes((Path(tmp) / "model.onnx").read_bytes())
+            (Path(stored.path) / "classes.json").write_text(json.dumps(CLASSES))
+    return str(stored.tag)
+
+
+def make_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path: str | None = None,
+                       tta: bool = False) -> str:
+    """Run :func:`build_serving_model` in a fresh interpreter with ``BENTOML_HOME=home``; return the tag."""
+    home.mkdir(parents=True, exist_ok=True)
+    code = ("from pathlib import Path; from tests.helpers import build_serving_model; "
+            f"print('TAG=' + build_serving_model(Path({str(home)!r}), {tuple(widths)!r}, {keras_path!r}, "
+            f"tta={tta!r}))")
+    env = {**os.environ, "BENTOML_HOME": str(home), "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "BENTOML_DO_NOT_TRACK": "True"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    tags = [line[4:] for line in out.stdout.splitlines() if line.startswith("TAG=")]
+    if out.returncode or not tags:
+        raise RuntimeError(f"building the test BentoML model failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+    return tags[-1]
+
+
+def serve_service(serving_model: ServingModel, log: Path, extra_env: dict[str, str]):
+    """Start ``bentoml serve service.py`` on a free port with the test model; return (process, base URL)."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True", **extra_env}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--port", str(port),
+             "--arg", f"model_tag={serving_model.tag}"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc) if proc.poll() is None else None
+            raise RuntimeError(f"bentoml serve did not get ready:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- serving inputs
+
+def image_bytes(seed: int, size=(32, 32), fmt="JPEG", mode="RGB") -> bytes:
+    """A random image, encoded."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def guarded_client(limit: int):
+    """A Starlette echo app behind :class:`serving.http.RequestGuard` (no BentoML), in a test client."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serving.http import RequestGuard
+
+    async def echo(request):
+        body = await request.body()
+        if body == b"bad":
+            return JSONResponse([{"error": "bad input"}], status_code=400)  # BentoML's BadInput shape
+        if body == b"invalid":  # BentoML's answer to a pydantic ValidationError of the input model
+            return JSONResponse({"error": "1 validation error for Input", "detail": [
+                {"type": "missing", "loc": ["file"], "msg": "Field required", "url": "https://errors.pydantic.dev"}]},
+                status_code=400)
+        return JSONResponse({"received": len(body)})
+
+    app = Starlette(routes=[Route("/", echo, methods=["POST"]), Route("/form", echo, methods=["POST"])])
+    return TestClient(RequestGuard(app, max_body_bytes=limit, fields={"/form": {"file"}}))
+
+
+if __name__ == "__main__":
+    main()

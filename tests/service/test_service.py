@@ -1,0 +1,566 @@
+"""The service: fast unit tests of its parts, and e2e tests against a real ``bentoml serve`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving import model as serving_model_module
+from serving import openapi
+from serving import settings as serving_settings
+from serving.batcher import MicroBatcher, Overloaded
+from serving.http import RequestGuard, Upload
+from serving.settings import ServingSettings
+from tests.helpers import OverlapModel, guarded_client, image_bytes, stop_server
+from tests.helpers import serve_service as _serve
+
+MAX_BODY = 300_000  # small limit so the 413 tests send little
+MAX_FILES = 4
+
+
+# ---------------------------------------------------------------- unit tests (fast)
+
+def test_model_calls_are_single_threaded_and_run_side_by_side_by_default():
+    s = ServingSettings.from_env({})
+    assert s.model_threads == 1
+    assert s.model_concurrency == serving_settings._cpu_share() >= 1  # every core, whichever worker is busy
+    assert ServingSettings.from_env({"CIFAR10_MODEL_CONCURRENCY": "3"}).model_concurrency == 3
+    # ... but no more calls at once than CPUs across all workers (serving/slots.py)
+    assert s.compute_slots == serving_settings._cpu_share()
+    assert ServingSettings.from_env({"CIFAR10_COMPUTE_SLOTS": "0"}).compute_slots == 0  # 0: no machine-wide cap
+    with pytest.raises(ValueError, match="CIFAR10_COMPUTE_SLOTS='-1': must be 0 or a positive integer"):
+        ServingSettings.from_env({"CIFAR10_COMPUTE_SLOTS": "-1"})
+
+
+def test_settings_from_env_overrides_and_rejects_nonpositive():
+    s = ServingSettings.from_env({"CIFAR10_MAX_BATCH_SIZE": "8", "CIFAR10_MAX_BODY_BYTES": "1000"})
+    assert (s.max_batch_size, s.max_body_bytes, s.max_files) == (8, 1000, ServingSettings().max_files)
+    assert s.model_threads >= 1
+    with pytest.raises(ValueError, match="CIFAR10_MAX_FILES='0': must be a positive integer"):
+        ServingSettings.from_env({"CIFAR10_MAX_FILES": "0"})
+    assert ServingSettings.from_env({"CIFAR10_ACCESS_LOG": "0"}).access_log == 0  # switches may be off
+    with pytest.raises(ValueError, match=r"CIFAR10_ACCESS_LOG='2': must be 0 \(off\) or 1 \(on\)"):
+        ServingSettings.from_env({"CIFAR10_ACCESS_LOG": "2"})
+
+
+def test_model_threads_run_at_lower_priority():
+    assert ServingSettings.from_env({}).infer_nice == 10
+    assert ServingSettings.from_env({"CIFAR10_INFER_NICE": "0"}).infer_nice == 0  # 0 keeps the process's
+    with pytest.raises(ValueError, match="CIFAR10_INFER_NICE='20': must be a niceness from 0 to 19"):
+        ServingSettings.from_env({"CIFAR10_INFER_NICE": "20"})
+    seen = []
+
+    def infer(pixels):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return np.zeros((len(pixels), 10))
+
+    async def go():
+        for nice in (0, 3):
+            await MicroBatcher(infer, 8, 10_000, nice=nice).submit(_pixels([1]))
+
+    asyncio.run(go())
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen == [base, min(base + 3, 19)]
+
+
+def _fake_model(calls: list[int], delay: float = 0.0):
+    def infer(pixels: np.ndarray) -> np.ndarray:
+        calls.append(len(pixels))
+        time.sleep(delay)
+        # "probabilities" that identify each input: its first pixel value, one-hot-ish
+        return np.stack([np.full(10, float(p[0, 0, 0])) for p in pixels])
+    return infer
+
+
+def _pixels(values) -> np.ndarray:
+    return np.stack([np.full((32, 32, 3), v, dtype=np.uint8) for v in values])
+
+
+def test_batcher_groups_concurrent_requests_and_keeps_order():
+    calls: list[int] = []
+
+    async def main():
+        batcher = MicroBatcher(_fake_model(calls, delay=0.05), max_batch_size=8, max_latency_ms=10_000)
+        first = asyncio.create_task(batcher.submit(_pixels([0])))
+        await asyncio.sleep(0.01)  # the first batch is running; the next ones queue behind it
+        rest = [asyncio.create_task(batcher.submit(_pixels([v, v + 1]))) for v in (10, 20, 30)]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert first[:, 0].tolist() == [0]
+    assert [r[:, 0].tolist() for r in rest] == [[10, 11], [20, 21], [30, 31]]
+    assert calls == [1, 6]  # the lone request went alone; the six queued images went together
+
+
+def test_batcher_runs_up_to_concurrency_batches_side_by_side():
+    async def main(batcher):
+        return await asyncio.gather(*(batcher.submit(_pixels([v])) for v in range(6)))
+
+    for concurrency in (1, 2):
+        model = OverlapModel(delay=0.1)
+        batcher = MicroBatcher(model, max_batch_size=1, max_latency_ms=10_000, concurrency=concurrency)
+        results = asyncio.run(main(batcher))
+        assert [r[:, 0].tolist() for r in results] == [[v] for v in range(6)]  # each got its own answer
+        assert model.peak == concurrency
+
+
+def test_batcher_caps_batch_size():
+    calls: list[int] = []
+
+    async def main():
+        batcher = MicroBatcher(_fake_model(calls), max_batch_size=4, max_latency_ms=10_000)
+        return await batcher.submit(_pixels(range(10)))
+
+    assert asyncio.run(main())[:, 0].tolist() == list(range(10))
+    assert calls == [4, 4, 2]
+
+
+def test_warm_up_runs_full_batches_side_by_side():
+    model = OverlapModel(delay=0.1)
+    serving_model_module.warm_up(model, max_batch_size=16, concurrency=2)
+    assert model.peak == 2 and model.sizes == [16, 16]
+
+
+def test_batcher_sheds_requests_that_waited_past_the_budget():
+    calls: list[int] = []
+
+    async def main():
+        batcher = MicroBatcher(_fake_model(calls, delay=0.2), max_batch_size=1, max_latency_ms=50)
+        return await asyncio.gather(*(batcher.submit(_pixels([v])) for v in range(3)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert results[0][:, 0].tolist() == [0]
+    assert all(isinstance(r, Overloaded) for r in results[1:]), results
+
+
+def test_batcher_model_failure_fails_only_its_batch():
+    def infer(pixels):
+        if pixels[0, 0, 0, 0] == 66:
+            raise RuntimeError("boom")
+        return np.zeros((len(pixels), 10))
+
+    async def main():
+        batcher = MicroBatcher(infer, max_batch_size=1, max_latency_ms=10_000)
+        return await asyncio.gather(batcher.submit(_pixels([66])), batcher.submit(_pixels([1])),
+                                    return_exceptions=True)
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, RuntimeError) and good.shape == (1, 10)
+
+
+def test_guard_refuses_large_declared_and_chunked_bodies():
+    client = guarded_client(100)
+    assert client.post("/", content=b"x" * 100).json() == {"received": 100}
+    resp = client.post("/", content=b"x" * 101)
+    assert resp.status_code == 413 and "100-byte limit" in resp.json()["error"]
+    resp = client.post("/", content=iter([b"x" * 60, b"x" * 60]))  # no length: chunked
+    assert resp.status_code == 413
+    assert client.post("/", content=iter([b"x" * 30, b"x" * 30])).json() == {"received": 60}
+
+
+def test_upload_keeps_the_form_part_in_memory():
+    from starlette.datastructures import UploadFile
+
+    upload = Upload.from_form(UploadFile(io.BytesIO(b"\x89PNG..."), filename="../../etc/car.png"))
+    assert upload.data == b"\x89PNG..." and str(upload) == "car.png"  # the client's name, no directories
+    assert Upload.from_form(b"raw").data == b"raw"
+    with pytest.raises(ValueError, match=r"expected an uploaded file \(a multipart part with a filename\), not text"):
+        Upload.from_form("http://example.com/car.png")  # text in a file field is never fetched
+
+
+def test_guard_drops_the_rest_of_a_refused_body_for_at_most_linger_s():
+    """After an early 413 the guard reads on (so the close sends no reset), but not forever."""
+    sent, reads = [], 0
+
+    async def endless_body():  # a client that never stops sending
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.001)
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    guard = RequestGuard(None, max_body_bytes=100, linger_s=0.2)
+    scope = {"type": "http", "path": "/", "headers": [(b"content-length", b"5000000")]}
+    t0 = time.perf_counter()
+    asyncio.run(guard(scope, endless_body, send))
+    assert 0.2 <= time.perf_counter() - t0 < 2 and reads > 10
+    assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+    assert sent[1]["more_body"] and b"limit" in sent[1]["body"]  # the answer went out before the drain
+    assert sent[-1] == {"type": "http.response.body", "body": b""}  # then the response ends: uvicorn closes
+
+
+def test_guard_refuses_unknown_form_fields():
+    client = guarded_client(1000)
+    resp = client.post("/form", files={"other": ("a.bin", b"\xff\xd8", "image/jpeg")})
+    assert resp.status_code == 400 and "['other']" in resp.json()["error"]
+    assert client.post("/form", files={"file": ("a.bin", b"\xff\xd8", "image/jpeg")}).status_code == 200
+
+
+def test_guard_answers_errors_as_one_object():
+    resp = guarded_client(100).post("/", content=b"bad")
+    assert resp.status_code == 400 and resp.json() == {"error": "bad input"}
+    assert int(resp.headers["content-length"]) == len(resp.content)
+
+
+def test_guard_answers_validation_errors_in_the_same_shape():
+    """BentoML's ``{"error": "1 validation error for Input", "detail": [...]}`` becomes one message."""
+    resp = guarded_client(100).post("/form", content=b"invalid")
+    assert resp.status_code == 400 and resp.json() == {
+        "error": "invalid request to /form: file: Field required; "
+                 "send images as multipart file parts (curl -F file=@image.png)"}
+    assert int(resp.headers["content-length"]) == len(resp.content)
+
+
+def test_guard_takes_an_api_route_with_a_trailing_slash_as_the_route():
+    """Starlette answers ``/form/`` with a bodyless 307; the guard makes it ``/form``, its checks included."""
+    client = guarded_client(1000)
+    part = {"file": ("a.png", b"\x89PNG", "image/png")}
+    resp = client.post("/form/", files=part, follow_redirects=False)
+    assert resp.status_code == 200 and resp.json()["received"] > 0
+    resp = client.post("/form/", files={"other": ("a.png", b"\x89PNG", "image/png")}, follow_redirects=False)
+    assert resp.status_code == 400 and "['other']; /form takes file" in resp.json()["error"]
+    resp = client.post("/form/", content=b"x" * 1001, follow_redirects=False)
+    assert resp.status_code == 413
+    # Other routes are left to Starlette.
+    assert client.post("/other/", content=b"x", follow_redirects=False).status_code == 404
+
+
+def test_guard_leaves_other_methods_on_an_api_route_to_the_router():
+    """A PUT with a text field is answered 405 by the router, not 400 by the form check."""
+    resp = guarded_client(1000).put("/form", files={"file": (None, "text")})
+    assert resp.status_code == 405, resp.text
+
+
+# ---------------------------------------------------------------- e2e: a real `bentoml serve`
+
+SERVER_LOG: list[Path] = []  # the module server's log file
+
+
+@pytest.fixture(scope="module")
+def server(serving_model, tmp_path_factory):
+    """The service as shipped (default workers), small body and file limits; yields its base URL."""
+    SERVER_LOG[:] = [tmp_path_factory.mktemp("serve") / "serve.log"]
+    proc, url = _serve(serving_model, SERVER_LOG[0],
+                       {"CIFAR10_MAX_BODY_BYTES": str(MAX_BODY), "CIFAR10_MAX_FILES": str(MAX_FILES),
+                        "CIFAR10_MAX_LATENCY_MS": "20000"})
+    try:
+        yield url
+    finally:
+        stop_server(proc)
+
+
+def _check_prediction(body: dict, class_names: list[str]) -> None:
+    assert isinstance(body, dict), body
+    assert set(body) == {"label", "class_id", "confidence", "probabilities"}
+    assert list(body["probabilities"]) == class_names
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
+    assert body["label"] == class_names[body["class_id"]]
+    assert body["confidence"] == max(body["probabilities"].values())
+
+
+def _predict(url: str, data: bytes, content_type="image/jpeg", name="img.jpg") -> httpx.Response:
+    return httpx.post(f"{url}/predict", files={"file": (name, data, content_type)}, timeout=60)
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_seed_curl_form(server, serving_model, tmp_path):
+    (tmp_path / "car.png").write_bytes(image_bytes(0, size=(64, 48), fmt="PNG"))
+    out = subprocess.run(["curl", "-s", "-X", "POST", f"{server}/predict", "-F", "file=@car.png"],
+                         cwd=tmp_path, capture_output=True, text=True, check=True)
+    _check_prediction(json.loads(out.stdout), serving_model.metadata["class_names"])
+
+
+# The seed's client call, character for character but the port: a trailing slash, and no -L,
+# so a redirect would print nothing.
+SEED_CURL = ("curl -X 'POST' 'http://localhost:{port}/predict/' -H 'accept: application/json' "
+             "-H 'Content-Type: multipart/form-data' -F 'file=@car2.png;type=image/png'")
+@pytest.mark.skipif(not Path("/usr/bin/curl").exists(), reason="needs /usr/bin/curl")
+def test_seed_curl_command_verbatim_prints_the_prediction(server, serving_model, tmp_path):
+    (tmp_path / "car2.png").write_bytes(image_bytes(4, size=(120, 80), fmt="PNG"))
+    out = subprocess.run(SEED_CURL.format(port=httpx.URL(server).port), shell=True, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    _check_prediction(json.loads(out.stdout), serving_model.metadata["class_names"])
+@pytest.mark.parametrize("route", ["/predict", "/predict/", "/predict_batch", "/predict_batch/", "/metadata",
+                                   "/metadata/"])
+def test_api_routes_answer_with_or_without_a_trailing_slash(server, serving_model, route):
+    field = {"/predict": "file", "/predict_batch": "files"}.get(route.rstrip("/"))
+    files = [(field, ("car.png", image_bytes(5, fmt="PNG"), "image/png"))] if field else None
+    resp = httpx.post(f"{server}{route}", files=files, timeout=60, follow_redirects=False)
+    assert resp.status_code == 200, (resp.status_code, resp.headers, resp.text)
+    body = resp.json()
+    if field is None:
+        assert body["bentoml_model_tag"] == serving_model.tag
+    else:
+        _check_prediction(body[0] if field == "files" else body, serving_model.metadata["class_names"])
+@pytest.mark.parametrize("request_args", [
+    {"files": {"other": ("a.jpg", image_bytes(0), "image/jpeg")}},  # unknown field
+    {"files": {"file": (None, "http://127.0.0.1:9/x")}},  # text in a file field
+    {"files": {"file": ("big.jpg", b"\0" * (MAX_BODY + 1), "image/jpeg")}},  # over the body limit
+    {"files": {"file": ("bad.jpg", b"not an image", "image/jpeg")}},  # not an image
+    {"content": b"--x--\r\n", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},  # no file at all
+], ids=["unknown field", "text field", "over limit", "not an image", "no file"])
+def test_the_guard_applies_to_the_trailing_slash_form_as_to_the_route(server, request_args):
+    plain = httpx.post(f"{server}/predict", timeout=30, **request_args)
+    slash = httpx.post(f"{server}/predict/", timeout=30, follow_redirects=False, **request_args)
+    assert 400 <= plain.status_code < 500, plain.text
+    assert (slash.status_code, slash.json()) == (plain.status_code, plain.json())
+@pytest.mark.parametrize("fmt,mode,size", [("JPEG", "RGB", (32, 32)), ("PNG", "RGBA", (100, 60)),
+                                           ("BMP", "L", (40, 40)), ("GIF", "P", (33, 31)), ("WEBP", "RGB", (50, 50))])
+def test_predict_formats_give_one_object(server, serving_model, fmt, mode, size):
+    resp = _predict(server, image_bytes(1, size, fmt, mode), content_type="application/octet-stream")
+    assert resp.status_code == 200, resp.text
+    _check_prediction(resp.json(), serving_model.metadata["class_names"])
+def test_predict_batch_keeps_input_order(server, serving_model):
+    images = [image_bytes(seed) for seed in range(MAX_FILES)]
+    single = [_predict(server, img).json()["probabilities"] for img in images]
+    assert len({json.dumps(p) for p in single}) == len(images), "test images should give distinct outputs"
+    resp = httpx.post(f"{server}/predict_batch", files=[("files", (f"{i}.jpg", img, "image/jpeg"))
+                                                       for i, img in enumerate(images)], timeout=60)
+    assert resp.status_code == 200, resp.text
+    batch = resp.json()
+    assert isinstance(batch, list) and len(batch) == len(images)
+    for got, want in zip(batch, single):
+        _check_prediction(got, serving_model.metadata["class_names"])
+        assert got["probabilities"] == pytest.approx(want, abs=1e-5)
+
+
+def _truncated_jpeg() -> bytes:
+    data = image_bytes(2, size=(64, 64))
+    return data[: len(data) // 2]
+
+
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(buf, format="PNG")  # 48 megapixels in a few kB
+    return buf.getvalue()
+@pytest.mark.parametrize("data,message", [(b"just some text", "not a readable image"),
+                                          (b"", "empty file"),
+                                          (_truncated_jpeg(), "corrupt or truncated"),
+                                          (_bomb_png(), "decompression bomb")])
+def test_bad_uploads_get_400_json(server, data, message):
+    resp = _predict(server, data)
+    assert resp.status_code == 400
+    assert isinstance(resp.json(), dict) and message in resp.json()["error"]
+def test_missing_field_gets_400(server):
+    resp = httpx.post(f"{server}/predict", files={"other": ("a.jpg", image_bytes(0), "image/jpeg")}, timeout=30)
+    assert resp.status_code == 400 and "error" in resp.json()
+def test_too_many_files_gets_400(server):
+    files = [("files", (f"{i}.jpg", image_bytes(i), "image/jpeg")) for i in range(MAX_FILES + 1)]
+    resp = httpx.post(f"{server}/predict_batch", files=files, timeout=30)
+    assert resp.status_code == 400 and f"at most {MAX_FILES}" in resp.json()["error"]
+def test_bad_file_in_batch_names_it(server):
+    files = [("files", ("ok.jpg", image_bytes(0), "image/jpeg")), ("files", ("bad.jpg", b"nope", "image/jpeg"))]
+    resp = httpx.post(f"{server}/predict_batch", files=files, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"].startswith("file 1 (0-based): ")
+def test_body_over_limit_gets_413(server):
+    big = os.urandom(MAX_BODY + 1)
+    resp = httpx.post(f"{server}/predict", content=big, timeout=30,
+                      headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert resp.status_code == 413 and "limit" in resp.json()["error"]
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_that_writes_the_whole_body_first_still_reads_its_413(server, framing):
+    """An asyncio client writes the whole body, then reads: a 413 reaches it only if the server lingers.
+
+    Closing with unread bytes makes the kernel reset the connection; asyncio drops the
+    connection at the first failed write, with the answer unread (``ConnectionResetError``).
+    """
+    url = httpx.URL(server)
+
+    async def post() -> int | str:
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        total, piece = 10 * MAX_BODY, b"\0" * 65536
+        length = "Transfer-Encoding: chunked" if framing == "chunked" else f"Content-Length: {total}"
+        try:
+            writer.write(f"POST /predict HTTP/1.1\r\nHost: {url.host}\r\n{length}\r\n"
+                         "Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode())
+            for _ in range(0, total, len(piece)):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece)
+                await writer.drain()
+            writer.write(b"0\r\n\r\n" if framing == "chunked" else b"")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            return int(head.split()[1])
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            return type(exc).__name__
+        finally:
+            writer.close()
+
+    async def main():
+        return [await post() for _ in range(10)]
+
+    assert asyncio.run(main()) == [413] * 10
+def test_concurrent_good_and_bad_requests_fail_alone(server, serving_model):
+    good, bad = image_bytes(3), b"GIF89a-but-not-really"
+    jobs = [good if i % 3 else bad for i in range(30)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda data: _predict(server, data), jobs))
+    for data, resp in zip(jobs, responses):
+        if data is good:
+            assert resp.status_code == 200, resp.text
+            _check_prediction(resp.json(), serving_model.metadata["class_names"])
+        else:
+            assert resp.status_code == 400, resp.text
+def test_metrics_show_batches_larger_than_one(server):
+    files = [("files", (f"{i}.jpg", image_bytes(i), "image/jpeg")) for i in range(MAX_FILES)]
+    assert httpx.post(f"{server}/predict_batch", files=files, timeout=60).status_code == 200
+    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+              if line.startswith("cifar10_batch_size_")}
+    le2 = next(v for k, v in values.items() if k.startswith("cifar10_batch_size_bucket") and 'le="2.0"' in k)
+    count = next(v for k, v in values.items() if k.startswith("cifar10_batch_size_count"))
+    assert count > le2, "one four-image request must have made a batch of more than 2"
+def test_metadata_matches_the_model(server, serving_model):
+    resp = httpx.post(f"{server}/metadata", timeout=30)
+    assert resp.status_code == 200, resp.text
+    meta = resp.json()
+    assert meta["bentoml_model_tag"] == serving_model.tag
+    assert {k: meta[k] for k in serving_model.labels} == serving_model.labels
+    for key in ("test_accuracy", "dataset_digest", "git_commit", "class_names"):
+        assert meta[key] == serving_model.metadata[key]
+    assert meta["bento_tag"] == "not a bento"
+    assert meta["batching"]["max_files"] == MAX_FILES and meta["batching"]["max_body_bytes"] == MAX_BODY
+def test_swagger_health_and_metrics(server):
+    assert httpx.get(f"{server}/", timeout=30).status_code == 200
+    spec = httpx.get(f"{server}/docs.json", timeout=30).json()
+    assert {"/predict", "/predict_batch", "/metadata"} <= set(spec["paths"])
+    assert not any(path.endswith("/") and len(path) > 1 for path in spec["paths"])  # each route once
+    # The page text is service.py's DESCRIPTION with this server's settings, not BentoML's README.
+    description = spec["info"]["description"]
+    assert description.startswith("Classifies an image into one of the ten CIFAR-10 classes"), description[:300]
+    assert f"at most {MAX_FILES})" in description and f"over {MAX_BODY:,} bytes" in description
+    assert "img.shields.io" not in json.dumps(spec) and "created with BentoML" not in description
+    example = spec["components"]["schemas"]["Prediction"]["properties"]["label"]["examples"]
+    assert example == ["automobile"]
+    # The in-memory Upload type documents its parts as files, as a Path input does: Swagger's file picker.
+    bodies = {path: spec["paths"][path]["post"]["requestBody"] for path in ("/predict", "/predict_batch")}
+    form = {path: body["content"]["multipart/form-data"] for path, body in bodies.items()}
+    binary = {"type": "string", "format": "binary", "minLength": 1}
+    assert {k: form["/predict"]["schema"]["properties"]["file"][k] for k in binary} == binary
+    files = form["/predict_batch"]["schema"]["properties"]["files"]
+    assert files["items"] == binary and (files["minItems"], files["maxItems"]) == (1, MAX_FILES)
+    # What the guard enforces: a body, no other fields, image parts.
+    for (path, body), field in zip(bodies.items(), ("file", "files")):
+        assert body["required"] is True and form[path]["schema"]["additionalProperties"] is False, path
+        assert form[path]["encoding"] == {field: {"contentType": openapi.IMAGE_TYPES}}, path
+    for path in ("/healthz", "/readyz", "/livez", "/metrics"):
+        assert httpx.get(f"{server}{path}", timeout=30).status_code == 200, path
+def test_spec_documents_one_error_shape_for_every_error_status(server):
+    spec = httpx.get(f"{server}/docs.json", timeout=30).json()
+    schemas = spec["components"]["schemas"]
+    assert schemas["Error"] == openapi.ERROR_SCHEMA
+    assert not {"InvalidArgument", "NotFound", "InternalServerError"} & set(schemas)  # BentoML's: `detail` a string
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, statuses in {"/predict": {"400", "413", "429", "500", "503"},
+                           "/predict_batch": {"400", "413", "429", "500", "503"},
+                           "/metadata": {"400", "413", "429", "500"}}.items():
+        responses = spec["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200"} | statuses, path
+        assert all(responses[status]["content"] == ref for status in statuses), path
+
+
+def _error_answers(server: str) -> dict[str, httpx.Response]:
+    """One answer of every kind of refusal the service gives, 429 and 503 aside (the overload test's)."""
+    jpeg = image_bytes(0)
+    empty_form = {"content": b"--x--\r\n", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
+    requests = {
+        "no file (BentoML's validation)": ("/predict", empty_form),
+        "no files (BentoML's validation)": ("/predict_batch", empty_form),
+        "JSON instead of a form (BentoML's validation)": ("/predict", {"json": {"file": "x"}}),
+        "invalid JSON (BentoML's validation)": ("/metadata", {"content": b"\0",
+                                                              "headers": {"Content-Type": "application/json"}}),
+        "not an object (BentoML's validation)": ("/metadata", {"json": [1]}),
+        "not an image (BadInput)": ("/predict", {"files": {"file": ("x.jpg", b"nope", "image/jpeg")}}),
+        "too many files (BadInput)": ("/predict_batch", {"files": [("files", (f"{i}.jpg", jpeg, "image/jpeg"))
+                                                                  for i in range(MAX_FILES + 1)]}),
+        "unknown field (guard)": ("/predict", {"files": {"other": ("x.jpg", jpeg, "image/jpeg")}}),
+        "url-encoded (guard)": ("/predict", {"data": {"file": "http://127.0.0.1:9/x"}}),
+        "over the limit (guard)": ("/predict", {"content": b"\0" * (MAX_BODY + 1),
+                                                "headers": {"Content-Type": "multipart/form-data; boundary=x"}}),
+    }
+    return {name: httpx.post(f"{server}{path}", timeout=30, **args) for name, (path, args) in requests.items()}
+def test_every_error_answer_is_the_documented_error_object(server):
+    """BentoML's own answers included: its validation errors carry `detail`, a list, where its spec says a string."""
+    import jsonschema
+
+    spec = httpx.get(f"{server}/docs.json", timeout=30).json()
+    answers = _error_answers(server)
+    for name, resp in answers.items():
+        assert resp.status_code in (400, 413), (name, resp.status_code, resp.text)
+        assert resp.headers["content-type"] == "application/json", name
+        jsonschema.validate(resp.json(), spec["components"]["schemas"]["Error"])
+    # BentoML's validation errors say where the problem is and what to send instead.
+    assert answers["no files (BentoML's validation)"].json()["error"] == (
+        "invalid request to /predict_batch: files: Field required; "
+        "send images as multipart file parts (curl -F files=@image.png)")
+    assert answers["JSON instead of a form (BentoML's validation)"].json()["error"].endswith(
+        "not text; send images as multipart file parts (curl -F file=@image.png)")
+    assert answers["invalid JSON (BentoML's validation)"].json()["error"].startswith(
+        "invalid request to /metadata: body: Invalid JSON")
+    assert "send an empty body" in answers["invalid JSON (BentoML's validation)"].json()["error"]
+def test_api_routes_are_left_out_of_tracing_by_default(server):
+    """CIFAR10_TRACE_REQUESTS=0 (default): no OpenTelemetry span for the API; other routes keep theirs."""
+    assert ServingSettings.from_env({}).trace_requests == 0
+    assert _predict(server, image_bytes(1)).status_code == 200
+    assert httpx.get(f"{server}/docs.json", timeout=30).status_code == 200
+    lines = SERVER_LOG[0].read_text().splitlines()
+    api = [line for line in lines if "path=/predict," in line and "status=200" in line]
+    docs = [line for line in lines if "path=/docs.json," in line]
+    assert api and docs
+    assert not any("trace=" in line for line in api) and all("trace=" in line for line in docs)
+def test_overload_gives_429_and_503_never_500(serving_model, tmp_path):
+    """Overload is refused (429 over max concurrency, 503 past the 1 ms queueing budget), never a 500."""
+    proc, url = _serve(serving_model, tmp_path / "serve.log", {"CIFAR10_WORKERS": "1", "CIFAR10_MAX_CONCURRENCY": "3",
+                                                              "CIFAR10_MAX_LATENCY_MS": "1"})
+    images = [image_bytes(i, size=(256, 256)) for i in range(48)]
+
+    async def burst() -> list[int]:
+        # All 48 at once from one event loop: threads sending in turn kept fewer than 3 in flight
+        # once the service answered faster (CI, after uploads moved to memory: 48 times 200).
+        limits = httpx.Limits(max_connections=48)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            responses = await asyncio.gather(*(client.post("/predict", files={"file": ("img.jpg", data, "image/jpeg")})
+                                               for data in images))
+        return [r.status_code for r in responses], [r.json() for r in responses if r.status_code != 200]
+
+    try:
+        codes, bodies = asyncio.run(burst())
+    finally:
+        stop_server(proc)
+    print("status counts:", {code: codes.count(code) for code in sorted(set(codes))})
+    assert set(codes) <= {200, 429, 503}, codes
+    assert 429 in codes, codes
+    assert all(set(body) == {"error"} and isinstance(body["error"], str) for body in bodies), bodies
+
+
+def test_every_training_module_the_service_imports_is_in_the_bento():
+    """A module missing from bentofile.yaml's include breaks only the built Bento and its image, late."""
+    import ast
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    included = set(yaml.safe_load((root / "bentofile.yaml").read_text())["include"])
+    todo, seen = ["service.py"], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse((root / path).read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            todo += [name.replace(".", "/") + ".py" for name in names if name.startswith("training.")]
+    assert seen - included == set(), f"add to bentofile.yaml include: {sorted(seen - included)}"

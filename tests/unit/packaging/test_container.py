@@ -1,0 +1,354 @@
+"""training/packaging/container.py and base_image.py without a builder: backend choice and skip, the
+base image per backend, the Dockerfile rendered for either base, the network-failure retry, the private
+container configuration, the base image's cache key. The real build is tests/e2e/test_container_image.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+from training.config import PipelineConfig, load_config
+from training.packaging import base_image, commands, container
+
+
+
+# --- backend choice -----------------------------------------------------------
+
+def test_backend_none_skips_without_probing(monkeypatch):
+    monkeypatch.setattr(container, "_healthy", lambda *a: pytest.fail("probed a backend"))
+    assert container.find_backend(PipelineConfig(container_backend="none")) == (None, "container_backend=none")
+
+
+def test_unknown_backend_is_rejected_with_choices():
+    with pytest.raises(ValueError, match="use auto, none, docker, podman, buildah"):
+        container.find_backend(PipelineConfig(container_backend="kaniko"))
+
+
+def test_auto_takes_first_healthy_backend_in_order(monkeypatch):
+    probed = []
+
+    def healthy(backend, env=None):
+        probed.append(backend)
+        return backend == "podman", f"{backend}: {'ok' if backend == 'podman' else 'daemon not answering'}"
+
+    monkeypatch.setattr(container, "_healthy", healthy)
+    assert container.find_backend(PipelineConfig(container_backend="auto")) == ("podman", "podman: ok")
+    assert probed == ["docker", "podman"]
+
+
+def test_auto_with_nothing_installed_explains_each_backend(monkeypatch):
+    monkeypatch.setattr(container.shutil, "which", lambda name: None)
+    backend, reason = container.find_backend(PipelineConfig(container_backend="AUTO"))
+    assert backend is None
+    assert reason == ("no healthy container builder (docker: not installed; podman: not installed; "
+                      "buildah: not installed)")
+
+
+def test_docker_without_daemon_is_unhealthy(monkeypatch, tmp_path):
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    ok, reason = container._healthy("docker")
+    assert not ok and "Cannot connect to the Docker daemon" in reason
+
+
+def test_containerize_skips_with_reason_when_no_backend(monkeypatch, tmp_path, caplog):
+    config = PipelineConfig(state_dir=str(tmp_path), container_backend="none")
+    with caplog.at_level("WARNING"):
+        assert container.containerize(config, "cifar10-classifier:abc") is None
+    assert "skipping containerize: container_backend=none" in caplog.text
+    assert "bentoml serve" in caplog.text
+
+
+# --- base image per backend ----------------------------------------------------
+
+LOCAL_BASE = base_image.BASE_IMAGE
+REGISTRY_BASE = container.REGISTRY_BASE_IMAGE
+
+
+@pytest.mark.parametrize("backend, base", [("docker", REGISTRY_BASE), ("podman", LOCAL_BASE),
+                                           ("buildah", LOCAL_BASE)])
+def test_base_image_follows_the_backend_unless_overridden(backend, base):
+    assert container.choose_base_image(backend) == base
+    assert container.choose_base_image(backend, "  ") == base
+    assert container.choose_base_image(backend, " registry.example/py:3.11 ") == "registry.example/py:3.11"
+
+
+def test_registry_base_is_the_slim_python_of_the_local_base_release():
+    assert REGISTRY_BASE == "docker.io/library/python:3.11-slim-bookworm"
+    assert REGISTRY_BASE.endswith(f"-{base_image.RECIPE['suite']}") and LOCAL_BASE.endswith(base_image.RECIPE["suite"])
+
+
+def test_unknown_backend_has_no_base_image():
+    with pytest.raises(ValueError, match="no base image for backend 'kaniko'; use one of docker, podman, buildah"):
+        container.choose_base_image("kaniko")
+
+
+def test_base_image_setting_comes_from_the_environment_and_params_win():
+    assert load_config({}, environ={"CIFAR10_BASE_IMAGE": "from-env:1"}).base_image == "from-env:1"
+    assert load_config({"base_image": "from-param:1"}, environ={"CIFAR10_BASE_IMAGE": "from-env:1"}).base_image \
+        == "from-param:1"
+    assert load_config({}, environ={}).base_image == ""
+
+
+class _FakeBentoml:
+    """Just enough of bentoml for containerize: one Bento, exported as an empty folder."""
+
+    def __init__(self):
+        tag = SimpleNamespace(version="v1")
+        self.bentos = SimpleNamespace(get=lambda name: SimpleNamespace(tag=tag),
+                                      export_bento=lambda tag, path, output_format: Path(path).mkdir(parents=True))
+
+
+@pytest.mark.parametrize("backend, override, base, importer", [
+    ("docker", None, REGISTRY_BASE, None),
+    ("podman", None, LOCAL_BASE, ["podman"]),
+    ("buildah", None, LOCAL_BASE, ["podman"]),
+    ("docker", LOCAL_BASE, LOCAL_BASE, ["docker"]),  # the local base, built into docker's store
+    ("podman", REGISTRY_BASE, REGISTRY_BASE, None),
+])
+def test_containerize_builds_on_the_chosen_base(monkeypatch, tmp_path, backend, override, base, importer):
+    import training.packaging.bento
+
+    built, commands = [], []
+    monkeypatch.setattr(container, "find_backend", lambda config, env=None: (backend, f"{backend}: ok"))
+    monkeypatch.setattr(training.packaging.bento, "use_bentoml_home", lambda config: _FakeBentoml())
+    monkeypatch.setattr(base_image, "ensure_base_image", lambda cli, env, work, image=LOCAL_BASE: built.append(cli))
+    monkeypatch.setattr(container, "run_with_network_retry", lambda cmd, **kw: commands.append(cmd))
+    monkeypatch.setattr(container, "image_size", lambda *a: 1)
+    monkeypatch.delenv("CIFAR10_BASE_IMAGE", raising=False)
+    config = PipelineConfig(state_dir=str(tmp_path))
+    assert container.containerize(config, "cifar10-classifier:v1", override) == "cifar10-classifier:v1"
+    assert built == ([importer] if importer else [])
+    [cmd] = commands
+    assert cmd[0] == ("buildah" if backend == "buildah" else backend)
+    assert cmd[cmd.index("--build-arg") + 1] == f"BASE_IMAGE={base}"
+
+
+def test_containerize_takes_the_base_from_the_environment(monkeypatch, tmp_path):
+    import training.packaging.bento
+
+    commands = []
+    monkeypatch.setattr(container, "find_backend", lambda config, env=None: ("docker", "docker: ok"))
+    monkeypatch.setattr(training.packaging.bento, "use_bentoml_home", lambda config: _FakeBentoml())
+    monkeypatch.setattr(container, "run_with_network_retry", lambda cmd, **kw: commands.append(cmd))
+    monkeypatch.setattr(container, "image_size", lambda *a: 1)
+    config = load_config({"state_dir": str(tmp_path)},
+                         environ={"CIFAR10_BASE_IMAGE": "mirror.example/python:3.11-slim-bookworm"})
+    container.containerize(config, "cifar10-classifier:v1")
+    assert "BASE_IMAGE=mirror.example/python:3.11-slim-bookworm" in commands[0]
+
+
+def test_registry_pull_failure_says_how_to_use_the_local_base(monkeypatch, tmp_path):
+    import training.packaging.bento
+
+    def offline(cmd, **kw):
+        raise commands.NetworkBuildError("building failed twice because of the NETWORK")
+
+    monkeypatch.setattr(container, "find_backend", lambda config, env=None: ("docker", "docker: ok"))
+    monkeypatch.setattr(training.packaging.bento, "use_bentoml_home", lambda config: _FakeBentoml())
+    monkeypatch.setattr(container, "run_with_network_retry", offline)
+    with pytest.raises(commands.NetworkBuildError, match=f"set CIFAR10_BASE_IMAGE={re.escape(LOCAL_BASE)}"):
+        container.containerize(PipelineConfig(state_dir=str(tmp_path)), "cifar10-classifier:v1", "")
+
+
+# --- the Dockerfile, rendered as BentoML renders it at Bento build time ----------
+
+@pytest.fixture(scope="module")
+def dockerfile(tmp_path_factory) -> str:
+    from bentoml._internal.bento.build_config import CondaOptions, DockerOptions
+    from bentoml._internal.container.generate import generate_containerfile
+
+    bento_fs = tmp_path_factory.mktemp("bento")
+    (bento_fs / "env" / "python").mkdir(parents=True)
+    (bento_fs / "env" / "python" / "requirements.txt").write_text("numpy==2.4.6\n")
+    docker = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["docker"]
+    return generate_containerfile(DockerOptions(**docker).with_defaults(), str(ROOT), conda=CondaOptions(),
+                                  bento_fs=bento_fs, enable_buildkit=False)
+
+
+def _instructions(dockerfile: str) -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", dockerfile)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_builds_from_the_base_image_build_argument(dockerfile):
+    steps = _instructions(dockerfile)
+    froms = [i for i, s in enumerate(steps) if s.startswith("FROM ")]
+    assert len(froms) == 1 and steps[froms[0]] == "FROM ${BASE_IMAGE} AS base-container"
+    # A global ARG before FROM: docker, podman and buildah all substitute --build-arg BASE_IMAGE=... there,
+    # and without one the Bento's default applies (what `bentoml containerize` uses).
+    assert steps[froms[0] - 1] == f"ARG BASE_IMAGE={REGISTRY_BASE}"
+    assert container.BASE_IMAGE_ARG == "BASE_IMAGE"
+
+
+def test_bentofile_default_base_is_the_registry_one():
+    docker = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["docker"]
+    assert docker["base_image"] == REGISTRY_BASE
+    assert docker["dockerfile_template"] == "deploy/containers/Dockerfile.template"
+
+
+def test_dockerfile_assumes_no_interpreter_path(dockerfile):
+    """python:slim has Python in /usr/local/bin, Debian in /usr/bin: the install step looks it up."""
+    assert not re.search(r"/usr(/local)?/bin/python", dockerfile)
+    assert 'PY=$(command -v python3.11)' in dockerfile and '--python "$PY"' in dockerfile
+    # python:slim ships pip (and setuptools); the image must not keep an installer either way.
+    assert '"$PY" -m pip uninstall' in dockerfile
+
+
+def _interpreter_lookup(dockerfile: str) -> str:
+    """The install step's interpreter lookup, as a shell snippet that prints what it found."""
+    run = next(s for s in _instructions(dockerfile) if s.startswith("RUN set -eu;"))
+    lookup = re.search(r"PY=\$\(command -v python3\.11\) \|\| \{[^}]*\}", run).group(0)
+    return f"set -eu; {lookup}; echo \"$PY\""
+
+
+# PATH as each base image sets it: the local recipe's, and the official python image's.
+BASE_LAYOUTS = {
+    LOCAL_BASE: (base_image.RECIPE["env"]["PATH"], "usr/bin"),
+    REGISTRY_BASE: ("/usr/local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "usr/local/bin"),
+}
+
+
+@pytest.mark.parametrize("base", [LOCAL_BASE, REGISTRY_BASE])
+def test_install_step_finds_python_on_either_base(dockerfile, tmp_path, base):
+    path, python_dir = BASE_LAYOUTS[base]
+    (tmp_path / python_dir).mkdir(parents=True)
+    fake = tmp_path / python_dir / "python3.11"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    rooted = ":".join(str(tmp_path) + d for d in path.split(":"))
+    out = subprocess.run(["/bin/sh", "-c", _interpreter_lookup(dockerfile)], env={"PATH": rooted},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == str(fake), out.stderr
+
+
+def test_install_step_without_python311_says_what_is_wrong(dockerfile, tmp_path):
+    out = subprocess.run(["/bin/sh", "-c", _interpreter_lookup(dockerfile)], env={"PATH": str(tmp_path)},
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "no python3.11 on PATH" in out.stderr and "BASE_IMAGE" in out.stderr
+
+
+# --- network failures ---------------------------------------------------------
+
+UV_OFFLINE = """STEP 7/12: RUN set -eu; ...
+error: Failed to fetch: `https://pypi.org/simple/aiohttp/`
+  Caused by: Request failed after 3 retries
+  Caused by: error sending request for url (https://pypi.org/simple/aiohttp/)
+  Caused by: dns error: failed to lookup address information: Temporary failure in name resolution
+Error: building at STEP "RUN set -eu": exit status 2"""
+DEBOOTSTRAP_OFFLINE = "I: Retrieving InRelease\nE: Failed getting release file http://deb.debian.org/debian/dists/bookworm/Release"
+DOCKER_PULL_OFFLINE = ("ERROR: failed to solve: docker.io/library/python:3.11-slim-bookworm: failed to resolve source "
+                       "metadata: Get \"https://registry-1.docker.io/v2/\": dial tcp: lookup registry-1.docker.io: "
+                       "no such host")
+RECIPE_ERROR = """STEP 7/12: RUN set -eu; ...
+  x No solution found when resolving dependencies:
+  Because there is no version of onnxruntime==0.0.1 and you require onnxruntime==0.0.1, we can conclude that
+  your requirements are unsatisfiable.
+Error: building at STEP "RUN set -eu": exit status 1"""
+
+
+@pytest.mark.parametrize("output, network", [(UV_OFFLINE, True), (DEBOOTSTRAP_OFFLINE, True),
+                                             (DOCKER_PULL_OFFLINE, True), (RECIPE_ERROR, False), ("", False)])
+def test_network_failures_are_recognised(output, network):
+    assert commands.is_network_failure(output) is network
+
+
+def _runner(outputs):
+    """A fake subprocess.run: each call writes the next (exit code, output) to stdout."""
+    calls = []
+
+    def run(cmd, env, stdout, stderr):
+        code, text = outputs[len(calls)]
+        calls.append(cmd)
+        stdout.write(text)
+        return subprocess.CompletedProcess(cmd, code)
+
+    return run, calls
+
+
+def test_network_failure_is_retried_once_then_named(tmp_path):
+    run, calls = _runner([(2, UV_OFFLINE), (2, UV_OFFLINE)])
+    retried = []
+    with pytest.raises(commands.NetworkBuildError, match="failed twice because of the NETWORK") as err:
+        commands.run_with_network_retry(["build"], env={}, log_path=tmp_path / "b.log", what="building X",
+                                         before_retry=lambda: retried.append(1), runner=run)
+    assert len(calls) == 2 and retried == [1]
+    assert "Temporary failure in name resolution" in str(err.value) and str(tmp_path / "b.log") in str(err.value)
+
+
+def test_network_blip_then_success_passes(tmp_path):
+    run, calls = _runner([(2, UV_OFFLINE), (0, "ok")])
+    commands.run_with_network_retry(["build"], env={}, log_path=tmp_path / "b.log", what="x", runner=run)
+    assert len(calls) == 2
+
+
+def test_other_failures_are_not_retried(tmp_path):
+    run, calls = _runner([(1, RECIPE_ERROR)])
+    with pytest.raises(commands.ContainerBuildError, match="building X failed \\(exit 1\\)") as err:
+        commands.run_with_network_retry(["build"], env={}, log_path=tmp_path / "b.log", what="building X",
+                                         runner=run)
+    assert not isinstance(err.value, commands.NetworkBuildError)
+    assert len(calls) == 1 and "unsatisfiable" in str(err.value)
+
+
+# --- private configuration and build command -----------------------------------
+
+def test_container_env_points_podman_into_the_state_dir(tmp_path):
+    env = container.container_env(PipelineConfig(state_dir=str(tmp_path)), base={"PATH": "/usr/bin"})
+    conf, storage = Path(env["CONTAINERS_CONF"]), Path(env["CONTAINERS_STORAGE_CONF"])
+    assert conf.parent == storage.parent == tmp_path / "containers" / "conf"
+    text = conf.read_text() + storage.read_text()
+    assert "@" not in text.replace("# ", "")  # every placeholder rendered
+    assert f'graphroot = "{tmp_path}/containers/storage"' in text
+    assert 'runtime = "runc"' in text and "nofile=20000:20000" in text
+    assert env["PATH"] == "/usr/bin"
+
+
+@pytest.mark.parametrize("backend, head", [("podman", ["podman", "build"]), ("buildah", ["buildah", "bud"]),
+                                           ("docker", ["docker", "build"])])
+def test_build_command(backend, head):
+    cmd = container.build_command(backend, "/ctx/env/docker/Dockerfile", "/ctx", ["img:v1", "img:latest"])
+    assert cmd[:2] == head and cmd[-1] == "/ctx"
+    assert cmd[cmd.index("--network") + 1] == "host" and cmd[cmd.index("-f") + 1] == "/ctx/env/docker/Dockerfile"
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "-t"] == ["img:v1", "img:latest"]
+    # docker build has no --volume; podman/buildah mount the host CA bundle read-only while installing
+    assert any(a.endswith(f":{container.BUILD_CA_MOUNT}:ro") for a in cmd) is (backend != "docker")
+    assert "--build-arg" not in cmd
+    with_base = container.build_command(backend, "/ctx/Dockerfile", "/ctx", ["img:v1"], {"BASE_IMAGE": "b:1"})
+    assert with_base[with_base.index("--build-arg") + 1] == "BASE_IMAGE=b:1" and with_base[-1] == "/ctx"
+
+
+# --- base image recipe ----------------------------------------------------------
+
+def test_recipe_hash_is_stable_and_tracks_content():
+    assert base_image.recipe_hash() == base_image.recipe_hash(json.loads(json.dumps(base_image.RECIPE)))
+    changed = {**base_image.RECIPE, "include": [*base_image.RECIPE["include"], "gcc"]}
+    assert base_image.recipe_hash(changed) != base_image.recipe_hash()
+
+
+def test_base_recipe_has_no_compiler_and_python_311():
+    assert not {"gcc", "build-essential", "g++", "python3-dev"} & set(base_image.RECIPE["include"])
+    # bookworm's python3 is 3.11, the version the install step looks for.
+    assert base_image.RECIPE["suite"] == "bookworm" and "python3" in base_image.RECIPE["include"]
+
+
+def test_debian_mirror_comes_from_the_host_sources(tmp_path):
+    sources = tmp_path / "debian.sources"
+    sources.write_text("Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n")
+    assert base_image.debian_mirror(sources, tmp_path / "none") == "http://mirror.example/debian"
+    legacy = tmp_path / "sources.list"
+    legacy.write_text("deb [arch=amd64] http://other.example/debian bookworm main\n")
+    assert base_image.debian_mirror(tmp_path / "none", legacy) == "http://other.example/debian"
+    assert base_image.debian_mirror(tmp_path / "none", tmp_path / "none") == base_image.DEFAULT_MIRROR

@@ -1,0 +1,162 @@
+"""Decoding one image: fast path equals general path, every mode becomes RGB, resize policy, bombs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import encode, make_images, png_header_only
+from serving import images
+from serving.images import InvalidImage, decode_image, to_rgb32
+
+
+def _general_path(data: bytes) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb32(img)
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}, {"quality": 30}])
+def test_jpeg_fast_path_gives_the_same_pixels_as_the_general_path(options):
+    x, _ = make_images(3, ["a", "b"])
+    for img in x:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", **options)
+        data = buf.getvalue()
+        assert images._decode_jpeg_32(data) is not None
+        np.testing.assert_array_equal(decode_image(data), _general_path(data))
+
+
+def test_fast_path_after_a_refused_file_still_gives_exact_pixels():
+    # The fast path decodes into one reused image: a file refused half-way must not leak into the next.
+    good = encode(make_images(1, ["a"])[0][0], "JPEG")
+    white, tall = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(white, "JPEG")
+    Image.new("RGB", (32, 64), (0, 0, 0)).save(tall, "JPEG")
+    assert images._decode_jpeg_32(white.getvalue()) is not None
+    assert images._decode_jpeg_32(tall.getvalue()) is None  # wrong size
+    assert images._decode_jpeg_32(good[: len(good) // 2]) is None  # truncated: refused half-way
+    np.testing.assert_array_equal(images._decode_jpeg_32(good), _general_path(good))
+
+
+def test_grey_jpeg_takes_the_fast_path_and_matches():
+    buf = io.BytesIO()
+    Image.fromarray(make_images(1, ["a"])[0][0]).convert("L").save(buf, "JPEG")
+    out = decode_image(buf.getvalue())
+    assert out.shape == (32, 32, 3)
+    np.testing.assert_array_equal(out, _general_path(buf.getvalue()))
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+@pytest.mark.parametrize("size", [(64, 64), (32, 48), (48, 32), (16, 16), (640, 480)])
+def test_jpeg_of_other_sizes_leaves_the_fast_path_and_is_resized(size):
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 40)).save(buf, "JPEG", quality=95)
+    assert images._decode_jpeg_32(buf.getvalue()) is None
+    out = decode_image(buf.getvalue())
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert abs(int(out[16, 16, 0]) - 200) < 8 and out[16, 16, 1] < 45
+
+
+def test_cmyk_jpeg_is_converted():
+    buf = io.BytesIO()
+    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(buf, "JPEG")
+    out = decode_image(buf.getvalue())
+    assert out.shape == (32, 32, 3) and out[0, 0, 0] > 200 and out[0, 0, 1] < 60
+
+
+def _image_in_mode(mode: str) -> Image.Image:
+    if mode == "I;16":
+        return Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16))
+    if mode == "F":
+        return Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32))
+    if mode in ("PA", "La", "I;16B"):  # Pillow cannot convert RGB to these
+        return Image.new(mode, (40, 24))
+    return Image.fromarray(make_images(1, ["a"])[0][0]).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "1", "RGBA", "LA", "La", "PA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV",
+                                  "I;16", "I;16B", "I", "F", "RGBX"])
+def test_every_mode_becomes_rgb_uint8(mode):
+    img = _image_in_mode(mode)
+    assert img.mode == mode
+    out = to_rgb32(img)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    png = encode(np.full((32, 32), 40000, dtype=np.uint16))  # saved as a 16-bit grey PNG
+    out = decode_image(png)
+    assert out[0, 0, 0] == round(40000 * 255 / 65535)  # 156, where clipping would give 255
+
+
+def test_float_images_in_0_1_are_scaled():
+    out = to_rgb32(Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32)))
+    assert out[0, 0, 0] in (127, 128)
+
+
+def test_transparency_is_composited_on_black():
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent on the left half, opaque on the right
+    rgba[:, 16:, 3] = 255
+    out = decode_image(encode(rgba))
+    assert out[0, 0].tolist() == [0, 0, 0]
+    assert out[0, 31].tolist() == [255, 0, 0]
+
+
+def test_resize_keeps_aspect_ratio_and_crops_the_centre():
+    # 128x64: left quarter red, middle half green, right quarter blue. Shorter side -> 32
+    # gives 64x32; the centre crop keeps only the green middle.
+    img = np.zeros((64, 128, 3), dtype=np.uint8)
+    img[:, :32] = (255, 0, 0)
+    img[:, 32:96] = (0, 255, 0)
+    img[:, 96:] = (0, 0, 255)
+    out = decode_image(encode(img))
+    assert out.shape == (32, 32, 3)
+    assert out[:, 1:-1, 1].min() > 200 and out[:, 1:-1, 0].max() < 60 and out[:, 1:-1, 2].max() < 60
+
+
+def test_first_frame_of_an_animated_gif_is_used():
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buf.getvalue())
+    assert out[0, 0, 0] > 200 and out[0, 0, 2] < 50
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    with pytest.raises(InvalidImage, match="decompression bomb"):
+        decode_image(png_header_only(100_000, 100_000))
+
+
+def test_pillow_guard_stays_on_behind_ours():
+    # With our own limit lifted, Pillow's guard (2x MAX_IMAGE_PIXELS) still refuses.
+    assert Image.MAX_IMAGE_PIXELS is not None
+    with pytest.raises(InvalidImage, match="not a readable image"):
+        decode_image(png_header_only(100_000, 100_000), max_pixels=10**12)
+
+
+def test_oversized_file_is_refused_without_parsing(monkeypatch):
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 1000)
+    with pytest.raises(InvalidImage, match="over the 1,000-byte limit"):
+        decode_image(encode(make_images(1, ["a"])[0][0]) + bytes(1000))
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty file"),
+    (b"this is not an image at all", "not a readable image"),
+    (b"\xff\xd8\xff\xe0" + bytes(100), "corrupt|not a readable"),
+])
+def test_unreadable_bytes_raise_invalid_image(data, message):
+    with pytest.raises(InvalidImage, match=message):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_files_raise_invalid_image(fmt):
+    data = encode(make_images(1, ["a"])[0][0], fmt)
+    with pytest.raises(InvalidImage):
+        decode_image(data[: len(data) // 2])

@@ -1,0 +1,68 @@
+"""The DAG file: it loads, wires the stages in order, and imports nothing heavy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+EXPECTED_ORDER = ["fetch", "prepare", "train", "register", "gate", "import_model", "build", "containerize"]
+
+
+@pytest.fixture(scope="module")
+def dag():
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}, bag.import_errors
+    return bag.dags["cifar10_pipeline"]
+
+
+def test_tasks_and_dependencies(dag):
+    assert sorted(dag.task_ids) == sorted(EXPECTED_ORDER)
+    up = {t: sorted(dag.get_task(t).upstream_task_ids) for t in dag.task_ids}
+    assert up["fetch"] == []
+    assert up["prepare"] == ["fetch"]
+    assert up["train"] == ["prepare"]
+    assert up["register"] == ["train"]
+    assert up["gate"] == ["register"]
+    assert up["import_model"] == ["gate", "register"]
+    assert up["build"] == ["import_model"]
+    assert up["containerize"] == ["build"]
+
+
+def test_params_retries_timeouts_and_docs(dag):
+    for name in ["data_url", "epochs", "batch_size", "seed", "max_train_images", "min_accuracy", "force_promote"]:
+        assert name in dag.params, name
+    assert dag.doc_md and "champion" in dag.doc_md
+    assert dag.max_active_runs == 1
+    for task in dag.tasks:
+        assert task.retries >= 1, task.task_id
+        assert task.execution_timeout is not None, task.task_id
+
+
+def test_params_are_all_config_fields(dag):
+    from training.config import PipelineConfig
+
+    fields = set(PipelineConfig.__dataclass_fields__)
+    assert set(dag.params) <= fields, set(dag.params) - fields
+
+
+def test_parsing_imports_no_heavy_library():
+    """Parsing the DAG must not import TensorFlow, Keras, MLflow or BentoML (scheduler cost)."""
+    code = (
+        "import sys, json, runpy; runpy.run_path(sys.argv[1]); "
+        "print(json.dumps(sorted(m for m in ('tensorflow', 'keras', 'mlflow', 'bentoml', 'onnxruntime') "
+        "if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / "cifar10_pipeline.py")],
+                         capture_output=True, text=True, check=True, timeout=120,
+                         env={**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -1,0 +1,90 @@
+"""The deploy files parse and wire what they must. Nothing here runs them: the build
+machine has no Docker daemon and no Kubernetes cluster."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+
+DEPLOY = ROOT / "deploy"
+SECRET_NAMES = re.compile(r"PASSWORD|SECRET|FERNET|ACCESS_KEY|_KEY$", re.I)
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def k8s():
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "bento.yaml").read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    return env if isinstance(env, dict) else dict(item.split("=", 1) for item in env)
+
+
+def test_compose_has_every_service(compose):
+    services = compose["services"]
+    for name in ["postgres", "minio", "mlflow", "redis", "airflow-apiserver", "airflow-scheduler",
+                 "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "bento"]:
+        assert name in services, name
+    assert services["airflow-worker"]["command"] == ["airflow", "celery", "worker"]
+
+
+def test_airflow_runs_celery_on_redis_with_postgres_metadata(compose):
+    for name, service in compose["services"].items():
+        if not name.startswith("airflow-"):
+            continue
+        env = _env(service)
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://"), name
+        assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:"), name
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
+
+
+def test_mlflow_uses_postgres_and_s3_on_minio(compose):
+    env = _env(compose["services"]["mlflow"])
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "psycopg2" in (DEPLOY / "mlflow.Dockerfile").read_text()
+
+
+def test_no_credential_is_written_into_the_compose_file(compose):
+    """Every secret-looking value, and every password inside a URL, is a ${VAR} from the environment."""
+    for name, service in compose["services"].items():
+        for key, value in _env(service).items():
+            value = str(value)
+            if SECRET_NAMES.search(key):
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:[?-][^}]*)?\}", value), (name, key)
+            for userinfo in re.findall(r"://(\S+)@", value):
+                assert re.sub(r"\$\{[^}]+\}", "", userinfo) == ":", (name, key, "literal user or password")
+    example = (DEPLOY / ".env.example").read_text()
+    assert re.search(r"^POSTGRES_PASSWORD=$", example, re.M)  # left empty for the operator
+
+
+def test_bento_container_has_a_readiness_check(compose):
+    check = compose["services"]["bento"]["healthcheck"]["test"]
+    assert any("/readyz" in part for part in check)
+
+
+def test_k8s_deployment_and_service_for_the_bento(k8s):
+    deployment, service = k8s["Deployment"], k8s["Service"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    requests = container["resources"]["requests"]
+    assert requests["cpu"] and requests["memory"]
+    assert {p["containerPort"] for p in container["ports"]} == {3000}
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    port_names = {p["name"] for p in container["ports"]}
+    assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])

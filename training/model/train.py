@@ -1,0 +1,198 @@
+"""Train the CNN in one MLflow run: fit, evaluate, export, log everything.
+
+``train(config, prepared_dir)`` is what the DAG's train task calls; it returns the
+MLflow run id. The loops themselves are in :mod:`training.model.fit` (Keras ``fit``)
+and :mod:`training.model.jax_loop` (a jitted JAX loop for GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training.config import PipelineConfig
+from training.model.fit import choose_loop, fit_keras, prefer_onednn
+from training.registry.attempts import TaskAttempt, end_orphaned_runs
+
+log = logging.getLogger(__name__)
+
+
+def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
+    """Build and fit the model on ``splits`` with the loop ``config.loop`` selects.
+
+    Returns the float32 model for evaluation and export (with flip test-time
+    augmentation inside when ``config.tta``) and the per-epoch history.
+    """
+    prefer_onednn()
+    import keras
+
+    if choose_loop(config.loop, keras.backend.backend()) == "jit":
+        from training.model.jax_loop import fit_jax
+
+        return fit_jax(config, splits, num_classes)
+    return fit_keras(config, splits, num_classes)
+
+
+def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Probabilities for uint8 images, calling the model directly (no ``predict`` overhead)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        from training.model.jax_loop import predict_jax
+
+        return predict_jax(model, x, batch_size)
+    out = [np.asarray(model(x[i:i + batch_size].astype(np.float32), training=False))
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out)
+
+
+def keras_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+# What loading the logged Keras model needs, per Keras backend (MLflow adds itself).
+MODEL_DISTRIBUTIONS = {"tensorflow": ("keras", "tensorflow-cpu", "tensorflow", "numpy"),
+                       "jax": ("keras", "jax", "jaxlib", "numpy")}
+
+
+def model_requirements(backend: str) -> list[str]:
+    """Exact pins of the distributions the logged model needs, as installed from ``uv.lock``.
+
+    MLflow would otherwise guess them: it runs ``uv export`` over the whole project (the
+    pipeline's Airflow and BentoML too) or, without uv, captures imports in a subprocess
+    and falls back to an unpinned ``keras``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in MODEL_DISTRIBUTIONS[backend]:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:  # tensorflow-cpu or tensorflow, whichever this platform has
+            pass
+    return pins
+
+
+# mlflow.keras writes input_example.json before it creates the model folder and fails with
+# FileNotFoundError (https://github.com/mlflow/mlflow/issues/16183); the workaround below applies
+# only up to the MLflow release this project pins, so an upgrade shows whether it is still needed.
+MLFLOW_EXAMPLE_BUG_UNTIL = "3.17.2"
+
+
+def _log_keras_model(model, **kwargs):
+    """``mlflow.keras.log_model(model, name="model", **kwargs)``, on MLflow up to 3.17.2 with the folder made first."""
+    import mlflow
+    from packaging.version import Version
+
+    if Version(mlflow.__version__) > Version(MLFLOW_EXAMPLE_BUG_UNTIL):
+        return mlflow.keras.log_model(model, name="model", **kwargs)
+    from mlflow.keras import save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model, example, path, *args, **kw):
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, example, path, *args, **kw)
+
+    keras_save._save_example = save_example
+    try:
+        return mlflow.keras.log_model(model, name="model", **kwargs)
+    finally:
+        keras_save._save_example = original
+
+
+def log_evaluation(x_test: np.ndarray, y_test: np.ndarray, probs: np.ndarray, class_names: list[str],
+                   history: dict[str, list[float]], folder: Path) -> dict[str, float]:
+    """Write and log the evaluation pictures and tables; return the test metrics.
+
+    Artifacts: ``plots/learning_curves.png``, ``plots/confusion_matrix.png``,
+    ``plots/test_samples.png``, ``evaluation/per_class_accuracy.json`` and
+    ``evaluation/confusion_matrix.json``; metrics ``test_accuracy`` and
+    ``test_accuracy_<class>`` for every class.
+    """
+    import mlflow
+
+    from training.model import plots
+
+    y_pred = probs.argmax(1)
+    matrix = plots.confusion_matrix(y_test, y_pred, len(class_names))
+    per_class = plots.per_class_accuracy(matrix, class_names)
+    metrics = {"test_accuracy": float(np.mean(y_pred == y_test))}
+    metrics |= {f"test_accuracy_{name}": acc for name, acc in per_class.items()}
+    folder = Path(folder)
+    plots.learning_curves(history, folder / "plots" / "learning_curves.png")
+    plots.confusion_matrix_plot(matrix, class_names, folder / "plots" / "confusion_matrix.png")
+    # A fixed, seeded choice of test images so grids of different runs are comparable.
+    pick = np.sort(np.random.default_rng(0).choice(len(x_test), size=min(32, len(x_test)), replace=False))
+    plots.sample_grid(x_test[pick], y_test[pick], y_pred[pick], class_names, folder / "plots" / "test_samples.png")
+    (folder / "evaluation").mkdir(parents=True, exist_ok=True)
+    (folder / "evaluation" / "per_class_accuracy.json").write_text(json.dumps(per_class, indent=2))
+    (folder / "evaluation" / "confusion_matrix.json").write_text(
+        json.dumps({"class_names": class_names, "rows_true_columns_predicted": matrix.tolist()}))
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifacts(str(folder / "plots"), "plots")
+    mlflow.log_artifacts(str(folder / "evaluation"), "evaluation")
+    return metrics
+
+
+def train(config: PipelineConfig, prepared_dir: Path, attempt: TaskAttempt | None = None) -> str:
+    """Train on the prepared data in one MLflow run; return the run id.
+
+    ``attempt`` (the Airflow task try, from the DAG) tags the run; runs that earlier,
+    killed tries of the task left RUNNING are marked KILLED first (see ``training.registry.attempts``).
+    """
+    prefer_onednn()
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from training.model.export import export_onnx
+    from training.data.prepare import load_prepared
+    from training.registry.tracking import configure_mlflow, git_commit
+
+    splits, manifest = load_prepared(Path(prepared_dir))
+    class_names = manifest["class_names"]
+    experiment_id = configure_mlflow(config)
+    if attempt is not None:
+        end_orphaned_runs(mlflow.MlflowClient(), experiment_id, attempt)
+    with mlflow.start_run(log_system_metrics=True, tags=attempt.tags() if attempt else None) as run:
+        mlflow.set_tags({"git_commit": git_commit(), "dataset_digest": manifest["digest"],
+                         "source_url": manifest["source_url"]})
+        mlflow.log_params(config.as_params() | {"num_classes": len(class_names),
+                                                **{f"n_{k}": v for k, v in manifest["sizes"].items()}})
+        x_train, y_train = splits["train"]
+        mlflow.log_input(mlflow.data.from_numpy(x_train, targets=y_train, source=manifest["source_url"],
+                                                name="cifar10-train", digest=manifest["digest"][:32]),
+                         context="training")
+        mlflow.log_dict(manifest, "data/manifest.json")
+
+        start = time.monotonic()
+        model, history = build_and_fit(config, splits, len(class_names))
+        train_seconds = time.monotonic() - start
+        mlflow.log_metric("train_seconds", train_seconds)
+
+        x_test, y_test = splits["test"]
+        probs = predict_probabilities(model, x_test)
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = log_evaluation(x_test, y_test, probs, class_names, history, Path(tmp))
+        log.info("test accuracy %.4f after %.1f s of training", metrics["test_accuracy"], train_seconds)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            diff = export_onnx(model, onnx_path, x_test[:64])
+            (Path(tmp) / "classes.json").write_text(json.dumps(class_names))
+            mlflow.log_metric("onnx_max_abs_diff", diff)
+            mlflow.log_artifacts(tmp, "onnx")
+
+        example = x_test[:2].astype(np.float32)
+        info = _log_keras_model(model, signature=infer_signature(example, probs[:2]), input_example=example,
+                                pip_requirements=model_requirements(keras_backend()))
+        mlflow.set_tag("logged_model_uri", info.model_uri)
+        return run.info.run_id

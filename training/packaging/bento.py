@@ -1,0 +1,127 @@
+"""From the MLflow champion to a Bento: import into the BentoML store, then build.
+
+The BentoML model holds the ONNX export (what ``service.py`` runs) and the class
+names; its labels name the MLflow model, version and run, so any served prediction
+can be traced back to its training run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from training.config import PipelineConfig, mask_password
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+def use_bentoml_home(config: PipelineConfig):
+    """Import bentoml with its store at ``config``'s BentoML home (``BENTOML_HOME`` in the environment wins).
+
+    BentoML reads ``BENTOML_HOME`` once, when it is first imported, so the variable is set
+    before that import; a process that imported bentoml earlier with another home raises
+    instead of writing to the wrong store.
+    """
+    home = Path(os.environ.get("BENTOML_HOME") or config.bentoml_home_path)
+    if "bentoml" in sys.modules:
+        # BentoML has no public accessor for the home it settled on.
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        active = Path(BentoMLContainer.bentoml_home.get())
+        if active.resolve() != home.resolve():
+            raise RuntimeError(f"bentoml was imported with its store at {active} before the pipeline chose {home}: "
+                               "set BENTOML_HOME before anything imports bentoml, or import it only through "
+                               "training.packaging.bento.use_bentoml_home")
+    else:
+        os.environ["BENTOML_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    import bentoml
+
+    return bentoml
+
+
+def _parity_batch(seed: int = 0, n: int = 16) -> np.ndarray:
+    """A fixed batch of raw pixels for the Keras-vs-ONNX check at import time."""
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3)).astype(np.float32)
+
+
+def import_champion(config: PipelineConfig, version_uri: str | None = None) -> str:
+    """Import the MLflow ``champion`` into the BentoML store; return the BentoML model tag.
+
+    With ``version_uri`` (``models:/<name>/<version>``, what the DAG's gate passed) that
+    version is imported, and it must still hold the alias: a run that lost it to a newer
+    champion in the meantime fails rather than packaging a model that is no longer served.
+
+    Idempotent: when the store already has a model from the same MLflow run, its tag
+    is returned. The ONNX file is checked against the Keras model on a fixed batch and
+    the import fails if they disagree.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from serving.model import onnx_session
+
+    from training.model.export import check_parity
+    from training.registry.promotion import CHAMPION
+    from training.registry.tracking import configure_mlflow
+
+    bentoml = use_bentoml_home(config)
+    configure_mlflow(config)
+    client = MlflowClient()
+    name = config.registered_model_name
+    mv = client.get_model_version_by_alias(name, CHAMPION)
+    if version_uri is not None and version_uri != f"models:/{name}/{mv.version}":
+        raise RuntimeError(f"{version_uri} is not the {CHAMPION} any more ({name} version {mv.version} is): "
+                           "another run promoted a model meanwhile; rerun this DAG run to package the current one")
+    try:
+        existing_models = bentoml.models.list(config.bento_model_name)
+    except bentoml.exceptions.NotFound:
+        existing_models = []
+    for existing in existing_models:
+        if existing.info.labels.get("mlflow_run_id") == mv.run_id:
+            log.info("BentoML store already holds %s for run %s", existing.tag, mv.run_id)
+            return str(existing.tag)
+    run = client.get_run(mv.run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="onnx", dst_path=tmp))
+        keras_model = mlflow.keras.load_model(f"models:/{name}/{mv.version}")
+        pixels = _parity_batch()
+        diff = check_parity(onnx_session(src / "model.onnx"), np.asarray(keras_model(pixels, training=False)),
+                            pixels)
+        labels = {"mlflow_model": name, "mlflow_version": str(mv.version), "mlflow_run_id": mv.run_id}
+        metadata = {
+            "test_accuracy": float(run.data.metrics.get("test_accuracy", float("nan"))),
+            "dataset_digest": run.data.tags.get("dataset_digest", ""),
+            "git_commit": run.data.tags.get("git_commit", ""),
+            "class_names": json.loads((src / "classes.json").read_text()),
+            "onnx_max_abs_diff": diff,
+            "mlflow_tracking_uri": mask_password(config.tracking_uri),  # never bake a password into a Bento
+        }
+        with bentoml.models.create(config.bento_model_name, labels=labels, metadata=metadata) as model:
+            shutil.copy(src / "model.onnx", Path(model.path) / "model.onnx")
+            shutil.copy(src / "classes.json", Path(model.path) / "classes.json")
+    log.info("imported %s version %s (run %s) as BentoML model %s", name, mv.version, mv.run_id, model.tag)
+    return str(model.tag)
+
+
+def build_bento(config: PipelineConfig, model_tag: str) -> str:
+    """Build the Bento from ``bentofile.yaml`` with ``model_tag`` pinned; return the Bento tag."""
+    bentoml = use_bentoml_home(config)
+    model = bentoml.models.get(model_tag)
+    # The tag travels as a Bento argument (bentoml.use_arguments in service.py), so
+    # the Bento serves exactly this model, wherever it is served or containerized.
+    bento = bentoml.bentos.build_bentofile(
+        str(PROJECT_DIR / "bentofile.yaml"), build_ctx=str(PROJECT_DIR),
+        labels={**model.info.labels, "bentoml_model": model_tag}, args={"model_tag": model_tag},
+    )
+    log.info("built Bento %s at %s", bento.tag, bento.path)
+    return str(bento.tag)

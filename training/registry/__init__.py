@@ -1,0 +1,1 @@
+"""MLflow: tracking set-up, task-attempt bookkeeping, model versions and the gated champion alias."""

@@ -1,0 +1,91 @@
+"""MLflow connection: tracking URI and experiment, set up explicitly, never at import."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+from training.config import PipelineConfig, mask_password
+
+log = logging.getLogger(__name__)
+
+
+def configure_mlflow(config: PipelineConfig) -> str:
+    """Point MLflow at ``config``'s store and return the experiment id.
+
+    With a local store the experiment gets an explicit artifact location, because
+    MLflow would otherwise write to ``./mlruns`` relative to whatever directory the
+    task runs in; with a tracking server (``http(s)://``) the server decides, so its
+    ``--artifacts-destination`` (e.g. S3) is used (see ``PipelineConfig.artifact_location``).
+    """
+    import mlflow
+
+    check_reachable(config.tracking_uri, config.mlflow_connect_timeout)
+    if config.tracking_uri.startswith("sqlite:///"):
+        Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_registry_uri(config.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment_name)
+    if experiment is None:
+        try:
+            exp_id = mlflow.create_experiment(config.experiment_name, artifact_location=config.artifact_location)
+        except Exception:  # created concurrently by another task: use theirs
+            experiment = mlflow.get_experiment_by_name(config.experiment_name)
+            if experiment is None:
+                raise
+            exp_id = experiment.experiment_id
+    else:
+        exp_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+class TrackingServerUnreachable(RuntimeError):
+    """The MLflow tracking server did not answer in time; failing lets Airflow retry the task."""
+
+
+def check_reachable(uri: str, timeout: float) -> None:
+    """Raise :class:`TrackingServerUnreachable` unless the http(s) tracking server answers within ``timeout`` s.
+
+    Without this check a task waits minutes inside MLflow's HTTP retries (exponential
+    backoff) before failing with a long urllib3 traceback. Any answer below 500 counts
+    as reachable (an auth proxy may answer 401); a 5xx from a proxy means MLflow behind
+    it is down. Other URIs (SQLite, databases) are not checked here.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    health = uri.rstrip("/") + "/health"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answer = requests.get(health, timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+            if answer.status_code < 500:
+                return
+            problem = f"HTTP {answer.status_code}"
+        except requests.RequestException as exc:
+            problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if time.monotonic() + 1 >= deadline:
+            break
+        time.sleep(1)
+    raise TrackingServerUnreachable(
+        f"MLflow tracking server {mask_password(uri)} is unreachable: {mask_password(health)} gave no usable "
+        f"answer within {timeout:g} s (last: {problem}). Start the server, or point "
+        "MLFLOW_TRACKING_URI (or CIFAR10_MLFLOW_TRACKING_URI) at a running one; Airflow retries this task, "
+        "and CIFAR10_MLFLOW_CONNECT_TIMEOUT sets how long to wait.")
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """The current git commit (with ``-dirty`` when the tree has changes), or "unknown"."""
+    cwd = repo or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
