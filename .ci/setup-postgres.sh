@@ -4,7 +4,7 @@
 #
 # The role name and password come from the environment. The defaults are for a
 # throw-away CI database on 127.0.0.1 only; never reuse them anywhere else.
-# The test (tests/test_scaleout.py) reads the same variables, or one URL in
+# The test (tests/e2e/test_scaleout.py) reads the same variables, or one URL in
 # CIFAR10_TEST_PG_URL, and creates and drops its own databases with this role.
 set -euo pipefail
 

@@ -12,9 +12,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STATE=${BENCH_STATE:-/tmp/serving-bench}
 TAG_FILE=${TAG_FILE:-$STATE/model_tag_64_128_128_tta}
-[ -f "$TAG_FILE" ] || { echo "no $TAG_FILE: run bench/bench_serving.py --widths 64,128,128 --tta once" >&2; exit 1; }
+[ -f "$TAG_FILE" ] || { echo "no $TAG_FILE: run python -m bench.bench_serving --widths 64,128,128 --tta once" >&2; exit 1; }
 export BENTOML_HOME=$STATE/bentoml BENTOML_DO_NOT_TRACK=True BENCH_IMAGE=$STATE/img.jpg
-export CIFAR10_BALANCE_CONNECTIONS=${CIFAR10_BALANCE_CONNECTIONS:-1}
 PORT=${PORT:-3918}; ROUNDS=$1; shift; SPECS=("$@")
 stop() { pkill -f "bentoml serve service:CIFAR10Classifier .*--port $PORT" || true; pkill -f circusd || true
          pkill -f _bentoml_impl.worker || true; sleep 2; }

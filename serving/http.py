@@ -69,7 +69,7 @@ async def _refuse_unread(receive, send, status: int, body: dict, linger_s: float
 
     Closing a socket with unread bytes in it makes the kernel send a reset, and a client
     that gives up at its first failed write (asyncio streams: ``ConnectionResetError``)
-    loses the answer it already received (tests/test_service.py reproduces it). Like
+    loses the answer it already received (tests/service/test_service.py reproduces it). Like
     nginx's lingering close, the answer goes out first, then the rest of the body is read
     and dropped until it ends or for at most ``linger_s``; only then does the connection close.
     """
