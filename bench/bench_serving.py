@@ -1,8 +1,8 @@
 """Serving benchmark, all in one run: (a) the Bento with batching, (b) without, (c) seed style, (d) ceiling.
 
 (e) is BentoML's request path alone (``bench/http_floor.py``: same API shape, no decode,
-no model), the floor under (a). The servers run with ``CIFAR10_BALANCE_CONNECTIONS=1``
-unless the environment sets it (``=0`` measures without connection balancing).
+no model), the floor under (a). The servers run with the product's settings; ``CIFAR10_*``
+variables set in the environment reach every server and show in the reported settings.
 
 One 32x32 JPEG per request, ``wrk`` (one thread, a Lua multipart body) at concurrency
 1, 8, 32 and 64 against each server in turn on this machine; (d) is ONNX Runtime on
@@ -197,10 +197,6 @@ def main() -> None:
 
     from serving.settings import ServingSettings
 
-    # wrk opens all its connections at once; without balancing, whichever worker is awake
-    # takes most of them and the figures become a lottery (see training/worker_balance.py).
-    # Set here, so the servers inherit it and the reported settings show it.
-    os.environ.setdefault("CIFAR10_BALANCE_CONNECTIONS", "1")
     settings = ServingSettings.from_env()
     results = {"load_before": os.getloadavg(), "model": f"build_model({widths}) untrained, tta={args.tta}", "tag": tag,
                "settings": vars(settings), "cpus": os.cpu_count(), "servers": {}}

@@ -1,7 +1,7 @@
 """(e) of bench/bench_serving.py: BentoML's request path alone, no image decode and no model.
 
 Same API shape as ``service.py`` (multipart ``file`` as an in-memory ``Upload``, a JSON
-object back), same workers, access-log, tracing and connection-balancing settings, and a
+object back), same workers, access-log and tracing settings, and a
 fixed answer: what one request costs in BentoML itself on this machine, the floor under (a).
 """
 
@@ -11,9 +11,7 @@ import bentoml
 from pydantic import Field
 
 from serving.http import Upload
-
 from serving.settings import ServingSettings
-from training.worker_balance import WorkerBalance
 
 SETTINGS = ServingSettings.from_env()
 
@@ -33,7 +31,3 @@ class HTTPFloor:
     @bentoml.api(route="/predict")
     async def predict(self, file: Upload = Field(description="Any file; it is not read")) -> dict:
         return {"label": "cat", "class_id": 3, "confidence": 1.0}
-
-
-if SETTINGS.balance_connections:
-    HTTPFloor.add_asgi_middleware(WorkerBalance, workers=SETTINGS.workers)
