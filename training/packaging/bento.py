@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,25 +26,24 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 def use_bentoml_home(config: PipelineConfig):
     """Import bentoml with its store at ``config``'s BentoML home (``BENTOML_HOME`` in the environment wins).
 
-    BentoML reads ``BENTOML_HOME`` once, when it is first imported, so the variable is set
-    before that import; a process that imported bentoml earlier with another home raises
-    instead of writing to the wrong store.
+    BentoML reads ``BENTOML_HOME`` once, the first time its store is used, so the variable is
+    set before that; a process whose bentoml already settled on another home raises instead
+    of writing to the wrong store.
     """
     home = Path(os.environ.get("BENTOML_HOME") or config.bentoml_home_path)
-    if "bentoml" in sys.modules:
-        # BentoML has no public accessor for the home it settled on.
-        from bentoml._internal.configuration.containers import BentoMLContainer
-
-        active = Path(BentoMLContainer.bentoml_home.get())
-        if active.resolve() != home.resolve():
-            raise RuntimeError(f"bentoml was imported with its store at {active} before the pipeline chose {home}: "
-                               "set BENTOML_HOME before anything imports bentoml, or import it only through "
-                               "training.packaging.bento.use_bentoml_home")
-    else:
-        os.environ["BENTOML_HOME"] = str(home)
+    os.environ["BENTOML_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     import bentoml
 
+    # BentoML settles on its home the first time anything asks for it, then keeps it; it has no
+    # public accessor for the one it settled on.
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    active = Path(BentoMLContainer.bentoml_home.get())
+    if active.resolve() != home.resolve():
+        raise RuntimeError(f"bentoml already uses its store at {active}, not {home} that the pipeline chose: "
+                           "set BENTOML_HOME before anything uses bentoml, or import it only through "
+                           "training.packaging.bento.use_bentoml_home")
     return bentoml
 
 
