@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from serving.batcher import MicroBatcher, Overloaded
 from serving.http import RequestGuard, Upload
-from serving.model import prediction, warm_up
+from serving.model import onnx_session, prediction, warm_up
 from serving.settings import ServingSettings
 from serving.slots import ComputeSlots, server_key
 
@@ -89,8 +89,6 @@ class CIFAR10Classifier:
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        from serving.model import onnx_session
-
         model_dir = Path(self.bento_model.path)
         self.class_names = json.loads((model_dir / "classes.json").read_text())
         self.session = onnx_session(model_dir / "model.onnx", threads=SETTINGS.model_threads)

@@ -72,7 +72,6 @@ def import_champion(config: PipelineConfig, version_uri: str | None = None) -> s
     from training.registry.promotion import CHAMPION
     from training.registry.tracking import configure_mlflow
 
-    bentoml = use_bentoml_home(config)
     configure_mlflow(config)
     client = MlflowClient()
     name = config.registered_model_name
@@ -80,6 +79,7 @@ def import_champion(config: PipelineConfig, version_uri: str | None = None) -> s
     if version_uri is not None and version_uri != f"models:/{name}/{mv.version}":
         raise RuntimeError(f"{version_uri} is not the {CHAMPION} any more ({name} version {mv.version} is): "
                            "another run promoted a model meanwhile; rerun this DAG run to package the current one")
+    bentoml = use_bentoml_home(config)
     try:
         existing_models = bentoml.models.list(config.bento_model_name)
     except bentoml.exceptions.NotFound:

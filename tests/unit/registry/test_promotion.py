@@ -110,3 +110,14 @@ def test_force_promote_overrides_a_worse_model(store):
     assert is_champion(config, uri)[0]
     assert _champion_version(config) == uri.rsplit("/", 1)[1]
     assert _version(config, uri).tags["gate_reason"].startswith("force_promote set by operator")
+
+
+def test_importing_a_version_that_lost_the_champion_alias_fails_before_packaging_it(store, tmp_path):
+    from training.packaging.bento import import_champion
+
+    config = _config(state_dir=str(tmp_path), **store)
+    old = register(config, _fake_training_run(config, 0.80))
+    register(config, _fake_training_run(config, 0.90))  # promoted while the first run was still going
+    with pytest.raises(RuntimeError, match=rf"{old} is not the champion any more .*version 2 is.*rerun this DAG run"):
+        import_champion(config, old)
+    assert not (tmp_path / "bentoml").exists()  # refused before the BentoML store was touched
