@@ -3,7 +3,8 @@
 #   Airflow (`airflow standalone`: scheduler, dag-processor, triggerer, API server + UI),
 #   the MLflow tracking server over the pipeline's store, and `bentoml serve` of the newest Bento.
 #
-#   scripts/stack.sh up | down | status
+#   scripts/stack.sh up [NAME...] | down [NAME...] | status
+#   NAME: airflow, mlflow, bento (default: all of them)
 #
 # Configuration, all from the environment (the Makefile sets them):
 #   CIFAR10_STATE_DIR   state folder (Airflow home, MLflow store, BentoML home); required
@@ -46,6 +47,9 @@ wait_http() {
   echo "$name: $url ready"
 }
 
+# wanted NAME: whether NAME is among the names given to up/down (all when none were given).
+wanted() { [ ${#NAMES[@]} -eq 0 ] || [[ " ${NAMES[*]} " == *" $1 "* ]]; }
+
 up() {
   # Tasks that airflow standalone runs reach its execution API on this port.
   export AIRFLOW__API__PORT="$AIRFLOW_PORT" AIRFLOW__API__HOST="$HOST"
@@ -53,20 +57,24 @@ up() {
   # Task processes call that API; its 5 s default timed out here on a busy 2-core machine
   # (httpx.ReadTimeout, task marked up_for_retry).
   export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="${AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT:-60}"
-  start airflow "$BIN/airflow" standalone
-  mkdir -p "$STATE/mlflow"
-  start mlflow "$BIN/mlflow" server --backend-store-uri "${MLFLOW_TRACKING_URI:?}" \
-    --default-artifact-root "file://$STATE/mlflow/artifacts" --host "$HOST" --port "$MLFLOW_PORT" --workers 1
-  if "$BIN/bentoml" get "$BENTO" >/dev/null 2>&1; then
+  ! wanted airflow || start airflow "$BIN/airflow" standalone
+  if wanted mlflow; then
+    mkdir -p "$STATE/mlflow"
+    start mlflow "$BIN/mlflow" server --backend-store-uri "${MLFLOW_TRACKING_URI:?}" \
+      --default-artifact-root "file://$STATE/mlflow/artifacts" --host "$HOST" --port "$MLFLOW_PORT" --workers 1
+  fi
+  if ! wanted bento; then :
+  elif "$BIN/bentoml" get "$BENTO" >/dev/null 2>&1; then
     start bento "$BIN/bentoml" serve "$BENTO" --host "$HOST" --port "$BENTO_PORT"
   else
     echo "bento: no $BENTO in $BENTOML_HOME yet: trigger the DAG in the Airflow UI, then run this again"
   fi
   # Generous limits: on a busy 2-core machine each of them took minutes to start.
   local limit="${STACK_START_TIMEOUT:-600}"
-  wait_http mlflow "http://$HOST:$MLFLOW_PORT/health" "$limit"
-  ! running bento || wait_http bento "http://$HOST:$BENTO_PORT/readyz" "$limit"
-  wait_http airflow "http://$HOST:$AIRFLOW_PORT/api/v2/monitor/health" "$limit"
+  ! wanted mlflow || wait_http mlflow "http://$HOST:$MLFLOW_PORT/health" "$limit"
+  ! wanted bento || ! running bento || wait_http bento "http://$HOST:$BENTO_PORT/readyz" "$limit"
+  ! wanted airflow || wait_http airflow "http://$HOST:$AIRFLOW_PORT/api/v2/monitor/health" "$limit"
+  [ ${#NAMES[@]} -eq 0 ] || return 0
   cat <<EOF
 
 Airflow UI  http://localhost:$AIRFLOW_PORT  user "admin", password in
@@ -81,7 +89,7 @@ EOF
 down() {
   local name pid
   for name in bento mlflow airflow; do
-    [ -f "$RUN/$name.pid" ] || continue
+    wanted "$name" && [ -f "$RUN/$name.pid" ] || continue
     pid=$(cat "$RUN/$name.pid")
     # Signal the whole process group: airflow standalone's components and bentoml's
     # workers are children that can outlive their parent (seen: the API server).
@@ -103,9 +111,14 @@ status() {
   done
 }
 
-case "${1:-}" in
+COMMAND="${1:-}"; shift || true
+NAMES=("$@")
+for name in "${NAMES[@]}"; do
+  case "$name" in airflow|mlflow|bento) ;; *) echo "$0: unknown part '$name' (airflow, mlflow, bento)" >&2; exit 2 ;; esac
+done
+case "$COMMAND" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up [NAME...] | down [NAME...] | status" >&2; exit 2 ;;
 esac
