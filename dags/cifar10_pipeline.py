@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.timetables.trigger import CronTriggerTimetable
 
 
 DOC = """
@@ -27,8 +28,9 @@ DOC = """
 8. **containerize** it when docker, podman or buildah is present (skipped otherwise, with the reason)
 
 Every param overrides the `training.config.PipelineConfig` field of the same name.
-Runs on demand and on the schedule in `CIFAR10_SCHEDULE` (default `@weekly`, no catch-up, one run at a
-time); a scheduled run that does not beat the champion leaves the served model unchanged.
+Runs on demand and on the schedule in `CIFAR10_SCHEDULE` (default `@weekly`, Sunday 00:00 UTC; no
+catch-up, one run at a time; active as soon as Airflow loads it, unless `CIFAR10_START_PAUSED=true`).
+A run that does not beat the champion by `min_improvement` leaves the served model unchanged.
 """
 
 # Scheduled retraining. Airflow needs the schedule when it parses this file, so it is
@@ -37,6 +39,22 @@ time); a scheduled run that does not beat the champion leaves the served model u
 # The registry gate keeps a scheduled run that does not beat the champion from
 # changing what is served.
 SCHEDULE = os.environ.get("CIFAR10_SCHEDULE", "@weekly").strip() or "@weekly"
+# A schedule that nobody has to switch on: Airflow creates DAGs paused unless told
+# otherwise, and a paused weekly DAG never retrains. CIFAR10_START_PAUSED=true keeps
+# Airflow's default for operators who unpause by hand.
+START_PAUSED = os.environ.get("CIFAR10_START_PAUSED", "false").strip().lower() in ("1", "true", "yes")
+
+
+def _timetable(schedule: str) -> CronTriggerTimetable | None:
+    """Runs at the cron times themselves; the first one is the next due time, never a past one.
+
+    Airflow's default for a DAG without start_date runs the most recent past time at once
+    when it is close enough (for a weekly schedule, within 16.8 hours), so switching the
+    stack on could start a surprise training.
+    """
+    if schedule.lower() == "none":
+        return None
+    return CronTriggerTimetable(schedule, timezone="UTC", run_immediately=timedelta(0))
 
 # Retries are needed at parse time too; training.config imports only the standard library.
 from training.config import load_config  # noqa: E402
@@ -56,8 +74,9 @@ def _config():
 
 @dag(
     dag_id="cifar10_pipeline",
-    schedule=None if SCHEDULE.lower() == "none" else SCHEDULE,
+    schedule=_timetable(SCHEDULE),
     catchup=False,  # a missed week is not worth several back-to-back trainings
+    is_paused_upon_creation=START_PAUSED,
     max_active_runs=1,  # scheduled and manual runs share the store and registry
     doc_md=DOC,
     default_args=DEFAULT_ARGS,
@@ -79,6 +98,9 @@ def _config():
         "widths": Param("", type="string", description="Conv block widths, e.g. 32,64,128"),
         "min_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1,
                               description="Quality gate: minimum test accuracy for champion"),
+        "min_improvement": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                                 description="Quality gate: how much a new model must beat the champion's "
+                                             "test accuracy by (a tie never replaces it)"),
         "force_promote": Param(False, type="boolean", description="Operator override of the gate"),
         "container_backend": Param("", type="string", description="auto | docker | podman | buildah | none"),
         "base_image": Param("", type="string", description="Base of the Bento image; empty: by backend "

@@ -140,8 +140,11 @@ class PipelineConfig:
     # --- registry gate -----------------------------------------------------
     registered_model_name: str = "cifar10-cnn"
     # A new version becomes champion only at or above this test accuracy and
-    # at or above the current champion's.
+    # min_improvement above the current champion's. The margin is above 0 so that a
+    # retrain that merely ties (the same data and seed give the same model) does not
+    # rebuild and redeploy what is already served.
     min_accuracy: float = 0.0
+    min_improvement: float = 0.002
     force_promote: bool = False
 
     # --- serving and packaging ---------------------------------------------

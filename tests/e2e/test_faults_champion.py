@@ -130,8 +130,8 @@ def test_a_worse_retrain_leaves_champion_store_and_served_model_untouched(tmp_pa
         assert worse_run.data.params["learning_rate"] == "0.0"  # the override reached training
         assert worse_accuracy < champion_accuracy - 0.3, (worse_accuracy, champion_accuracy)
         assert worse.tags["gate_decision"] == "rejected"
-        assert worse.tags["gate_reason"] == (f"test_accuracy {worse_accuracy:.4f} < champion's "
-                                             f"{champion_accuracy:.4f}")
+        assert worse.tags["gate_reason"] == (f"test_accuracy {worse_accuracy:.4f} does not beat the champion's "
+                                             f"{champion_accuracy:.4f} by min_improvement 0.0020")
         assert worse_run.data.tags["gate_decision"] == "rejected"  # the experiment view says so too
 
         # The alias did not move.

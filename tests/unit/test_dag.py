@@ -66,3 +66,39 @@ def test_parsing_imports_no_heavy_library():
                          capture_output=True, text=True, check=True, timeout=120,
                          env={**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def _dag_with_env(monkeypatch, **env: str):
+    monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}, bag.import_errors
+    return bag.dags["cifar10_pipeline"]
+
+
+@pytest.mark.parametrize("schedule", ["@weekly", "*/1 * * * *"])
+def test_first_scheduled_run_is_the_next_due_time_never_a_past_one(monkeypatch, schedule):
+    """Switching the stack on must not start a training for a due time that already passed."""
+    from airflow.timetables.base import TimeRestriction
+    from airflow.utils import timezone
+
+    dag = _dag_with_env(monkeypatch, CIFAR10_SCHEDULE=schedule)
+    before = timezone.utcnow()
+    info = dag.timetable.next_dagrun_info(last_automated_data_interval=None,
+                                          restriction=TimeRestriction(earliest=None, latest=None, catchup=False))
+    assert info.run_after > before, (schedule, info.run_after, before)
+
+
+def test_a_scheduled_dag_is_active_when_airflow_loads_it_unless_told_to_start_paused(monkeypatch):
+    assert _dag_with_env(monkeypatch).is_paused_upon_creation is False
+    assert _dag_with_env(monkeypatch, CIFAR10_START_PAUSED="true").is_paused_upon_creation is True
+
+
+def test_min_improvement_is_a_param_with_a_margin_above_zero(dag):
+    from training.config import PipelineConfig
+
+    assert "min_improvement" in dag.params
+    assert PipelineConfig().min_improvement > 0

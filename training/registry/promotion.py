@@ -30,11 +30,15 @@ def decide(accuracy: float, champion_accuracy: float | None, config: PipelineCon
         return GateDecision(True, f"force_promote set by operator (test_accuracy={accuracy:.4f})")
     if accuracy < config.min_accuracy:
         return GateDecision(False, f"test_accuracy {accuracy:.4f} < min_accuracy {config.min_accuracy:.4f}")
-    if champion_accuracy is not None and accuracy < champion_accuracy:
-        return GateDecision(False, f"test_accuracy {accuracy:.4f} < champion's {champion_accuracy:.4f}")
-    versus = "no champion yet" if champion_accuracy is None else f"champion's {champion_accuracy:.4f}"
+    if champion_accuracy is None:
+        return GateDecision(True, f"test_accuracy {accuracy:.4f} >= min_accuracy {config.min_accuracy:.4f} "
+                                  "and no champion yet")
+    # Rounded so that a margin of exactly min_improvement passes despite float error.
+    if round(accuracy - champion_accuracy, 9) < config.min_improvement:
+        return GateDecision(False, f"test_accuracy {accuracy:.4f} does not beat the champion's "
+                                   f"{champion_accuracy:.4f} by min_improvement {config.min_improvement:.4f}")
     return GateDecision(True, f"test_accuracy {accuracy:.4f} >= min_accuracy {config.min_accuracy:.4f} "
-                              f"and >= {versus}")
+                              f"and beats the champion's {champion_accuracy:.4f} by >= {config.min_improvement:.4f}")
 
 
 def register(config: PipelineConfig, run_id: str) -> str:

@@ -17,9 +17,13 @@ def _config(**overrides):
     ("accuracy", "champion", "overrides", "promote", "phrase"),
     [
         (0.50, None, {}, True, "no champion yet"),
-        (0.91, 0.90, {}, True, ">= champion's 0.9000"),
-        (0.90, 0.90, {}, True, ">= champion's"),  # a tie promotes: the newest equal model wins
-        (0.89, 0.90, {}, False, "< champion's 0.9000"),
+        (0.91, 0.90, {}, True, "beats the champion's 0.9000 by >= 0.0020"),
+        (0.902, 0.90, {}, True, "beats the champion's"),  # exactly the margin passes
+        # A tie never replaces the champion: a retrain on the same data must not redeploy.
+        (0.90, 0.90, {}, False, "does not beat the champion's 0.9000 by min_improvement 0.0020"),
+        (0.901, 0.90, {}, False, "does not beat"),
+        (0.90, 0.90, {"min_improvement": 0.0}, True, "beats the champion's 0.9000 by >= 0.0000"),
+        (0.89, 0.90, {}, False, "does not beat the champion's 0.9000"),
         (0.80, None, {"min_accuracy": 0.85}, False, "< min_accuracy 0.8500"),
         (0.95, 0.90, {"min_accuracy": 0.96}, False, "< min_accuracy"),
         (0.10, 0.90, {"min_accuracy": 0.5, "force_promote": True}, True, "force_promote"),
@@ -79,7 +83,8 @@ def test_gate_promotes_better_and_keeps_champion_on_worse(store):
     assert promoted.tags["gate_decision"] == "promoted"
     assert "0.9000 >= min_accuracy" in promoted.tags["gate_reason"]
     assert rejected.tags["gate_decision"] == "rejected"
-    assert rejected.tags["gate_reason"] == "test_accuracy 0.8500 < champion's 0.9000"
+    assert rejected.tags["gate_reason"] == ("test_accuracy 0.8500 does not beat the champion's 0.9000 "
+                                            "by min_improvement 0.0020")
     assert rejected.tags["test_accuracy"] == "0.850000"
     run_tags = MlflowClient(tracking_uri=config.tracking_uri).get_run(rejected.run_id).data.tags
     assert run_tags["gate_decision"] == "rejected" and run_tags["gate_reason"] == rejected.tags["gate_reason"]
