@@ -156,6 +156,9 @@ class PipelineConfig:
     # podman/buildah: the local debootstrap base).
     base_image: str = ""
     image_name: str = "cifar10-classifier"
+    # Where the publish task exports the built Bento (models inside), e.g. s3://bucket/bentos/, so a
+    # serving machine imports it into its own store; "" = keep it in the local store only.
+    bento_export_uri: str = ""
 
     # ----------------------------------------------------------------------
     @property
