@@ -26,6 +26,7 @@ DOC = """
 6. **import** the champion into the BentoML store (labels: MLflow model, version, run id)
 7. **build** the Bento from `bentofile.yaml`
 8. **containerize** it when docker, podman or buildah is present (skipped otherwise, with the reason)
+9. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines (skipped when it is empty)
 
 Every param overrides the `training.config.PipelineConfig` field of the same name.
 Runs on demand and on the schedule in `CIFAR10_SCHEDULE` (default `@weekly`, Sunday 00:00 UTC; no
@@ -162,10 +163,23 @@ def cifar10_pipeline():
             raise AirflowSkipException("no container builder available; see the log line above")
         return image
 
+    @task(execution_timeout=timedelta(minutes=20))
+    def publish(bento_tag: str) -> str:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from training.packaging.publish import publish_bento
+
+        uri = publish_bento(_config(), bento_tag)
+        if not uri:
+            raise AirflowSkipException("bento_export_uri is empty: the Bento stays in this machine's store")
+        return uri
+
     version = register(train(prepare(fetch())))
     model_tag = import_model(version)
     gate(version) >> model_tag
-    containerize(build(model_tag))
+    bento = build(model_tag)
+    containerize(bento)
+    publish(bento)
 
 
 cifar10_pipeline()
