@@ -69,6 +69,9 @@ def import_champion(config: PipelineConfig, version_uri: str | None = None) -> s
     from serving.model import onnx_session
 
     from training.model.export import check_parity
+    # The saved model names the network's custom layers and activations; under a scheduler
+    # this task runs in its own process, where nothing else has registered them.
+    import training.model.network  # noqa: F401
     from training.registry.promotion import CHAMPION
     from training.registry.tracking import configure_mlflow
 
