@@ -17,6 +17,12 @@ AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 # Scheduled retraining: a cron expression or preset, "none" for on-demand only.
 export CIFAR10_SCHEDULE ?= @weekly
+# `make pipeline` stops the Airflow it started once the run ends; KEEP_STACK=1 leaves it running
+# (make down stops it). An Airflow that was already running (make up) is always left running.
+KEEP_STACK ?=
+# The Airflow that `make pipeline` triggers and follows: the local one on AIRFLOW_PORT unless
+# AIRFLOW_API_URL names another (then also AIRFLOW_API_USER and AIRFLOW_API_PASSWORD).
+export AIRFLOW_PORT
 
 # Everything local lives in $(STATE): Airflow (SQLite), MLflow (SQLite + artifacts), BentoML store, data.
 export CIFAR10_STATE_DIR := $(STATE)
@@ -42,7 +48,7 @@ PIPELINE_CONF = {$(patsubst $(comma)%,%,$(strip $(PIPELINE_FIELDS)))}
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
 
-.PHONY: venv run pipeline serve up down status airflow-ui mlflow-ui test test-fast test-service clean base-image image
+.PHONY: venv run pipeline pipeline-debug serve up down status airflow-ui mlflow-ui test test-fast test-service clean base-image image
 
 # The environment is (re)built only when pyproject.toml or uv.lock changed.
 $(VENV)/.synced: pyproject.toml uv.lock
@@ -62,9 +68,26 @@ $(STATE)/airflow/.migrated: | $(VENV)/.synced
 ## make run: the DAG end to end on DATA_URL, then serve the Bento on PORT
 run: pipeline serve
 
-## make pipeline: the DAG end to end; the console shows progress, the whole output goes to $(STATE)/logs/
+## make pipeline: one ordinary run of the DAG in Airflow's scheduler, triggered through its REST API and
+## followed on the console; Airflow is started for it unless it runs already. Whole output: $(STATE)/logs/
 pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
-	@$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-$$(date +%Y%m%d-%H%M%S).log -- \
+	@if [ -n "$$AIRFLOW_API_URL" ]; then echo "Using the Airflow at $$AIRFLOW_API_URL"; \
+	elif scripts/stack.sh status | grep -qE '^airflow(-api-server)?: running'; then \
+		echo "Using the Airflow that is already running on this state (make down stops it)"; \
+	else \
+		if [ -z "$(KEEP_STACK)" ]; then trap 'scripts/stack.sh down airflow' EXIT; trap 'exit 130' INT TERM; fi; \
+		echo "Starting Airflow (scheduler, DAG processor, API server: UI on http://localhost:$(AIRFLOW_PORT)/);" \
+		     "log: $(STATE)/stack/airflow.log"; \
+		AIRFLOW_PORT=$(AIRFLOW_PORT) scripts/stack.sh up airflow || exit 1; \
+		[ -z "$(KEEP_STACK)" ] || echo "KEEP_STACK=1: Airflow keeps running after the run; make down stops it"; \
+	fi; \
+	$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-$$(date +%Y%m%d-%H%M%S).log \
+		--dag cifar10_pipeline --conf '$(PIPELINE_CONF)'
+
+## make pipeline-debug: the DAG in this one process (`airflow dags test`: no scheduler, executor or API
+## server; breakpoints and print() work), for debugging a task; the run is marked as a test run
+pipeline-debug: $(VENV)/.synced $(STATE)/airflow/.migrated
+	@$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-debug-$$(date +%Y%m%d-%H%M%S).log -- \
 		$(VENV)/bin/airflow dags test cifar10_pipeline -c '$(PIPELINE_CONF)'
 
 ## make serve: serve the newest Bento the pipeline built (Swagger UI on http://localhost:$(PORT)/)

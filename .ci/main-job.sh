@@ -2,6 +2,8 @@
 # The README's main job as a new user meets it: `make run` on a generated image-folder archive
 # with the tiny recipe, under a minimal PATH (system directories and the project's own folders),
 # then the seed's client call and a batch call against the Bento that `make run` serves.
+# `make run` runs the DAG in Airflow's scheduler; the job checks that the run Airflow recorded is
+# an ordinary manual one that succeeded, and that no Airflow process outlives `make run`.
 # Everything it starts is stopped at the end. Run it locally with: bash .ci/main-job.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,15 +40,18 @@ for tool in uv bentoml airflow mlflow python; do
 done
 say "tools resolve inside the project: $(command -v uv), $(command -v bentoml)"
 
-PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
+AIRFLOW_PORT=$(free_port)
+STATE=$WORK/state
 python -m tests.helpers archive "$WORK/mini.zip" --per-class 30 >/dev/null
 python -m tests.helpers image "$WORK/car2.png" >/dev/null
 
 # Its own process group, so that stopping it stops the Bento server and its workers too.
-setsid make run DATA_URL="file://$WORK/mini.zip" RECIPE=tiny STATE="$WORK/state" PORT="$PORT" \
-  CIFAR10_SCHEDULE=none >"$RUN_LOG" 2>&1 &
+setsid make run DATA_URL="file://$WORK/mini.zip" RECIPE=tiny STATE="$STATE" PORT="$PORT" \
+  AIRFLOW_PORT="$AIRFLOW_PORT" CIFAR10_SCHEDULE=none >"$RUN_LOG" 2>&1 &
 make_pid=$!
-say "make run started (pid $make_pid, port $PORT, log $RUN_LOG)"
+say "make run started (pid $make_pid, port $PORT, Airflow on $AIRFLOW_PORT, log $RUN_LOG)"
 
 deadline=$((SECONDS + READY_TIMEOUT_S))
 until curl -fsS -o /dev/null "http://127.0.0.1:$PORT/readyz" 2>/dev/null; do
@@ -58,6 +63,23 @@ say "the Bento answers /readyz; make run's console:"
 sed 's/^/  | /' "$RUN_LOG"
 
 grep -q "✓ pipeline finished" "$RUN_LOG" || fail "the console has no '✓ pipeline finished' line"
+grep -q "Starting Airflow" "$RUN_LOG" || fail "make run did not start Airflow's scheduler for the run"
+ls "$STATE"/bentoml/bentos/cifar10-classifier/*/bento.yaml >/dev/null 2>&1 ||
+  fail "no Bento in $STATE/bentoml: the scheduler's task processes did not get make's BENTOML_HOME"
+
+# What Airflow itself recorded, from its metadata database (Airflow is stopped by now): one run,
+# started through the REST API as an ordinary manual run, not `airflow dags test`'s test run.
+runs=$(python - "$STATE/airflow/airflow.db" <<'PY'
+import sqlite3, sys
+rows = sqlite3.connect(sys.argv[1]).execute(
+    "SELECT run_id, run_type, state, triggered_by FROM dag_run WHERE dag_id = 'cifar10_pipeline'").fetchall()
+print(" ".join("/".join(map(str, row)) for row in rows))
+if [(r[1], r[2], r[3]) for r in rows] != [("manual", "success", "REST_API")]:
+    sys.exit(f"expected one manual run triggered through the REST API that succeeded; Airflow recorded: {rows}")
+PY
+) || fail "Airflow's record of the run: $runs"
+say "Airflow recorded the run (run_id/run_type/state/triggered_by): $runs"
+[[ ! -e $STATE/stack/airflow.pid ]] || fail "make run left $STATE/stack/airflow.pid: it did not stop the Airflow it started"
 grep -q "Swagger UI: http://localhost:$PORT/" "$RUN_LOG" || fail "the console does not show the Swagger URL"
 if grep -nE "Falling back|uv is not available|Failed to install uv|No module named pip" "$WORK"/state/logs/*.log; then
   fail "a library fell back (above): a tool it needs is missing from the project's environment"
@@ -98,5 +120,10 @@ kill -TERM -- "-$make_pid"
 for _ in $(seq 30); do kill -0 "$make_pid" 2>/dev/null || break; sleep 1; done
 ! kill -0 "$make_pid" 2>/dev/null || fail "make run did not stop within 30 s of SIGTERM"
 ! curl -fsS -o /dev/null "http://127.0.0.1:$PORT/readyz" 2>/dev/null || fail "the Bento still answers after make run stopped"
+# No process of this state's Airflow (scheduler, API server, task runners) may remain.
+left=$(grep -lsz "^AIRFLOW_HOME=$STATE/airflow\$" /proc/[0-9]*/environ | cut -d/ -f3 | tr '\n' ' ' || true)
+[[ -z $left ]] || { ps -o pid,args -p "$(echo $left | tr " " ,)" || true; fail "Airflow processes of $STATE outlived make run: $left"; }
+! curl -fsS -o /dev/null "http://127.0.0.1:$AIRFLOW_PORT/api/v2/monitor/health" 2>/dev/null ||
+  fail "Airflow still answers on :$AIRFLOW_PORT after make run stopped"
 make_pid=""
-say "passed: make run served the Bento and everything it started has stopped"
+say "passed: make run ran the DAG in Airflow's scheduler, served the Bento, and everything it started has stopped"
