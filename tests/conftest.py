@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 
 from tests.helpers import CLASSES, FAKE_LABELS, FAKE_METADATA, ServingModel, make_serving_model
+from tests.helpers import S3Bucket, bucket_name, s3_client, seaweed_s3
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +16,18 @@ def serving_model(tmp_path_factory) -> ServingModel:
     home = tmp_path_factory.mktemp("bentoml-home")
     tag = make_serving_model(home)
     return ServingModel(home=home, tag=tag, labels=dict(FAKE_LABELS), metadata={**FAKE_METADATA, "class_names": CLASSES})
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[str]:
+    """One SeaweedFS S3 server for the whole session (its endpoint URL); each test takes its own bucket."""
+    with seaweed_s3(root=tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> S3Bucket:
+    """A new, empty bucket on the session's S3 server, named after the test."""
+    bucket = S3Bucket(s3_server, bucket_name(request.node.name))
+    s3_client(s3_server).create_bucket(Bucket=bucket.name)
+    return bucket

@@ -268,22 +268,33 @@ class OverlapModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tests.helpers archive OUT.zip [--per-class N]`` or ``... image OUT.png [--class-id K]``."""
+    """``python -m tests.helpers archive OUT.zip [--per-class N]``, ``... image OUT.png [--class-id K]``, or
+    ``... s3 ROOT [--bucket NAME ...]``: a SeaweedFS S3 server with data in ROOT that prints its endpoint
+    and runs until interrupted (SIGINT or SIGTERM), for shell scripts."""
     import argparse
+    import signal
 
-    parser = argparse.ArgumentParser(description="Write a generated CIFAR-10-like archive or one image.")
-    parser.add_argument("kind", choices=["archive", "image"])
-    parser.add_argument("out", type=Path)
+    parser = argparse.ArgumentParser(description="Write a generated CIFAR-10-like archive or one image, "
+                                                 "or run a test S3 server.")
+    parser.add_argument("kind", choices=["archive", "image", "s3"])
+    parser.add_argument("out", type=Path, help="the file to write; for s3, the server's data folder")
     parser.add_argument("--per-class", type=int, default=30, help="images per class in the archive")
     parser.add_argument("--class-id", type=int, default=1, help="class of the image (1: automobile)")
+    parser.add_argument("--bucket", action="append", default=[], help="s3: a bucket to create (repeatable)")
     args = parser.parse_args(argv)
+    if args.kind == "s3":
+        # SIGTERM as an exit, so the server (its own process group) is stopped on the way out.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        with seaweed_s3(*args.bucket, root=args.out) as endpoint:
+            print(endpoint, flush=True)
+            signal.pause()
+        return
     if args.kind == "archive":
         image_folder_zip(args.out, per_class=args.per_class, fmt="PNG")
     else:
         x, y = make_images(1, seed=7)
         args.out.write_bytes(encode(x[args.class_id], "PNG"))
     print(args.out)
-
 
 
 # ---------------------------------------------------------------- processes, Airflow runs, servers
@@ -422,33 +433,147 @@ def store_overrides(folder: Path, name: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- S3
 
-# Fake credentials for the throw-away moto endpoint; moto accepts any.
-FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# The test server's only credentials: SeaweedFS refuses any others, as a real S3 store would.
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+# SeaweedFS finds a component's gRPC port at its HTTP port plus this offset unless told otherwise.
+GRPC_OFFSET = 10000
+SEAWEED_COMPONENTS = ("master", "volume", "filer", "s3", "admin")
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """A bucket on a running test S3 server."""
+
+    endpoint: str
+    name: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables that point boto3 (and so the pipeline) at this server."""
+        return {**FAKE_AWS, "AWS_ENDPOINT_URL_S3": self.endpoint}
+
+    def url(self, key: str = "") -> str:
+        return f"s3://{self.name}/{key}"
+
+
+def bucket_name(hint: str) -> str:
+    """A valid, unique S3 bucket name that starts with ``hint`` (e.g. a test's name)."""
+    import re
+    import uuid
+
+    stem = re.sub(r"[^a-z0-9]+", "-", hint.lower()).strip("-")[:40] or "bucket"
+    return f"{stem}-{uuid.uuid4().hex[:8]}"
+
+
+def _port_with_grpc_twin() -> tuple[int, int]:
+    """A free port whose gRPC twin (port + GRPC_OFFSET) is free too, as SeaweedFS assumes."""
+    for _ in range(100):
+        port = free_port()
+        if port + GRPC_OFFSET > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + GRPC_OFFSET))
+            except OSError:  # taken: try another pair
+                continue
+        return port, port + GRPC_OFFSET
+    raise RuntimeError("found no free port pair (p, p+10000) on 127.0.0.1 for SeaweedFS; free some ports")
+
+
+def seaweed_command(root: Path) -> tuple[list[str], int]:
+    """``weed mini`` on 127.0.0.1 with data in ``root``, every listener on a free port; (argv, S3 port).
+
+    Fixed default ports would collide when several servers run on one machine, so each HTTP
+    listener gets a free port and its gRPC twin; the listeners the tests do not use are off.
+    The admin server starts even with ``-admin.ui=false`` (its workers dial it), so it gets ports too.
+    """
+    ports = {}
+    for component in SEAWEED_COMPONENTS:
+        ports[f"{component}.port"], ports[f"{component}.port.grpc"] = _port_with_grpc_twin()
+    ports["debug.port"], ports["metricsPort"] = free_port(), free_port()
+    # Its local sockets default to /tmp/seaweedfs-*-<port>.sock; inside ``root`` they go with it
+    # (a Unix socket path must stay under ~100 characters).
+    sockets = [f"-{name}.localSocket={root / (name + '.sock')}" for name in ("s3", "filer")
+               if len(str(root)) < 90]
+    # -logtostderr: its log goes to the process's output, not to files in /tmp.
+    argv = [str(BIN / "weed"), "-logtostderr", "mini", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            # No clients to drain at the end of a test: stop at once rather than after a grace second.
+            "-volume.preStopSeconds=0",
+            # A real S3 store refuses uploads to a missing bucket; so must the tests' store.
+            "-s3.autoCreateBucket=false",
+            *sockets, *[f"-{flag}={port}" for flag, port in ports.items()]]
+    return argv, ports["s3.port"]
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
 
 
 @contextmanager
-def moto_s3(bucket: str) -> Iterator[str]:
-    """Start moto's S3 server on 127.0.0.1 with ``bucket`` created; yield its endpoint URL."""
+def seaweed_s3(*buckets: str, root: Path | None = None, timeout: float = 60) -> Iterator[str]:
+    """Run a SeaweedFS S3 server (``weed mini``) with ``buckets`` created; yield its endpoint URL.
+
+    It accepts only :data:`FAKE_AWS`. Data and ``weed.log`` go to ``root`` (a temporary folder
+    when None). An error inside the block carries the server's log tail.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="seaweedfs-") as scratch:
+        root = Path(root or scratch)
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        argv, s3_port = seaweed_command(root / "data")
+        # weed mini makes its one user from these two variables; nothing else of ours reaches it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update({k: FAKE_AWS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+        log = root / "weed.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                    start_new_session=True)
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        try:
+            _wait_for_s3(proc, endpoint, log, timeout)
+            for bucket in buckets:
+                s3_client(endpoint).create_bucket(Bucket=bucket)
+            yield endpoint
+        except Exception as exc:
+            exc.add_note(f"SeaweedFS log ({log}):\n{_tail(log)}")
+            raise
+        finally:
+            stop_server(proc)
+
+
+def _wait_for_s3(proc: subprocess.Popen, endpoint: str, log: Path, timeout: float) -> None:
+    """Until an authenticated ListBuckets answers (the S3 gateway is up and knows the user)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = s3_client(endpoint)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed mini exited with {proc.returncode} before its S3 endpoint answered; "
+                               f"see its log {log}")
+        try:
+            client.list_buckets()
+            return
+        except (BotoCoreError, ClientError):  # not listening yet, or the user not loaded yet
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"SeaweedFS S3 endpoint {endpoint} did not answer within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def s3_client(endpoint: str, **credentials: str):
+    """A boto3 client for the test server; ``credentials`` (aws_access_key_id=...) replace FAKE_AWS."""
     import boto3
-    from moto.server import ThreadedMotoServer
+    from botocore.config import Config
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        s3_client(endpoint).create_bucket(Bucket=bucket)
-        yield endpoint
-    finally:
-        server.stop()
-
-
-def s3_client(endpoint: str):
-    import boto3
-
+    options = {"aws_access_key_id": FAKE_AWS["AWS_ACCESS_KEY_ID"],
+               "aws_secret_access_key": FAKE_AWS["AWS_SECRET_ACCESS_KEY"], **credentials}
     return boto3.client("s3", endpoint_url=endpoint, region_name=FAKE_AWS["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=FAKE_AWS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"])
+                        config=Config(connect_timeout=2, retries={"max_attempts": 1}), **options)
 
 
 def s3_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:

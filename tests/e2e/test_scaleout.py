@@ -1,20 +1,25 @@
-"""Production configuration, by environment only: the same code on Postgres and S3.
+"""The deployed shape, on one machine: ``STACK=distributed scripts/stack.sh``.
 
-The end-to-end test runs the real DAG with Airflow's metadata database on PostgreSQL
-(LocalExecutor) against ``mlflow server`` with a PostgreSQL backend store and an S3
-artifact store (moto's server mode), then checks the bucket through boto3, the
-registry through SQL, exports the Bento to S3, imports it into an empty store and
-serves it from there.
+The end-to-end test starts the distributed stack in a temporary state folder on free ports:
+Airflow on PostgreSQL with the CeleryExecutor (Redis as the broker, ``airflow celery worker``
+as its own process; scheduler, dag-processor, triggerer and API server apart), MLflow as a
+tracking server on PostgreSQL with its artifacts in SeaweedFS's S3. It triggers the DAG through
+Airflow's REST API, as ``make run`` does, and checks where everything went: the tasks through the
+Celery worker, the run's artifacts in the bucket, the registry in PostgreSQL, the Bento exported
+to S3. Then the stack's serving step imports the Bento into an empty store and serves it, and
+``down`` leaves no process behind.
 
-PostgreSQL comes from ``.ci/setup-postgres.sh``. The connection is read from
-``CIFAR10_TEST_PG_URL`` or ``CIFAR10_TEST_PG_{HOST,PORT,USER,PASSWORD}`` (the defaults
-are the throw-away CI role that script creates). Without a reachable server the test
-skips, except in CI (``CI`` set), where it fails.
+PostgreSQL comes from ``.ci/setup-postgres.sh``, redis-server from ``.ci/setup-redis.sh``. The
+connection is read from ``CIFAR10_TEST_PG_URL`` or ``CIFAR10_TEST_PG_{HOST,PORT,USER,PASSWORD}``
+(the defaults are the throw-away CI role that script creates). Without a reachable server or
+redis-server the test skips, except in CI (``CI`` set), where it fails.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -24,13 +29,15 @@ from urllib.parse import quote, unquote, urlsplit
 import pytest
 import requests
 
-from tests.helpers import BIN, ROOT, bentoml_cli_json, bentoml_serve, free_port, run_dag, state_env
-from tests.helpers import FAKE_AWS, moto_s3, s3_keys
-from tests.helpers import CLASSES, encode, image_folder_zip, make_images
+from tests.helpers import CLASSES, ROOT, encode, free_port, image_folder_zip, make_images, state_env
 from tests.helpers import TINY_DAG_CONF as CONF
 
-BUCKET = "cifar10-artifacts"
+BUCKET = "cifar10"
 MODEL = "cifar10-cnn"
+DAG = "cifar10_pipeline"
+STACK = ROOT / "scripts" / "stack.sh"
+# Every task of a run whose model became champion; containerize skips itself (no builder here).
+TASKS = ["fetch", "prepare", "train", "register", "gate", "import_model", "build", "containerize", "publish"]
 
 
 # --- fast: the schedule on the loaded DAG --------------------------------------
@@ -82,7 +89,13 @@ def test_passwords_in_urls_are_masked_in_logged_params():
     assert "s3cret" not in repr(params) and "tok@" not in repr(params)
 
 
-# --- end to end on PostgreSQL and S3 -------------------------------------------
+# --- end to end: the distributed stack ----------------------------------------
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
 
 def _pg_admin_url() -> str:
     if os.environ.get("CIFAR10_TEST_PG_URL"):
@@ -94,35 +107,70 @@ def _pg_admin_url() -> str:
     return f"postgresql://{quote(user)}:{quote(password, safe='')}@{host}:{port}/postgres"
 
 
-def _with_db(url: str, db: str, driver: str = "postgresql") -> str:
-    return driver + "://" + url.split("://", 1)[1].rsplit("/", 1)[0] + "/" + db
+def _with_db(url: str, db: str) -> str:
+    return url.rsplit("/", 1)[0] + "/" + db
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_range(count: int, twins: int) -> int:
+    """A port p with p..p+count-1 free and the gRPC twins p+10000..p+10000+twins-1 free too."""
+    for _ in range(200):
+        base = free_port()
+        if base + 10000 + count < 65535 and all(_free(base + i) for i in range(count)) \
+                and all(_free(base + 10000 + i) for i in range(twins)):
+            return base
+    raise RuntimeError("no free port range on 127.0.0.1 for SeaweedFS; free some ports")
+
+
+def _stack(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(STACK), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _secrets(state: Path) -> dict[str, str]:
+    lines = (state / "stack" / "secrets.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def _s3(env: dict[str, str], state: Path):
+    import boto3
+
+    keys = _secrets(state)
+    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{env['S3_PORT']}", region_name="us-east-1",
+                        aws_access_key_id=keys["STACK_S3_ACCESS_KEY"],
+                        aws_secret_access_key=keys["STACK_S3_SECRET_KEY"])
+
+
+def _keys(client, prefix: str) -> list[str]:
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        keys += [obj["Key"] for obj in page.get("Contents", [])]
+    return keys
 
 
 @pytest.fixture(scope="module")
 def postgres():
-    """Two fresh databases (MLflow, Airflow) on the test server; dropped afterwards."""
+    """Two fresh databases (MLflow, Airflow) for the stack to use; dropped afterwards."""
     import psycopg2
 
     admin = _pg_admin_url()
     try:
         conn = psycopg2.connect(admin, connect_timeout=5)
     except psycopg2.OperationalError as exc:
-        reason = (f"no PostgreSQL reachable ({str(exc).strip().splitlines()[0]}); "
-                  "run .ci/setup-postgres.sh or set CIFAR10_TEST_PG_URL")
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        _unavailable(f"no PostgreSQL reachable ({str(exc).strip().splitlines()[0]}); "
+                     "run .ci/setup-postgres.sh or set CIFAR10_TEST_PG_URL")
     conn.autocommit = True
     suffix = uuid.uuid4().hex[:8]
     dbs = {"mlflow": f"mlflow_{suffix}", "airflow": f"airflow_{suffix}"}
-    with conn.cursor() as cur:
-        for db in dbs.values():
-            cur.execute(f'CREATE DATABASE "{db}"')
     try:
-        # libpq URLs for psycopg2 here; SQLAlchemy URLs name the driver, because SQLAlchemy 2.1
-        # maps a bare postgresql:// to psycopg 3, which this project does not install.
-        yield {"admin": admin, **{k: _with_db(admin, v) for k, v in dbs.items()},
-               **{f"{k}_sqlalchemy": _with_db(admin, v, "postgresql+psycopg2") for k, v in dbs.items()}}
+        yield {"admin": admin, "names": dbs, **{k: _with_db(admin, v) for k, v in dbs.items()}}
     finally:
         with conn.cursor() as cur:
             for db in dbs.values():
@@ -130,91 +178,91 @@ def postgres():
         conn.close()
 
 
-def _start_mlflow(pg_url: str, s3_endpoint: str, state: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    # The store URI and the artifact destination go by environment, so the
-    # password is not in the process list.
-    env = {**state_env(state), **FAKE_AWS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
-           "MLFLOW_BACKEND_STORE_URI": pg_url, "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow"}
-    env.pop("MLFLOW_TRACKING_URI")
-    log = open(state.parent / "mlflow-server.log", "w")
-    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240  # the first start migrates the Postgres schema
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(state.parent / 'mlflow-server.log').read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"mlflow server not healthy: {(state.parent / 'mlflow-server.log').read_text()[-3000:]}")
-        time.sleep(1)
-
-
 @pytest.fixture(scope="module")
-def scaled(tmp_path_factory, postgres):
-    """One DAG run with Airflow on Postgres and MLflow on Postgres + S3."""
-    tmp = tmp_path_factory.mktemp("scaleout")
-    archive = image_folder_zip(tmp / "cifar-mini.zip", per_class=30, fmt="PNG")
+def stack(tmp_path_factory, postgres):
+    """The distributed stack up, one DAG run triggered through the REST API and finished."""
+    from training.airflow_api import AirflowClient
+
+    if shutil.which("redis-server") is None:
+        _unavailable("redis-server is not installed; run .ci/setup-redis.sh")
+    tmp = tmp_path_factory.mktemp("distributed")
     state = tmp / "state"
-    with moto_s3(BUCKET) as s3:
-        mlflow_proc, mlflow_url = _start_mlflow(postgres["mlflow_sqlalchemy"], s3, state)
-        try:
-            # The tasks get no S3 credentials: artifacts go through the server's proxy.
-            env = state_env(state, MLFLOW_TRACKING_URI=mlflow_url, AIRFLOW__CORE__EXECUTOR="LocalExecutor",
-                            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgres["airflow_sqlalchemy"])
-            # Migrate here, not only in run_dag, so a failure shows Airflow's own message.
-            (state / "airflow").mkdir(parents=True)
-            migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True,
-                                     text=True, timeout=600)
-            assert migrate.returncode == 0, (migrate.stdout + migrate.stderr)[-4000:]
-            log = tmp / "dag-run.log"
-            result = run_dag(env, {**CONF, "data_url": archive.as_uri()}, log)
-            assert result.returncode == 0, log.read_text()[-5000:]
-            yield {"env": env, "s3": s3, "pg": postgres, "log": log.read_text(), "tmp": tmp,
-                   "mlflow_url": mlflow_url}
-        finally:
-            os.killpg(mlflow_proc.pid, 15)
-            try:
-                mlflow_proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # seen on a busy machine: uvicorn ignoring SIGTERM for > 30 s
-                os.killpg(mlflow_proc.pid, 9)
-                mlflow_proc.wait()
-def test_dag_ran_on_postgres_with_every_stage(scaled):
+    admin = urlsplit(postgres["admin"])
+    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT",
+                                                 "WORKER_LOG_PORT", "TRIGGER_LOG_PORT")}
+    s3_port = _free_range(1, 1)
+    env = state_env(state, STACK="distributed", CIFAR10_SCHEDULE="none", **ports,
+                    S3_PORT=str(s3_port), WEED_PORTS=str(_free_range(6, 4)),
+                    POSTGRES_HOST=admin.hostname, POSTGRES_PORT=str(admin.port or 5432),
+                    POSTGRES_USER=unquote(admin.username or ""), POSTGRES_PASSWORD=unquote(admin.password or ""),
+                    AIRFLOW_DB=postgres["names"]["airflow"], MLFLOW_DB=postgres["names"]["mlflow"])
+    # state_env points Airflow and MLflow at SQLite; the distributed stack replaces both.
+    started = time.monotonic()
+    try:
+        up = _stack(env, "up", "postgres", "redis", "s3", "mlflow", "airflow")
+        assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
+        startup_s = time.monotonic() - started
+
+        archive = image_folder_zip(tmp / "cifar-mini.zip", per_class=30, fmt="PNG")
+        s3 = _s3(env, state)
+        s3.upload_file(str(archive), BUCKET, "data/cifar-mini.zip")
+
+        client = AirflowClient(f"http://127.0.0.1:{ports['AIRFLOW_PORT']}",
+                               password_file=state / "airflow" / "simple_auth_manager_passwords.json.generated")
+        client.wait_for_dag(DAG, 300)
+        run = client.trigger(DAG, {**CONF, "data_url": f"s3://{BUCKET}/data/cifar-mini.zip"})
+        run_id = run["dag_run_id"]
+        deadline = time.monotonic() + 900
+        while (state_now := client.dag_run(DAG, run_id)["state"]) not in ("success", "failed"):
+            assert time.monotonic() < deadline, f"run {run_id} still {state_now} after 900 s"
+            time.sleep(5)
+        tasks = {t["task_id"]: t for t in client.task_instances(DAG, run_id)}
+        yield {"env": env, "state": state, "tmp": tmp, "s3": s3, "pg": postgres, "run": run, "run_id": run_id,
+               "run_state": state_now, "tasks": tasks, "client": client, "startup_s": startup_s}
+    finally:
+        _stack(env, "down", timeout=600)
+
+
+def test_the_run_is_an_ordinary_run_that_succeeded_on_postgres(stack):
     import psycopg2
 
-    for task in ["fetch", "prepare", "train", "register", "gate", "import_model", "build"]:
-        assert f"task_id={task}" in scaled["log"]
-    assert "sqlite" not in scaled["env"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-    assert not (Path(scaled["env"]["AIRFLOW_HOME"]) / "airflow.db").exists()
-    with psycopg2.connect(scaled["pg"]["airflow"]) as conn, conn.cursor() as cur:
-        cur.execute("SELECT state FROM dag_run WHERE dag_id = 'cifar10_pipeline'")
-        assert [row[0] for row in cur.fetchall()] == ["success"]
-        cur.execute("SELECT task_id, state FROM task_instance WHERE dag_id = 'cifar10_pipeline'")
-        states = dict(cur.fetchall())
-    assert states["build"] == "success" and states["containerize"] == "skipped", states
-def test_database_password_appears_in_no_log(scaled):
-    password = unquote(urlsplit(scaled["pg"]["admin"]).password or "")
-    assert password
-    logs = [scaled["log"], (scaled["tmp"] / "mlflow-server.log").read_text()]
-    logs += [p.read_text(errors="replace") for p in (Path(scaled["env"]["AIRFLOW_HOME"]) / "logs").rglob("*")
-             if p.is_file()]
-    assert not [i for i, text in enumerate(logs) if password in text]
-def test_run_artifacts_are_in_the_bucket(scaled):
-    keys = s3_keys(scaled["s3"], BUCKET, "mlflow/")
+    assert stack["run_state"] == "success", {t: i["state"] for t, i in stack["tasks"].items()}
+    assert stack["run"]["run_type"] == "manual"  # an ordinary run in the UI, not a test run
+    states = {task: info["state"] for task, info in stack["tasks"].items()}
+    assert states == {**{t: "success" for t in TASKS}, "containerize": "skipped"}, states
+    with psycopg2.connect(stack["pg"]["airflow"]) as conn, conn.cursor() as cur:
+        cur.execute("SELECT run_id, state, run_type FROM dag_run WHERE dag_id = %s", (DAG,))
+        assert cur.fetchall() == [(stack["run_id"], "success", "manual")]
+    assert not (stack["state"] / "airflow" / "airflow.db").exists()  # nothing fell back to SQLite
+
+
+def test_every_task_ran_through_the_celery_worker(stack):
+    import psycopg2
+
+    worker_log = (stack["state"] / "stack" / "airflow-worker.log").read_text(errors="replace")
+    for task in TASKS:
+        assert f"task_id={task}/" in worker_log, f"the Celery worker never executed {task}"
+    assert all(info["queue"] == "default" for info in stack["tasks"].values())
+    # Celery's result backend (a table in Airflow's database) holds one successful result per task.
+    with psycopg2.connect(stack["pg"]["airflow"]) as conn, conn.cursor() as cur:
+        cur.execute("SELECT status, count(*) FROM celery_taskmeta GROUP BY status")
+        assert dict(cur.fetchall()) == {"SUCCESS": len(TASKS)}
+    # and the scheduler ran none of them itself
+    scheduler_log = (stack["state"] / "stack" / "airflow-scheduler.log").read_text(errors="replace")
+    assert "CeleryExecutor" in scheduler_log and "Executing workload" not in scheduler_log
+
+
+def test_run_artifacts_are_in_the_bucket_not_on_disk(stack):
+    keys = _keys(stack["s3"], "mlflow/")
     assert any(k.endswith("/onnx/model.onnx") for k in keys), keys
     assert any(k.endswith("/onnx/classes.json") for k in keys), keys
-    # and nothing landed on the training machine's disk
-    assert not (Path(scaled["env"]["CIFAR10_STATE_DIR"]) / "mlflow" / "artifacts").exists()
-def test_registry_and_champion_alias_are_in_postgres(scaled):
+    assert not (stack["state"] / "mlflow").exists()
+
+
+def test_registry_and_champion_alias_are_in_postgres(stack):
     import psycopg2
 
-    with psycopg2.connect(scaled["pg"]["mlflow"]) as conn, conn.cursor() as cur:
+    with psycopg2.connect(stack["pg"]["mlflow"]) as conn, conn.cursor() as cur:
         cur.execute("SELECT version, run_id FROM model_versions WHERE name = %s", (MODEL,))
         versions = cur.fetchall()
         cur.execute("SELECT alias, version FROM registered_model_aliases WHERE name = %s", (MODEL,))
@@ -223,30 +271,72 @@ def test_registry_and_champion_alias_are_in_postgres(scaled):
         runs = dict(cur.fetchall())
     assert [v for v, _ in versions] == [1], versions
     assert aliases == {"champion": 1}
-    run_id = versions[0][1]
-    assert runs[run_id].startswith("mlflow-artifacts:/"), runs  # proxied by the server, stored in S3
-def test_bento_travels_through_s3_and_serves_from_a_fresh_store(scaled):
-    """Export the Bento to S3, import it into an empty store (another machine), serve it there."""
-    s3_env = {**FAKE_AWS, "AWS_ENDPOINT_URL_S3": scaled["s3"]}
-    source = {**scaled["env"], **s3_env}
-    target = state_env(scaled["tmp"] / "other-machine", **s3_env)
-    cli = [str(BIN / "python"), "-m", "training.packaging.bento_store"]
-    out = subprocess.run([*cli, "export", "cifar10-classifier:latest", f"s3://{BUCKET}/bentos/"], env=source,
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    uri = out.stdout.strip().splitlines()[-1]
-    assert uri.startswith(f"s3://{BUCKET}/bentos/cifar10-classifier-") and uri.endswith(".bento")
-    out = subprocess.run([*cli, "import", f"s3://{BUCKET}/bentos/"], env=target, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    tag = out.stdout.strip().splitlines()[-1]
-    assert tag in [b["tag"] for b in bentoml_cli_json(target, "list")]
-    models = [m["tag"] for m in bentoml_cli_json(target, "models", "list")]
-    assert any(t.startswith("cifar10-cnn:") for t in models), models  # the model came inside the Bento
+    assert runs[versions[0][1]].startswith("mlflow-artifacts:/"), runs  # proxied by the server, stored in S3
+
+
+def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
+    """The stack's serving step is another machine's: it imports the Bento from S3, then serves it."""
+    published = stack["client"].task_instances(DAG, stack["run_id"])
+    assert {t["task_id"]: t["state"] for t in published}["publish"] == "success"
+    bentos = [k for k in _keys(stack["s3"], "bentos/") if k.endswith(".bento")]
+    assert len(bentos) == 1 and bentos[0].startswith("bentos/cifar10-classifier-"), bentos
+    serving_home = stack["state"] / "serving" / "bentoml"
+    assert not serving_home.exists()  # empty: nothing of the worker's store is there
+
+    up = _stack(stack["env"], "up", "bento", timeout=600)
+    assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
+    version = bentos[0].removeprefix("bentos/cifar10-classifier-").removesuffix(".bento")
+    assert f"imported cifar10-classifier:{version}" in up.stdout, up.stdout
+    assert [p.name for p in (serving_home / "bentos" / "cifar10-classifier").iterdir() if p.is_dir()] == [version]
+    assert any(p.name == MODEL for p in (serving_home / "models").iterdir())  # the model came inside
 
     x, _ = make_images(1, seed=3)
-    with bentoml_serve(tag, target, scaled["tmp"] / "serve.log") as url:
-        resp = requests.post(f"{url}/predict", files={"file": ("x.png", encode(x[0], "PNG"), "image/png")},
-                             timeout=60)
+    resp = requests.post(f"http://127.0.0.1:{stack['env']['BENTO_PORT']}/predict",
+                         files={"file": ("x.png", encode(x[0], "PNG"), "image/png")}, timeout=60)
     assert resp.status_code == 200, resp.text
     assert resp.json()["label"] in CLASSES
+
+
+def test_database_password_appears_in_no_log(stack):
+    password = unquote(urlsplit(stack["pg"]["admin"]).password or "")
+    assert password
+    logs = [p for p in (stack["state"] / "stack").glob("*.log")]
+    logs += [p for p in (stack["state"] / "airflow" / "logs").rglob("*") if p.is_file()]
+    assert logs
+    assert not [p for p in logs if password in p.read_text(errors="replace")]
+
+
+def test_down_leaves_no_process(stack):
+    """Runs last: it stops the stack that the tests above used."""
+    run_dir = stack["state"] / "stack"
+    groups = {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
+    assert {"redis", "s3", "mlflow", "airflow-scheduler", "airflow-api-server", "airflow-dag-processor",
+            "airflow-triggerer", "airflow-worker", "bento"} <= groups.keys(), groups
+    down = _stack(stack["env"], "down", timeout=600)
+    assert down.returncode == 0, down.stderr
+    left = []
+    for name, pgid in groups.items():
+        try:
+            os.killpg(pgid, 0)
+            left.append(name)
+        except ProcessLookupError:
+            pass
+    assert not left, f"still running after down: {left}"
+    assert not list(run_dir.glob("*.pid"))
+    for port in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT"):
+        assert _free(int(stack["env"][port])), f"{port} {stack['env'][port]} still bound"
+
+
+# --- fail fast on bad settings -------------------------------------------------
+
+def test_a_wrong_broker_url_stops_the_stack_before_any_airflow_component_starts(tmp_path):
+    closed = free_port()  # nothing listens here
+    env = state_env(tmp_path / "state", STACK="distributed", AIRFLOW__CELERY__BROKER_URL=f"redis://127.0.0.1:{closed}/0",
+                    AIRFLOW_PORT=str(free_port()), MLFLOW_PORT=str(free_port()), S3_PORT=str(free_port()))
+    started = time.monotonic()
+    out = _stack(env, "up", "airflow", timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert time.monotonic() - started < 60
+    assert f"the Celery broker redis://127.0.0.1:{closed}/0 does not answer" in out.stderr, out.stderr
+    assert "fix AIRFLOW__CELERY__BROKER_URL" in out.stderr
+    assert not list((tmp_path / "state" / "stack").glob("airflow*.pid"))

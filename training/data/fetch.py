@@ -1,10 +1,9 @@
 """Fetch a dataset URL into a local, checksummed cache.
 
 Supported: ``http(s)://``, ``file://``, plain local paths, and ``s3://bucket/key``
-through boto3. For S3, boto3 alone reads the standard AWS settings: credentials
-(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles), region,
-and the endpoint (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``), so MinIO and other
-S3-compatible stores work without any setting of ours.
+through :mod:`training.storage`: the standard AWS settings (``AWS_ENDPOINT_URL_S3`` for
+MinIO, SeaweedFS and other S3-compatible stores), short timeouts, and errors that name
+the endpoint, bucket or key to fix.
 
 Downloads go to a temporary ``.partial-*`` file in the cache folder that is renamed
 only when complete and verified, so a partial file is never taken as the dataset.
@@ -25,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from training import storage
 from training.config import OFFICIAL_SHA256, OFFICIAL_URL, PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -94,18 +94,14 @@ def _open_source(url: str) -> tuple[BinaryIO, int | None, Callable[[], None]]:
         size = resp.headers.get("Content-Length")
         return resp, int(size) if size else None, resp.close
     if scheme == "s3":
-        import boto3  # lazy: only S3 users pay for it
-
         bucket, key = parsed.netloc, parsed.path.lstrip("/")
         if not bucket or not key:
             raise FetchError(f"{url} is not an S3 object URL; write s3://bucket/path/to/archive.zip")
         try:
-            # No endpoint argument: boto3 reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself.
-            obj = boto3.client("s3").get_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # botocore raises many types; all mean "not fetched"
-            raise FetchError(f"cannot read {url} from S3: {exc}. Check the bucket and key, the credentials "
-                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and, for MinIO or another "
-                             "S3-compatible store, AWS_ENDPOINT_URL_S3") from exc
+            with storage.explained(bucket, key):
+                obj = storage.client().get_object(Bucket=bucket, Key=key)
+        except storage.StorageError as exc:
+            raise FetchError(f"cannot read {url}: {exc}") from exc
         body = obj["Body"]
         return body, int(obj.get("ContentLength") or 0) or None, body.close
     if scheme in {"file", ""}:

@@ -2,10 +2,12 @@
 built, or the Bento served, on another machine.
 
 ``bentoml.export_bento``/``bentoml.models.export_model`` write one archive (a Bento
-archive holds its models too); it goes to S3 through boto3, whose endpoint and
-credentials come from the environment only: the standard ``AWS_*`` variables
-(``AWS_ENDPOINT_URL_S3`` for MinIO and other
-S3-compatible stores), an instance role, or a profile. Nothing here logs them.
+archive holds its models too); it goes to S3 through :mod:`training.storage`, whose
+endpoint and credentials come from the environment only: the standard ``AWS_*``
+variables (``AWS_ENDPOINT_URL_S3`` for MinIO, SeaweedFS and other S3-compatible
+stores), an instance role, or a profile. Nothing here logs them. The bucket is checked
+before the archive is written, so a wrong endpoint, bucket or credentials fail in
+seconds with a :class:`training.storage.StorageError` that says what to fix.
 
 CLI (the store is ``BENTOML_HOME``, or the pipeline's ``state_dir/bentoml``)::
 
@@ -25,23 +27,13 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from training import storage
 from training.config import PipelineConfig, load_config
 
 log = logging.getLogger(__name__)
 
 BENTO_SUFFIX = ".bento"
 MODEL_SUFFIX = ".bentomodel"
-
-
-def s3_client():
-    """A boto3 S3 client configured the way ``training.data.fetch`` is: by boto3 itself.
-
-    boto3 reads the endpoint (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``), credentials and
-    region from the standard AWS environment, so there is one S3 configuration for the pipeline.
-    """
-    import boto3  # lazy: only S3 users pay for it
-
-    return boto3.client("s3")
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -65,10 +57,11 @@ def _resolve_key(client, uri: str, suffix: str) -> tuple[str, str]:
     if key.endswith(suffix):
         return bucket, key
     newest = None
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith(suffix) and (newest is None or obj["LastModified"] > newest["LastModified"]):
-                newest = obj
+    with storage.explained(bucket, key):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith(suffix) and (newest is None or obj["LastModified"] > newest["LastModified"]):
+                    newest = obj
     if newest is None:
         raise FileNotFoundError(f"no *{suffix} object under {uri}; export one first "
                                 f"(python -m training.packaging.bento_store export ...)")
@@ -78,9 +71,11 @@ def _resolve_key(client, uri: str, suffix: str) -> tuple[str, str]:
 def _export(item, exporter, uri: str, suffix: str) -> str:
     """Write ``item`` (a Bento or model) with ``exporter`` to a temporary archive and upload it."""
     bucket, key = _target_key(uri, item.tag, suffix)
+    storage.check_bucket(bucket)  # before the export, which takes a while for a large Bento
     with tempfile.TemporaryDirectory() as tmp:
         archive = exporter(item.tag, str(Path(tmp) / f"archive{suffix}"))
-        s3_client().upload_file(archive, bucket, key)
+        with storage.explained(bucket, key):
+            storage.client().upload_file(archive, bucket, key)
     log.info("exported %s to s3://%s/%s", item.tag, bucket, key)
     return f"s3://{bucket}/{key}"
 
@@ -90,11 +85,13 @@ def _import(bentoml, importer, uri: str, suffix: str) -> str:
 
     Importing what the store already holds is not an error: its tag is returned.
     """
-    client = s3_client()
+    client = storage.client()
+    storage.check_bucket(_split(uri)[0])  # a missing bucket, not "no archive under it"
     bucket, key = _resolve_key(client, uri, suffix)
     with tempfile.TemporaryDirectory() as tmp:
         local = str(Path(tmp) / f"archive{suffix}")
-        client.download_file(bucket, key, local)
+        with storage.explained(bucket, key):
+            client.download_file(bucket, key, local)
         try:
             tag = str(importer(local).tag)
         except bentoml.exceptions.BentoMLException as exc:
@@ -156,14 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config()
-    if args.command == "export":
-        print(export_bento(config, args.tag, args.uri))
-    elif args.command == "export-model":
-        print(export_model(config, args.tag, args.uri))
-    elif args.command == "import":
-        print(import_bento(config, args.uri))
-    else:
-        print(import_model(config, args.uri))
+    try:
+        if args.command == "export":
+            print(export_bento(config, args.tag, args.uri))
+        elif args.command == "export-model":
+            print(export_model(config, args.tag, args.uri))
+        elif args.command == "import":
+            print(import_bento(config, args.uri))
+        else:
+            print(import_model(config, args.uri))
+    except (storage.StorageError, FileNotFoundError, ValueError) as exc:  # each says what to fix: no traceback
+        print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

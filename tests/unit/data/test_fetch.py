@@ -1,4 +1,4 @@
-"""Fetching: local paths, file://, http:// (local server), s3:// (moto server), checksums, cache."""
+"""Fetching: local paths, file://, http:// (local server), s3:// (SeaweedFS server), checksums, cache."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from training.data import fetch as fetch_module
 from training.config import OFFICIAL_SHA256, OFFICIAL_URL, load_config
 from training.data.fetch import FetchError, expected_checksum, fetch, parse_checksum
+from tests.helpers import free_port, s3_client
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, so the download takes a few chunks
 
@@ -168,43 +169,76 @@ def test_http_truncated_download_fails_and_leaves_nothing(tmp_path, http_base):
     assert leftovers(tmp_path) == []
 
 
-# --- s3:// against moto's server mode ----------------------------------------------------
+# --- s3:// against a real S3 server (SeaweedFS) ------------------------------------------
 @pytest.fixture
-def s3_endpoint(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # The standard AWS variables only: fetch.py passes no endpoint, boto3 reads these.
+def s3_env(s3_bucket, monkeypatch):
+    """The standard AWS variables only, pointing at the test server: fetch.py passes no endpoint."""
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
                  "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    yield endpoint
-    server.stop()
+    for name, value in s3_bucket.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_bucket
 
 
-def test_s3_download_uses_the_standard_endpoint_variable(tmp_path, s3_endpoint):
-    import boto3
-
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="datasets")
-    client.put_object(Bucket="datasets", Key="cifar/data.zip", Body=PAYLOAD)
-    target = fetch(config_for(tmp_path, "s3://datasets/cifar/data.zip", sha256(PAYLOAD)))
+def test_s3_download_uses_the_standard_endpoint_variable(tmp_path, s3_env):
+    s3_client(s3_env.endpoint).put_object(Bucket=s3_env.name, Key="cifar/data.zip", Body=PAYLOAD)
+    target = fetch(config_for(tmp_path, s3_env.url("cifar/data.zip"), sha256(PAYLOAD)))
     assert target.read_bytes() == PAYLOAD and target.name.endswith("data.zip")
 
 
-def test_s3_missing_key_names_the_url_and_the_settings(tmp_path, s3_endpoint):
-    import boto3
+def test_s3_missing_key_names_the_key_the_bucket_and_the_endpoint_setting(tmp_path, s3_env):
+    with pytest.raises(FetchError) as info:
+        fetch(config_for(tmp_path, s3_env.url("nope.zip")))
+    assert str(info.value) == (
+        f"cannot read s3://{s3_env.name}/nope.zip: no object 'nope.zip' in bucket '{s3_env.name}' at "
+        f"{s3_env.endpoint} (from AWS_ENDPOINT_URL_S3): check the key in the URL "
+        f"(s3://{s3_env.name}/nope.zip) or upload the object first")
+    assert leftovers(tmp_path) == []
 
-    boto3.client("s3").create_bucket(Bucket="datasets")
-    with pytest.raises(FetchError, match=r"cannot read s3://datasets/nope\.zip from S3: .*AWS_ENDPOINT_URL_S3"):
-        fetch(config_for(tmp_path, "s3://datasets/nope.zip"))
+
+def test_s3_missing_bucket_says_to_create_it(tmp_path, s3_env):
+    with pytest.raises(FetchError, match=rf"bucket 'no-such-bucket' does not exist at {s3_env.endpoint} "
+                                         r"\(from AWS_ENDPOINT_URL_S3\): create it .*or fix the bucket in the URL"):
+        fetch(config_for(tmp_path, "s3://no-such-bucket/data.zip"))
+
+
+@pytest.mark.parametrize("variable", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+def test_s3_refused_credentials_name_the_variables(tmp_path, s3_env, monkeypatch, variable):
+    monkeypatch.setenv(variable, "wrong")
+    with pytest.raises(FetchError) as info:
+        fetch(config_for(tmp_path, s3_env.url("data.zip")))
+    message = str(info.value)
+    assert f"{s3_env.endpoint} (from AWS_ENDPOINT_URL_S3) refused the credentials for bucket" in message
+    assert "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in message
+    assert "wrong" not in message  # never the credentials themselves
+
+
+def test_s3_without_credentials_says_which_variables_to_set(tmp_path, s3_env, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to look for here
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(FetchError, match=r"no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        fetch(config_for(tmp_path, s3_env.url("data.zip")))
+
+
+@pytest.mark.parametrize("variable, host", [("AWS_ENDPOINT_URL_S3", "127.0.0.1"),
+                                            ("AWS_ENDPOINT_URL", "no-such-host.invalid")])
+def test_s3_unreachable_endpoint_fails_in_seconds_naming_the_setting(tmp_path, s3_env, monkeypatch, variable, host):
+    """A closed port (connection refused) or an unknown host (DNS), from either endpoint variable."""
+    import time
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    endpoint = f"http://{host}:{free_port()}"
+    monkeypatch.setenv(variable, endpoint)
+    start = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        fetch(config_for(tmp_path, s3_env.url("data.zip")))
+    assert time.monotonic() - start < 15  # botocore's default retries take far longer
+    assert f"cannot reach the S3 endpoint {endpoint} (from {variable})" in str(info.value)
+    assert "Check that the store is running" in str(info.value)
 
 
 def test_s3_url_without_key_is_refused(tmp_path):
@@ -214,8 +248,6 @@ def test_s3_url_without_key_is_refused(tmp_path):
 
 def test_unreachable_host_says_how_to_use_a_local_archive(tmp_path):
     """What `make run` shows when the default (official) URL cannot be reached."""
-    from tests.helpers import free_port
-
     url = f"http://127.0.0.1:{free_port()}/cifar-10-binary.tar.gz"  # nothing listens there
     with pytest.raises(FetchError, match=r"cannot download .*DATA_URL=file:///.*make run"):
         fetch(config_for(tmp_path, url))
