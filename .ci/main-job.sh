@@ -43,6 +43,9 @@ say "tools resolve inside the project: $(command -v uv), $(command -v bentoml)"
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 AIRFLOW_PORT=$(free_port)
+# Airflow's scheduler and triggerer serve running tasks' logs on fixed ports (8793, 8794) by
+# default: free ones keep this job's Airflow apart from any other on the machine.
+export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=$(free_port) AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=$(free_port)
 STATE=$WORK/state
 python -m tests.helpers archive "$WORK/mini.zip" --per-class 30 >/dev/null
 python -m tests.helpers image "$WORK/car2.png" >/dev/null

@@ -171,13 +171,15 @@ class RunProgress:
         """(console lines, log-file lines) for new log entries of one try."""
         out, written = [], []
         tail = self.tail.setdefault((task, try_number), deque(maxlen=TAIL_LINES))
+        # Tasks that run side by side interleave their lines: then each line names its task.
+        side_by_side = sum(state == "running" for _, state in self.shown.values()) > 1
         for entry in entries:
             lines = log_lines(entry)
             written += [f"{task} #{try_number} {line}" for line in lines]
             tail.extend(line[:300] for line in lines)
             if isinstance(entry, dict):
                 if (text := own_line(entry)) is not None:
-                    out.append(text)
+                    out.append(f"    [{task}] {text.lstrip()}" if side_by_side else text)
                 if (summary := error_summary(entry)) is not None:
                     self.error[(task, try_number)] = summary
         return out, written

@@ -293,3 +293,33 @@ def test_a_few_failed_looks_are_taken_again_and_too_many_raise():
     with pytest.raises(AirflowAPIError, match="ReadTimeout"):
         follow_run(Flaky(3), "cifar10_pipeline", RUN, io.StringIO(), io.StringIO(), sleep=lambda s: None,
                    patience=3)
+
+
+def test_ctrl_c_marks_the_run_failed_in_airflow(tmp_path, monkeypatch, capsys):
+    import training.console as console_module
+
+    class Interrupted(FakeClient):
+        def dag_run(self, dag_id, run_id):
+            raise KeyboardInterrupt
+
+    client = Interrupted(SNAPSHOTS, LOGS)
+    client.wait_for_dag = lambda dag_id, timeout_s: {"dag_id": dag_id, "is_paused": False}
+    client.trigger = lambda dag_id, conf: {"dag_run_id": RUN, "run_type": "manual"}
+    marked = []
+    client.set_run_state = lambda dag_id, run_id, state: marked.append((run_id, state))
+    monkeypatch.setattr(console_module.AirflowClient, "from_env", classmethod(lambda cls: client))
+    assert console_module.main(["--log", str(tmp_path / "run.log"), "--dag", "cifar10_pipeline"]) == 130
+    assert marked == [(RUN, "failed")]
+    assert f"marking run {RUN} failed in Airflow" in capsys.readouterr().out
+
+
+def test_lines_of_tasks_that_run_side_by_side_name_their_task():
+    from training.console import RunProgress
+
+    progress = RunProgress()
+    progress.starts(_ti("build", "running", 1))
+    assert progress.entries("build", 1, [_entry("built Bento x", "training.packaging.bento")])[0] == [
+        "    built Bento x"]
+    progress.starts(_ti("fetch", "running", 1))
+    assert progress.entries("build", 1, [_entry("skipping containerize", "training.packaging.container",
+                                                "warning")])[0] == ["    [build] warning: skipping containerize"]
