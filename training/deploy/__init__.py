@@ -1,0 +1,1 @@
+"""What a deployment checks before it starts the pipeline's services: preflight.py."""
