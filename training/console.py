@@ -226,13 +226,27 @@ def follow_run(client, dag_id: str, run_id: str, log: IO[str], console: IO[str],
     progress = RunProgress()
     tokens: dict[tuple[str, int], str | None] = {}
     complete: set[tuple[str, int]] = set()
+    # Airflow's continuation token does not always hold across a try's end (seen: the log read
+    # again from its start once the running task's served log became a finished file), so
+    # entries already shown are recognised by their content.
+    seen: dict[tuple[str, int], set[str]] = {}
+
+    def fresh(key: tuple[str, int], entries: list) -> list:
+        known = seen.setdefault(key, set())
+        new = []
+        for entry in entries:
+            mark = json.dumps(entry, sort_keys=True, default=str)
+            if mark not in known:
+                known.add(mark)
+                new.append(entry)
+        return new
 
     def read(ti: dict, tried: int, done: bool) -> list[str]:
         key = (ti["task_id"], tried)
         out = []
         while key not in complete:
             entries, token = client.task_log(dag_id, run_id, ti["task_id"], tried, tokens.get(key))
-            texts, written = progress.entries(ti["task_id"], tried, entries)
+            texts, written = progress.entries(ti["task_id"], tried, fresh(key, entries))
             out += texts
             log.writelines(line + "\n" for line in written)
             tokens[key] = token

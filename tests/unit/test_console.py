@@ -323,3 +323,12 @@ def test_lines_of_tasks_that_run_side_by_side_name_their_task():
     progress.starts(_ti("fetch", "running", 1))
     assert progress.entries("build", 1, [_entry("skipping containerize", "training.packaging.container",
                                                 "warning")])[0] == ["    [build] warning: skipping containerize"]
+
+
+def test_a_log_that_airflow_serves_again_from_its_start_is_shown_once():
+    built = _entry("built Bento cifar10-classifier:x", "training.packaging.bento")
+    snapshots = [("running", [_ti("build", "running", 1)]), ("success", [_ti("build", "success", 1, 12.6)])]
+    logs = {("build", 1): [[*SOURCE, built], [*SOURCE, built, _entry("after", "training.packaging.bento")]]}
+    _, _, console, log = _follow(snapshots, logs)
+    assert console == ["▶ build", "    built Bento cifar10-classifier:x", "    after", "✓ build success in 12.6 s"]
+    assert log.count("built Bento") == 1
