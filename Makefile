@@ -65,7 +65,7 @@ $(STATE)/airflow/.migrated: | $(VENV)/.synced
 	$(VENV)/bin/airflow db migrate > $(STATE)/airflow/migrate.log 2>&1 || { tail -20 $(STATE)/airflow/migrate.log; exit 1; }
 	@touch $@
 
-## make run: the DAG end to end on DATA_URL, then serve the Bento on PORT
+## make run: one run of the DAG in Airflow (make pipeline) on DATA_URL, then serve its Bento on PORT
 run: pipeline serve
 
 ## make pipeline: one ordinary run of the DAG in Airflow's scheduler, triggered through its REST API and
@@ -78,14 +78,14 @@ pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
 		if [ -z "$(KEEP_STACK)" ]; then trap 'scripts/stack.sh down airflow' EXIT; trap 'exit 130' INT TERM; fi; \
 		echo "Starting Airflow (scheduler, DAG processor, API server: UI on http://localhost:$(AIRFLOW_PORT)/);" \
 		     "log: $(STATE)/stack/airflow.log"; \
-		AIRFLOW_PORT=$(AIRFLOW_PORT) scripts/stack.sh up airflow || exit 1; \
+		scripts/stack.sh up airflow || exit 1; \
 		[ -z "$(KEEP_STACK)" ] || echo "KEEP_STACK=1: Airflow keeps running after the run; make down stops it"; \
 	fi; \
 	$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-$$(date +%Y%m%d-%H%M%S).log \
 		--dag cifar10_pipeline --conf '$(PIPELINE_CONF)'
 
 ## make pipeline-debug: the DAG in this one process (`airflow dags test`: no scheduler, executor or API
-## server; breakpoints and print() work), for debugging a task; the run is marked as a test run
+## server; breakpoints and print() work), for debugging a task; Airflow records it as a test's run
 pipeline-debug: $(VENV)/.synced $(STATE)/airflow/.migrated
 	@$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-debug-$$(date +%Y%m%d-%H%M%S).log -- \
 		$(VENV)/bin/airflow dags test cifar10_pipeline -c '$(PIPELINE_CONF)'
