@@ -12,7 +12,8 @@ import pytest
 from tests.helpers import ROOT
 
 
-EXPECTED_ORDER = ["fetch", "prepare", "train", "register", "gate", "import_model", "build", "containerize"]
+EXPECTED_ORDER = ["fetch", "prepare", "train", "register", "gate", "import_model", "build", "containerize",
+                  "publish"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def test_tasks_and_dependencies(dag):
     assert up["import_model"] == ["gate", "register"]
     assert up["build"] == ["import_model"]
     assert up["containerize"] == ["build"]
+    assert up["publish"] == ["build"]
 
 
 def test_params_retries_timeouts_and_docs(dag):
