@@ -120,6 +120,15 @@ def _free(port: int) -> bool:
     return True
 
 
+def _listening(port: int) -> bool:
+    """Whether a server accepts connections on ``port`` (closed connections in TIME_WAIT do not count)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
 def _free_range(count: int, twins: int) -> int:
     """A port p with p..p+count-1 free and the gRPC twins p+10000..p+10000+twins-1 free too."""
     for _ in range(200):
@@ -243,10 +252,17 @@ def test_every_task_ran_through_the_celery_worker(stack):
     for task in TASKS:
         assert f"task_id={task}/" in worker_log, f"the Celery worker never executed {task}"
     assert all(info["queue"] == "default" for info in stack["tasks"].values())
-    # Celery's result backend (a table in Airflow's database) holds one successful result per task.
-    with psycopg2.connect(stack["pg"]["airflow"]) as conn, conn.cursor() as cur:
-        cur.execute("SELECT status, count(*) FROM celery_taskmeta GROUP BY status")
-        assert dict(cur.fetchall()) == {"SUCCESS": len(TASKS)}
+    # Celery's result backend (a table in Airflow's database) holds one successful result per task;
+    # the last one is written just after Airflow has seen the task finish.
+    deadline = time.monotonic() + 60
+    while True:
+        with psycopg2.connect(stack["pg"]["airflow"]) as conn, conn.cursor() as cur:
+            cur.execute("SELECT status, count(*) FROM celery_taskmeta GROUP BY status")
+            results = dict(cur.fetchall())
+        if results == {"SUCCESS": len(TASKS)} or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert results == {"SUCCESS": len(TASKS)}
     # and the scheduler ran none of them itself
     scheduler_log = (stack["state"] / "stack" / "airflow-scheduler.log").read_text(errors="replace")
     assert "CeleryExecutor" in scheduler_log and "Executing workload" not in scheduler_log
@@ -324,7 +340,7 @@ def test_down_leaves_no_process(stack):
     assert not left, f"still running after down: {left}"
     assert not list(run_dir.glob("*.pid"))
     for port in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT"):
-        assert _free(int(stack["env"][port])), f"{port} {stack['env'][port]} still bound"
+        assert not _listening(int(stack["env"][port])), f"{port} {stack['env'][port]} still served"
 
 
 # --- fail fast on bad settings -------------------------------------------------
