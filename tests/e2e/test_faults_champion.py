@@ -69,8 +69,13 @@ def _served(url: str) -> tuple[dict, list[dict]]:
 
 
 def _store(env: dict[str, str]) -> tuple[list, list]:
-    """``bentoml models list`` and ``bentoml list`` (tags, sizes, creation times)."""
-    return bentoml_cli_json(env, "models", "list"), bentoml_cli_json(env, "list")
+    """``bentoml models list`` and ``bentoml list`` (tags, sizes, creation times).
+
+    A Bento's own size is left out: serving it compiles its Python sources into
+    ``__pycache__`` inside the Bento's folder (unless PYTHONDONTWRITEBYTECODE is set).
+    """
+    bentos = [{k: v for k, v in b.items() if k != "size"} for b in bentoml_cli_json(env, "list")]
+    return bentoml_cli_json(env, "models", "list"), bentos
 
 
 def _rejected_model_answers(env: dict[str, str], run_id: str) -> np.ndarray:

@@ -1,16 +1,16 @@
 """Scheduled retraining under Airflow's real scheduler, with nobody triggering anything.
 
 The local stack's Airflow (``scripts/stack.sh up airflow``: ``airflow standalone``, LocalExecutor
-on SQLite) loads the DAG with a one-minute schedule from ``CIFAR10_SCHEDULE``; the DAG is active
-on creation, so the scheduler starts runs by itself. Each run takes longer than a minute, so
-runs fall due while one is running. The scenario waits for two scheduled runs to finish, then
+on SQLite) loads the DAG with a ten-second schedule from ``CIFAR10_SCHEDULE`` (cron with a
+seconds field); the DAG is active on creation, so the scheduler starts runs by itself. Each run
+takes much longer than ten seconds, so runs fall due while one is running. The scenario waits for two scheduled runs to finish, then
 stops Airflow, and the tests read what happened from Airflow's metadata database, the MLflow
 registry and the BentoML store:
 
 - ``max_active_runs=1``: the second run started only after the first ended, though runs fell
   due meanwhile;
-- ``catchup=False``: the minutes missed during the first run were not backfilled: the second
-  run is for the latest due minute, and nothing lies between the two;
+- ``catchup=False``: the due times missed during the first run were not backfilled: the second
+  run is for a recent due time, not the one after the first's, and nothing lies between the two;
 - the second run trains the same data with the same seed, so it ties; a tie does not beat the
   champion by ``min_improvement``, so the champion, the Bento and what a server serves from
   the store stay the first run's.
@@ -34,6 +34,8 @@ from tests.helpers import BIN, ROOT, bentoml_cli_json, bentoml_serve, free_port,
 DAG_ID = "cifar10_pipeline"
 MODEL = "cifar10-cnn"
 RUNS = 2
+# The schedule's period: short, so that several due times pass during one tiny run.
+PERIOD = timedelta(seconds=10)
 # Two tiny runs and Airflow's start-up; generous for a busy 2-core machine.
 SCENARIO_TIMEOUT_S = 1500
 BENTO_TASKS = ("import_model", "build", "containerize", "publish")
@@ -98,7 +100,9 @@ def scenario(tmp_path_factory) -> Scenario:
         state,
         AIRFLOW_PORT=str(free_port()),
         VENV_BIN=str(BIN),
-        CIFAR10_SCHEDULE="*/1 * * * *",
+        CIFAR10_SCHEDULE="* * * * * */10",
+        # The scheduler's next due time is as fresh as the DAG file's last parse (30 s by default).
+        AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
         # What scheduled runs train on: they get no params, only the stack's environment.
         CIFAR10_DATA_URL=archive.as_uri(),
         CIFAR10_RECIPE="tiny",
@@ -142,31 +146,30 @@ def test_the_scheduler_started_the_runs_by_itself(scenario):
     first, second = _first_two(scenario)
     assert (first.run_type, second.run_type) == ("scheduled", "scheduled")
     assert (first.state, second.state) == ("success", "success"), scenario.runs
-    # One-minute schedule: every run is for a whole minute.
-    assert first.logical_date.second == 0 and first.logical_date.microsecond == 0
+    # Every run is for a due time of the schedule.
+    for run in (first, second):
+        assert run.logical_date.second % 10 == 0 and run.logical_date.microsecond == 0, run
 
 
 def test_a_due_run_waits_while_one_runs(scenario):
     first, second = _first_two(scenario)
     # Runs fell due while the first one ran...
-    assert first.end_date - first.logical_date > timedelta(minutes=1), first
+    assert first.end_date - first.logical_date >= 3 * PERIOD, first
     # ...but none started before it had ended.
     assert second.start_date >= first.end_date, (first, second)
     for run in scenario.runs[1:]:
         assert run.start_date >= first.end_date, run
 
 
-def test_missed_minutes_are_not_backfilled(scenario):
+def test_missed_due_times_are_not_backfilled(scenario):
     first, second = _first_two(scenario)
-    # The scenario needs a first run long enough for several minutes to fall due during it.
-    assert first.end_date - first.logical_date >= timedelta(minutes=3), first
-    # The second run is for a recent minute, not for the one after the first's: the minutes between
-    # were skipped. "Recent" allows for the scheduler's view of the next due time, which is as old
-    # as the DAG file's last parse (every 30 s by default).
-    latest_due = first.end_date.replace(second=0, microsecond=0)
-    assert latest_due - timedelta(minutes=2) <= second.logical_date <= latest_due + timedelta(minutes=1), (
-        first, second)
-    assert second.logical_date - first.logical_date >= timedelta(minutes=2), (first, second)
+    # The scenario needs a first run long enough for several due times to pass during it.
+    assert first.end_date - first.logical_date >= 3 * PERIOD, first
+    # The second run is not for the due time after the first's: those in between were skipped...
+    assert second.logical_date - first.logical_date >= 2 * PERIOD, (first, second)
+    # ...it is for a recent one ("recent" allows for the scheduler's view of the next due time,
+    # as old as the DAG file's last parse, every 5 s here).
+    assert first.end_date - 3 * PERIOD <= second.logical_date <= second.start_date, (first, second)
 
 
 def test_the_first_run_promoted_and_built_the_bento(scenario):
