@@ -33,7 +33,7 @@ class AirflowAPIError(RuntimeError):
 
 
 def _segment(value: str) -> str:
-    # Run ids hold ':' and '+' ("manual__2026-12-02T13:51:37+00:00"): quote every character.
+    # Run ids hold ":" and "+" (manual__<ISO time>+00:00): quote every character.
     return quote(value, safe="")
 
 
