@@ -40,35 +40,6 @@ STACK = ROOT / "scripts" / "stack.sh"
 TASKS = ["fetch", "prepare", "train", "register", "gate", "import_model", "build", "containerize", "publish"]
 
 
-# --- fast: the schedule on the loaded DAG --------------------------------------
-
-def _load_dag(monkeypatch, schedule: str | None):
-    monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    if schedule is None:
-        monkeypatch.delenv("CIFAR10_SCHEDULE", raising=False)
-    else:
-        monkeypatch.setenv("CIFAR10_SCHEDULE", schedule)
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(ROOT / "dags"))
-    assert bag.import_errors == {}, bag.import_errors
-    return bag.dags["cifar10_pipeline"]
-
-
-def test_dag_retrains_weekly_by_default_without_catchup_one_run_at_a_time(monkeypatch):
-    dag = _load_dag(monkeypatch, None)
-    assert dag.timetable.serialize()["expression"] == "0 0 * * 0"  # Sunday midnight UTC
-    assert dag.catchup is False
-    assert dag.max_active_runs == 1
-
-
-@pytest.mark.parametrize("value,expected", [("0 3 * * 1", "0 3 * * 1"), ("none", None)])
-def test_schedule_comes_from_the_environment(monkeypatch, value, expected):
-    dag = _load_dag(monkeypatch, value)
-    assert (dag.timetable.serialize().get("expression") if expected else dag.schedule) == expected
-    assert dag.max_active_runs == 1
-
-
 def test_server_tracking_uri_leaves_artifacts_to_the_server(tmp_path):
     """A file:// root from the client would bypass the server's --artifacts-destination."""
     from training.config import PipelineConfig

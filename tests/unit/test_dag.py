@@ -71,7 +71,10 @@ def test_parsing_imports_no_heavy_library():
 
 
 def _dag_with_env(monkeypatch, **env: str):
+    """The DAG as Airflow parses it with ``env`` (and no other schedule settings) in the environment."""
     monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    for name in ("CIFAR10_SCHEDULE", "CIFAR10_START_PAUSED"):
+        monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     from airflow.dag_processing.dagbag import DagBag
@@ -104,3 +107,17 @@ def test_min_improvement_is_a_param_with_a_margin_above_zero(dag):
 
     assert "min_improvement" in dag.params
     assert PipelineConfig().min_improvement > 0
+
+
+def test_dag_retrains_weekly_by_default_without_catchup_one_run_at_a_time(monkeypatch):
+    dag = _dag_with_env(monkeypatch)
+    assert dag.timetable.serialize()["expression"] == "0 0 * * 0"  # Sunday midnight UTC
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+
+
+@pytest.mark.parametrize("value,expected", [("0 3 * * 1", "0 3 * * 1"), ("none", None)])
+def test_schedule_comes_from_the_environment(monkeypatch, value, expected):
+    dag = _dag_with_env(monkeypatch, CIFAR10_SCHEDULE=value)
+    assert (dag.timetable.serialize().get("expression") if expected else dag.schedule) == expected
+    assert dag.max_active_runs == 1
