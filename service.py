@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from serving.batcher import MicroBatcher, Overloaded
 from serving.http import RequestGuard, Upload
+from serving.lineage import lineage_headers
 from serving.model import onnx_session, prediction, warm_up
 from serving.settings import ServingSettings
 from serving.slots import ComputeSlots, server_key
@@ -45,6 +46,10 @@ deer, dog, frog, horse, ship, truck) with a CNN trained by the cifar10-mlops pip
   `curl -X POST http://localhost:3000/predict -F file=@car.png`
 - `POST /predict_batch` with repeated field `files` (at most {SETTINGS.max_files}): a list, in input order.
 - `POST /metadata`: which model is served (BentoML and MLflow identifiers, test accuracy, dataset digest).
+
+Every prediction answer names what produced it in headers: `X-Bento-Tag` (the Bento's name:version, or
+`not a bento` when served from source), `X-BentoML-Model`, `X-MLflow-Model`, `X-MLflow-Model-Version` and
+`X-MLflow-Run-Id`, the values `/metadata` gives.
 
 Errors are one JSON object, `{{"error": "what was wrong and what to do"}}`: 400 for input that is not a valid
 image, a missing or unknown field, or too many files, 413 for bodies over {SETTINGS.max_body_bytes:,} bytes,
@@ -93,6 +98,11 @@ class CIFAR10Classifier:
         self.class_names = json.loads((model_dir / "classes.json").read_text())
         self.session = onnx_session(model_dir / "model.onnx", threads=SETTINGS.model_threads)
         self.input_name = self.session.get_inputs()[0].name
+        # Every prediction answer carries these, so a client (and the served-artifact check) can tell
+        # which Bento and model produced it without a second request.
+        bento = CIFAR10Classifier.bento
+        self.lineage = lineage_headers(self.bento_model.info.labels, str(self.bento_model.tag),
+                                       str(bento.tag) if bento is not None else None)
         # Full batches side by side, as under load, before /readyz says ready: they prove the
         # model runs, and ONNX Runtime's arena reaches its working size now rather than under traffic.
         warm_up(self._infer, SETTINGS.max_batch_size, SETTINGS.model_concurrency)
@@ -129,17 +139,20 @@ class CIFAR10Classifier:
         return [Prediction(**prediction(p, self.class_names)) for p in probs]
 
     @bentoml.api(route="/predict")
-    async def predict(self, file: Upload = Field(description="An image: PNG, JPEG, BMP, GIF or WebP")) -> Prediction:
+    async def predict(self, ctx: bentoml.Context,
+                      file: Upload = Field(description="An image: PNG, JPEG, BMP, GIF or WebP")) -> Prediction:
         """Classify one uploaded image (multipart field `file`)."""
+        ctx.response.headers.update(self.lineage)
         return (await self._classify([file]))[0]
 
     # maxItems only documents the file limit: the handler enforces it, with a message that names the setting.
     @bentoml.api(route="/predict_batch")
-    async def predict_batch(self, files: list[Upload] = Field(description="Images, repeated field `files`",
-                                                              min_length=1,
-                                                              json_schema_extra={"maxItems": SETTINGS.max_files})
+    async def predict_batch(self, ctx: bentoml.Context,
+                            files: list[Upload] = Field(description="Images, repeated field `files`", min_length=1,
+                                                        json_schema_extra={"maxItems": SETTINGS.max_files})
                             ) -> list[Prediction]:
         """Classify several images (repeated multipart field `files`); answers in input order."""
+        ctx.response.headers.update(self.lineage)
         if len(files) > SETTINGS.max_files:
             raise BadInput(f"{len(files)} files: at most {SETTINGS.max_files} per request "
                            "(CIFAR10_MAX_FILES); split the request")
@@ -148,11 +161,10 @@ class CIFAR10Classifier:
     @bentoml.api(route="/metadata")
     def metadata(self) -> Metadata:
         """The served model: Bento and BentoML model tags, MLflow lineage, accuracy, batching settings."""
-        info, meta, bento = self.bento_model.info, self.bento_model.info.metadata, CIFAR10Classifier.bento
+        meta, ids = self.bento_model.info.metadata, self.lineage
         return Metadata(
-            bento_tag=str(bento.tag) if bento is not None else "not a bento",
-            bentoml_model_tag=str(self.bento_model.tag), mlflow_model=info.labels.get("mlflow_model", ""),
-            mlflow_version=info.labels.get("mlflow_version", ""), mlflow_run_id=info.labels.get("mlflow_run_id", ""),
+            bento_tag=ids["X-Bento-Tag"], bentoml_model_tag=ids["X-BentoML-Model"], mlflow_model=ids["X-MLflow-Model"],
+            mlflow_version=ids["X-MLflow-Model-Version"], mlflow_run_id=ids["X-MLflow-Run-Id"],
             test_accuracy=_finite(meta.get("test_accuracy")), dataset_digest=meta.get("dataset_digest", ""),
             git_commit=meta.get("git_commit", ""), class_names=self.class_names,
             batching={k: v for k, v in vars(SETTINGS).items()},

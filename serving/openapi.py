@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from serving.lineage import HEADERS as LINEAGE_HEADERS
 
 ERROR_SCHEMA = {"type": "object", "title": "Error", "required": ["error"], "additionalProperties": False,
                 "properties": {"error": {"type": "string", "description": "What was wrong and what to do"}}}
@@ -28,6 +29,8 @@ def amend_spec(spec: dict, fields: dict[str, set[str]], description: str | None 
       an existing route never answers it.
     - A route with file fields needs a multipart body with no other fields (the guard
       refuses unknown ones), and its file parts are images (:data:`IMAGE_TYPES`).
+    - A route with file fields runs the model, and its 200 answers carry the lineage headers
+      (:data:`serving.lineage.HEADERS`); BentoML's spec lists no response headers.
     """
     for path, allowed in fields.items():
         for operation in spec.get("paths", {}).get(path, {}).values():
@@ -38,6 +41,9 @@ def amend_spec(spec: dict, fields: dict[str, set[str]], description: str | None 
                 form.setdefault("encoding", {}).update({name: {"contentType": IMAGE_TYPES} for name in sorted(allowed)})
             responses = {code: answer for code, answer in operation.get("responses", {}).items()
                          if int(code) < 400}
+            if allowed and "200" in responses:
+                responses["200"]["headers"] = {name: {"description": what, "schema": {"type": "string"}}
+                                               for name, what in LINEAGE_HEADERS.items()}
             for status, what in ERROR_STATUSES.items():
                 if status != 503 or allowed:
                     responses[str(status)] = {"description": what, "content": {

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from serving import model as serving_model_module
-from serving import openapi
+from serving import lineage, openapi
 from serving import settings as serving_settings
 from serving.batcher import MicroBatcher, Overloaded
 from serving.http import RequestGuard, Upload
@@ -432,6 +432,33 @@ def test_metadata_matches_the_model(server, serving_model):
         assert meta[key] == serving_model.metadata[key]
     assert meta["bento_tag"] == "not a bento"
     assert meta["batching"]["max_files"] == MAX_FILES and meta["batching"]["max_body_bytes"] == MAX_BODY
+@pytest.mark.parametrize("route", ["/predict", "/predict/", "/predict_batch", "/predict_batch/"])
+def test_prediction_answers_name_the_bento_and_models_behind_them(server, serving_model, route):
+    field = "files" if route.startswith("/predict_batch") else "file"
+    resp = httpx.post(f"{server}{route}", files=[(field, ("car.png", image_bytes(6, fmt="PNG"), "image/png"))],
+                      timeout=60, follow_redirects=False)
+    assert resp.status_code == 200, resp.text
+    assert {name: resp.headers.get(name) for name in lineage.HEADERS} == {
+        "X-Bento-Tag": "not a bento", "X-BentoML-Model": serving_model.tag,
+        "X-MLflow-Model": serving_model.labels["mlflow_model"],
+        "X-MLflow-Model-Version": serving_model.labels["mlflow_version"],
+        "X-MLflow-Run-Id": serving_model.labels["mlflow_run_id"]}
+    # ... the same identifiers /metadata gives
+    meta = httpx.post(f"{server}/metadata", timeout=30).json()
+    assert [resp.headers[name] for name in lineage.HEADERS] == [
+        meta[key] for key in ("bento_tag", "bentoml_model_tag", "mlflow_model", "mlflow_version", "mlflow_run_id")]
+
+
+def test_spec_and_page_text_document_the_lineage_headers(server):
+    spec = httpx.get(f"{server}/docs.json", timeout=30).json()
+    for path in ("/predict", "/predict_batch"):
+        headers = spec["paths"][path]["post"]["responses"]["200"]["headers"]
+        assert list(headers) == list(lineage.HEADERS), path
+        assert all(h["schema"] == {"type": "string"} and h["description"] for h in headers.values()), path
+    assert "headers" not in spec["paths"]["/metadata"]["post"]["responses"]["200"]
+    assert all(f"`{name}`" in spec["info"]["description"] for name in lineage.HEADERS)
+
+
 def test_swagger_health_and_metrics(server):
     assert httpx.get(f"{server}/", timeout=30).status_code == 200
     spec = httpx.get(f"{server}/docs.json", timeout=30).json()
