@@ -19,6 +19,11 @@ BentoML generates the Dockerfile when it builds the Bento (``bentofile.yaml`` ->
 network failure is retried once and named as such, and a failed build is an error
 (``bentoml.container.build`` logs failures and returns None).
 
+The image is tagged ``<image_name>:<Bento version>`` and labelled with what it serves
+(:func:`image_labels`: OCI revision and version, the MLflow model, version and run, the dataset
+digest). ``latest`` is not set by the build: :func:`tag_image` moves it once the model is
+promoted, after :func:`serve_image` has shown the image answering.
+
 CLI (the Makefile's ``base-image`` and ``image`` targets)::
 
     python -m training.packaging.container base-image
@@ -29,12 +34,14 @@ CLI (the Makefile's ``base-image`` and ``image`` targets)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from training.config import PipelineConfig
@@ -128,10 +135,11 @@ def choose_base_image(backend: str, override: str = "") -> str:
 
 
 def build_command(backend: str, dockerfile: str, context: str, tags: list[str],
-                  build_args: dict[str, str] | None = None) -> list[str]:
+                  build_args: dict[str, str] | None = None, labels: dict[str, str] | None = None) -> list[str]:
     """The build command line for ``backend`` (host network while building, layers cached)."""
     args = sum((["-t", t] for t in tags), [])
     args += sum((["--build-arg", f"{k}={v}"] for k, v in (build_args or {}).items()), [])
+    args += sum((["--label", f"{k}={v}"] for k, v in (labels or {}).items()), [])
     if backend == "docker":
         return ["docker", "build", "--network", "host", "-f", dockerfile, *args, context]
     cmd = ["buildah", "bud"] if backend == "buildah" else ["podman", "build"]
@@ -142,9 +150,45 @@ def build_command(backend: str, dockerfile: str, context: str, tags: list[str],
     return [*cmd, context]
 
 
+def image_labels(bento, model) -> dict[str, str]:
+    """The image's labels: what it serves, from the Bento's labels and its BentoML model's metadata.
+
+    The OCI keys are the standard ones registries and scanners show; the ``ai.cifar10.*`` keys
+    carry the MLflow lineage, so ``podman image inspect`` tells which run an image serves.
+    """
+    labels, meta = bento.info.labels, model.info.metadata
+    return {
+        "org.opencontainers.image.title": bento.tag.name,
+        "org.opencontainers.image.version": bento.tag.version,
+        "org.opencontainers.image.revision": meta.get("git_commit") or "unknown",
+        "ai.cifar10.bento.tag": str(bento.tag),
+        "ai.cifar10.bentoml.model": str(model.tag),
+        "ai.cifar10.mlflow.model": labels.get("mlflow_model", ""),
+        "ai.cifar10.mlflow.version": labels.get("mlflow_version", ""),
+        "ai.cifar10.mlflow.run_id": labels.get("mlflow_run_id", ""),
+        "ai.cifar10.dataset.digest": meta.get("dataset_digest", ""),
+    }
+
+
+def _bento_model(bentoml, bento):
+    """The BentoML model the Bento serves: its ``bentoml_model`` label, else the one model packed in it."""
+    tag = bento.info.labels.get("bentoml_model")
+    if not tag:
+        if len(bento.info.models) != 1:
+            raise ValueError(f"Bento {bento.tag} has no bentoml_model label and {len(bento.info.models)} models: "
+                             "build it with training.packaging.bento.build_bento, which names its model")
+        tag = str(bento.info.models[0].tag)
+    return bentoml.models.get(tag)
+
+
+def _image_cli(backend: str) -> str:
+    """The tool that manages images in ``backend``'s store: podman reads buildah's store, so it wins there."""
+    return "podman" if backend == "buildah" and shutil.which("podman") else backend
+
+
 def image_size(backend: str, image: str, env: dict[str, str]) -> int:
     """Size of ``image`` in bytes, as the store reports it."""
-    cli = "podman" if backend == "buildah" and shutil.which("podman") else backend
+    cli = _image_cli(backend)
     fmt = "{{.Size}}"
     out = subprocess.run([cli, "image", "inspect", "--format", fmt, image], capture_output=True, text=True, env=env,
                          check=True)
@@ -176,9 +220,10 @@ def containerize(config: PipelineConfig, bento_tag: str, base_image: str | None 
         return None
     bentoml = use_bentoml_home(config)
     bento = bentoml.bentos.get(bento_tag)
+    labels = image_labels(bento, _bento_model(bentoml, bento))
     base = prepare_base_image(config, backend, env, base_image)
+    # Only the version tag: `latest` moves (tag_image) when a served-artifact check has passed.
     image = f"{config.image_name}:{bento.tag.version}"
-    tags = [image, f"{config.image_name}:latest"]
     log.info("containerizing %s with %s as %s on %s", bento.tag, backend, image, base)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=container_dir(config) / "tmp", prefix="context-") as tmp:
@@ -186,8 +231,8 @@ def containerize(config: PipelineConfig, bento_tag: str, base_image: str | None 
         # the Dockerfile BentoML generated from bentofile.yaml at build time.
         context = Path(tmp) / "bento"
         bentoml.bentos.export_bento(bento.tag, str(context), output_format="folder")
-        cmd = build_command(backend, str(context / "env" / "docker" / "Dockerfile"), str(context), tags,
-                            build_args={BASE_IMAGE_ARG: base})
+        cmd = build_command(backend, str(context / "env" / "docker" / "Dockerfile"), str(context), [image],
+                            build_args={BASE_IMAGE_ARG: base}, labels=labels)
         try:
             run_with_network_retry(cmd, env=env,
                                    log_path=container_dir(config) / "logs" / f"build-{bento.tag.version}.log",
@@ -203,6 +248,99 @@ def containerize(config: PipelineConfig, bento_tag: str, base_image: str | None 
     size = image_size(backend, image, env)
     log.info("built %s in %.0f s: %.0f MB", image, time.monotonic() - started, size / 1e6)
     return image
+
+
+def _exists(cli: str, image: str, env: dict[str, str]) -> bool:
+    probe = {"podman": ["podman", "image", "exists", image], "docker": ["docker", "image", "inspect", image],
+             "buildah": ["buildah", "inspect", "--type", "image", image]}[cli]
+    return subprocess.run(probe, env=env, capture_output=True, timeout=60).returncode == 0
+
+
+def image_exists(config: PipelineConfig, image: str) -> bool:
+    """Whether ``image`` is in the store the pipeline builds into; False when no builder is available."""
+    env = container_env(config)
+    backend, _ = find_backend(config, env)
+    return backend is not None and _exists(_image_cli(backend), image, env)
+
+
+def tag_image(config: PipelineConfig, bento_tag: str, tag: str = "latest") -> str | None:
+    """Tag the built image ``<image_name>:<bento version>`` as ``<image_name>:<tag>``; return the new tag.
+
+    None, with a log line saying why, when no builder is available or that image was never built
+    (containerize skipped). ``bento_tag`` without a version (or ``:latest``) is resolved in the Bento store.
+    """
+    env = container_env(config)
+    backend, reason = find_backend(config, env)
+    if backend is None:
+        log.warning("not tagging an image for %s as %s: %s", bento_tag, tag, reason)
+        return None
+    name, _, version = bento_tag.partition(":")
+    if not version or version == "latest":
+        from training.packaging.bento import use_bentoml_home
+
+        version = use_bentoml_home(config).bentos.get(bento_tag).tag.version
+    source, target = f"{config.image_name}:{version}", f"{config.image_name}:{tag}"
+    cli = _image_cli(backend)
+    if not _exists(cli, source, env):
+        log.warning("not tagging %s as %s: %s has no image %s (containerize skipped or failed for it)",
+                    bento_tag, target, cli, source)
+        return None
+    subprocess.run([cli, "tag", source, target], env=env, check=True, capture_output=True, text=True)
+    log.info("tagged %s as %s", source, target)
+    return target
+
+
+@contextlib.contextmanager
+def serve_image(config: PipelineConfig, image: str, port: int, timeout: float = 300,
+                name: str | None = None) -> Iterator[str]:
+    """Run ``image`` on ``127.0.0.1:port`` until it answers /readyz; yield its base URL; always remove it.
+
+    Raises TimeoutError with the container's log tail when /readyz is not 200 within ``timeout``
+    seconds, RuntimeError when the container stops first or no runtime (podman, docker) is available.
+    """
+    env = container_env(config)
+    backend, reason = find_backend(config, env)
+    if backend is None or (backend != "docker" and not shutil.which("podman")):
+        why = reason if backend is None else "buildah builds images but cannot run them"
+        raise RuntimeError(f"cannot run {image}: {why}; install podman (.ci/setup-container-tools.sh) or docker")
+    cli = "docker" if backend == "docker" else "podman"
+    name = name or f"cifar10-serve-{port}-{os.getpid()}"
+    url = f"http://127.0.0.1:{port}"
+    subprocess.run([cli, "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", image], env=env, check=True,
+                   capture_output=True, text=True)
+    try:
+        _wait_ready(cli, name, url, timeout, env)
+        yield url
+    finally:
+        subprocess.run([cli, "rm", "-f", *(["-t", "0"] if cli == "podman" else []), name], env=env,
+                       capture_output=True)
+
+
+def _wait_ready(cli: str, name: str, url: str, timeout: float, env: dict[str, str]) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):  # not listening yet, or still loading the model
+            pass
+        running = subprocess.run([cli, "inspect", "--format", "{{.State.Running}}", name], env=env,
+                                 capture_output=True, text=True).stdout.strip()
+        if running != "true":
+            raise RuntimeError(f"container {name} stopped before {url}/readyz answered; its log:\n"
+                               f"{_log_tail(cli, name, env)}")
+        time.sleep(0.5)
+    raise TimeoutError(f"container {name} did not answer {url}/readyz with 200 within {timeout:.0f} s; raise the "
+                       f"timeout if the machine is busy. Its log:\n{_log_tail(cli, name, env)}")
+
+
+def _log_tail(cli: str, name: str, env: dict[str, str], lines: int = 40) -> str:
+    out = subprocess.run([cli, "logs", "--tail", str(lines), name], env=env, capture_output=True, text=True)
+    return (out.stdout + out.stderr).strip() or "(empty)"
 
 
 def export_image(config: PipelineConfig, image: str, output: Path) -> Path:

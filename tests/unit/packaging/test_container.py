@@ -100,13 +100,32 @@ def test_base_image_setting_comes_from_the_environment_and_params_win():
     assert load_config({}, environ={}).base_image == ""
 
 
+BENTO_LABELS = {"mlflow_model": "cifar10-cnn", "mlflow_version": "7", "mlflow_run_id": "run0123",
+                "bentoml_model": "cifar10-cnn:m1"}
+MODEL_METADATA = {"git_commit": "abc1234def", "dataset_digest": "sha256:feedface", "test_accuracy": 0.5}
+
+
+class _Tag(SimpleNamespace):
+    def __str__(self):
+        return f"{self.name}:{self.version}"
+
+
+def _bento(labels=BENTO_LABELS, models=()):
+    return SimpleNamespace(tag=_Tag(name="cifar10-classifier", version="v1"),
+                           info=SimpleNamespace(labels=dict(labels), models=list(models)))
+
+
+def _model(tag="cifar10-cnn:m1", metadata=MODEL_METADATA):
+    return SimpleNamespace(tag=tag, info=SimpleNamespace(metadata=dict(metadata)))
+
+
 class _FakeBentoml:
-    """Just enough of bentoml for containerize: one Bento, exported as an empty folder."""
+    """Just enough of bentoml for containerize: one Bento, exported as an empty folder, and its model."""
 
     def __init__(self):
-        tag = SimpleNamespace(version="v1")
-        self.bentos = SimpleNamespace(get=lambda name: SimpleNamespace(tag=tag),
+        self.bentos = SimpleNamespace(get=lambda name: _bento(),
                                       export_bento=lambda tag, path, output_format: Path(path).mkdir(parents=True))
+        self.models = SimpleNamespace(get=lambda tag: _model(tag))
 
 
 @pytest.mark.parametrize("backend, override, base, importer", [
@@ -132,6 +151,30 @@ def test_containerize_builds_on_the_chosen_base(monkeypatch, tmp_path, backend, 
     [cmd] = commands
     assert cmd[0] == ("buildah" if backend == "buildah" else backend)
     assert cmd[cmd.index("--build-arg") + 1] == f"BASE_IMAGE={base}"
+    # Only the version tag: `latest` moves after the served-artifact check (tag_image).
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "-t"] == ["cifar10-classifier:v1"]
+    labels = dict(cmd[i + 1].split("=", 1) for i, a in enumerate(cmd) if a == "--label")
+    assert labels == {
+        "org.opencontainers.image.title": "cifar10-classifier", "org.opencontainers.image.version": "v1",
+        "org.opencontainers.image.revision": "abc1234def", "ai.cifar10.bento.tag": "cifar10-classifier:v1",
+        "ai.cifar10.bentoml.model": "cifar10-cnn:m1", "ai.cifar10.mlflow.model": "cifar10-cnn",
+        "ai.cifar10.mlflow.version": "7", "ai.cifar10.mlflow.run_id": "run0123",
+        "ai.cifar10.dataset.digest": "sha256:feedface"}
+
+
+def test_labels_without_a_known_commit_say_unknown():
+    labels = container.image_labels(_bento(), _model(metadata={}))
+    assert labels["org.opencontainers.image.revision"] == "unknown" and labels["ai.cifar10.dataset.digest"] == ""
+
+
+def test_the_bentos_model_comes_from_its_label_else_its_one_packed_model():
+    got = []
+    fake = SimpleNamespace(models=SimpleNamespace(get=lambda tag: got.append(tag) or _model(tag)))
+    container._bento_model(fake, _bento())
+    container._bento_model(fake, _bento(labels={}, models=[SimpleNamespace(tag="cifar10-cnn:packed")]))
+    assert got == ["cifar10-cnn:m1", "cifar10-cnn:packed"]
+    with pytest.raises(ValueError, match="no bentoml_model label and 0 models"):
+        container._bento_model(fake, _bento(labels={}))
 
 
 def test_containerize_takes_the_base_from_the_environment(monkeypatch, tmp_path):
@@ -325,9 +368,14 @@ def test_build_command(backend, head):
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "-t"] == ["img:v1", "img:latest"]
     # docker build has no --volume; podman/buildah mount the host CA bundle read-only while installing
     assert any(a.endswith(f":{container.BUILD_CA_MOUNT}:ro") for a in cmd) is (backend != "docker")
-    assert "--build-arg" not in cmd
+    assert "--build-arg" not in cmd and "--label" not in cmd
     with_base = container.build_command(backend, "/ctx/Dockerfile", "/ctx", ["img:v1"], {"BASE_IMAGE": "b:1"})
     assert with_base[with_base.index("--build-arg") + 1] == "BASE_IMAGE=b:1" and with_base[-1] == "/ctx"
+    labelled = container.build_command(backend, "/ctx/Dockerfile", "/ctx", ["img:v1"],
+                                       labels={"org.opencontainers.image.revision": "abc", "a.b": "x=y z"})
+    assert [labelled[i + 1] for i, a in enumerate(labelled) if a == "--label"] == [
+        "org.opencontainers.image.revision=abc", "a.b=x=y z"]
+    assert labelled[-1] == "/ctx"
 
 
 # --- base image recipe ----------------------------------------------------------
@@ -352,3 +400,120 @@ def test_debian_mirror_comes_from_the_host_sources(tmp_path):
     legacy.write_text("deb [arch=amd64] http://other.example/debian bookworm main\n")
     assert base_image.debian_mirror(tmp_path / "none", legacy) == "http://other.example/debian"
     assert base_image.debian_mirror(tmp_path / "none", tmp_path / "none") == base_image.DEFAULT_MIRROR
+
+
+# --- tagging and running built images (a fake podman on PATH) --------------------
+
+FAKE_PODMAN = """#!/bin/sh
+echo "$@" >> "$FAKE_LOG"
+case "$1 $2" in
+  "image exists") [ "$3" = "$FAKE_HAVE" ] ;;
+  "run -d") echo 0123abcd ;;
+  "inspect --format") echo "$FAKE_RUNNING" ;;
+  "logs --tail") echo "Traceback: the model failed to load" ;;
+esac
+"""
+
+
+@pytest.fixture()
+def fake_podman(monkeypatch, tmp_path):
+    """A podman that records its calls; ``image exists`` is true for FAKE_HAVE only."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "podman").write_text(FAKE_PODMAN)
+    (bin_dir / "podman").chmod(0o755)
+    log = tmp_path / "podman.log"
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("FAKE_HAVE", "cifar10-classifier:v1")
+    monkeypatch.setenv("FAKE_RUNNING", "true")
+    monkeypatch.setattr(container, "find_backend", lambda config, env=None: ("podman", "podman: ok"))
+    config = PipelineConfig(state_dir=str(tmp_path / "state"))
+    return config, lambda: log.read_text().splitlines() if log.exists() else []
+
+
+def test_tag_image_moves_a_tag_onto_the_bentos_image(fake_podman, caplog):
+    config, calls = fake_podman
+    assert container.image_exists(config, "cifar10-classifier:v1")
+    assert not container.image_exists(config, "cifar10-classifier:v2")
+    assert container.tag_image(config, "cifar10-classifier:v1") == "cifar10-classifier:latest"
+    assert container.tag_image(config, "cifar10-classifier:v1", tag="stable") == "cifar10-classifier:stable"
+    assert [c for c in calls() if c.startswith("tag ")] == [
+        "tag cifar10-classifier:v1 cifar10-classifier:latest", "tag cifar10-classifier:v1 cifar10-classifier:stable"]
+    with caplog.at_level("WARNING"):
+        assert container.tag_image(config, "cifar10-classifier:v2") is None
+    assert "has no image cifar10-classifier:v2 (containerize skipped or failed for it)" in caplog.text
+    assert not [c for c in calls() if "v2 cifar10" in c]
+
+
+def test_tag_image_without_a_builder_says_why(monkeypatch, tmp_path, caplog):
+    config = PipelineConfig(state_dir=str(tmp_path), container_backend="none")
+    with caplog.at_level("WARNING"):
+        assert container.tag_image(config, "cifar10-classifier:v1") is None
+    assert "not tagging an image for cifar10-classifier:v1 as latest: container_backend=none" in caplog.text
+    assert container.image_exists(config, "cifar10-classifier:v1") is False
+
+
+def _readyz_server(status: int = 200):
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    import threading
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status if self.path == "/readyz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_serve_image_yields_the_url_once_ready_and_removes_the_container(fake_podman):
+    config, calls = fake_podman
+    server = _readyz_server()
+    port = server.server_address[1]
+    try:
+        with container.serve_image(config, "cifar10-classifier:v1", port, name="c1") as url:
+            assert url == f"http://127.0.0.1:{port}"
+            assert f"run -d --name c1 -p 127.0.0.1:{port}:3000 cifar10-classifier:v1" in calls()
+            assert not [c for c in calls() if c.startswith("rm ")]
+    finally:
+        server.shutdown()
+    assert calls()[-1] == "rm -f -t 0 c1"
+
+
+def test_serve_image_timeout_names_the_url_and_shows_the_log_tail(fake_podman):
+    from tests.helpers import free_port
+
+    config, calls = fake_podman
+    port = free_port()
+    with pytest.raises(TimeoutError, match=f"did not answer http://127.0.0.1:{port}/readyz with 200 within 1 s") as err:
+        with container.serve_image(config, "cifar10-classifier:v1", port, timeout=1, name="c2"):
+            pytest.fail("yielded without /readyz")
+    assert "Traceback: the model failed to load" in str(err.value)
+    assert calls()[-1] == "rm -f -t 0 c2"
+
+
+def test_serve_image_stops_waiting_when_the_container_exits(fake_podman, monkeypatch):
+    from tests.helpers import free_port
+
+    config, calls = fake_podman
+    monkeypatch.setenv("FAKE_RUNNING", "false")
+    with pytest.raises(RuntimeError, match="container c3 stopped before .* answered; its log:\nTraceback"):
+        with container.serve_image(config, "cifar10-classifier:v1", free_port(), timeout=60, name="c3"):
+            pass
+    assert calls()[-1] == "rm -f -t 0 c3"
+
+
+def test_serve_image_needs_a_runtime(monkeypatch, tmp_path):
+    with pytest.raises(RuntimeError, match="cannot run img:v1: container_backend=none; install podman"):
+        with container.serve_image(PipelineConfig(state_dir=str(tmp_path), container_backend="none"), "img:v1", 1):
+            pass
+    monkeypatch.setattr(container, "find_backend", lambda config, env=None: ("buildah", "buildah: ok"))
+    monkeypatch.setattr(container.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="buildah builds images but cannot run them"):
+        with container.serve_image(PipelineConfig(state_dir=str(tmp_path)), "img:v1", 1):
+            pass
