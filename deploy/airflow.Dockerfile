@@ -1,6 +1,8 @@
 # Airflow (all components and Celery workers) with the pipeline and its locked dependencies.
 # Build from the repository root (compose does): requirements come from uv.lock via
 #   uv export --frozen --no-dev --no-hashes --no-emit-project -o deploy/requirements.txt
+# The image has no .git: GIT_COMMIT (compose passes it: GIT_COMMIT=$(git rev-parse HEAD)) is the commit the
+# training runs record (training/registry/tracking.py git_commit reads CIFAR10_GIT_COMMIT).
 FROM apache/airflow:3.3.2-python3.11
 USER root
 RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var/lib/apt/lists/*
@@ -12,3 +14,7 @@ COPY --chown=airflow:root dags /opt/cifar10/dags
 COPY --chown=airflow:root training /opt/cifar10/training
 COPY --chown=airflow:root service.py bentofile.yaml /opt/cifar10/
 WORKDIR /opt/cifar10
+# Declared last: RUN steps after an ARG rebuild when its value changes, and it changes every commit.
+ARG GIT_COMMIT=
+ENV CIFAR10_GIT_COMMIT=${GIT_COMMIT}
+LABEL org.opencontainers.image.title="cifar10-airflow" org.opencontainers.image.revision="${GIT_COMMIT}"

@@ -113,3 +113,19 @@ def test_k8s_deployment_and_service_for_the_bento(k8s):
     assert service["spec"]["selector"].items() <= labels.items()
     port_names = {p["name"] for p in container["ports"]}
     assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
+
+
+def test_the_airflow_image_carries_the_git_commit(compose):
+    """The image has no .git: compose passes GIT_COMMIT, the Dockerfile makes it CIFAR10_GIT_COMMIT and a label."""
+    build = compose["x-airflow-common"]["build"]
+    assert build["args"] == {"GIT_COMMIT": "${GIT_COMMIT:-}"}
+    assert all(compose["services"][name]["build"] == build for name in compose["services"] if name.startswith("airflow-"))
+    header = (DEPLOY / "compose.yaml").read_text().split("\nx-airflow-common")[0]
+    assert "GIT_COMMIT=$(git rev-parse HEAD) docker compose -f deploy/compose.yaml" in header
+    assert "up -d --build" in header
+    dockerfile = (DEPLOY / "airflow.Dockerfile").read_text()
+    steps = [line.split()[0] for line in dockerfile.splitlines() if line and not line.startswith("#")]
+    assert "ARG GIT_COMMIT=\n" in dockerfile and "ENV CIFAR10_GIT_COMMIT=${GIT_COMMIT}\n" in dockerfile
+    assert 'org.opencontainers.image.revision="${GIT_COMMIT}"' in dockerfile
+    # The commit changes every build: declared after the RUN steps, it leaves their cached layers alone.
+    assert "RUN" not in steps[steps.index("ARG"):]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -79,7 +80,11 @@ def check_reachable(uri: str, timeout: float) -> None:
 
 
 def git_commit(repo: Path | None = None) -> str:
-    """The current git commit (with ``-dirty`` when the tree has changes), or "unknown"."""
+    """The current git commit (with ``-dirty`` when the tree has changes), or "unknown".
+
+    Without a working git checkout (the deployment's Airflow image has no .git), the commit the
+    image was built from: ``CIFAR10_GIT_COMMIT`` (deploy/airflow.Dockerfile sets it), read at each call.
+    """
     cwd = repo or Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
@@ -88,4 +93,4 @@ def git_commit(repo: Path | None = None) -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("CIFAR10_GIT_COMMIT", "").strip() or "unknown"

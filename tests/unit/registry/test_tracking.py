@@ -62,3 +62,39 @@ def test_passwords_are_masked_and_local_stores_are_not_checked():
         check_reachable(f"http://user:s3cret@127.0.0.1:{free_port()}", timeout=1)
     assert "s3cret" not in str(info.value) and "user:***@" in str(info.value)
     check_reachable("sqlite:////nonexistent/mlflow.db", timeout=1)  # no server involved: returns at once
+
+
+# --- git_commit -------------------------------------------------------------------
+
+def test_git_commit_comes_from_git_in_a_checkout(tmp_path, monkeypatch):
+    import subprocess
+
+    from training.registry.tracking import git_commit
+
+    monkeypatch.setenv("CIFAR10_GIT_COMMIT", "from-the-image")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f").write_text("1")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert git_commit(tmp_path) == sha  # git wins over the variable where it works
+    (tmp_path / "f").write_text("2")
+    assert git_commit(tmp_path) == f"{sha}-dirty"
+
+
+def test_git_commit_without_git_reads_the_image_variable_at_each_call(tmp_path, monkeypatch):
+    from training.registry.tracking import git_commit
+
+    no_repo = tmp_path / "opt"  # like /opt/cifar10 in the Airflow image: no .git above it
+    no_repo.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.delenv("CIFAR10_GIT_COMMIT", raising=False)
+    assert git_commit(no_repo) == "unknown"
+    monkeypatch.setenv("CIFAR10_GIT_COMMIT", " 0123abcd \n")
+    assert git_commit(no_repo) == "0123abcd"
+    monkeypatch.setenv("CIFAR10_GIT_COMMIT", "")
+    assert git_commit(no_repo) == "unknown"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git installed at all
+    monkeypatch.setenv("CIFAR10_GIT_COMMIT", "feedface")
+    assert git_commit(no_repo) == "feedface"
