@@ -1,12 +1,15 @@
 """The Bento's image for real: the DAG on a tiny generated dataset with podman, so its containerize task
-builds the image; then the image runs under podman and answers over HTTP. Every container and image it
-made is removed afterwards (the whole private store).
+builds the image; then the image runs under podman (``container.serve_image``) and answers over HTTP,
+its labels and answer headers name what it serves, and ``container.tag_image`` moves a tag onto it.
+Every container and image it made is removed afterwards (the whole private store).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -63,6 +66,15 @@ def test_present_tools_neither_skip_nor_fail(monkeypatch):
     assert require_container_tools({"CI": "true"}) is None
 
 
+def _task_log(dag_log: str, task_id: str) -> str:
+    """The part of an `airflow dags test` log written by ``task_id``'s last try ("" if it never ran)."""
+    start = dag_log.rfind(f"starting task_id={task_id}")
+    if start < 0:
+        return ""
+    end = dag_log.find(f"end task task_id={task_id}", start)
+    return dag_log[start:end if end >= 0 else None]
+
+
 @pytest.fixture(scope="module")
 def built_image(tmp_path_factory):
     """Run the DAG with a real builder on a tiny dataset; yield (image, env, state)."""
@@ -76,12 +88,17 @@ def built_image(tmp_path_factory):
     text = log.read_text()
     assert dag.returncode == 0, text[-4000:]
     # The containerize task (its last try) must have built the image, not skipped.
-    task = text[text.rindex("starting task_id=containerize"):text.rindex("end task task_id=containerize")]
+    task = _task_log(text, "containerize")
     assert "new_state=success" in task, task[-4000:]
     cenv = container.container_env(config, base=env)
-    images = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], env=cenv,
-                            capture_output=True, text=True, check=True).stdout.split()
-    image = next(i for i in images if "cifar10-classifier" in i and not i.endswith(":latest"))
+    images = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}"], env=cenv,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    ids = {line.split()[0].removeprefix("localhost/"): line.split()[1] for line in images if "cifar10-classifier" in line}
+    image = next(i for i in ids if not i.endswith(":latest"))
+    # containerize tags the Bento's version only; `latest` is there only if the run promoted the image
+    # (tag_image after the served-artifact check), and then it is this image.
+    promoted = "new_state=success" in _task_log(text, "promote")
+    assert (ids.get("cifar10-classifier:latest") == ids[image]) if promoted else ("cifar10-classifier:latest" not in ids), ids
     try:
         yield image, cenv, state
     finally:
@@ -93,33 +110,18 @@ def built_image(tmp_path_factory):
 
 @pytest.fixture()
 def running(built_image):
-    """The image running under podman on a free port; removed afterwards."""
-    image, env, _ = built_image
+    """The image running under podman on a free port (``container.serve_image``); removed afterwards."""
+    image, env, state = built_image
     port = free_port()
     name = f"cifar10-test-{port}"
-    subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", image], env=env,
-                   check=True, capture_output=True)
-    try:
-        yield f"http://127.0.0.1:{port}", name
-    finally:
-        subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=env, capture_output=True)
-        left = subprocess.run(["podman", "ps", "-a", "-q", "--filter", f"name={name}"], env=env,
-                              capture_output=True, text=True).stdout.strip()
-        assert left == "", f"container {name} left behind"
-
-
-def _wait_ready(url: str, timeout: float = 120) -> float:
-    import requests
-
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except requests.RequestException:  # not listening yet, or too busy starting to answer
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url}/readyz not 200 after {timeout} s")
+    with container.serve_image(PipelineConfig(state_dir=str(state), container_backend="podman"), image, port,
+                               name=name) as url:
+        print(f"{image}: /readyz 200 after {time.monotonic() - started:.1f} s (load {os.getloadavg()[0]:.1f})")
+        yield url, name
+    left = subprocess.run(["podman", "ps", "-a", "-q", "--filter", f"name={name}"], env=env,
+                          capture_output=True, text=True).stdout.strip()
+    assert left == "", f"container {name} left behind"
 
 
 @pytest.mark.container
@@ -128,7 +130,6 @@ def test_image_serves_predictions_readyz_metrics_and_errors(built_image, running
 
     image, env, _ = built_image
     url, name = running
-    print(f"{image}: /readyz 200 after {_wait_ready(url):.1f} s (load {os.getloadavg()[0]:.1f})")
     resp = requests.post(f"{url}/predict", files={"file": ("red.png", _png(), "image/png")}, timeout=30)
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -140,6 +141,57 @@ def test_image_serves_predictions_readyz_metrics_and_errors(built_image, running
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
     who = subprocess.run(["podman", "exec", name, "id", "-u"], env=env, capture_output=True, text=True, check=True)
     assert who.stdout.strip() != "0", "the image must not run as root"
+
+
+def _labels(image: str, env: dict[str, str]) -> dict[str, str]:
+    out = subprocess.run(["podman", "image", "inspect", "--format", "{{json .Labels}}", image], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.container
+def test_image_labels_and_answer_headers_name_what_it_serves(built_image, running):
+    import requests
+
+    image, env, _ = built_image
+    url, _ = running
+    meta = requests.post(f"{url}/metadata", timeout=30).json()
+    labels = _labels(image, env)
+    version = image.rsplit(":", 1)[1]
+    assert meta["bento_tag"] == f"cifar10-classifier:{version}"  # served from the Bento, not from source
+    assert {k: v for k, v in labels.items() if k.startswith(("org.opencontainers.", "ai.cifar10."))} == {
+        "org.opencontainers.image.title": "cifar10-classifier", "org.opencontainers.image.version": version,
+        "org.opencontainers.image.revision": meta["git_commit"], "ai.cifar10.bento.tag": meta["bento_tag"],
+        "ai.cifar10.bentoml.model": meta["bentoml_model_tag"], "ai.cifar10.mlflow.model": meta["mlflow_model"],
+        "ai.cifar10.mlflow.version": meta["mlflow_version"], "ai.cifar10.mlflow.run_id": meta["mlflow_run_id"],
+        "ai.cifar10.dataset.digest": meta["dataset_digest"]}
+    # The DAG ran in this checkout: the revision is its commit, the digest the generated dataset's.
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", labels["org.opencontainers.image.revision"]), labels
+    assert labels["ai.cifar10.dataset.digest"] and labels["ai.cifar10.mlflow.run_id"]
+    for route, field in (("/predict", "file"), ("/predict_batch", "files")):
+        resp = requests.post(f"{url}{route}", files=[(field, ("red.png", _png(), "image/png"))], timeout=30)
+        assert resp.status_code == 200, resp.text
+        assert {h: resp.headers[h] for h in ("X-Bento-Tag", "X-BentoML-Model", "X-MLflow-Model",
+                                             "X-MLflow-Model-Version", "X-MLflow-Run-Id")} == {
+            "X-Bento-Tag": labels["ai.cifar10.bento.tag"], "X-BentoML-Model": labels["ai.cifar10.bentoml.model"],
+            "X-MLflow-Model": labels["ai.cifar10.mlflow.model"],
+            "X-MLflow-Model-Version": labels["ai.cifar10.mlflow.version"],
+            "X-MLflow-Run-Id": labels["ai.cifar10.mlflow.run_id"]}, route
+
+
+@pytest.mark.container
+def test_tag_image_moves_a_tag_onto_the_built_image(built_image):
+    image, env, state = built_image
+    config = PipelineConfig(state_dir=str(state), container_backend="podman")
+    bento_tag = _labels(image, env)["ai.cifar10.bento.tag"]
+    assert container.image_exists(config, image)
+    assert not container.image_exists(config, "cifar10-classifier:e2e-moved")
+    assert container.tag_image(config, bento_tag, "e2e-moved") == "cifar10-classifier:e2e-moved"
+    assert container.image_exists(config, "cifar10-classifier:e2e-moved")
+    ids = [subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", i], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip() for i in (image, "cifar10-classifier:e2e-moved")]
+    assert ids[0] == ids[1]
+    assert container.tag_image(config, "cifar10-classifier:never-built", "e2e-moved") is None
 
 
 @pytest.mark.container
