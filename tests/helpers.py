@@ -344,7 +344,7 @@ def state_env(state: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _migrate(env: dict[str, str]) -> None:
+def migrate(env: dict[str, str]) -> None:
     airflow_home = Path(env["AIRFLOW_HOME"])
     if not (airflow_home / "airflow.db").exists():
         airflow_home.mkdir(parents=True, exist_ok=True)
@@ -358,7 +358,7 @@ def start_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.Popen:
     ``airflow dags test`` runs every task inside this one process (no executor), so it
     is also the process that trains.
     """
-    _migrate(env)
+    migrate(env)
     with open(log, "w") as out:
         return subprocess.Popen([str(BIN / "airflow"), "dags", "test", "cifar10_pipeline", "-c", json.dumps(conf)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -366,7 +366,7 @@ def start_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.Popen:
 
 def run_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.CompletedProcess:
     """``airflow db migrate`` (first time) then ``airflow dags test cifar10_pipeline -c conf``."""
-    _migrate(env)
+    migrate(env)
     with open(log, "w") as out:
         return subprocess.run([str(BIN / "airflow"), "dags", "test", "cifar10_pipeline", "-c", json.dumps(conf)],
                               env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1200, cwd=ROOT)
@@ -429,6 +429,47 @@ def store_overrides(folder: Path, name: str) -> dict[str, str]:
         "experiment_name": f"test-{name}",
         "registered_model_name": f"test-{name}",
     }
+
+
+# ---------------------------------------------------------------- registry
+
+def constant_onnx(path: Path, class_id: int, n_classes: int = len(CLASSES)) -> Path:
+    """An ONNX model that gives every image the same probabilities, peaked at ``class_id``.
+
+    Its accuracy on a split is exactly that split's share of ``class_id``, so a test sets
+    the gate's numbers through the data, and the model is still scored for real.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    bias = np.full(n_classes, -2.0, dtype=np.float32)
+    bias[class_id] = 2.0
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["pixels"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["zeros"]),
+         helper.make_node("Add", ["zeros", "b"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        "constant", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 32, 32, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, n_classes])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [3072, n_classes], [0.0] * 3072 * n_classes),
+                     helper.make_tensor("b", TensorProto.FLOAT, [n_classes], bias.tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_prepared(folder: Path, test_labels: list[int], digest: str, classes: list[str] = CLASSES) -> Path:
+    """A prepared-data folder (as ``training.data.prepare`` writes it) whose test split has ``test_labels``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(test_labels))
+    y = np.array(test_labels, dtype=np.int64)
+    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
+    np.savez(folder / "data.npz", x_train=x, y_train=y, x_val=x, y_val=y, x_test=x, y_test=y)
+    (folder / "manifest.json").write_text(json.dumps({"class_names": classes, "digest": digest,
+                                                      "sizes": {"train": len(y), "val": len(y), "test": len(y)}}))
+    return folder
 
 
 # ---------------------------------------------------------------- S3

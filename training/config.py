@@ -146,6 +146,15 @@ class PipelineConfig:
     min_accuracy: float = 0.0
     min_improvement: float = 0.002
     force_promote: bool = False
+    # The served-artifact gate, after build and before champion moves: the new Bento (and its
+    # image, when one was built) must answer this many test images exactly as the exported
+    # model does, with no error, one request at a time, with a p99 latency within the budget.
+    # The budget is loose enough for a busy 2-core build machine, tight enough to catch a
+    # service that runs the model many times slower than it should (e.g. per-request loads).
+    golden_images: int = 64
+    served_p99_budget_ms: float = 250.0
+    # Longest wait for the Bento or image to answer /readyz.
+    served_start_timeout: float = 300.0
 
     # --- serving and packaging ---------------------------------------------
     bento_model_name: str = "cifar10-cnn"
