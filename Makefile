@@ -48,7 +48,7 @@ PIPELINE_CONF = {$(patsubst $(comma)%,%,$(strip $(PIPELINE_FIELDS)))}
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
 
-.PHONY: venv run pipeline pipeline-debug serve up down status airflow-ui mlflow-ui test test-fast test-service clean base-image image
+.PHONY: venv run pipeline pipeline-debug serve rollback up down status airflow-ui mlflow-ui test test-fast test-service clean base-image image
 
 # The environment is (re)built only when pyproject.toml or uv.lock changed.
 $(VENV)/.synced: pyproject.toml uv.lock
@@ -90,13 +90,25 @@ pipeline-debug: $(VENV)/.synced $(STATE)/airflow/.migrated
 	@$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-debug-$$(date +%Y%m%d-%H%M%S).log -- \
 		$(VENV)/bin/airflow dags test cifar10_pipeline -c '$(PIPELINE_CONF)'
 
-## make serve: serve the newest Bento the pipeline built (Swagger UI on http://localhost:$(PORT)/)
+## make serve: serve the champion's Bento, as the MLflow registry names it (Swagger UI on http://localhost:$(PORT)/)
 serve: $(VENV)/.synced
-	@echo "Serving the newest Bento. Swagger UI: http://localhost:$(PORT)/  Try it (Ctrl-C stops the server):"
-	@echo "  curl -X POST http://localhost:$(PORT)/predict/ -F file=@car2.png   (any PNG or JPEG)"
-	$(VENV)/bin/bentoml serve cifar10-classifier:latest --port $(PORT)
+	@bento=$$($(VENV)/bin/python -m training.deploy.champion bento) || exit 1; \
+	echo "Serving $$bento (the champion's Bento). Swagger UI: http://localhost:$(PORT)/  Try it (Ctrl-C stops it):"; \
+	echo "  curl -X POST http://localhost:$(PORT)/predict/ -F file=@car2.png   (any PNG or JPEG)"; \
+	exec $(VENV)/bin/bentoml serve "$$bento" --port $(PORT)
 
-## make up: Airflow (UI on AIRFLOW_PORT), the MLflow server (MLFLOW_PORT) and the newest Bento (PORT) in the
+## make rollback: champion back to the previous champion (VERSION=N: to version N), with REASON="..."
+## recorded; its Bento is rebuilt only if gone, and a Bento served by `make up` is restarted on it
+VERSION ?=
+REASON ?=
+rollback: $(VENV)/.synced
+	$(VENV)/bin/python -m training.deploy.champion rollback $(if $(VERSION),--to $(VERSION)) \
+		$(if $(REASON),--reason "$(REASON)")
+	@if scripts/stack.sh status | grep -q '^bento: running'; then \
+		echo "Restarting the Bento server of make up on the new champion"; \
+		scripts/stack.sh down bento && BENTO_PORT=$(PORT) scripts/stack.sh up bento; fi
+
+## make up: Airflow (UI on AIRFLOW_PORT), the MLflow server (MLFLOW_PORT) and the champion's Bento (PORT) in the
 ## background on the same state; logs and pid files in $(STATE)/stack. make down stops them.
 up: $(VENV)/.synced $(STATE)/airflow/.migrated
 	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) BENTO_PORT=$(PORT) scripts/stack.sh up
@@ -137,7 +149,7 @@ clean: down
 base-image: $(VENV)/.synced
 	$(VENV)/bin/python -m training.packaging.container base-image
 
-## make image: containerize the newest Bento (podman/buildah, private store in $(STATE)/containers)
+## make image: containerize the champion's Bento (podman/buildah, private store in $(STATE)/containers)
 ## and export it as an OCI archive, $(STATE)/cifar10-classifier-<version>.oci.tar
 image: $(VENV)/.synced base-image
-	$(VENV)/bin/python -m training.packaging.container image --bento cifar10-classifier:latest
+	$(VENV)/bin/python -m training.packaging.container image --bento "$$($(VENV)/bin/python -m training.deploy.champion bento)"

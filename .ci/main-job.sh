@@ -117,6 +117,12 @@ answer=$(curl -sS -X POST "http://localhost:$PORT/predict_batch" -F files=@car2.
   -F files=@car2.png)
 summary=$(check_prediction 3 <<<"$answer") || fail "/predict_batch answered: $answer"
 say "POST /predict_batch (3 files): $summary"
+# Lineage: the answer names the champion's model version (the first run's: 1) and its Bento.
+headers=$(curl -sS -o /dev/null -D - -X POST "http://localhost:$PORT/predict" -F file=@car2.png | tr -d '\r')
+grep -qx "x-mlflow-model-version: 1" <<<"${headers,,}" || fail "no lineage header naming version 1: $headers"
+bento=$(sed -n 's/^x-bento-tag: //Ip' <<<"$headers")
+grep -q "Serving $bento (the champion's Bento)" "$RUN_LOG" || fail "the served Bento '$bento' is not the one make serve named"
+say "lineage headers: model version 1, Bento $bento"
 cd "$ROOT"
 
 kill -TERM -- "-$make_pid"

@@ -1,4 +1,4 @@
-"""CIFAR-10 pipeline: fetch -> prepare -> train -> register -> import -> build -> containerize.
+"""CIFAR-10 pipeline: fetch -> prepare -> train -> register -> import -> build -> containerize -> verify -> promote.
 
 This file only wires tasks. Every task body is a lazy import and one call into the
 ``training`` package, and returns a path, URI or tag (never arrays), so parsing this
@@ -21,17 +21,23 @@ DOC = """
 1. **fetch** the dataset URL (http(s), file, s3, path) into a checksummed cache
 2. **prepare** stratified, seeded train/validation/test splits with a manifest and digest
 3. **train** a Keras 3 CNN in one MLflow run (params, per-epoch metrics, pictures, dataset, model, ONNX)
-4. **register** a new model version; the `champion` alias moves only when the gate passes
-5. **gate**: the Bento tasks below run only when this run's version became champion
-6. **import** the champion into the BentoML store (labels: MLflow model, version, run id)
+4. **register** a new model version; the champion is rescored on this run's test split, and the new
+   version is a *candidate* only at `min_accuracy` and `min_improvement` above it (comparison in MLflow)
+5. **gate**: the tasks below run only for a candidate; otherwise nothing served changes
+6. **import** the candidate into the BentoML store (labels: MLflow model, version, run id)
 7. **build** the Bento from `bentofile.yaml`
 8. **containerize** it when docker, podman or buildah is present (skipped otherwise, with the reason)
-9. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines (skipped when it is empty)
+9. **verify**: the Bento (and image) is served and must answer golden test images exactly as the exported
+   model does, with no error and p99 within `served_p99_budget_ms`; a failure fails the run, nothing moves
+10. **promote**: only now does the `champion` alias move (recorded on the version and in MLflow), and the
+    image is tagged `latest`
+11. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines (skipped when it is empty)
 
 Every param overrides the `training.config.PipelineConfig` field of the same name.
 Runs on demand and on the schedule in `CIFAR10_SCHEDULE` (default `@weekly`, Sunday 00:00 UTC; no
 catch-up, one run at a time; active as soon as Airflow loads it, unless `CIFAR10_START_PAUSED=true`).
 A run that does not beat the champion by `min_improvement` leaves the served model unchanged.
+Rollback: the `cifar10_rollback` DAG, or `make rollback`.
 """
 
 # Scheduled retraining. Airflow needs the schedule when it parses this file, so it is
@@ -73,6 +79,12 @@ def _config():
     return load_config({k: v for k, v in params.items() if v is not None and v != ""})
 
 
+def _run_name() -> str:
+    """Which Airflow run moves the alias, as the registry records it."""
+    context = get_current_context()
+    return f"airflow:{context['dag'].dag_id}/{context['run_id']}"
+
+
 @dag(
     dag_id="cifar10_pipeline",
     schedule=_timetable(SCHEDULE),
@@ -103,6 +115,8 @@ def _config():
                                  description="Quality gate: how much a new model must beat the champion's "
                                              "test accuracy by (a tie never replaces it)"),
         "force_promote": Param(False, type="boolean", description="Operator override of the gate"),
+        "served_p99_budget_ms": Param(None, type=["null", "number"], exclusiveMinimum=0,
+                                      description="Served-artifact gate: p99 latency budget of the golden set"),
         "container_backend": Param("", type="string", description="auto | docker | podman | buildah | none"),
         "base_image": Param("", type="string", description="Base of the Bento image; empty: by backend "
                                                            "(docker: python:3.11-slim-bookworm, else a local base)"),
@@ -128,23 +142,23 @@ def cifar10_pipeline():
 
         return run(_config(), Path(prepared_dir), TaskAttempt.of(get_current_context()["ti"]))
 
-    @task(execution_timeout=timedelta(minutes=10))
-    def register(mlflow_run_id: str) -> str:
+    @task(execution_timeout=timedelta(minutes=20))
+    def register(mlflow_run_id: str, prepared_dir: str) -> str:
         from training.registry.promotion import register as run
 
-        return run(_config(), mlflow_run_id)
+        return run(_config(), mlflow_run_id, Path(prepared_dir))
 
     @task.short_circuit(execution_timeout=timedelta(minutes=5))
     def gate(version_uri: str) -> bool:
-        from training.registry.promotion import serve_if_champion
+        from training.registry.promotion import package_if_candidate
 
-        return serve_if_champion(_config(), version_uri)
+        return package_if_candidate(_config(), version_uri)
 
     @task(execution_timeout=timedelta(minutes=10))
     def import_model(version_uri: str) -> str:
-        from training.packaging.bento import import_champion
+        from training.packaging.bento import import_version
 
-        return import_champion(_config(), version_uri)
+        return import_version(_config(), version_uri)
 
     @task(execution_timeout=timedelta(minutes=20))
     def build(model_tag: str) -> str:
@@ -163,6 +177,19 @@ def cifar10_pipeline():
             raise AirflowSkipException("no container builder available; see the log line above")
         return image
 
+    # After containerize even when it was skipped (no builder): the Bento alone is checked then.
+    @task(execution_timeout=timedelta(minutes=20), trigger_rule="none_failed")
+    def verify(version_uri: str, bento_tag: str, prepared_dir: str) -> str:
+        from training.packaging.verify import verify as run
+
+        return run(_config(), version_uri, bento_tag, Path(prepared_dir))
+
+    @task(execution_timeout=timedelta(minutes=5))
+    def promote(version_uri: str, bento_tag: str) -> str:
+        from training.deploy.champion import promote_checked
+
+        return promote_checked(_config(), version_uri, bento_tag, by=_run_name())
+
     @task(execution_timeout=timedelta(minutes=20))
     def publish(bento_tag: str) -> str:
         from airflow.sdk.exceptions import AirflowSkipException
@@ -174,12 +201,14 @@ def cifar10_pipeline():
             raise AirflowSkipException("bento_export_uri is empty: the Bento stays in this machine's store")
         return uri
 
-    version = register(train(prepare(fetch())))
+    prepared = prepare(fetch())
+    version = register(train(prepared), prepared)
     model_tag = import_model(version)
     gate(version) >> model_tag
     bento = build(model_tag)
-    containerize(bento)
-    publish(bento)
+    checked = verify(version, bento, prepared)
+    containerize(bento) >> checked
+    promote(version, checked) >> publish(checked)
 
 
 cifar10_pipeline()

@@ -3,7 +3,7 @@
 #
 # STACK=local (default): Airflow (`airflow standalone`: scheduler, dag-processor, triggerer,
 #   API server + UI on SQLite), the MLflow tracking server over the pipeline's store, and
-#   `bentoml serve` of the newest Bento. NAME: airflow, mlflow, bento (default: all).
+#   `bentoml serve` of the champion's Bento. NAME: airflow, mlflow, bento (default: all).
 #
 # STACK=distributed: the deployed shape of deploy/compose.yaml on one machine, each part its
 #   own process with the same settings: PostgreSQL (the machine's cluster, see
@@ -42,7 +42,8 @@ AIRFLOW_PORT="${AIRFLOW_PORT:-8080}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 BENTO_PORT="${BENTO_PORT:-3000}"
 HOST="${STACK_HOST:-127.0.0.1}"
-BENTO="${BENTO_TAG:-cifar10-classifier:latest}"
+# Unset: the Bento the registry's champion names (python -m training.deploy.champion bento).
+BENTO="${BENTO_TAG:-}"
 mkdir -p "$RUN"
 # airflow standalone starts its components as `airflow ...`: they must be on PATH.
 export PATH="$BIN:$PATH"
@@ -86,11 +87,15 @@ up() {
     start mlflow "$BIN/mlflow" server --backend-store-uri "${MLFLOW_TRACKING_URI:?}" \
       --default-artifact-root "file://$STATE/mlflow/artifacts" --host "$HOST" --port "$MLFLOW_PORT" --workers 1
   fi
+  local bento="$BENTO"
   if ! wanted bento; then :
-  elif "$BIN/bentoml" get "$BENTO" >/dev/null 2>&1; then
-    start bento "$BIN/bentoml" serve "$BENTO" --host "$HOST" --port "$BENTO_PORT"
+  elif [ -z "$bento" ] && ! bento=$("$BIN/python" -m training.deploy.champion bento 2>"$RUN/bento-champion.log"); then
+    echo "bento: nothing to serve yet ($(tail -1 "$RUN/bento-champion.log")): trigger the DAG in the Airflow UI," \
+         "then run this again"
+  elif "$BIN/bentoml" get "$bento" >/dev/null 2>&1; then
+    start bento "$BIN/bentoml" serve "$bento" --host "$HOST" --port "$BENTO_PORT"
   else
-    echo "bento: no $BENTO in $BENTOML_HOME yet: trigger the DAG in the Airflow UI, then run this again"
+    echo "bento: no $bento in $BENTOML_HOME: trigger the DAG in the Airflow UI, then run this again"
   fi
   # Generous limits: on a busy 2-core machine each of them took minutes to start.
   local limit="${STACK_START_TIMEOUT:-600}"

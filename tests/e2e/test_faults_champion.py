@@ -35,7 +35,7 @@ from tests.helpers import encode, image_folder_zip, make_images
 # (measured); 8 epochs of 13 steps reached 0.7, far above the 0.1 of chance, in seconds.
 CONF = {"recipe": "tiny", "epochs": 8, "batch_size": 16, "container_backend": "none"}
 MODEL = "cifar10-cnn"
-BENTO_TASKS = ("import_model", "build", "containerize")
+BENTO_TASKS = ("import_model", "build", "containerize", "verify", "promote", "publish")
 # One image of each class, drawn with another seed than the training archive.
 IMAGES = [encode(img) for img in make_images(1, seed=7)[0]]
 
@@ -135,8 +135,11 @@ def test_a_worse_retrain_leaves_champion_store_and_served_model_untouched(tmp_pa
         assert worse_run.data.params["learning_rate"] == "0.0"  # the override reached training
         assert worse_accuracy < champion_accuracy - 0.3, (worse_accuracy, champion_accuracy)
         assert worse.tags["gate_decision"] == "rejected"
-        assert worse.tags["gate_reason"] == (f"test_accuracy {worse_accuracy:.4f} does not beat the champion's "
-                                             f"{champion_accuracy:.4f} by min_improvement 0.0020")
+        # Both were scored by the gate on this run's test split (the same split as run 1's here).
+        rescored = float(worse.tags["gate_champion_accuracy"])
+        assert worse.tags["gate_champion_version"] == "1" and abs(rescored - champion_accuracy) < 0.02
+        assert worse.tags["gate_reason"] == (f"test_accuracy {float(worse.tags['gate_challenger_accuracy']):.4f} "
+                                             f"does not beat the champion's {rescored:.4f} by min_improvement 0.0020")
         assert worse_run.data.tags["gate_decision"] == "rejected"  # the experiment view says so too
 
         # The alias did not move.
@@ -150,7 +153,7 @@ def test_a_worse_retrain_leaves_champion_store_and_served_model_untouched(tmp_pa
             assert tasks[task] == "success", tasks
         for task in BENTO_TASKS:
             assert tasks[task] == "skipped", tasks
-        assert "is NOT champion" in text2 and "skipping the Bento tasks" in text2
+        assert "did NOT pass the gate" in text2 and "skipping the Bento tasks" in text2
         # Run 1's containerize ran and skipped itself (no builder); run 2's never started.
         assert "skipping containerize: container_backend=none" in (tmp_path / "run-1.log").read_text()
         assert "skipping containerize" not in text2

@@ -37,7 +37,8 @@ MODEL = "cifar10-cnn"
 DAG = "cifar10_pipeline"
 STACK = ROOT / "scripts" / "stack.sh"
 # Every task of a run whose model became champion; containerize skips itself (no builder here).
-TASKS = ["fetch", "prepare", "train", "register", "gate", "import_model", "build", "containerize", "publish"]
+TASKS = ["fetch", "prepare", "train", "register", "gate", "import_model", "build", "containerize", "verify", "promote",
+         "publish"]
 
 
 def test_server_tracking_uri_leaves_artifacts_to_the_server(tmp_path):

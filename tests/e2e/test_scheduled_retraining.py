@@ -38,7 +38,7 @@ RUNS = 2
 PERIOD = timedelta(seconds=10)
 # Two tiny runs and Airflow's start-up; generous for a busy 2-core machine.
 SCENARIO_TIMEOUT_S = 1500
-BENTO_TASKS = ("import_model", "build", "containerize", "publish")
+BENTO_TASKS = ("import_model", "build", "containerize", "verify", "promote", "publish")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from tests.helpers import ROOT
 
 
 EXPECTED_ORDER = ["fetch", "prepare", "train", "register", "gate", "import_model", "build", "containerize",
-                  "publish"]
+                  "verify", "promote", "publish"]
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +32,16 @@ def test_tasks_and_dependencies(dag):
     assert up["fetch"] == []
     assert up["prepare"] == ["fetch"]
     assert up["train"] == ["prepare"]
-    assert up["register"] == ["train"]
+    assert up["register"] == ["prepare", "train"]  # scores both models on the prepared test split
     assert up["gate"] == ["register"]
     assert up["import_model"] == ["gate", "register"]
     assert up["build"] == ["import_model"]
     assert up["containerize"] == ["build"]
-    assert up["publish"] == ["build"]
+    # The served-artifact check runs after the image exists (or was skipped) and before the alias moves.
+    assert up["verify"] == ["build", "containerize", "prepare", "register"]
+    assert dag.get_task("verify").trigger_rule == "none_failed"
+    assert up["promote"] == ["register", "verify"]
+    assert up["publish"] == ["promote", "verify"]  # serving machines get a Bento only once it is champion
 
 
 def test_params_retries_timeouts_and_docs(dag):
@@ -48,6 +52,19 @@ def test_params_retries_timeouts_and_docs(dag):
     for task in dag.tasks:
         assert task.retries >= 1, task.task_id
         assert task.execution_timeout is not None, task.task_id
+
+
+def test_rollback_dag_is_one_task_on_demand():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    rollback = bag.dags["cifar10_rollback"]
+    assert rollback.task_ids == ["rollback"]
+    assert type(rollback.timetable).__name__ == "NullTimetable"  # on demand only
+    assert set(rollback.params) == {"version", "reason"}
+    # A half-applied rollback is not retried blindly: the operator reads the error first.
+    assert rollback.get_task("rollback").retries == 0
+    assert "previous champion" in rollback.doc_md
 
 
 def test_params_are_all_config_fields(dag):

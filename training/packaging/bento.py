@@ -1,4 +1,4 @@
-"""From the MLflow champion to a Bento: import into the BentoML store, then build.
+"""From an MLflow model version to a Bento: import into the BentoML store, then build.
 
 The BentoML model holds the ONNX export (what ``service.py`` runs) and the class
 names; its labels name the MLflow model, version and run, so any served prediction
@@ -52,16 +52,12 @@ def _parity_batch(seed: int = 0, n: int = 16) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3)).astype(np.float32)
 
 
-def import_champion(config: PipelineConfig, version_uri: str | None = None) -> str:
-    """Import the MLflow ``champion`` into the BentoML store; return the BentoML model tag.
+def import_version(config: PipelineConfig, version_uri: str) -> str:
+    """Import MLflow model version ``version_uri`` (``models:/<name>/<version>``) into the BentoML store.
 
-    With ``version_uri`` (``models:/<name>/<version>``, what the DAG's gate passed) that
-    version is imported, and it must still hold the alias: a run that lost it to a newer
-    champion in the meantime fails rather than packaging a model that is no longer served.
-
-    Idempotent: when the store already has a model from the same MLflow run, its tag
-    is returned. The ONNX file is checked against the Keras model on a fixed batch and
-    the import fails if they disagree.
+    Returns the BentoML model tag. Idempotent: when the store already has a model from
+    the same MLflow run, its tag is returned. The ONNX file is checked against the Keras
+    model on a fixed batch and the import fails if they disagree.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -72,16 +68,13 @@ def import_champion(config: PipelineConfig, version_uri: str | None = None) -> s
     # The saved model names the network's custom layers and activations; under a scheduler
     # this task runs in its own process, where nothing else has registered them.
     import training.model.network  # noqa: F401
-    from training.registry.promotion import CHAMPION
+    from training.registry.promotion import split_uri
     from training.registry.tracking import configure_mlflow
 
     configure_mlflow(config)
     client = MlflowClient()
-    name = config.registered_model_name
-    mv = client.get_model_version_by_alias(name, CHAMPION)
-    if version_uri is not None and version_uri != f"models:/{name}/{mv.version}":
-        raise RuntimeError(f"{version_uri} is not the {CHAMPION} any more ({name} version {mv.version} is): "
-                           "another run promoted a model meanwhile; rerun this DAG run to package the current one")
+    name, version = split_uri(version_uri)
+    mv = client.get_model_version(name, version)
     bentoml = use_bentoml_home(config)
     try:
         existing_models = bentoml.models.list(config.bento_model_name)
@@ -126,3 +119,14 @@ def build_bento(config: PipelineConfig, model_tag: str) -> str:
     )
     log.info("built Bento %s at %s", bento.tag, bento.path)
     return str(bento.tag)
+
+
+def bento_of_run(config: PipelineConfig, run_id: str) -> str | None:
+    """The newest Bento in the store built from MLflow run ``run_id``'s model, or None."""
+    bentoml = use_bentoml_home(config)
+    try:
+        bentos = bentoml.bentos.list(config.bento_name)
+    except bentoml.exceptions.NotFound:
+        return None
+    mine = [b for b in bentos if b.info.labels.get("mlflow_run_id") == run_id]
+    return str(max(mine, key=lambda b: b.info.creation_time).tag) if mine else None
