@@ -28,6 +28,8 @@ import numpy as np
 import requests
 from PIL import Image
 
+from training.packaging.verify import free_port  # noqa: F401  (re-exported: test servers listen where the pipeline's do)
+
 # ---------------------------------------------------------------- generated data
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -303,10 +305,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -69,10 +69,24 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A port from bind(0) lies in the kernel's ephemeral range, where outgoing connections take their
+# source ports too, and one of those can take it in the seconds a server needs before it listens.
+# Servers started here listen below that range (Linux starts it at 32768), where only listeners go.
+LISTEN_PORTS = range(20000, 32768)
+
+
+def free_port() -> int:
+    """A TCP port nothing is bound to on any interface, from :data:`LISTEN_PORTS`."""
+    import random
+
+    for port in random.sample(LISTEN_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # every interface: a container runtime publishes there
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free TCP port in {LISTEN_PORTS.start}-{LISTEN_PORTS.stop - 1} after 200 tries")
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -112,7 +126,7 @@ def serve_bento(config: PipelineConfig, bento_tag: str, log_path: Path):
     from training.packaging.bento import use_bentoml_home
 
     use_bentoml_home(config)  # BENTOML_HOME for the server, the store the Bento was built in
-    port = _free_port()
+    port = free_port()
     bentoml_cli = Path(sys.executable).with_name("bentoml")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:
@@ -177,9 +191,15 @@ def check_answers(url: str, images: np.ndarray, expected: np.ndarray, class_name
                 if resp.headers.get(header) != value:
                     problems.append(f"/predict_batch: header {header} is {resp.headers.get(header)!r}, "
                                     f"expected {value!r}")
-            for i, answer in enumerate(resp.json()):
+            answers = resp.json()
+            if len(answers) != n:
+                problems.append(f"/predict_batch: {len(answers)} answers to {n} images")
+            for i, answer in enumerate(answers[:n]):
                 probs = np.array([answer["probabilities"][c] for c in class_names])
                 worst = max(worst, float(np.max(np.abs(probs - expected[i]))))
+                if answer["class_id"] != int(expected[i].argmax()):
+                    problems.append(f"/predict_batch image {i}: class {answer['label']}, the exported model says "
+                                    f"{class_names[int(expected[i].argmax())]}")
     p99 = float(np.percentile(latencies, 99)) if latencies else float("inf")
     if worst > TOLERANCE:
         problems.append(f"probabilities differ from the exported model's by up to {worst:.3g} (> {TOLERANCE:g})")
@@ -221,7 +241,7 @@ def verify(config: PipelineConfig, version_uri: str, bento_tag: str, prepared_di
         with serve_bento(config, bento_tag, logs / f"bento-{bento.tag.version}.log") as url:
             checks.append(check_answers(url, images, expected, class_names, lineage, config.served_p99_budget_ms))
         if container.image_exists(config, image):
-            with container.serve_image(config, image, _free_port(), timeout=config.served_start_timeout) as url:
+            with container.serve_image(config, image, free_port(), timeout=config.served_start_timeout) as url:
                 checks.append(check_answers(url, images, expected, class_names, lineage,
                                             config.served_p99_budget_ms))
         else:

@@ -1,0 +1,100 @@
+"""The served-artifact check's parts, against a small local HTTP server that answers like a Bento would."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from training.packaging.verify import (LISTEN_PORTS, TOLERANCE, ServedArtifactError, check_answers, free_port,
+                                       wait_ready)
+
+CLASSES = ["cat", "dog"]
+LINEAGE = {"X-Bento-Tag": "cifar10-classifier:abc", "X-MLflow-Model-Version": "2"}
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except OSError:  # not Linux
+        return 32768
+
+
+def test_free_port_is_unbound_and_below_the_ephemeral_range():
+    port = free_port()
+    assert port in LISTEN_PORTS and port < _ephemeral_start()
+    with socket.socket() as s:
+        s.bind(("", port))  # raises if anything holds it
+
+
+@pytest.fixture
+def fake_bento():
+    """A server answering /predict and /predict_batch from ``state``: probabilities and headers."""
+    state = {"probs": [0.9, 0.1], "headers": dict(LINEAGE), "status": 200, "extra": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            files = self.rfile.read(int(self.headers["Content-Length"])).count(b"filename=")
+            answer = {"class_id": int(np.argmax(state["probs"])), "label": CLASSES[int(np.argmax(state["probs"]))],
+                      "probabilities": dict(zip(CLASSES, state["probs"]))}
+            body = json.dumps([answer] * (files + state["extra"]) if self.path == "/predict_batch" else answer).encode()
+            self.send_response(state["status"])
+            for k, v in state["headers"].items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", state
+    server.shutdown()
+
+
+IMAGES = np.zeros((4, 32, 32, 3), np.uint8)
+EXPECTED = np.tile(np.array([0.9, 0.1], np.float32), (4, 1))
+
+
+def test_matching_answers_pass_with_their_latency(fake_bento):
+    url, _ = fake_bento
+    check = check_answers(url, IMAGES, EXPECTED, CLASSES, LINEAGE, budget_ms=5000)
+    assert check.requests == 5 and 0 < check.p99_ms < 5000 and check.max_abs_diff < 1e-6
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"probs": [0.1, 0.9]}, "class dog, the exported model says cat"),
+    ({"probs": [0.9 - 10 * TOLERANCE, 0.1 + 10 * TOLERANCE]}, "probabilities differ"),
+    ({"headers": {**LINEAGE, "X-MLflow-Model-Version": "1"}}, "header X-MLflow-Model-Version is '1', expected '2'"),
+    ({"status": 500}, "HTTP 500"),
+    ({"extra": 1}, "/predict_batch: 5 answers to 4 images"),
+])
+def test_an_answer_unlike_the_exported_models_fails_and_says_how(fake_bento, change, says):
+    url, state = fake_bento
+    state.update(change)
+    with pytest.raises(ServedArtifactError, match="problem") as err:
+        check_answers(url, IMAGES, EXPECTED, CLASSES, LINEAGE, budget_ms=5000)
+    assert says in str(err.value)
+
+
+def test_a_slow_server_fails_the_latency_budget(fake_bento):
+    url, _ = fake_bento
+    with pytest.raises(ServedArtifactError, match=r"p99 latency .* over the budget of 0.001 ms"):
+        check_answers(url, IMAGES, EXPECTED, CLASSES, LINEAGE, budget_ms=0.001)
+
+
+def test_a_startup_failure_in_the_log_fails_at_once(tmp_path):
+    log = tmp_path / "serve.log"
+    log.write_text("...\nERROR: Application startup failed. Exiting.\n")
+    started = time.monotonic()
+    with pytest.raises(ServedArtifactError, match="exited before it was ready"):
+        wait_ready(f"http://127.0.0.1:{free_port()}", timeout=60, log_path=log)
+    assert time.monotonic() - started < 5
