@@ -15,14 +15,16 @@ TAG_FILE=${TAG_FILE:-$STATE/model_tag_64_128_128_tta}
 [ -f "$TAG_FILE" ] || { echo "no $TAG_FILE: run python -m bench.bench_serving --widths 64,128,128 --tta once" >&2; exit 1; }
 export BENTOML_HOME=$STATE/bentoml BENTOML_DO_NOT_TRACK=True BENCH_IMAGE=$STATE/img.jpg
 PORT=${PORT:-3918}; ROUNDS=$1; shift; SPECS=("$@")
-stop() { pkill -f "bentoml serve service:CIFAR10Classifier .*--port $PORT" || true; pkill -f circusd || true
-         pkill -f _bentoml_impl.worker || true; sleep 2; }
+# Each server runs in its own session, so stopping it stops its workers and nothing else on the machine.
+SERVER=
+stop() { [ -z "$SERVER" ] || { kill -- "-$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=; }; }
 trap stop EXIT
 for _ in $(seq "$ROUNDS"); do for spec in "${SPECS[@]}"; do
   read -r dir vars <<< "$spec"; dir=$(cd "$dir" && pwd)
   tag=$(cat "$(env TAG_FILE="$TAG_FILE" $vars printenv TAG_FILE)")  # a spec may name its own TAG_FILE
-  (cd "$dir" && env $vars "$ROOT/.venv/bin/bentoml" serve service:CIFAR10Classifier \
-     --arg "model_tag=$tag" --port "$PORT" > "$STATE/ab-serve.log" 2>&1 &)
+  (cd "$dir" && exec setsid env $vars "$ROOT/.venv/bin/bentoml" serve service:CIFAR10Classifier \
+     --arg "model_tag=$tag" --port "$PORT" > "$STATE/ab-serve.log" 2>&1) &
+  SERVER=$!
   for _ in $(seq 180); do curl -sf "localhost:$PORT/readyz" > /dev/null && break; sleep 1; done
   wrk -t1 -c32 -d4s -s "$STATE/multipart.lua" "http://127.0.0.1:$PORT/predict" > /dev/null 2>&1
   out=$(wrk -t1 -c32 -d12s --latency -s "$STATE/multipart.lua" "http://127.0.0.1:$PORT/predict" 2>&1)
