@@ -15,9 +15,12 @@ PORT ?= 3000
 # Ports of the local stack (`make up`); the Bento server uses PORT.
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
-# Scheduled retraining: a cron expression or preset, "none" for on-demand only.
+# Scheduled retraining: a cron expression or preset; "none": no timed runs (drift events and manual runs only).
 export CIFAR10_SCHEDULE ?= @weekly
-# `make pipeline` stops the Airflow it started once the run ends; KEEP_STACK=1 leaves it running
+# The drift monitor's checks of the served model (cifar10_drift_monitor): cron, or "none".
+export CIFAR10_MONITOR_SCHEDULE ?= */15 * * * *
+# `make pipeline` stops the Airflow it started once the run ends (so its drift monitor is off: nothing
+# is served meanwhile); KEEP_STACK=1 leaves it running
 # (make down stops it). An Airflow that was already running (make up) is always left running.
 KEEP_STACK ?=
 # The Airflow that `make pipeline` triggers and follows: the local one on AIRFLOW_PORT unless
@@ -75,7 +78,8 @@ pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
 	elif scripts/stack.sh status | grep -qE '^airflow(-api-server)?: running'; then \
 		echo "Using the Airflow that is already running on this state (make down stops it)"; \
 	else \
-		if [ -z "$(KEEP_STACK)" ]; then trap 'scripts/stack.sh down airflow' EXIT; trap 'exit 130' INT TERM; fi; \
+		if [ -z "$(KEEP_STACK)" ]; then trap 'scripts/stack.sh down airflow' EXIT; trap 'exit 130' INT TERM; \
+			export CIFAR10_MONITOR_SCHEDULE=none; fi; \
 		echo "Starting Airflow (scheduler, DAG processor, API server: UI on http://localhost:$(AIRFLOW_PORT)/);" \
 		     "log: $(STATE)/stack/airflow.log"; \
 		scripts/stack.sh up airflow || exit 1; \

@@ -11,8 +11,11 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, dag, get_current_context, task
-from airflow.timetables.trigger import CronTriggerTimetable
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+
+# Both import only the standard library: parsing stays fast.
+from training.config import load_config
+from training.monitor import DRIFT_ASSET_NAME, DRIFT_ASSET_URI
 
 
 DOC = """
@@ -34,15 +37,18 @@ DOC = """
 11. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines (skipped when it is empty)
 
 Every param overrides the `training.config.PipelineConfig` field of the same name.
-Runs on demand and on the schedule in `CIFAR10_SCHEDULE` (default `@weekly`, Sunday 00:00 UTC; no
-catch-up, one run at a time; active as soon as Airflow loads it, unless `CIFAR10_START_PAUSED=true`).
-A run that does not beat the champion by `min_improvement` leaves the served model unchanged.
+Runs on demand, on the schedule in `CIFAR10_SCHEDULE` (default `@weekly`, Sunday 00:00 UTC; `none`: no
+timed runs), and on each `cifar10_drift` asset event, which the `cifar10_drift_monitor` DAG emits when
+the served model's inputs drift. No catch-up, one run at a time; active as soon as Airflow loads it,
+unless `CIFAR10_START_PAUSED=true`. A run that does not beat the champion by `min_improvement` leaves
+the served model unchanged.
 Rollback: the `cifar10_rollback` DAG, or `make rollback`.
 """
 
 # Scheduled retraining. Airflow needs the schedule when it parses this file, so it is
 # read from the environment here (not from PipelineConfig, which tasks load at run
-# time): a cron expression or preset such as "@daily"; "none" means on demand only.
+# time): a cron expression or preset such as "@daily"; "none": no timed runs (drift events
+# and manual triggers still start runs).
 # The registry gate keeps a scheduled run that does not beat the champion from
 # changing what is served.
 SCHEDULE = os.environ.get("CIFAR10_SCHEDULE", "@weekly").strip() or "@weekly"
@@ -50,6 +56,10 @@ SCHEDULE = os.environ.get("CIFAR10_SCHEDULE", "@weekly").strip() or "@weekly"
 # otherwise, and a paused weekly DAG never retrains. CIFAR10_START_PAUSED=true keeps
 # Airflow's default for operators who unpause by hand.
 START_PAUSED = os.environ.get("CIFAR10_START_PAUSED", "false").strip().lower() in ("1", "true", "yes")
+
+
+# Retraining on drift: the monitor DAG emits events on this asset.
+DRIFT = Asset(DRIFT_ASSET_NAME, uri=DRIFT_ASSET_URI)
 
 
 def _timetable(schedule: str) -> CronTriggerTimetable | None:
@@ -63,9 +73,14 @@ def _timetable(schedule: str) -> CronTriggerTimetable | None:
         return None
     return CronTriggerTimetable(schedule, timezone="UTC", run_immediately=timedelta(0))
 
-# Retries are needed at parse time too; training.config imports only the standard library.
-from training.config import load_config  # noqa: E402
 
+def _schedule(schedule: str) -> AssetOrTimeSchedule | Asset:
+    """At the cron times or on a drift event, whichever comes first; with "none", on drift events only."""
+    timetable = _timetable(schedule)
+    return DRIFT if timetable is None else AssetOrTimeSchedule(timetable=timetable, assets=DRIFT)
+
+
+# Retries are needed at parse time too.
 _PARSE_CONFIG = load_config()
 DEFAULT_ARGS = {"retries": _PARSE_CONFIG.task_retries,
                 "retry_delay": timedelta(seconds=_PARSE_CONFIG.retry_delay_seconds)}
@@ -73,8 +88,6 @@ DEFAULT_ARGS = {"retries": _PARSE_CONFIG.task_retries,
 
 def _config():
     """The pipeline config: environment defaults overridden by this run's params."""
-    from training.config import load_config
-
     params = get_current_context()["params"]
     return load_config({k: v for k, v in params.items() if v is not None and v != ""})
 
@@ -87,7 +100,7 @@ def _run_name() -> str:
 
 @dag(
     dag_id="cifar10_pipeline",
-    schedule=_timetable(SCHEDULE),
+    schedule=_schedule(SCHEDULE),
     catchup=False,  # a missed week is not worth several back-to-back trainings
     is_paused_upon_creation=START_PAUSED,
     max_active_runs=1,  # scheduled and manual runs share the store and registry

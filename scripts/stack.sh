@@ -81,6 +81,8 @@ up() {
   # Task processes call that API; its 5 s default timed out here on a busy 2-core machine
   # (httpx.ReadTimeout, task marked up_for_retry).
   export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="${AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT:-60}"
+  # The drift monitor watches the Bento server this stack starts.
+  export CIFAR10_MONITOR_URL="${CIFAR10_MONITOR_URL:-http://$HOST:$BENTO_PORT}"
   ! wanted airflow || start airflow "$BIN/airflow" standalone
   if wanted mlflow; then
     mkdir -p "$STATE/mlflow"

@@ -16,11 +16,13 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -335,6 +337,8 @@ def state_env(state: Path, **extra: str) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"sqlite:///{state}/mlflow/mlflow.db",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONUNBUFFERED": "1",
+        # A scheduler test is about the DAG it names; the drift monitor runs where a test turns it on.
+        "CIFAR10_MONITOR_SCHEDULE": "none",
         # As under make: the project's tools first, so nothing relies on one installed by hand.
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     })
@@ -717,6 +721,39 @@ def serve_service(serving_model: ServingModel, log: Path, extra_env: dict[str, s
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- small local HTTP servers
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that answers with :meth:`answer` and keeps the test output clean."""
+
+    def answer(self, status: int, body: bytes, content_type: str = "application/json",
+               headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in {"Content-Type": content_type, **(headers or {})}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def local_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` on a free local port, in a thread, until the block ends; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ---------------------------------------------------------------- serving inputs

@@ -169,6 +169,20 @@ class PipelineConfig:
     # serving machine imports it into its own store; "" = keep it in the local store only.
     bento_export_uri: str = ""
 
+    # --- drift monitoring (the cifar10_drift_monitor DAG) -------------------
+    # The service the monitor scrapes (/metrics, /metadata); in compose, the bento container.
+    monitor_url: str = "http://localhost:3000"
+    monitor_timeout: float = 10.0  # seconds for each request to the service
+    # A worker's drift score (0: its recent images look like the training data, 1: nothing
+    # alike) at or above this calls for retraining. Chosen between the scores of held-out
+    # training-like images and of blurred, inverted or noisy ones (docs/monitoring.md).
+    drift_threshold: float = 0.3
+    # Below this many images in a worker's window the score is noise, not evidence.
+    drift_min_images: int = 50
+    # After a drift event, no other for this long: retraining on data that has not changed
+    # cannot fix drifted inputs, and one episode should not start a training every check.
+    drift_cooldown_hours: float = 24.0
+
     # ----------------------------------------------------------------------
     @property
     def state_path(self) -> Path:

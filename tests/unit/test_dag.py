@@ -74,23 +74,24 @@ def test_params_are_all_config_fields(dag):
     assert set(dag.params) <= fields, set(dag.params) - fields
 
 
-def test_parsing_imports_no_heavy_library():
-    """Parsing the DAG must not import TensorFlow, Keras, MLflow or BentoML (scheduler cost)."""
+@pytest.mark.parametrize("dag_file", ["cifar10_pipeline.py", "cifar10_drift_monitor.py", "cifar10_rollback.py"])
+def test_parsing_imports_no_heavy_library(dag_file):
+    """Parsing a DAG must not import TensorFlow, Keras, MLflow or BentoML (scheduler cost)."""
     code = (
         "import sys, json, runpy; runpy.run_path(sys.argv[1]); "
-        "print(json.dumps(sorted(m for m in ('tensorflow', 'keras', 'mlflow', 'bentoml', 'onnxruntime') "
+        "print(json.dumps(sorted(m for m in ('tensorflow', 'keras', 'mlflow', 'bentoml', 'onnxruntime', 'matplotlib', 'requests') "
         "if m in sys.modules)))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / "cifar10_pipeline.py")],
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / dag_file)],
                          capture_output=True, text=True, check=True, timeout=120,
                          env={**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
-def _dag_with_env(monkeypatch, **env: str):
+def _dag_with_env(monkeypatch, dag_id: str = "cifar10_pipeline", **env: str):
     """The DAG as Airflow parses it with ``env`` (and no other schedule settings) in the environment."""
     monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    for name in ("CIFAR10_SCHEDULE", "CIFAR10_START_PAUSED"):
+    for name in ("CIFAR10_SCHEDULE", "CIFAR10_START_PAUSED", "CIFAR10_MONITOR_SCHEDULE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -98,18 +99,26 @@ def _dag_with_env(monkeypatch, **env: str):
 
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}, bag.import_errors
-    return bag.dags["cifar10_pipeline"]
+    return bag.dags[dag_id]
+
+
+def _scheduler_timetable(dag):
+    """The timetable as the scheduler runs it: serialized as the DAG processor stores it, then decoded."""
+    from airflow.serialization.decoders import decode_timetable
+    from airflow.serialization.encoders import encode_timetable
+
+    return decode_timetable(encode_timetable(dag.timetable))
 
 
 @pytest.mark.parametrize("schedule", ["@weekly", "*/1 * * * *"])
 def test_first_scheduled_run_is_the_next_due_time_never_a_past_one(monkeypatch, schedule):
     """Switching the stack on must not start a training for a due time that already passed."""
     from airflow.timetables.base import TimeRestriction
-    from airflow.utils import timezone
+    from airflow.sdk import timezone
 
     dag = _dag_with_env(monkeypatch, CIFAR10_SCHEDULE=schedule)
     before = timezone.utcnow()
-    info = dag.timetable.next_dagrun_info(last_automated_data_interval=None,
+    info = _scheduler_timetable(dag).next_dagrun_info(last_automated_data_interval=None,
                                           restriction=TimeRestriction(earliest=None, latest=None, catchup=False))
     assert info.run_after > before, (schedule, info.run_after, before)
 
@@ -128,13 +137,45 @@ def test_min_improvement_is_a_param_with_a_margin_above_zero(dag):
 
 def test_dag_retrains_weekly_by_default_without_catchup_one_run_at_a_time(monkeypatch):
     dag = _dag_with_env(monkeypatch)
-    assert dag.timetable.serialize()["expression"] == "0 0 * * 0"  # Sunday midnight UTC
+    assert dag.timetable.timetable.expression == "0 0 * * 0"  # Sunday midnight UTC
     assert dag.catchup is False
     assert dag.max_active_runs == 1
 
 
 @pytest.mark.parametrize("value,expected", [("0 3 * * 1", "0 3 * * 1"), ("none", None)])
-def test_schedule_comes_from_the_environment(monkeypatch, value, expected):
+def test_schedule_comes_from_the_environment_and_drift_events_always_start_a_run(monkeypatch, value, expected):
+    from airflow.sdk import AssetOrTimeSchedule
+
     dag = _dag_with_env(monkeypatch, CIFAR10_SCHEDULE=value)
-    assert (dag.timetable.serialize().get("expression") if expected else dag.schedule) == expected
+    assert dag.timetable.asset_condition.uri == "cifar10://serving/drift"
+    if expected:
+        assert isinstance(dag.timetable, AssetOrTimeSchedule)
+        assert dag.timetable.timetable.expression == expected
+    else:  # no timed runs: the asset alone
+        assert not isinstance(dag.timetable, AssetOrTimeSchedule)
+    assert "asset" in _scheduler_timetable(dag).summary.lower()
     assert dag.max_active_runs == 1
+
+
+def test_monitor_observes_on_its_schedule_and_only_emit_produces_the_drift_asset(monkeypatch):
+    monitor = _dag_with_env(monkeypatch, "cifar10_drift_monitor")
+    assert monitor.timetable.expression == "*/15 * * * *"
+    assert monitor.task_ids == ["observe", "emit"]
+    assert monitor.get_task("emit").upstream_task_ids == {"observe"}
+    assert [a.uri for a in monitor.get_task("emit").outlets] == ["cifar10://serving/drift"]
+    assert monitor.get_task("observe").outlets == []  # observing alone never retrains
+    assert [a.uri for a in monitor.get_task("observe").inlets] == ["cifar10://serving/drift"]  # the cooldown
+    assert monitor.catchup is False and monitor.max_active_runs == 1
+    assert {"monitor_url", "drift_threshold", "drift_min_images", "drift_cooldown_hours"} <= set(monitor.params)
+    for task in monitor.tasks:
+        assert task.execution_timeout is not None, task.task_id
+    assert "drift_threshold" in monitor.doc_md
+    off = _dag_with_env(monkeypatch, "cifar10_drift_monitor", CIFAR10_MONITOR_SCHEDULE="none")
+    assert type(off.timetable).__name__ == "NullTimetable"
+
+
+def test_monitor_params_are_config_fields(monkeypatch):
+    from training.config import PipelineConfig
+
+    monitor = _dag_with_env(monkeypatch, "cifar10_drift_monitor")
+    assert set(monitor.params) <= set(PipelineConfig.__dataclass_fields__)

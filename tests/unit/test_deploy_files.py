@@ -77,7 +77,8 @@ def test_the_one_machine_stack_reads_the_settings_the_compose_file_sets(compose)
     """`make up STACK=distributed` is the compose file as processes: the same variables configure both."""
     stack = (ROOT / "scripts" / "stack.sh").read_text()
     names = set(_env(compose["services"]["airflow-worker"])) | set(_env(compose["services"]["mlflow"]))
-    names -= {"CIFAR10_STATE_DIR", "CIFAR10_DATA_URL", "CIFAR10_SCHEDULE", "AIRFLOW__CORE__DAGS_FOLDER"}
+    names -= {"CIFAR10_STATE_DIR", "CIFAR10_DATA_URL", "CIFAR10_SCHEDULE", "CIFAR10_MONITOR_SCHEDULE",
+              "AIRFLOW__CORE__DAGS_FOLDER"}
     assert not {n for n in names if f"{n}=" not in stack}, sorted(n for n in names if f"{n}=" not in stack)
 
 

@@ -174,6 +174,8 @@ def promote(config: PipelineConfig, version_uri: str, bento_tag: str, *, by: str
     A promotion (``action="promote"``) fails when the champion changed after the version was
     scored against it: the comparison is then stale, and the run must be repeated.
     """
+    from training.registry.tracking import side_experiment
+
     name, version = split_uri(version_uri)
     client = client_for(config)
     mv = client.get_model_version(name, version)
@@ -194,10 +196,8 @@ def promote(config: PipelineConfig, version_uri: str, bento_tag: str, *, by: str
         _set_tags(client, name, version, mv.run_id, {"gate_decision": PROMOTED})
     if before is not None and before_version != version:
         client.set_model_version_tag(name, before_version, "champion_until", now)
-    experiment = client.get_experiment_by_name(f"{config.experiment_name}-champion")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        f"{config.experiment_name}-champion", artifact_location=config.artifact_location)
-    move = client.create_run(experiment_id, run_name=f"{action} v{before_version or '-'} -> v{version}", tags={
+    move = client.create_run(side_experiment(client, config, "champion"),
+                             run_name=f"{action} v{before_version or '-'} -> v{version}", tags={
         "action": action, "model": name, "from_version": before_version, "to_version": version,
         "to_run_id": mv.run_id, "bento_tag": bento_tag, "reason": reason[:5000], "by": by, "at": now})
     client.set_terminated(move.info.run_id)

@@ -43,6 +43,21 @@ def configure_mlflow(config: PipelineConfig) -> str:
     return exp_id
 
 
+def side_experiment(client, config: PipelineConfig, suffix: str) -> str:
+    """The id of ``<experiment_name>-<suffix>`` (a record kept beside the training runs), made if missing."""
+    name = f"{config.experiment_name}-{suffix}"
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=config.artifact_location)
+    except Exception:  # created concurrently by another task: use theirs
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 class TrackingServerUnreachable(RuntimeError):
     """The MLflow tracking server did not answer in time; failing lets Airflow retry the task."""
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+
+from tests.helpers import QuietHandler, local_http_server
 
 from training.packaging.verify import (LISTEN_PORTS, TOLERANCE, ServedArtifactError, check_answers, free_port,
                                        wait_ready)
@@ -38,26 +38,16 @@ def fake_bento():
     """A server answering /predict and /predict_batch from ``state``: probabilities and headers."""
     state = {"probs": [0.9, 0.1], "headers": dict(LINEAGE), "status": 200, "extra": 0}
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self):  # noqa: N802 (http.server's name)
-            files = self.rfile.read(int(self.headers["Content-Length"])).count(b"filename=")
+            files = self.body().count(b"filename=")
             answer = {"class_id": int(np.argmax(state["probs"])), "label": CLASSES[int(np.argmax(state["probs"]))],
                       "probabilities": dict(zip(CLASSES, state["probs"]))}
             body = json.dumps([answer] * (files + state["extra"]) if self.path == "/predict_batch" else answer).encode()
-            self.send_response(state["status"])
-            for k, v in state["headers"].items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(state["status"], body, headers=state["headers"])
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", state
-    server.shutdown()
+    with local_http_server(Handler) as url:
+        yield url, state
 
 
 IMAGES = np.zeros((4, 32, 32, 3), np.uint8)
