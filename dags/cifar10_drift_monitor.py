@@ -32,6 +32,9 @@ answer fails the check (an unreachable service is not drift, and a monitor that 
 # Airflow needs the schedule when it parses this file, so it is read from the environment here, as
 # the pipeline's CIFAR10_SCHEDULE is.
 SCHEDULE = os.environ.get("CIFAR10_MONITOR_SCHEDULE", "*/15 * * * *").strip() or "*/15 * * * *"
+# Active once loaded, like the pipeline (Airflow would create it paused): CIFAR10_START_PAUSED=true
+# keeps Airflow's default.
+START_PAUSED = os.environ.get("CIFAR10_START_PAUSED", "false").strip().lower() in ("1", "true", "yes")
 
 DRIFT = Asset(DRIFT_ASSET_NAME, uri=DRIFT_ASSET_URI)
 
@@ -52,6 +55,7 @@ def _last_event_at():
 @dag(
     dag_id="cifar10_drift_monitor",
     schedule=None if SCHEDULE.lower() == "none" else CronTriggerTimetable(SCHEDULE, timezone="UTC"),
+    is_paused_upon_creation=START_PAUSED,
     catchup=False,  # a missed check is not worth running late: the next one sees the same service
     max_active_runs=1,
     doc_md=DOC,

@@ -165,7 +165,7 @@ def test_monitor_observes_on_its_schedule_and_only_emit_produces_the_drift_asset
     assert [a.uri for a in monitor.get_task("emit").outlets] == ["cifar10://serving/drift"]
     assert monitor.get_task("observe").outlets == []  # observing alone never retrains
     assert [a.uri for a in monitor.get_task("observe").inlets] == ["cifar10://serving/drift"]  # the cooldown
-    assert monitor.catchup is False and monitor.max_active_runs == 1
+    assert monitor.catchup is False and monitor.max_active_runs == 1 and monitor.is_paused_upon_creation is False
     assert {"monitor_url", "drift_threshold", "drift_min_images", "drift_cooldown_hours"} <= set(monitor.params)
     for task in monitor.tasks:
         assert task.execution_timeout is not None, task.task_id
