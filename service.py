@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from serving.batcher import MicroBatcher, Overloaded
 from serving.http import RequestGuard, Upload
 from serving.lineage import lineage_headers
+from serving.metrics import ServiceMetrics, drift_window
 from serving.model import onnx_session, prediction, warm_up
 from serving.settings import ServingSettings
 from serving.slots import ComputeSlots, server_key
@@ -56,11 +57,6 @@ image, a missing or unknown field, or too many files, 413 for bodies over {SETTI
 429 over {SETTINGS.max_concurrency} concurrent requests, 503 when overloaded. A trailing slash
 (`/predict/`) is the same route.
 """
-
-BATCH_SIZE = bentoml.metrics.Histogram(
-    name="cifar10_batch_size", documentation="Images per ONNX Runtime call (in-process adaptive batching)",
-    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-
 
 class Prediction(BaseModel):
     """One image's classification."""
@@ -106,9 +102,13 @@ class CIFAR10Classifier:
         # Full batches side by side, as under load, before /readyz says ready: they prove the
         # model runs, and ONNX Runtime's arena reaches its working size now rather than under traffic.
         warm_up(self._infer, SETTINGS.max_batch_size, SETTINGS.model_concurrency)
+        # After the warm-up, so its blank batches count neither as answers nor as inputs that drifted.
+        self.metrics = ServiceMetrics(self.class_names,
+                                      drift_window(self.bento_model.info.metadata, SETTINGS.drift_window))
+        self.metrics.start_publishing()
         gate = ComputeSlots(server_key(), SETTINGS.compute_slots) if SETTINGS.compute_slots else None
-        self.batcher = MicroBatcher(self._infer, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
-                                    on_batch=BATCH_SIZE.observe, concurrency=SETTINGS.model_concurrency,
+        self.batcher = MicroBatcher(self._infer_and_observe, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
+                                    on_batch=self.metrics.batch_size.observe, concurrency=SETTINGS.model_concurrency,
                                     nice=SETTINGS.infer_nice, gate=gate)
         # Everything loaded so far lives as long as the worker: out of the garbage collector's
         # reach, full collections under load scan only what requests create.
@@ -117,6 +117,11 @@ class CIFAR10Classifier:
 
     def _infer(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: pixels.astype("float32")})[0]
+
+    def _infer_and_observe(self, pixels: np.ndarray) -> np.ndarray:
+        probs = self._infer(pixels)
+        self.metrics.observe(pixels, probs)
+        return probs
 
     async def _classify(self, files: list[Upload]) -> list[Prediction]:
         import numpy as np

@@ -19,7 +19,7 @@ def _cpu_share() -> int:
 
 
 SWITCHES = ("access_log", "trace_requests")  # settings that are 0 (off) or 1 (on)
-ZERO_ALLOWED = ("infer_nice", "compute_slots")  # other counts must be positive
+ZERO_ALLOWED = ("infer_nice", "compute_slots", "drift_window")  # other counts must be positive
 # Routes left out of OpenTelemetry unless CIFAR10_TRACE_REQUESTS=1 (OpenTelemetry's
 # excluded_urls: comma-separated regular expressions searched in the request URL).
 UNTRACED = "/predict,/predict_batch,/metadata"
@@ -64,6 +64,9 @@ class ServingSettings:
     # configuration). 0: the routes are excluded from tracing, because BentoML runs its
     # tracing middleware on every request even when nothing exports the spans.
     trace_requests: int = 0
+    # Recent images per worker that cifar10_drift_score compares with the training data (serving/drift.py).
+    # Fewer react sooner but score noisier (an in-distribution window of 256 stays near 0.05); 0: off.
+    drift_window: int = 256
 
     def service_options(self) -> dict:
         """``@bentoml.service`` options these settings decide (service.py and bench/http_floor.py)."""

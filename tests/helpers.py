@@ -52,6 +52,52 @@ def make_images(per_class: int, classes: list[str] = CLASSES, seed: int = 0) -> 
     return np.concatenate(images), np.concatenate(labels)
 
 
+def natural_images(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 32, 32, 3) uint8 images with a photo's statistics, the kind drift scores are about.
+
+    Smooth fields (a 4x4 grid upscaled) with fine texture and a bluish tint, as sky and sea give
+    CIFAR-10: so blur lowers local contrast, noise raises it, and inverted colours flip the tint.
+    """
+    rng = np.random.default_rng(seed)
+    grids = np.clip(rng.normal(128, 40, (n, 4, 4, 3)), 0, 255).astype(np.uint8)
+    fields = np.stack([np.asarray(Image.fromarray(g).resize((32, 32), Image.BICUBIC)) for g in grids]) - 128.0
+    tint = rng.uniform(60, 160, (n, 1, 1, 1)) + np.array([0, 15, 40])
+    return np.clip(fields + tint + rng.normal(0, 8, fields.shape), 0, 255).astype(np.uint8)
+
+
+def box_blur(images: np.ndarray, radius: int) -> np.ndarray:
+    """A (2r+1)x(2r+1) box blur of uint8 images (n, h, w, c), edges clamped."""
+    x = images.astype(np.float32)
+    for axis in (1, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (radius, radius)
+        padded = np.pad(x, pad, mode="edge")
+        x = sum(np.take(padded, range(i, i + images.shape[axis]), axis=axis)
+                for i in range(2 * radius + 1)) / (2 * radius + 1)
+    return np.clip(x.round(), 0, 255).astype(np.uint8)
+
+
+def image_shifts(rng: np.random.Generator) -> dict:
+    """Ways the served images can differ from the training data, by name: uint8 images in, uint8 out."""
+    def noise(sigma):
+        return lambda x: np.clip(x + rng.normal(0, sigma, x.shape), 0, 255).astype(np.uint8)
+
+    return {
+        "in distribution": lambda x: x,
+        "blur r=1 (3x3)": lambda x: box_blur(x, 1),
+        "blur r=2 (5x5, strong)": lambda x: box_blur(x, 2),
+        "inverted colours": lambda x: 255 - x,
+        "noise sigma=10": noise(10),
+        "noise sigma=40 (strong)": noise(40),
+        "darker (x0.6)": lambda x: (x * 0.6).astype(np.uint8),
+        "greyscale": lambda x: np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8),
+    }
+
+
+# The shifts the drift score must catch at the default threshold.
+STRONG_SHIFTS = ("blur r=2 (5x5, strong)", "inverted colours", "noise sigma=40 (strong)")
+
+
 def encode(img: np.ndarray, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format=fmt)
@@ -663,6 +709,8 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
     import bentoml
     import numpy as np
 
+    from serving.drift import reference_statistics
+    from serving.model import onnx_session
     from training.model.export import export_onnx
     from training.model.network import build_model, with_flip_tta
 
@@ -674,8 +722,13 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
     sample = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         diff = export_onnx(model, Path(tmp) / "model.onnx", sample)
+        # A drift reference as train computes it, of natural_images: serving those scores low.
+        reference_x = natural_images(200, seed=0)
+        session = onnx_session(Path(tmp) / "model.onnx")
+        confidences = session.run(None, {session.get_inputs()[0].name: reference_x.astype(np.float32)})[0].max(axis=1)
         metadata = {**FAKE_METADATA, "class_names": CLASSES, "onnx_max_abs_diff": diff,
-                    "mlflow_tracking_uri": "sqlite:///nowhere.db"}
+                    "mlflow_tracking_uri": "sqlite:///nowhere.db",
+                    "drift_reference": reference_statistics(reference_x, confidences)}
         with bentoml.models.create(name, labels=FAKE_LABELS, metadata=metadata) as stored:
             (Path(stored.path) / "model.onnx").write_bytes((Path(tmp) / "model.onnx").read_bytes())
             (Path(stored.path) / "classes.json").write_text(json.dumps(CLASSES))

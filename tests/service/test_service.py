@@ -24,7 +24,7 @@ from serving import settings as serving_settings
 from serving.batcher import MicroBatcher, Overloaded
 from serving.http import RequestGuard, Upload
 from serving.settings import ServingSettings
-from tests.helpers import ROOT, OverlapModel, guarded_client, image_bytes, stop_server
+from tests.helpers import CLASSES, ROOT, OverlapModel, encode, guarded_client, image_bytes, natural_images, stop_server
 from tests.helpers import serve_service as _serve
 
 MAX_BODY = 300_000  # small limit so the 413 tests send little
@@ -422,6 +422,31 @@ def test_metrics_show_batches_larger_than_one(server):
     le2 = next(v for k, v in values.items() if k.startswith("cifar10_batch_size_bucket") and 'le="2.0"' in k)
     count = next(v for k, v in values.items() if k.startswith("cifar10_batch_size_count"))
     assert count > le2, "one four-image request must have made a batch of more than 2"
+def _window_images(observation) -> int:
+    return sum(w.images for w in observation.workers)
+
+
+def test_metrics_report_classes_confidence_and_drift_per_worker(server):
+    from training.monitor.metrics import parse
+
+    before = parse(httpx.get(f"{server}/metrics", timeout=30).text)
+    images = natural_images(4 * 8, seed=3)
+    for i in range(0, len(images), 4):
+        files = [("files", (f"{j}.png", encode(img), "image/png")) for j, img in enumerate(images[i:i + 4])]
+        assert httpx.post(f"{server}/predict_batch", files=files, timeout=60).status_code == 200
+    deadline = time.monotonic() + 10  # the drift gauges are updated once a second, off the request path
+    while _window_images(after := parse(httpx.get(f"{server}/metrics", timeout=30).text)) < len(images):
+        assert time.monotonic() < deadline, f"the drift window never held the {len(images)} images: {after}"
+        time.sleep(0.5)
+    assert set(after.predictions) == set(CLASSES)  # every class has a series, answered or not
+    assert sum(after.predictions.values()) - sum(before.predictions.values()) == len(images)
+    assert after.confidence_count - before.confidence_count == len(images)
+    # One drift series per worker that has served (a pid label each), scored against the model's reference.
+    assert after.workers and all(dict(w.labels).get("pid") for w in after.workers), after.workers
+    assert sum(w.images for w in after.workers) >= len(images)
+    assert all(0 <= w.score < 1 for w in after.workers)
+
+
 def test_metadata_matches_the_model(server, serving_model):
     resp = httpx.post(f"{server}/metadata", timeout=30)
     assert resp.status_code == 200, resp.text
