@@ -40,7 +40,8 @@ for tool in uv bentoml airflow mlflow python; do
 done
 say "tools resolve inside the project: $(command -v uv), $(command -v bentoml)"
 
-free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# Below the ephemeral range, so no outgoing connection takes the port before the server binds it.
+free_port() { python -c 'from training.packaging.verify import free_port; print(free_port())'; }
 PORT=$(free_port)
 AIRFLOW_PORT=$(free_port)
 # Airflow's scheduler and triggerer serve running tasks' logs on fixed ports (8793, 8794) by
@@ -123,6 +124,17 @@ grep -qx "x-mlflow-model-version: 1" <<<"${headers,,}" || fail "no lineage heade
 bento=$(sed -n 's/^x-bento-tag: //Ip' <<<"$headers")
 grep -q "Serving $bento (the champion's Bento)" "$RUN_LOG" || fail "the served Bento '$bento' is not the one make serve named"
 say "lineage headers: model version 1, Bento $bento"
+# What an operator's Prometheus scrapes: the class mix, confidence and a drift score for the 5 images.
+for _ in $(seq 20); do  # the drift gauges are set once a second, off the request path
+  metrics=$(curl -fsS "http://localhost:$PORT/metrics") || fail "GET /metrics failed"
+  grep -q "^cifar10_drift_window_images" <<<"$metrics" && break
+  sleep 0.5
+done
+for name in cifar10_predictions_total cifar10_prediction_confidence_count cifar10_drift_score \
+  cifar10_drift_window_images; do
+  grep -q "^$name" <<<"$metrics" || fail "/metrics has no $name series; it has: $(grep -o '^cifar10_[a-z_]*' <<<"$metrics" | sort -u | tr '\n' ' ')"
+done
+say "/metrics: $(grep '^cifar10_drift_score' <<<"$metrics" | head -2 | tr '\n' ' ')"
 cd "$ROOT"
 
 kill -TERM -- "-$make_pid"

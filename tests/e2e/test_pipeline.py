@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 
 import numpy as np
 import pytest
@@ -82,6 +83,21 @@ def test_bentoml_store_has_the_champion_with_lineage_labels(pipeline):
     labels = [m.get("labels") or {} for m in models]
     assert any(lb.get("mlflow_run_id") == champion.run_id and lb.get("mlflow_version") == str(champion.version)
                and lb.get("mlflow_model") == "cifar10-cnn" for lb in labels), models
+    # The drift reference travels in the model's metadata, so every Bento of it can score its inputs.
+    served = next(m for m, lb in zip(models, labels) if lb.get("mlflow_run_id") == champion.run_id)
+    reference = (served.get("metadata") or {}).get("drift_reference") or {}
+    assert {"red", "green", "blue", "contrast", "colour", "confidence"} <= set(reference.get("groups", {})), served
+
+
+def test_served_bento_reports_a_drift_score(server):
+    from training.monitor.metrics import parse
+
+    files = [("files", (f"{i}.png", encode(img), "image/png")) for i, img in enumerate(make_images(2, seed=8)[0])]
+    assert requests.post(f"{server}/predict_batch", files=files, timeout=60).status_code == 200
+    deadline = time.monotonic() + 10  # the drift gauges are updated once a second
+    while not (observation := parse(requests.get(f"{server}/metrics", timeout=30).text)).window_images:
+        assert time.monotonic() < deadline, f"no worker reports a drift window: {observation}"
+        time.sleep(0.5)
 
 
 def test_bento_was_built(pipeline):

@@ -22,6 +22,9 @@ from training.registry.attempts import TaskAttempt, end_orphaned_runs
 
 log = logging.getLogger(__name__)
 
+# Logged next to model.onnx; the import into the BentoML store copies it into the model's metadata.
+DRIFT_REFERENCE = "drift_reference.json"
+
 
 def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
     """Build and fit the model on ``splits`` with the loop ``config.loop`` selects.
@@ -50,6 +53,16 @@ def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.nda
     out = [np.asarray(model(x[i:i + batch_size].astype(np.float32), training=False))
            for i in range(0, len(x), batch_size)]
     return np.concatenate(out)
+
+
+def drift_reference(model, splits: dict) -> dict:
+    """What the service's drift score compares with: the training images' statistics and the model's
+    confidence on held-out images (validation, or test when there is no validation split)."""
+    from serving.drift import reference_statistics
+
+    held = splits["val"][0] if len(splits["val"][0]) else splits["test"][0]
+    confidences = predict_probabilities(model, held).max(axis=1) if len(held) else None
+    return reference_statistics(splits["train"][0], confidences)
 
 
 def keras_backend() -> str:
@@ -188,6 +201,7 @@ def train(config: PipelineConfig, prepared_dir: Path, attempt: TaskAttempt | Non
             onnx_path = Path(tmp) / "model.onnx"
             diff = export_onnx(model, onnx_path, x_test[:64])
             (Path(tmp) / "classes.json").write_text(json.dumps(class_names))
+            (Path(tmp) / DRIFT_REFERENCE).write_text(json.dumps(drift_reference(model, splits)))
             mlflow.log_metric("onnx_max_abs_diff", diff)
             mlflow.log_artifacts(tmp, "onnx")
 

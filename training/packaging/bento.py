@@ -65,6 +65,7 @@ def import_version(config: PipelineConfig, version_uri: str) -> str:
     from serving.model import onnx_session
 
     from training.model.export import check_parity
+    from training.model.train import DRIFT_REFERENCE
     # The saved model names the network's custom layers and activations; under a scheduler
     # this task runs in its own process, where nothing else has registered them.
     import training.model.network  # noqa: F401
@@ -100,6 +101,9 @@ def import_version(config: PipelineConfig, version_uri: str) -> str:
             "onnx_max_abs_diff": diff,
             "mlflow_tracking_uri": mask_password(config.tracking_uri),  # never bake a password into a Bento
         }
+        reference = src / DRIFT_REFERENCE
+        if reference.exists():  # versions trained before drift monitoring have none; they serve without a score
+            metadata["drift_reference"] = json.loads(reference.read_text())
         with bentoml.models.create(config.bento_model_name, labels=labels, metadata=metadata) as model:
             shutil.copy(src / "model.onnx", Path(model.path) / "model.onnx")
             shutil.copy(src / "classes.json", Path(model.path) / "classes.json")

@@ -97,6 +97,25 @@ def test_onnx_artifact_matches_keras_model(trained, tmp_path):
     assert check_parity(onnx_session(f"{folder}/model.onnx"), reference, pixels) <= 1e-4
 
 
+def test_drift_reference_describes_the_training_split(trained, tmp_path):
+    import mlflow
+
+    from serving.drift import PIXEL_GROUPS, DriftWindow, reference_statistics
+    from training.data.prepare import load_prepared
+
+    config, run_id, prepared = trained
+    mlflow.set_tracking_uri(config.tracking_uri)
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="onnx", dst_path=str(tmp_path))
+    reference = json.loads(open(f"{folder}/drift_reference.json").read())
+    splits = load_prepared(prepared)[0]
+    assert reference["images"] == len(splits["train"][0])
+    expected = reference_statistics(splits["train"][0])["groups"]
+    assert {g: reference["groups"][g] for g in PIXEL_GROUPS} == expected
+    # The model's confidence on held-out images: one value per validation image.
+    assert sum(reference["groups"]["confidence"]) == pytest.approx(1.0, abs=1e-6)
+    DriftWindow(reference, 16)  # the service can use it
+
+
 def test_logged_model_requirements_are_the_locked_versions(trained):
     """MLflow's requirements.txt pins keras and TensorFlow exactly as uv.lock does: no guessing."""
     import tomllib
