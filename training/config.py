@@ -174,9 +174,10 @@ class PipelineConfig:
     monitor_url: str = "http://localhost:3000"
     monitor_timeout: float = 10.0  # seconds for each request to the service
     # A worker's drift score (0: its recent images look like the training data, 1: nothing
-    # alike) at or above this calls for retraining. Chosen between the scores of held-out
-    # training-like images and of blurred, inverted or noisy ones (docs/monitoring.md).
-    drift_threshold: float = 0.3
+    # alike) at or above this calls for retraining. On CIFAR-10, windows of held-out images
+    # score up to about 0.07 and strongly blurred, inverted or noisy ones 0.29 and more; a
+    # mild blur or one class only (about 0.2) does not trip it (docs/monitoring.md).
+    drift_threshold: float = 0.25
     # Below this many images in a worker's window the score is noise, not evidence.
     drift_min_images: int = 50
     # After a drift event, no other for this long: retraining on data that has not changed
