@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 BINS = 16
 PIXEL_GROUPS = ("red", "green", "blue", "contrast", "colour")
 CONFIDENCE = "confidence"
+CONFIDENCE_EDGES = (0.5, 0.75, 0.9)  # unsure, hesitant, fairly sure, sure
 REFERENCE_VERSION = 1
 
 
@@ -70,10 +71,14 @@ def image_histograms(images: np.ndarray) -> np.ndarray:
 
 
 def confidence_histograms(confidences: np.ndarray) -> np.ndarray:
-    """One-hot rows ``(n, BINS)``: the bin of each image's top-class probability."""
+    """One-hot rows ``(n, BINS)``: the bin of each image's top-class probability.
+
+    Four bins (edges :data:`CONFIDENCE_EDGES`) of the sixteen: each image gives one value here, not
+    hundreds as for its pixels, and sixteen bins of 50 values would score sampling noise as drift.
+    """
     import numpy as np
 
-    bins = np.minimum(BINS - 1, (np.asarray(confidences, dtype=np.float64) * BINS).astype(np.int64))
+    bins = np.searchsorted(CONFIDENCE_EDGES, np.asarray(confidences, dtype=np.float64), side="right")
     return np.eye(BINS, dtype=np.int64)[bins]
 
 
@@ -131,6 +136,8 @@ class DriftWindow:
             raise ReferenceError(f"drift reference lacks the groups {missing}; retrain or re-import the model")
         self.groups = PIXEL_GROUPS + ((CONFIDENCE,) if CONFIDENCE in groups else ())
         self.reference = np.array([groups[g] for g in self.groups], dtype=np.float64)
+        # The first confidence bin is "under 0.5": how often the model was unsure on held-out images.
+        self.low_confidence_share = float(groups[CONFIDENCE][0]) if CONFIDENCE in groups else None
         self.size = size
         self._rows: deque[np.ndarray] = deque()
         self._sum = np.zeros((len(self.groups), BINS), dtype=np.int64)

@@ -7,6 +7,8 @@
   against the model's training data (:mod:`serving.drift`; gauge, one series per worker, ``pid``
   label), updated once a second.
 - ``cifar10_drift_window_images``: how many images that worker's window holds (gauge, same labels).
+- ``cifar10_reference_low_confidence_share``: the share of validation images the model answered with
+  confidence under 0.5 (from its drift reference), so an alert can compare the served share with it.
 
 The metrics are made where a worker starts, not at import: BentoML gives each worker a
 Prometheus multiprocess folder, and ``prometheus_client`` must be imported after it is set.
@@ -58,6 +60,11 @@ class ServiceMetrics:
                                       multiprocess_mode="liveall", registry=registry)
         self.window_images = prom.Gauge("cifar10_drift_window_images", "Images in this worker's drift window",
                                         multiprocess_mode="liveall", registry=registry)
+        # Only where the reference has it: a series at 0 would read as "this model is never unsure".
+        if drift is not None and drift.low_confidence_share is not None:
+            prom.Gauge("cifar10_reference_low_confidence_share", "Share of validation images the model answered "
+                       "with confidence under 0.5 (its drift reference)", multiprocess_mode="max",
+                       registry=registry).set(drift.low_confidence_share)
         # Every class has a series from the start, so rate() and ratios work before its first answer.
         self._class_counters = [self.predictions.labels(name) for name in class_names]
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []

@@ -175,11 +175,12 @@ class PipelineConfig:
     monitor_timeout: float = 10.0  # seconds for each request to the service
     # A worker's drift score (0: its recent images look like the training data, 1: nothing
     # alike) at or above this calls for retraining. On CIFAR-10, windows of held-out images
-    # score up to about 0.07 and strongly blurred, inverted or noisy ones 0.29 and more; a
-    # mild blur or one class only (about 0.2) does not trip it (docs/monitoring.md).
+    # score up to 0.15 (100 images), strongly blurred, inverted or noisy ones 0.35 and more
+    # (0.29 and more from pixels alone, for a model without confidences) (docs/monitoring.md).
     drift_threshold: float = 0.25
-    # Below this many images in a worker's window the score is noise, not evidence.
-    drift_min_images: int = 50
+    # Below this many images in a worker's window the score is noise, not evidence: in-distribution
+    # windows of 50 score up to 0.2.
+    drift_min_images: int = 100
     # After a drift event, no other for this long: retraining on data that has not changed
     # cannot fix drifted inputs, and one episode should not start a training every check.
     drift_cooldown_hours: float = 24.0

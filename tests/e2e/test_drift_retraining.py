@@ -29,8 +29,9 @@ from tests.helpers import (BIN, ROOT, ServingModel, encode, free_port, make_serv
 from training.config import PipelineConfig
 
 MONITOR, PIPELINE = "cifar10_drift_monitor", "cifar10_pipeline"
-THRESHOLD = PipelineConfig().drift_threshold  # the default is what is tested
-WINDOW = 100  # images in the service's window (CIFAR10_DRIFT_WINDOW); enough for a score to count
+THRESHOLD = PipelineConfig().drift_threshold  # the defaults are what is tested
+MIN_IMAGES = PipelineConfig().drift_min_images
+WINDOW = PipelineConfig().drift_min_images  # the service's window (CIFAR10_DRIFT_WINDOW): the fewest judged
 SCENARIO_TIMEOUT_S = 900
 
 
@@ -107,7 +108,6 @@ def scenario(tmp_path_factory) -> Scenario:
         CIFAR10_SCHEDULE="none",  # the pipeline runs on drift events alone here
         CIFAR10_MONITOR_SCHEDULE="* * * * * */10",
         CIFAR10_MONITOR_URL=url,
-        CIFAR10_DRIFT_MIN_IMAGES="50",
         AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
         # The test is about the trigger, not the training (other tests run the pipeline): the triggered
         # run's fetch fails at once on a missing archive, so it takes no CPU from the checks.
@@ -150,7 +150,7 @@ def test_drift_emits_an_event_and_the_scheduler_starts_the_pipeline_for_it(scena
     events = _events(scenario.state)
     assert len(events) == 1, events
     assert events[0]["source_dag_id"] == MONITOR
-    assert events[0]["extra"]["drift_score"] >= THRESHOLD and events[0]["extra"]["window_images"] >= 50
+    assert events[0]["extra"]["drift_score"] >= THRESHOLD and events[0]["extra"]["window_images"] >= MIN_IMAGES
     runs = _pipeline_runs(scenario.state)
     assert [kind for _, kind in runs] == ["asset_triggered"], runs
     # The run is the scheduler's answer to that very event.

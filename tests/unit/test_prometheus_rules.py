@@ -26,7 +26,8 @@ def _rules() -> list[dict]:
 def _exported_series() -> set[str]:
     """Sample names a worker's /metrics has after one answer."""
     registry = CollectorRegistry()
-    metrics = ServiceMetrics(CLASSES, DriftWindow(reference_statistics(natural_images(10)), 8), registry=registry)
+    reference = reference_statistics(natural_images(10), np.full(10, 0.9))  # as train makes it, with confidences
+    metrics = ServiceMetrics(CLASSES, DriftWindow(reference, 8), registry=registry)
     metrics.observe(natural_images(1), np.full((1, len(CLASSES)), 0.1))
     metrics.publish()
     return {sample.name for family in registry.collect() for sample in family.samples}

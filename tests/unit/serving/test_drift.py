@@ -35,12 +35,12 @@ def test_reference_is_json_with_normalised_groups(reference):
 
 
 def test_reference_with_confidences_has_that_group():
-    ref = reference_statistics(natural_images(20), np.array([0.95] * 10 + [0.3] * 10))
-    assert ref["groups"]["confidence"][int(0.95 * BINS)] == pytest.approx(0.5)
-    assert ref["groups"]["confidence"][int(0.3 * BINS)] == pytest.approx(0.5)
+    ref = reference_statistics(natural_images(20), np.array([0.95] * 10 + [0.3] * 5 + [0.8] * 5))
+    assert ref["groups"]["confidence"][:4] == pytest.approx([0.25, 0, 0.25, 0.5])  # <0.5, <0.75, <0.9, >=0.9
+    assert sum(ref["groups"]["confidence"][4:]) == 0
 
 
-@pytest.mark.parametrize("size", [50, 256])  # 50: the fewest images the monitor judges (drift_min_images)
+@pytest.mark.parametrize("size", [PipelineConfig().drift_min_images, 256])  # the fewest the monitor judges, the default
 def test_in_distribution_windows_stay_under_the_threshold(reference, size):
     for seed in range(11, 16):
         score = window_score(reference, natural_images(size, seed=seed), size)

@@ -38,6 +38,14 @@ def test_observe_counts_classes_confidence_and_drift():
     assert value("cifar10_drift_window_images") == 5
     assert value("cifar10_drift_score") == pytest.approx(window.score())
     assert value("cifar10_drift_score") > 0
+    assert value("cifar10_reference_low_confidence_share") is None  # the reference has no confidences
+
+
+def test_reference_low_confidence_share_is_exported():
+    registry = CollectorRegistry()
+    reference = reference_statistics(natural_images(20), np.array([0.3] * 5 + [0.95] * 15))
+    ServiceMetrics(CLASSES, DriftWindow(reference, 8), registry=registry)
+    assert registry.get_sample_value("cifar10_reference_low_confidence_share") == pytest.approx(0.25)
 
 
 def test_only_the_last_window_of_queued_images_is_scored():
