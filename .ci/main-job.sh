@@ -127,14 +127,16 @@ say "lineage headers: model version 1, Bento $bento"
 # What an operator's Prometheus scrapes: the class mix, confidence and a drift score for the 5 images.
 for _ in $(seq 20); do  # the drift gauges are set once a second, off the request path
   metrics=$(curl -fsS "http://localhost:$PORT/metrics") || fail "GET /metrics failed"
-  grep -q "^cifar10_drift_window_images" <<<"$metrics" && break
+  awk '/^cifar10_drift_window_images/ && $2 > 0 {found = 1} END {exit !found}' <<<"$metrics" && break
   sleep 0.5
 done
 for name in cifar10_predictions_total cifar10_prediction_confidence_count cifar10_drift_score \
   cifar10_drift_window_images; do
   grep -q "^$name" <<<"$metrics" || fail "/metrics has no $name series; it has: $(grep -o '^cifar10_[a-z_]*' <<<"$metrics" | sort -u | tr '\n' ' ')"
 done
-say "/metrics: $(grep '^cifar10_drift_score' <<<"$metrics" | head -2 | tr '\n' ' ')"
+awk '/^cifar10_drift_window_images/ && $2 > 0 {found = 1} END {exit !found}' <<<"$metrics" ||
+  fail "no worker's drift window holds the images just sent: $(grep '^cifar10_drift' <<<"$metrics" | tr '\n' ' ')"
+say "/metrics: $(grep '^cifar10_drift' <<<"$metrics" | tr '\n' ' ')"
 cd "$ROOT"
 
 kill -TERM -- "-$make_pid"

@@ -7,8 +7,8 @@ training exported) the confidence group is included, its reference from the held
 
     .venv/bin/python -m bench.drift_threshold ../shared/data/cifar10-train-jpeg.zip [--model model.onnx]
 
-Prints a Markdown table: each window kind's score (min, median, 99th percentile, max over windows) and
-which groups moved most.
+Prints a Markdown table: each window kind's score (min, median, 99th percentile, max over windows),
+the groups that moved most and, with ``--model``, the share of unsure answers (confidence <= 0.5).
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ def main() -> None:
     reference = reference_statistics(ref_x, confidence(held_x) if confidence else None)
     print(f"reference: {len(ref_x)} images; held out: {len(held_x)}; window {args.window}; "
           f"{args.windows} windows per kind; groups {list(reference['groups'])}\n")
-    print("| window | min | median | p99 | max | groups that moved most |")
-    print("|---|---|---|---|---|---|")
+    print("| window | min | median | p99 | max | groups that moved most | answers with confidence <= 0.5 |")
+    print("|---|---|---|---|---|---|---|")
     kinds = image_shifts(rng)
     kinds["one class only (cat)"] = None
     cost = []
     for kind, shift in kinds.items():
-        scores, moved = [], {}
+        scores, moved, unsure = [], {}, []
         for _ in range(args.windows):
             if shift is None:
                 pool = np.flatnonzero(held_y == raw.class_names.index("cat"))
@@ -64,6 +64,7 @@ def main() -> None:
                 x = shift(held_x[rng.choice(len(held_x), args.window, replace=False)])
             window = DriftWindow(reference, args.window)
             conf = confidence(x) if confidence else np.zeros(len(x))
+            unsure.append(np.mean(conf <= 0.5) if confidence else np.nan)
             for start in range(0, len(x), 64):
                 t = time.perf_counter()
                 score = window.add(x[start:start + 64], conf[start:start + 64])
@@ -72,7 +73,7 @@ def main() -> None:
             for g, d in window.distances().items():
                 moved[g] = moved.get(g, 0) + d / args.windows
         top = ", ".join(f"{g} {d:.2f}" for g, d in sorted(moved.items(), key=lambda kv: -kv[1])[:3])
-        print(f"| {kind} | {min(scores):.3f} | {np.median(scores):.3f} | {np.percentile(scores, 99):.3f} | {max(scores):.3f} | {top} |")
+        print(f"| {kind} | {min(scores):.3f} | {np.median(scores):.3f} | {np.percentile(scores, 99):.3f} | {max(scores):.3f} | {top} | {np.mean(unsure):.3f} |")
     print(f"\nDriftWindow.add: {np.median(cost) * 1e6:.1f} us per image (median, batches of 64)")
 
 

@@ -54,13 +54,15 @@ class ServiceMetrics:
                                         registry=registry)
         self.confidence = prom.Histogram("cifar10_prediction_confidence", "Top-class probability of each answer",
                                          buckets=CONFIDENCE_BUCKETS, registry=registry)
-        # liveall: a worker that exits takes its window with it, instead of reporting its last score forever.
-        self.drift_score = prom.Gauge("cifar10_drift_score", "Drift of this worker's recent inputs from the "
-                                      "training data: largest Jensen-Shannon distance of a statistic, 0 to 1",
-                                      multiprocess_mode="liveall", registry=registry)
-        self.window_images = prom.Gauge("cifar10_drift_window_images", "Images in this worker's drift window",
-                                        multiprocess_mode="liveall", registry=registry)
-        # Only where the reference has it: a series at 0 would read as "this model is never unsure".
+        # The drift series exist only with a window: a series at 0 would read as "no drift" (and, for the
+        # reference share, "this model is never unsure"). liveall: a worker that exits takes its window
+        # with it, instead of reporting its last score forever.
+        if drift is not None:
+            self.drift_score = prom.Gauge("cifar10_drift_score", "Drift of this worker's recent inputs from the "
+                                          "training data: largest Jensen-Shannon distance of a statistic, 0 to 1",
+                                          multiprocess_mode="liveall", registry=registry)
+            self.window_images = prom.Gauge("cifar10_drift_window_images", "Images in this worker's drift window",
+                                            multiprocess_mode="liveall", registry=registry)
         if drift is not None and drift.low_confidence_share is not None:
             prom.Gauge("cifar10_reference_low_confidence_share", "Share of validation images the model answered "
                        "with confidence under 0.5 (its drift reference)", multiprocess_mode="max",

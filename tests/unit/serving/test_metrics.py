@@ -62,7 +62,8 @@ def test_without_a_window_no_drift_series_is_set():
     registry = CollectorRegistry()
     ServiceMetrics(CLASSES, None, registry=registry).observe(natural_images(2), probabilities([0, 0], 0.8))
     assert registry.get_sample_value("cifar10_predictions_total", {"class": "airplane"}) == 2
-    assert not registry.get_sample_value("cifar10_drift_window_images")
+    assert registry.get_sample_value("cifar10_drift_window_images") is None
+    assert registry.get_sample_value("cifar10_drift_score") is None
 
 
 def test_drift_window_from_model_metadata(caplog):
