@@ -62,14 +62,15 @@ def _warm_backend() -> str:
 def _result(config, accuracy: float, train_seconds: float, compile_seconds: float | None, run_id: str) -> None:
     import keras
 
-    from training.model.fit import choose_loop
+    from training.model.fit import choose_loop, use_mixed_precision
 
     backend = keras.backend.backend()
+    mixed = use_mixed_precision(config.mixed_precision, backend)
     compiled = "n/a" if compile_seconds is None else f"{compile_seconds:.1f}"
     without = "n/a" if compile_seconds is None else f"{train_seconds - compile_seconds:.1f}"
     print(f"RESULT recipe={config.recipe} test_accuracy={accuracy:.4f} "
           f"train_minutes={train_seconds / 60:.2f} epochs={config.epochs} "
-          f"widths={config.widths} tta={config.tta} mixed_precision={config.mixed_precision} "
+          f"widths={config.widths} tta={config.tta} mixed_precision={mixed} "
           f"backend={backend} loop={choose_loop(config.loop, backend)} train_seconds={train_seconds:.1f} "
           f"compile_seconds={compiled} train_seconds_without_compile={without} "
           f"run_id={run_id} ({_load()})", flush=True)
@@ -93,9 +94,10 @@ def bare_run(config, prepared: Path) -> None:
     import numpy as np
 
     from training.data.prepare import load_prepared
-    from training.model.train import build_and_fit, predict_probabilities
+    from training.model.train import build_and_fit, fitting_splits, predict_probabilities
 
     splits, manifest = load_prepared(prepared)
+    splits = fitting_splits(config, splits)
     start = time.monotonic()
     model, history = build_and_fit(config, splits, len(manifest["class_names"]))
     train_seconds = time.monotonic() - start
@@ -106,14 +108,17 @@ def bare_run(config, prepared: Path) -> None:
 
 
 def probe(config, prepared: Path, steps: int) -> None:
+    import keras
     import mlflow
     import numpy as np
 
     from training.data.prepare import load_prepared
+    from training.model.fit import use_mixed_precision
     from training.registry.tracking import configure_mlflow
-    from training.model.train import build_and_fit
+    from training.model.train import build_and_fit, fitting_splits
 
     splits, manifest = load_prepared(prepared)
+    splits = fitting_splits(config, splits)
     n_train = len(splits["train"][0])
     x, y = splits["train"]
     xv, yv = splits["val"]
@@ -135,7 +140,7 @@ def probe(config, prepared: Path, steps: int) -> None:
     idle_rate = steps * config.batch_size / (sum(cpu) / len(cpu)) * (os.cpu_count() or 1)
     images = n_train // config.batch_size * config.batch_size * config.epochs
     print(f"PROBE recipe={config.recipe} widths={config.widths} batch={config.batch_size} "
-          f"mixed_precision={config.mixed_precision} steps/epoch={steps} img_per_s={rate:.0f} "
+          f"mixed_precision={use_mixed_precision(config.mixed_precision, keras.backend.backend())} steps/epoch={steps} img_per_s={rate:.0f} "
           f"img_per_s_from_cpu_time={idle_rate:.0f} "
           f"loss_per_epoch={[round(v, 3) for v in history['loss']]} "
           f"val_acc_per_epoch={[round(v, 3) for v in history['val_accuracy']]} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +38,38 @@ def prefer_onednn() -> None:
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
 
 
+# /proc/cpuinfo flags of CPUs that compute bf16 dot products natively (oneDNN uses them).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this (Linux) CPU has bf16 instructions; False where that cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def use_mixed_precision(setting: str, backend: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Resolve ``config.mixed_precision`` ("auto", "true" or "false") for the Keras ``backend``.
+
+    ``auto`` is on only for TensorFlow (CPU-only here) on a CPU with native bf16: there a training
+    step runs markedly faster, while AVX2-only CPUs emulate bf16 many times slower, and under JAX on
+    a GPU the longer compile costs more than the faster steps save (docs/training.md, docs/gpu.md).
+    """
+    value = str(setting).strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    if value != "auto":
+        raise ValueError(f"mixed_precision={setting!r}: use auto, true or false")
+    return backend == "tensorflow" and cpu_has_native_bf16(cpuinfo)
+
+
 def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
     """Random horizontal flip and random translation by up to ``pad`` pixels (reflect padding)."""
     n = len(x)
@@ -56,12 +89,14 @@ def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
     return out
 
 
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, translate: int, seed: int):
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, translate: int, seed: int,
+             size: int = 32):
     """The training input pipeline: shuffled, augmented, one-hot batches, reshuffled per epoch.
 
     A Keras ``PyDataset`` over numpy arrays, so it feeds ``fit`` on any backend. Partial
     last batches are dropped (airbench does the same): a tiny last batch would give
-    BatchNorm noisy statistics.
+    BatchNorm noisy statistics. With ``size`` below 32, the augmented images are scaled
+    down (bilinear, antialiased) to ``size`` pixels square.
     """
     import keras
 
@@ -77,6 +112,9 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, tr
         def __getitem__(self, i):
             idx = self.order[i * batch_size:(i + 1) * batch_size]
             xb = _augment(x[idx], self.rng, translate).astype(np.float32)
+            if size != xb.shape[1]:
+                xb = keras.ops.convert_to_numpy(
+                    keras.ops.image.resize(xb, (size, size), interpolation="bilinear", antialias=True))
             return xb, np.eye(num_classes, dtype=np.float32)[y[idx]]
 
         def on_epoch_end(self):
@@ -125,8 +163,9 @@ def make_optimizer(config: PipelineConfig, total_steps: int):
                 learning_rate = keras.ops.multiply(learning_rate, scale)
             return super().update_step(gradient, variable, learning_rate)
 
+    ema = {"use_ema": True, "ema_momentum": config.ema_momentum} if config.ema_momentum > 0 else {}
     return BiasScaledSGD(learning_rate=_triangle_schedule(config.learning_rate, total_steps),
-                         momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+                         momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay, **ema)
 
 
 def record_epoch(history: dict[str, list[float]], epoch: int, epochs: int, metrics: dict[str, float]) -> None:
@@ -198,8 +237,12 @@ def compile_model(config: PipelineConfig, x_train: np.ndarray, num_classes: int,
 
     from training.model.network import build_model, set_whitening
 
+    mixed = use_mixed_precision(config.mixed_precision, keras.backend.backend())
+    if not mixed and keras.backend.backend() == "tensorflow" and str(config.mixed_precision).lower() == "auto":
+        log.warning("this CPU has no native bf16 (avx512_bf16/AMX): training in float32, several times slower "
+                    "per epoch; the default recipe then takes well over its 20 minutes (epochs=6 fits them)")
     model = build_model(config.width_tuple, num_classes, config.seed,
-                        dtype="mixed_bfloat16" if config.mixed_precision else "float32")
+                        dtype="mixed_bfloat16" if mixed else "float32", any_size=config.low_res_epochs > 0)
     set_whitening(model, x_train[:5000])
     optimizer = make_optimizer(config, steps_per_epoch * config.epochs)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
@@ -214,18 +257,30 @@ def fit_keras(config: PipelineConfig, splits: dict, num_classes: int):
 
     x_train, y_train = splits["train"]
     x_val, y_val = splits["val"]
-    data = _batches(x_train, y_train, config.batch_size, num_classes, config.translate, config.seed)
-    model, _, _ = compile_model(config, x_train, num_classes, len(data))
+    low = min(max(config.low_res_epochs, 0), config.epochs)
+    if low and (config.lookahead or config.ema_momentum > 0):
+        raise ValueError("low_res_epochs cannot be combined with lookahead or ema_momentum (each fit() phase "
+                         "restarts their averages): set low_res_epochs=0 or turn them off")
+    # One fit() per resolution: Keras fixes a dataset's batch shape from its first batch. The
+    # optimizer, its schedule and the history carry over from the first phase to the second.
+    phases = [(start, end, size) for start, end, size in ((0, low, config.low_res), (low, config.epochs, 32))
+              if end > start]
+    steps = len(x_train) // config.batch_size or 1
+    model, _, _ = compile_model(config, x_train, num_classes, steps)
     history: dict[str, list[float]] = {}
-    model.fit(
-        data,
-        validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
-        validation_batch_size=512,
-        epochs=config.epochs,
-        callbacks=[_progress_callback(config.epochs, history),
-                   *([lookahead_callback(len(data) * config.epochs)] if config.lookahead else [])],
-        verbose=0,
-    )
+    progress = _progress_callback(config.epochs, history)
+    for start, end, size in phases:
+        data = _batches(x_train, y_train, config.batch_size, num_classes, config.translate, config.seed + start,
+                        size)
+        model.fit(
+            data,
+            validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
+            validation_batch_size=512,
+            initial_epoch=start,
+            epochs=end,
+            callbacks=[progress, *([lookahead_callback(steps * config.epochs)] if config.lookahead else [])],
+            verbose=0,
+        )
     final = float32_copy(model, config.width_tuple, num_classes)
     return (with_flip_tta(final) if config.tta else final), history
 

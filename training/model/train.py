@@ -26,6 +26,27 @@ log = logging.getLogger(__name__)
 DRIFT_REFERENCE = "drift_reference.json"
 
 
+def fitting_splits(config: PipelineConfig, splits: dict) -> dict:
+    """The splits the model is fitted on: with ``config.train_on_validation``, the validation
+    images join the training split except a seeded, stratified slice of
+    ``config.validation_holdout`` of them, which becomes the validation split.
+
+    The test split is never touched. Without validation images to spare (fewer than the
+    holdout), the splits come back as they are.
+    """
+    x_val, y_val = splits["val"]
+    if not config.train_on_validation or len(y_val) <= config.validation_holdout:
+        return splits
+    classes = np.unique(y_val)
+    per_class = max(1, config.validation_holdout // len(classes))
+    order = np.random.default_rng(config.seed).permutation(len(y_val))
+    keep = np.sort(np.concatenate([order[y_val[order] == c][:per_class] for c in classes]))
+    moved = np.setdiff1d(np.arange(len(y_val)), keep)
+    x_train, y_train = splits["train"]
+    return splits | {"train": (np.concatenate([x_train, x_val[moved]]), np.concatenate([y_train, y_val[moved]])),
+                     "val": (x_val[keep], y_val[keep])}
+
+
 def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
     """Build and fit the model on ``splits`` with the loop ``config.loop`` selects.
 
@@ -180,6 +201,8 @@ def train(config: PipelineConfig, prepared_dir: Path, attempt: TaskAttempt | Non
                          "source_url": manifest["source_url"]})
         mlflow.log_params(config.as_params() | {"num_classes": len(class_names),
                                                 **{f"n_{k}": v for k, v in manifest["sizes"].items()}})
+        splits = fitting_splits(config, splits)
+        mlflow.log_params({"n_fit_train": len(splits["train"][1]), "n_fit_val": len(splits["val"][1])})
         x_train, y_train = splits["train"]
         mlflow.log_input(mlflow.data.from_numpy(x_train, targets=y_train, source=manifest["source_url"],
                                                 name="cifar10-train", digest=manifest["digest"][:32]),

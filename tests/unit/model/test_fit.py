@@ -1,9 +1,11 @@
-"""The Keras loop (training/model/fit.py): a long epoch reports its progress, not only its end."""
+"""The Keras loop (training/model/fit.py): progress lines, mixed precision by CPU, progressive resizing, EMA."""
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
+import pytest
 from tests.helpers import CLASSES, make_images
 from training.config import load_config
 from training.model import fit
@@ -20,3 +22,48 @@ def test_a_long_epoch_logs_how_far_it_got(monkeypatch, caplog, tmp_path):
     assert progress[0].startswith(f"epoch 1/1: 1/{steps} batches (")
     assert progress[-1].startswith(f"epoch 1/1: {steps}/{steps} batches (100%)")
     assert any(r.getMessage().startswith("epoch 1/1 ") and "val_accuracy=" in r.getMessage() for r in caplog.records)
+
+
+def _cpuinfo(tmp_path, flags: str):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
+    return path
+
+
+def test_mixed_precision_auto_follows_the_cpu_and_backend(tmp_path):
+    (tmp_path / "bf16").mkdir()
+    bf16 = _cpuinfo(tmp_path / "bf16", "avx512f avx512_bf16")
+    avx2 = _cpuinfo(tmp_path, "")
+    assert fit.use_mixed_precision("auto", "tensorflow", bf16)
+    assert not fit.use_mixed_precision("auto", "tensorflow", avx2)
+    # On a GPU (JAX) the jitted loop's compile outweighs faster bf16 steps.
+    assert not fit.use_mixed_precision("auto", "jax", bf16)
+    assert not fit.use_mixed_precision("auto", "tensorflow", tmp_path / "missing")
+    # An explicit choice wins everywhere, spelled as env vars and DAG params spell it.
+    assert fit.use_mixed_precision("True", "tensorflow", avx2) and fit.use_mixed_precision("on", "jax", avx2)
+    assert not fit.use_mixed_precision("false", "tensorflow", bf16)
+    with pytest.raises(ValueError, match="auto, true or false"):
+        fit.use_mixed_precision("bf16", "tensorflow", bf16)
+
+
+def test_progressive_resizing_trains_small_images_first_and_exports_a_32_pixel_model(tmp_path):
+    x, y = make_images(20, CLASSES)
+    assert fit._batches(x, y, 50, len(CLASSES), translate=2, seed=0, size=24)[0][0].shape == (50, 24, 24, 3)
+    assert fit._batches(x, y, 50, len(CLASSES), translate=2, seed=0)[0][0].shape == (50, 32, 32, 3)
+    config = load_config({"recipe": "tiny", "epochs": 2, "low_res_epochs": 1, "tta": False,
+                          "state_dir": str(tmp_path)}, environ={})
+    model, history = fit.fit_keras(config, {"train": (x, y), "val": (x[:20], y[:20])}, len(CLASSES))
+    assert len(history["loss"]) == 2 and len(history["val_accuracy"]) == 2
+    with pytest.raises(ValueError, match="low_res_epochs cannot be combined"):
+        fit.fit_keras(config.replace(ema_momentum=0.9), {"train": (x, y), "val": (x[:20], y[:20])}, len(CLASSES))
+    assert model.input_shape == (None, 32, 32, 3)  # what export and serving see
+
+
+def test_weight_ema_becomes_the_trained_model(tmp_path):
+    x, y = make_images(20, CLASSES)
+    splits = {"train": (x, y), "val": (x[:20], y[:20])}
+    config = load_config({"recipe": "tiny", "epochs": 1, "tta": False, "state_dir": str(tmp_path)}, environ={})
+    plain, _ = fit.fit_keras(config, splits, len(CLASSES))
+    averaged, _ = fit.fit_keras(config.replace(ema_momentum=0.9), splits, len(CLASSES))
+    # Same seed, same steps: only the final averaging differs.
+    assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(plain.get_weights(), averaged.get_weights()))

@@ -180,3 +180,24 @@ def test_prefer_onednn_sets_the_flag_only_before_tensorflow_and_never_over_the_u
         prefer_onednn()
     assert "TF_ENABLE_ONEDNN_OPTS" not in os.environ
     assert "set TF_ENABLE_ONEDNN_OPTS=1 in the environment" in caplog.text
+
+
+def test_fitting_splits_move_validation_into_training_but_a_stratified_holdout():
+    from training.model.train import fitting_splits
+
+    rng = np.random.default_rng(0)
+    x = lambda n: rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
+    y_val = np.repeat(np.arange(10), 50)  # archive (class) order, as prepare stores it
+    splits = {"train": (x(300), np.arange(300) % 10), "val": (x(500), y_val), "test": (x(40), np.arange(40) % 10)}
+    config = load_config({"train_on_validation": True, "validation_holdout": 100}, environ={})
+    fitted = fitting_splits(config, splits)
+    assert len(fitted["train"][1]) == 300 + 400 and len(fitted["val"][1]) == 100
+    assert np.bincount(fitted["val"][1]).tolist() == [10] * 10
+    assert fitted["test"] is splits["test"]
+    # Every validation image is either held out or trained on, never both.
+    held = {img.tobytes() for img in fitted["val"][0]}
+    assert not held & {img.tobytes() for img in fitted["train"][0]}
+    assert len(held | {img.tobytes() for img in fitted["train"][0][300:]}) == 500
+    assert fitting_splits(config, splits)["val"][1].tolist() == fitted["val"][1].tolist()  # seeded
+    assert fitting_splits(config.replace(train_on_validation=False), splits) is splits
+    assert fitting_splits(config.replace(validation_holdout=500), splits) is splits
