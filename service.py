@@ -10,7 +10,6 @@ Client call: ``curl -X POST http://localhost:3000/predict/ -F file=@car2.png``
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 from pathlib import Path
@@ -21,7 +20,9 @@ from bentoml.exceptions import BadInput, ServiceUnavailable
 from pydantic import BaseModel, Field
 
 from serving.batcher import MicroBatcher, Overloaded
+from serving.decoding import MAX_REQUEST_PIXELS, Decoder, Refused
 from serving.http import RequestGuard, Upload
+from serving.images import MAX_PIXELS
 from serving.lineage import lineage_headers
 from serving.metrics import ServiceMetrics, drift_window
 from serving.model import onnx_session, prediction, warm_up
@@ -37,13 +38,12 @@ MODEL_TAG = getattr(bentoml.use_arguments(), "model_tag", None) or "cifar10-cnn:
 # Read where the service starts, not where the Bento is built: @bentoml.service needs the worker
 # count and limits when this module is imported.
 SETTINGS = ServingSettings.from_env()
-# Images above this size are decoded in a thread so a big upload does not stall the event loop.
-THREAD_DECODE_BYTES = 64 * 1024
 
 DESCRIPTION = f"""Classifies an image into one of the ten CIFAR-10 classes (airplane, automobile, bird, cat,
 deer, dog, frog, horse, ship, truck) with a CNN trained by the cifar10-mlops pipeline and run in ONNX Runtime.
 
-- `POST /predict` with multipart field `file` (PNG, JPEG, BMP, GIF, WebP; any size and colour mode):
+- `POST /predict` with multipart field `file` (PNG, JPEG, BMP, GIF, WebP; any size and colour mode up to the
+  pixel limits below):
   `curl -X POST http://localhost:3000/predict -F file=@car.png`
 - `POST /predict_batch` with repeated field `files` (at most {SETTINGS.max_files}): a list, in input order.
 - `POST /metadata`: which model is served (BentoML and MLflow identifiers, test accuracy, dataset digest).
@@ -52,10 +52,17 @@ Every prediction answer names what produced it in headers: `X-Bento-Tag` (the Be
 `not a bento` when served from source), `X-BentoML-Model`, `X-MLflow-Model`, `X-MLflow-Model-Version` and
 `X-MLflow-Run-Id`, the values `/metadata` gives.
 
-Errors are one JSON object, `{{"error": "what was wrong and what to do"}}`: 400 for input that is not a valid
-image, a missing or unknown field, or too many files, 413 for bodies over {SETTINGS.max_body_bytes:,} bytes,
-429 over {SETTINGS.max_concurrency} concurrent requests, 503 when overloaded. A trailing slash
-(`/predict/`) is the same route.
+Pixel limits: {MAX_PIXELS:,} decoded pixels per image (a JPEG decodes at down to 1/8 of its width and height)
+and {MAX_REQUEST_PIXELS:,} per request.
+
+Errors are one JSON object, `{{"error": "what was wrong and what to do"}}`:
+- 400: not a PNG, JPEG, BMP, GIF or WebP image, over the pixel limits, a missing or unknown field, too many files;
+- 401: no or a wrong bearer token, where the server has one (`Authorize` above);
+- 408: a body that does not arrive in time;
+- 413: a body over {SETTINGS.max_body_bytes:,} bytes;
+- 429: over {SETTINGS.max_concurrency} requests being answered; 503: overloaded.
+
+A trailing slash (`/predict/`) is the same route.
 """
 
 class Prediction(BaseModel):
@@ -99,6 +106,8 @@ class CIFAR10Classifier:
         bento = CIFAR10Classifier.bento
         self.lineage = lineage_headers(self.bento_model.info.labels, str(self.bento_model.tag),
                                        str(bento.tag) if bento is not None else None)
+        self.decode = Decoder(threads=SETTINGS.model_concurrency, nice=SETTINGS.infer_nice)
+        self.decode.warm_up()
         # Full batches side by side, as under load, before /readyz says ready: they prove the
         # model runs, and ONNX Runtime's arena reaches its working size now rather than under traffic.
         warm_up(self._infer, SETTINGS.max_batch_size, SETTINGS.model_concurrency)
@@ -124,21 +133,12 @@ class CIFAR10Classifier:
         return probs
 
     async def _classify(self, files: list[Upload]) -> list[Prediction]:
-        import numpy as np
-
-        from serving.images import InvalidImage, decode_image
-
-        pixels = []
-        for i, file in enumerate(files):
-            data = file.data
-            try:
-                pixels.append(await asyncio.to_thread(decode_image, data) if len(data) > THREAD_DECODE_BYTES
-                              else decode_image(data))
-            except InvalidImage as exc:
-                where = f"file {i} (0-based)" if len(files) > 1 else "file"
-                raise BadInput(f"{where}: {exc}") from exc
         try:
-            probs = await self.batcher.submit(np.stack(pixels))
+            pixels = await self.decode([file.data for file in files])
+        except Refused as exc:
+            raise BadInput(str(exc)) from exc
+        try:
+            probs = await self.batcher.submit(pixels)
         except Overloaded as exc:
             raise ServiceUnavailable(str(exc)) from exc
         return [Prediction(**prediction(p, self.class_names)) for p in probs]
@@ -172,7 +172,7 @@ class CIFAR10Classifier:
             mlflow_version=ids["X-MLflow-Model-Version"], mlflow_run_id=ids["X-MLflow-Run-Id"],
             test_accuracy=_finite(meta.get("test_accuracy")), dataset_digest=meta.get("dataset_digest", ""),
             git_commit=meta.get("git_commit", ""), class_names=self.class_names,
-            batching={k: v for k, v in vars(SETTINGS).items()},
+            batching=SETTINGS.limits(),
         )
 
 
@@ -183,5 +183,7 @@ def _finite(value) -> float | None:
 
 # The guard also serves /docs.json with the real error answers and DESCRIPTION as Swagger's page text
 # (not BentoML's README with remote badges).
-CIFAR10Classifier.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, description=DESCRIPTION,
-                                      fields={"/predict": {"file"}, "/predict_batch": {"files"}, "/metadata": set()})
+CIFAR10Classifier.add_asgi_middleware(
+    RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, max_concurrency=SETTINGS.per_worker(SETTINGS.max_concurrency),
+    token=SETTINGS.api_token, description=DESCRIPTION,
+    fields={"/predict": {"file"}, "/predict_batch": {"files"}, "/metadata": set()})

@@ -77,9 +77,9 @@ class OnnxModel:
 
     def infer(self, pixels: np.ndarray) -> np.ndarray:
         if not getattr(_reniced, "done", False):  # BentoML's model thread, at the product's niceness
-            from serving.batcher import _renice
+            from serving.cpu import renice
 
-            _renice(SETTINGS.infer_nice)
+            renice(SETTINGS.infer_nice)
             _reniced.done = True
         return self.session.run(None, {self.input_name: pixels.astype("float32")})[0]
 

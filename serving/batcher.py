@@ -16,29 +16,18 @@ concurrent requests into one ONNX Runtime call in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from serving.cpu import renice
+
 if TYPE_CHECKING:
     import numpy as np
 
     from serving.slots import ComputeSlots
-
-
-def _renice(nice: int) -> None:
-    """Lower the calling thread's CPU priority by ``nice`` (Linux: a thread's own niceness)."""
-    if not nice:
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:  # where a thread id is not a process id (not Linux): keep the process's niceness
-        pass
 
 
 class Overloaded(RuntimeError):
@@ -73,7 +62,7 @@ class MicroBatcher:
         # Own threads, one per batch slot: ONNX Runtime releases the GIL, so `concurrency`
         # single-threaded calls use that many cores while the event loop parses requests.
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="infer",
-                                            initializer=_renice, initargs=(nice,))
+                                            initializer=renice, initargs=(nice,))
 
     async def submit(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities (k, classes) for ``pixels`` (k, 32, 32, 3) uint8, in order."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -56,15 +58,36 @@ class Upload(PurePosixPath):
         return {"type": "string", "format": "binary", "minLength": 1}
 
 
-async def _send_json(send, status: int, body: dict, more_body: bool = False) -> None:
+# A request body must have arrived this long after the request began, or it is answered 408:
+# a client sending a byte a second would otherwise hold its memory and its connection for as long
+# as it likes. Below BentoML's 30-second request timeout, so the client learns which side was slow.
+BODY_TIMEOUT_S = 20.0
+# Requests still sending their body, per worker, as a multiple of the requests being answered: they
+# cost a connection and the bytes sent so far, not a slot, so many more may wait for their bodies.
+RECEIVING_PER_SLOT = 4
+# Body bytes one worker holds at once, for requests still arriving or being answered: what a crowd of
+# large uploads can take of its memory. Over it, a request is answered 503 until bytes are freed.
+BODY_BUDGET_BYTES = 256 * 1024**2
+
+# The Swagger page may load only what the service itself serves: BentoML's page also carries a Google Tag
+# Manager snippet, which would report every visitor to a third party.
+PAGE_POLICY = (b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+               b"frame-ancestors 'none'")
+
+log = logging.getLogger(__name__)
+
+
+async def _send_json(send, status: int, body: dict, more_body: bool = False,
+                     headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": payload, "more_body": more_body})
 
 
-async def _refuse_unread(receive, send, status: int, body: dict, linger_s: float) -> None:
+async def _refuse_unread(receive, send, status: int, body: dict, linger_s: float,
+                         headers: list[tuple[bytes, bytes]] = ()) -> None:
     """Answer ``status`` before the request body was read, then drop what the client still sends.
 
     Closing a socket with unread bytes in it makes the kernel send a reset, and a client
@@ -73,7 +96,7 @@ async def _refuse_unread(receive, send, status: int, body: dict, linger_s: float
     nginx's lingering close, the answer goes out first, then the rest of the body is read
     and dropped until it ends or for at most ``linger_s``; only then does the connection close.
     """
-    await _send_json(send, status, body, more_body=True)
+    await _send_json(send, status, body, more_body=True, headers=headers)
     deadline = time.monotonic() + linger_s
     try:
         while (left := deadline - time.monotonic()) > 0:
@@ -85,15 +108,55 @@ async def _refuse_unread(receive, send, status: int, body: dict, linger_s: float
     await send({"type": "http.response.body", "body": b""})
 
 
+class _Refused(Exception):
+    """A request the guard answers itself: status, the error text, and whether its body is still unread."""
+
+    def __init__(self, status: int, error: str, unread: bool = True, headers: list[tuple[bytes, bytes]] = ()):
+        super().__init__(error)
+        self.status, self.error, self.unread, self.headers = status, error, unread, list(headers)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its body arrived: there is nobody to answer."""
+
+
+class _ClientErrorTracebacks(logging.Filter):
+    """Drops BentoML's ERROR record with a traceback for a request refused for its input or for load.
+
+    BentoML logs every exception its API handler raises, ``BadInput`` and overload included, as
+    ``Exception on /predict [POST]`` with the whole chain: a client's mistake reads as a server
+    error. The guard logs those requests in one line instead; a real server error (500) keeps
+    its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        from bentoml.exceptions import BentoMLException
+        from pydantic import ValidationError
+
+        code = getattr(getattr(exc, "error_code", None), "value", 500)
+        return not (isinstance(exc, ValidationError) or isinstance(exc, BentoMLException) and code != 500)
+
+
 class RequestGuard:
-    """ASGI middleware: 413 for bodies over ``max_body_bytes``, 400 for unknown form fields, one error shape.
+    """ASGI middleware in front of BentoML's routes: what a request may cost, who may send it, one error shape.
 
     - ``fields`` maps each API route to its multipart file fields. ``/predict/`` is
       ``/predict`` here, before anything else: Starlette would answer it with a bodyless
       307, which curl (without ``-L``) prints as nothing.
-    - A declared ``Content-Length`` over the limit is refused before any byte of the
-      body is read; a chunked body is read only up to the limit. After such a 413 the
-      connection lingers (see :func:`_refuse_unread`) so that the client reads the answer.
+    - With a ``token``, the API routes and ``/metrics`` need ``Authorization: Bearer <token>``
+      (401 otherwise); health routes and the API document never do.
+    - Bodies: a declared ``Content-Length`` over ``max_body_bytes`` is refused (413) before
+      any byte is read, a chunked body once it passes the limit; a body that has not arrived
+      within :data:`BODY_TIMEOUT_S` gets 408. After such an early answer the connection
+      lingers (see :func:`_refuse_unread`) so that the client reads it.
+    - Slots: ``max_concurrency`` counts an API request only once its body has arrived, as a
+      buffering proxy would, so clients that send slowly cannot take the slots of the others
+      (429 when all are taken). Requests still sending have their own, larger cap
+      (:data:`RECEIVING_PER_SLOT`), and the bytes all requests hold are bounded by
+      :data:`BODY_BUDGET_BYTES`; over either, 503.
     - An API route's form body is parsed here first (Starlette's parser, as BentoML's) and
       refused with 400 when BentoML 1.4.40 would answer 500 or do something unsafe: an
       unknown field holding binary data (``json.loads`` raises ``UnicodeDecodeError`` in
@@ -106,7 +169,9 @@ class RequestGuard:
       raised ``BadInput`` with a JSON *list* of that object, and a request its input model
       rejects with ``{"error": "1 validation error for Input", "detail": [...]}``
       (``_bentoml_impl/server/app.py``); both are rewritten to the one shape.
-    - ``GET /docs.json`` says so: BentoML 1.4.40 documents every error as
+    - Every refused request (4xx, or 503 for load) is one log line at INFO or WARNING with the
+      route, the client and the reason, never a traceback (:class:`_ClientErrorTracebacks`).
+    - ``GET /docs.json`` says all of this: BentoML 1.4.40 documents every error as
       ``{"error": str, "detail": str}`` and has no way to set an operation's responses, so
       its spec is amended on the way out (:func:`amend_spec`). ``description``, if
       given, replaces the page text, which for a service served from source is BentoML's
@@ -114,12 +179,23 @@ class RequestGuard:
     """
 
     def __init__(self, app, max_body_bytes: int, fields: dict[str, set[str]] | None = None,
-                 linger_s: float = 2.0, description: str | None = None) -> None:
+                 max_concurrency: int = 0, token: str = "", linger_s: float = 2.0, description: str | None = None,
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.fields = fields or {}
+        self.max_concurrency = max_concurrency  # 0: no cap
+        self.max_receiving = RECEIVING_PER_SLOT * max_concurrency
+        self.body_budget = max(BODY_BUDGET_BYTES, max_body_bytes)
+        self.body_timeout_s = body_timeout_s
+        self._token = token.encode()
+        self.protected = {*self.fields, "/metrics"} if token else set()
         self.linger_s = linger_s  # most seconds spent dropping the rest of a refused body
         self.description = description
+        self._answering = self._receiving = self._held = 0
+        logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorTracebacks())
+        if log.level == logging.NOTSET:  # BentoML sets the root logger to WARNING: refusals log at INFO
+            log.setLevel(logging.INFO)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -128,41 +204,110 @@ class RequestGuard:
         if path.endswith("/") and path[:-1] in self.fields:
             raw = scope.get("raw_path")
             scope = {**scope, "path": path[:-1], "raw_path": raw[:-1] if raw and raw.endswith(b"/") else raw}
+            path = scope["path"]
         elif path == "/docs.json" and scope["method"] == "GET":
-            return await self.app(scope, receive, _amend_spec(send, self.fields, self.description))
+            return await self.app(scope, receive, _amend_spec(send, self.fields, self.description, bool(self._token)))
+        elif path == "/" and scope["method"] == "GET":
+            return await self.app(scope, receive, _with_header(send, b"content-security-policy", PAGE_POLICY))
+        # The API routes take POST only: another method gets the router's 405, whatever its body.
+        allowed = self.fields.get(path) if scope["method"] == "POST" else None
+        held = [0]  # body bytes this request holds of the budget
+        try:
+            receive = await self._admit(scope, receive, allowed, held)
+            shaped = _one_error_shape(send, path, self.fields.get(path), self._log_refusal(scope))
+            if allowed is None:
+                return await self.app(scope, receive, shaped)
+            if self.max_concurrency and self._answering >= self.max_concurrency:
+                raise _Refused(429, f"server busy: {self._answering} requests are being answered, the most this worker "
+                                    "takes (CIFAR10_MAX_CONCURRENCY); retry later", unread=False)
+            self._answering += 1
+            try:
+                await self.app(scope, receive, shaped)
+            finally:
+                self._answering -= 1
+        except _ClientGone:
+            return
+        except _Refused as refused:
+            self._log_refusal(scope)(refused.status, refused.error)
+            if refused.unread:
+                return await _refuse_unread(receive, send, refused.status, {"error": refused.error}, self.linger_s,
+                                            refused.headers)
+            await _send_json(send, refused.status, {"error": refused.error}, headers=refused.headers)
+        finally:
+            self._held -= held[0]
+
+    async def _admit(self, scope, receive, allowed: set[str] | None, held: list[int]):
+        """Checks before the app runs: token, declared size, and the whole body for an API route.
+
+        Returns the ``receive`` the app is to use (the buffered body, replayed); raises :class:`_Refused`.
+        """
         headers = dict(scope.get("headers") or [])
+        if scope["path"] in self.protected and not hmac.compare_digest(
+                headers.get(b"authorization", b""), b"Bearer " + self._token):
+            raise _Refused(401, "missing or wrong bearer token: send the header Authorization: Bearer <token> "
+                                "(the server's CIFAR10_API_TOKEN)", headers=[(b"www-authenticate", b"Bearer")])
         length = headers.get(b"content-length")
         if length is not None and not length.isdigit():
-            return await _send_json(send, 400, {"error": "invalid Content-Length header"})
+            raise _Refused(400, "invalid Content-Length header", unread=False)
         if length is not None and int(length) > self.max_body_bytes:
-            if headers.get(b"expect", b"").lower() == b"100-continue":  # the client waits: nothing is in flight
-                return await _send_json(send, 413, self._too_big())
-            return await _refuse_unread(receive, send, 413, self._too_big(), self.linger_s)
-        # The API routes take POST only: another method gets the router's 405, whatever its body.
-        allowed = self.fields.get(scope["path"]) if scope["method"] == "POST" else None
-        if allowed is not None or (length is None and b"chunked" in headers.get(b"transfer-encoding", b"")):
-            messages, size = [], 0
-            while True:  # buffer the body (at most the limit) to check it, then replay it to the app
-                message = await receive()
-                messages.append(message)
-                size += len(message.get("body", b""))
-                if size > self.max_body_bytes:
-                    return await _refuse_unread(receive, send, 413, self._too_big(), self.linger_s)
-                if message["type"] != "http.request" or not message.get("more_body"):
-                    break
-            if allowed is not None and (error := await _form_error(headers, messages, scope["path"], allowed)):
-                return await _send_json(send, 400, {"error": error})
-            replay = iter(messages)
-            original_receive = receive
+            # A client that sent Expect: 100-continue waits for the answer: nothing is in flight to drop.
+            raise _Refused(413, self._too_big(), unread=headers.get(b"expect", b"").lower() != b"100-continue")
+        if allowed is None and not (length is None and b"chunked" in headers.get(b"transfer-encoding", b"")):
+            return receive
+        messages = await self._body(receive, held)
+        if allowed is not None and (error := await _form_error(headers, messages, scope["path"], allowed)):
+            raise _Refused(400, error, unread=False)
+        replay = iter(messages)
 
-            async def receive():  # noqa: F811 - hand the buffered body to the app, then go live
-                return next(replay, None) or await original_receive()
+        async def replayed():  # hand the buffered body to the app, then go live
+            return next(replay, None) or await receive()
 
-        await self.app(scope, receive, _one_error_shape(send, scope["path"], self.fields.get(scope["path"])))
+        return replayed
 
-    def _too_big(self) -> dict:
-        return {"error": f"request body is over the {self.max_body_bytes:,}-byte limit; "
-                         "send fewer or smaller images"}
+    async def _body(self, receive, held: list[int]) -> list[dict]:
+        """The request body's messages, read within the deadline, the size limit and the worker's byte budget."""
+        if self.max_concurrency and self._receiving >= self.max_receiving:
+            raise _Refused(503, f"server busy: {self._receiving} uploads are arriving, the most this worker takes at "
+                                "once; retry later", headers=[(b"retry-after", b"1")])
+        self._receiving += 1
+        messages, size = [], 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise _ClientGone
+                    messages.append(message)
+                    chunk = len(message.get("body", b""))
+                    size += chunk
+                    if size > self.max_body_bytes:
+                        raise _Refused(413, self._too_big())
+                    if self._held + chunk > self.body_budget:
+                        raise _Refused(503, "server busy: uploads in progress hold all the memory this worker gives "
+                                            "them; retry later", headers=[(b"retry-after", b"1")])
+                    self._held += chunk
+                    held[0] += chunk
+                    if not message.get("more_body"):
+                        return messages
+        except TimeoutError:
+            raise _Refused(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                f"({size:,} bytes came); send it at once") from None
+        finally:
+            self._receiving -= 1
+
+    def _log_refusal(self, scope):
+        """A callback logging one line for a refused request: the route, the client, the status and why."""
+        client = ":".join(map(str, scope.get("client") or ("?",)))
+
+        def log_refusal(status: int, error: str) -> None:
+            log.log(logging.WARNING if status in (408, 429, 503) else logging.INFO, "refused %s %s from %s: %d %s",
+                    scope["method"], scope["path"], client, status, error)
+
+        return log_refusal
+
+    def _too_big(self) -> str:
+        return (f"request body is over the {self.max_body_bytes:,}-byte limit (CIFAR10_MAX_BODY_BYTES); "
+                "send fewer or smaller images")
 
 
 async def _form_error(headers: dict, messages: list[dict], path: str, allowed: set[str]) -> str | None:
@@ -213,8 +358,8 @@ def _one_error(body: object, path: str, allowed: set[str] | None) -> object:
     return body
 
 
-def _rewrite_body(send, statuses: Callable[[int], bool], rewrite: Callable[[bytes], bytes]):
-    """Wrap ``send``: the body of a response whose status passes ``statuses`` goes out as ``rewrite(body)``."""
+def _rewrite_body(send, statuses: Callable[[int], bool], rewrite: Callable[[int, bytes], bytes]):
+    """Wrap ``send``: the body of a response whose status passes ``statuses`` goes out as ``rewrite(status, body)``."""
     held: dict = {}
     chunks: list[bytes] = []
 
@@ -227,7 +372,8 @@ def _rewrite_body(send, statuses: Callable[[int], bool], rewrite: Callable[[byte
         chunks.append(message.get("body", b""))
         if message.get("more_body"):
             return
-        body, start = rewrite(b"".join(chunks)), held.pop("start")
+        start = held.pop("start")
+        body = rewrite(start["status"], b"".join(chunks))
         start["headers"] = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"] + [
             (b"content-length", str(len(body)).encode())]
         await send(start)
@@ -236,19 +382,33 @@ def _rewrite_body(send, statuses: Callable[[int], bool], rewrite: Callable[[byte
     return wrapped
 
 
-def _one_error_shape(send, path: str, allowed: set[str] | None):
-    """Wrap ``send`` so that a 4xx JSON body goes out in the one documented error shape."""
+def _one_error_shape(send, path: str, allowed: set[str] | None, log_refusal: Callable[[int, str], None]):
+    """Wrap ``send`` so that a 4xx JSON body goes out in the one documented error shape, and a refusal
+    (4xx, or 503 for load) is logged through ``log_refusal``."""
 
-    def rewrite(body: bytes) -> bytes:
+    def rewrite(status: int, body: bytes) -> bytes:
         try:
-            return json.dumps(_one_error(json.loads(body), path, allowed)).encode()
+            shaped = _one_error(json.loads(body), path, allowed) if status < 500 else json.loads(body)
         except ValueError:  # not JSON (Starlette's plain-text answers): as it is
+            log_refusal(status, body[:200].decode(errors="replace"))
             return body
+        log_refusal(status, shaped.get("error", "") if isinstance(shaped, dict) else str(shaped)[:200])
+        return json.dumps(shaped).encode() if status < 500 else body
 
-    return _rewrite_body(send, lambda status: 400 <= status < 500, rewrite)
+    return _rewrite_body(send, lambda status: 400 <= status < 500 or status == 503, rewrite)
 
 
-def _amend_spec(send, fields: dict[str, set[str]], description: str | None):
+def _with_header(send, name: bytes, value: bytes):
+    """Wrap ``send`` so that the response carries the header ``name: value``."""
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return wrapped
+
+
+def _amend_spec(send, fields: dict[str, set[str]], description: str | None, token: bool):
     """Wrap ``send`` so that BentoML's OpenAPI document goes out through :func:`amend_spec`."""
     return _rewrite_body(send, lambda status: status == 200,
-                         lambda body: json.dumps(amend_spec(json.loads(body), fields, description)).encode())
+                         lambda _, body: json.dumps(amend_spec(json.loads(body), fields, description, token)).encode())

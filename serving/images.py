@@ -3,18 +3,26 @@
 Shared by data preparation and by ``service.py`` so that training and serving see
 pixels produced by the same code.
 
-Resize policy: images that are already 32x32 are used as they are. Others are
-scaled (Pillow's reducing draft for JPEG, then bilinear with a reducing gap, which
-antialiases) so that the *shorter* side is 32, then centre-cropped to 32x32: the
-aspect ratio is kept and the object is assumed centred, as in CIFAR-10. Any mode
-becomes RGB: palette and grey images are expanded, CMYK and YCbCr converted,
-16-bit and 32-bit grey scaled down to 8 bits (not clipped), and transparency is
-composited on black, as CIFAR-style exports of transparent images do. Only the first
-frame of an animated GIF or multi-page TIFF is used; EXIF orientation is not applied.
+Formats: PNG, JPEG, BMP, GIF and WebP (:data:`FORMATS`), whatever the bytes claim
+otherwise. Pillow would open any format it has a plugin for, and some plugins hand the
+data to external programs (EPS to Ghostscript): an upload never reaches one.
 
-Safety: files over ``MAX_IMAGE_BYTES`` and images over ``MAX_PIXELS`` are refused
-before any pixel is decoded (decompression bombs). Pillow's own guard
-(``Image.MAX_IMAGE_PIXELS``) stays on as a second line; this module never turns it off.
+Resize policy: images that are already 32x32 are used as they are. Others are scaled
+so that the *shorter* side is 32 (antialiased: JPEG decodes at a reduced scale, other
+formats are box-reduced by an integer factor first, then bilinear), then centre-cropped
+to 32x32: the aspect ratio is kept and the object is assumed centred, as in CIFAR-10.
+Any mode becomes RGB: palette and grey images are expanded, CMYK and YCbCr converted,
+16-bit and 32-bit grey scaled down to 8 bits (not clipped), and transparency is
+composited on black, as CIFAR-style exports of transparent images do. Reducing comes
+before every conversion that copies pixels, so a large image costs one decode and no
+full-size copies in float. Only the first frame of an animated GIF, PNG or WebP is used;
+EXIF orientation is not applied.
+
+Cost bounds, checked from the header before any pixel is decoded: files over
+``MAX_IMAGE_BYTES`` and images that would decode to more than ``MAX_PIXELS`` pixels are
+refused, and a JPEG, which decodes at a reduced scale, may declare at most
+``MAX_PIXELS * JPEG_DRAFT_ALLOWANCE`` (a progressive JPEG buffers coefficients for its
+declared size). Pillow's own guard (``Image.MAX_IMAGE_PIXELS``) stays on behind these.
 """
 
 from __future__ import annotations
@@ -26,10 +34,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 SIZE = 32
-# Refuse images above this many pixels before decoding them (decompression
-# bombs): 40 megapixels is larger than any camera photo people upload, and below
-# Pillow's own warning threshold (~89 Mpx), so Pillow's guard never has to fire.
-MAX_PIXELS = 40_000_000
+# The formats an upload or a training image may be in; every other Pillow plugin stays unused.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+# Most pixels one image may decode to: a few megapixels cover any photo a 32x32 classifier is
+# sent at the scale it is decoded (a JPEG decodes at up to 1/8 of its size), and bound the work
+# and memory of one image (a 16-bit RGBA PNG of this size is 32 MB decoded).
+MAX_PIXELS = 4 * 1024 * 1024
+# A JPEG decodes at a reduced scale, so it may declare more pixels than it decodes, but not
+# without bound: progressive JPEGs keep coefficients for every declared pixel until the last scan.
+JPEG_DRAFT_ALLOWANCE = 4
 # Refuse files above this size without parsing them: no sane training image or
 # upload is larger, and it bounds the memory one member of an archive can take.
 MAX_IMAGE_BYTES = 64 * 1024**2
@@ -43,41 +56,67 @@ class InvalidImage(ValueError):
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode ``data`` to a (32, 32, 3) uint8 array or raise :class:`InvalidImage`."""
+    pixels = decode_jpeg_32(data)
+    if pixels is not None:
+        return pixels
+    return to_rgb32(load(open_image(data, max_pixels=max_pixels)))
+
+
+def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """``data`` as a Pillow image whose header is read and checked; no pixel is decoded yet.
+
+    A JPEG is set to decode at the smallest scale that still covers 32x32 (Pillow's draft), so
+    :func:`decoded_pixels` is what :func:`load` will really produce. Raises :class:`InvalidImage`.
+    """
     if not data:
         raise InvalidImage("empty file: expected an image (PNG, JPEG, BMP, GIF, WebP)")
     if len(data) > MAX_IMAGE_BYTES:
         raise InvalidImage(f"file is {len(data):,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit for one image; "
                            "send a smaller image")
-    if data.startswith(_JPEG_SOI):
-        pixels = _decode_jpeg_32(data)
-        if pixels is not None:
-            return pixels
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
         width, height = img.size
-        if width * height > max_pixels:
-            raise InvalidImage(
-                f"image is {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
-                "(possible decompression bomb); send a smaller image"
-            )
-        if img.format == "JPEG" and (width, height) != (SIZE, SIZE):
-            img.draft("RGB", (SIZE, SIZE))  # decode at reduced scale: fast and antialiased
-        img.load()
+        if img.format == "JPEG":
+            if width * height > max_pixels * JPEG_DRAFT_ALLOWANCE:
+                raise _too_large(width, height, max_pixels * JPEG_DRAFT_ALLOWANCE)
+            if (width, height) != (SIZE, SIZE):
+                img.draft("RGB", (SIZE, SIZE))  # decode at reduced scale: fast and antialiased
+        if decoded_pixels(img) > max_pixels:
+            raise _too_large(width, height, max_pixels)
     except InvalidImage:
         raise
     except UnidentifiedImageError as exc:
         # Pillow's message names an internal BytesIO object; say what matters instead.
-        raise InvalidImage("not a readable image: the bytes are not PNG, JPEG, BMP, GIF, WebP or another "
-                           "format Pillow knows; send an image file") from exc
+        raise InvalidImage("not a readable image: the bytes are not a PNG, JPEG, BMP, GIF or WebP image; "
+                           "send one of those") from exc
     except Image.DecompressionBombError as exc:
         raise InvalidImage(f"not a readable image: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a corrupt header
+        raise InvalidImage(f"corrupt or truncated image: {exc}") from exc
+    return img
+
+
+def decoded_pixels(img: Image.Image) -> int:
+    """Pixels :func:`load` decodes for an image from :func:`open_image` (after any JPEG draft)."""
+    return img.size[0] * img.size[1]
+
+
+def load(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an image from :func:`open_image`; raises :class:`InvalidImage` for corrupt data."""
+    try:
+        img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise InvalidImage(f"corrupt or truncated image: {exc}") from exc
-    return to_rgb32(img)
+    return img
 
 
-def _decode_jpeg_32(data: bytes) -> np.ndarray | None:
-    """Fast path for the common case, a 32x32 RGB or grey JPEG (all of CIFAR-10 as JPEG).
+def _too_large(width: int, height: int, limit: int) -> InvalidImage:
+    return InvalidImage(f"image is {width}x{height} pixels, over the {limit:,}-pixel limit for one image "
+                        "(a 32x32 classifier needs far fewer; possible decompression bomb); send a smaller image")
+
+
+def decode_jpeg_32(data: bytes) -> np.ndarray | None:
+    """Fast path for the common case, a 32x32 RGB or grey JPEG (all of CIFAR-10 as JPEG); else None.
 
     Decoding into a reused 32x32 image with Pillow's "jpeg" decoder skips the
     Python-level header parsing of ``Image.open`` and the allocation of a new image,
@@ -87,8 +126,10 @@ def _decode_jpeg_32(data: bytes) -> np.ndarray | None:
     is CMYK or truncated; then None sends it down the general path, which handles or
     reports it.
     """
+    if not data.startswith(_JPEG_SOI) or len(data) > MAX_IMAGE_BYTES:
+        return None
     scratch = getattr(_scratch, "image", None)
-    if scratch is None:  # one per thread: service.py may decode on several threads
+    if scratch is None:  # one per thread: the service decodes on several threads
         scratch = _scratch.image = Image.new("RGB", (SIZE, SIZE))
     try:
         scratch.frombytes(data, "jpeg", ("RGB", ""))  # every pixel is written, or it raises
@@ -98,33 +139,52 @@ def _decode_jpeg_32(data: bytes) -> np.ndarray | None:
     return np.frombuffer(scratch.tobytes(), dtype=np.uint8).reshape(SIZE, SIZE, 3)
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Grey images with more than 8 bits (I;16*, I, F) scaled to L, not clipped."""
-    values = np.asarray(img, dtype=np.float64)
-    if img.mode == "F":
-        top = 1.0 if values.size and values.max() <= 1.0 else 255.0  # float images: 0..1 or 0..255
-    else:
-        top = 65535.0 if values.size and values.max() > 255 else 255.0  # 16-bit data, or 8-bit stored wide
-    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
-
-
 def to_rgb32(img: Image.Image) -> np.ndarray:
     """Apply the resize policy of this module to a loaded Pillow image."""
-    if img.mode.startswith("I") or img.mode == "F":
-        img = _to_8bit(img)
-    if img.mode == "La":  # premultiplied grey+alpha: Pillow converts it only to LA
-        img = img.convert("LA")
-    if img.mode != "RGB":
-        if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-            img = Image.alpha_composite(background, img)
-        img = img.convert("RGB")
+    img, top = _reducible(img)
+    factor = min(img.size) // (2 * SIZE)  # what resize's reducing_gap=2 would reduce by, done first
+    if factor >= 2:
+        img = img.reduce(factor)
+    img = _to_rgb(img, top)
     if img.size != (SIZE, SIZE):
         width, height = img.size
         scale = SIZE / min(width, height)
         new_w, new_h = max(SIZE, round(width * scale)), max(SIZE, round(height * scale))
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        left, top = (new_w - SIZE) // 2, (new_h - SIZE) // 2
-        img = img.crop((left, top, left + SIZE, top + SIZE))
+        left, top_edge = (new_w - SIZE) // 2, (new_h - SIZE) // 2
+        img = img.crop((left, top_edge, left + SIZE, top_edge + SIZE))
     return np.asarray(img, dtype=np.uint8)
+
+
+def _reducible(img: Image.Image) -> tuple[Image.Image, float]:
+    """``img`` in a mode whose pixels can be averaged (L, RGB, La, RGBa, I or F), and its white level.
+
+    Transparency becomes premultiplied alpha, so that averaging and then dropping alpha is
+    compositing on black. The white level of a wide grey image (I, F) is taken from the whole
+    image before it is reduced: 16-bit data scales from 65535, 8-bit data stored wide from 255,
+    float images from 1.0 or 255.
+    """
+    mode = img.mode
+    if mode.startswith("I;16"):
+        img = img.convert("I") if mode == "I;16" else Image.fromarray(np.asarray(img).astype(np.int32))
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode == "P" and "transparency" in img.info or mode in ("PA", "RGBA", "LA"):
+        img = img.convert("RGBA").convert("RGBa") if mode != "LA" else img.convert("La")
+    elif mode not in ("L", "RGB", "La", "RGBa", "I", "F"):  # P without transparency, CMYK, YCbCr, ...
+        img = img.convert("RGB")
+    if img.mode == "I":
+        return img, 65535.0 if (img.getextrema()[1] or 0) > 255 else 255.0
+    if img.mode == "F":
+        return img, 1.0 if (img.getextrema()[1] or 0) <= 1.0 else 255.0
+    return img, 255.0
+
+
+def _to_rgb(img: Image.Image, top: float) -> Image.Image:
+    """A reduced image from :func:`_reducible` as 8-bit RGB (alpha dropped: composited on black)."""
+    if img.mode in ("I", "F"):  # small by now: a float copy costs nothing
+        values = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    elif img.mode in ("La", "RGBa"):
+        img = Image.merge("RGB", img.split()[:3]) if img.mode == "RGBa" else img.split()[0]
+    return img.convert("RGB") if img.mode != "RGB" else img

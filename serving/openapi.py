@@ -9,24 +9,31 @@ from serving.lineage import HEADERS as LINEAGE_HEADERS
 ERROR_SCHEMA = {"type": "object", "title": "Error", "required": ["error"], "additionalProperties": False,
                 "properties": {"error": {"type": "string", "description": "What was wrong and what to do"}}}
 ERROR_STATUSES = {
-    400: "Invalid input: not a readable image, a missing, unknown or text form field, too many files",
+    400: "Invalid input: not a PNG, JPEG, BMP, GIF or WebP image, over the pixel limits, a missing, unknown or "
+         "text form field, too many files",
+    401: "Missing or wrong bearer token (the server requires CIFAR10_API_TOKEN)",
+    408: "The request body did not arrive in time; send it at once",
     413: "Request body over the size limit (CIFAR10_MAX_BODY_BYTES)",
-    429: "More requests in flight than the limit (CIFAR10_MAX_CONCURRENCY); retry later",
+    429: "More requests being answered than the limit (CIFAR10_MAX_CONCURRENCY); retry later",
     500: "Unexpected server error; the server log has the details",
-    503: "Overloaded: the request waited too long for the model (CIFAR10_MAX_LATENCY_MS); retry later",
+    503: "Overloaded: the request waited too long for the model (CIFAR10_MAX_LATENCY_MS), or too many uploads are "
+         "arriving at once; retry later",
 }
+# How a client authenticates where the server has a token (OpenAPI security scheme; Swagger's "Authorize").
+BEARER = {"type": "http", "scheme": "bearer",
+          "description": "The server's CIFAR10_API_TOKEN; prediction, metadata and metrics routes require it"}
 # What a file part holds (OpenAPI encoding.contentType); the decoder goes by the bytes, not the part's type.
 IMAGE_TYPES = "image/png, image/jpeg, image/bmp, image/gif, image/webp"
 # BentoML's error components: dropped once no operation refers to them.
 BENTOML_ERRORS = ("InvalidArgument", "NotFound", "InternalServerError")
 
 
-def amend_spec(spec: dict, fields: dict[str, set[str]], description: str | None = None) -> dict:
+def amend_spec(spec: dict, fields: dict[str, set[str]], description: str | None = None, token: bool = False) -> dict:
     """``spec`` (BentoML's OpenAPI document) saying what the routes in ``fields`` really take and answer.
 
     - Errors: :data:`ERROR_SCHEMA` for every status in :data:`ERROR_STATUSES` a route can
-      answer, 503 only where the model runs (routes with file fields). BentoML's 404 goes:
-      an existing route never answers it.
+      answer, 401 only where the server has a token (then the routes also name the
+      :data:`BEARER` scheme). BentoML's 404 goes: an existing route never answers it.
     - A route with file fields needs a multipart body with no other fields (the guard
       refuses unknown ones), and its file parts are images (:data:`IMAGE_TYPES`).
     - A route with file fields runs the model, and its 200 answers carry the lineage headers
@@ -45,16 +52,20 @@ def amend_spec(spec: dict, fields: dict[str, set[str]], description: str | None 
                 responses["200"]["headers"] = {name: {"description": what, "schema": {"type": "string"}}
                                                for name, what in LINEAGE_HEADERS.items()}
             for status, what in ERROR_STATUSES.items():
-                if status != 503 or allowed:
+                if status != 401 or token:
                     responses[str(status)] = {"description": what, "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             operation["responses"] = responses
+            if token:
+                operation["security"] = [{"bearerAuth": []}]
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     referenced = json.dumps(spec.get("paths", {}))
     for name in BENTOML_ERRORS:
         if f'"#/components/schemas/{name}"' not in referenced:
             schemas.pop(name, None)
     schemas["Error"] = ERROR_SCHEMA
+    if token:
+        spec["components"].setdefault("securitySchemes", {})["bearerAuth"] = BEARER
     if description is not None:
         spec.setdefault("info", {})["description"] = description
     return spec

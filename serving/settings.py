@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
-
-def _cpu_share() -> int:
-    """CPUs this process may use: affinity mask, capped by a cgroup v2 quota if one is set."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
+from serving.cpu import cpu_share
 
 SWITCHES = ("access_log", "trace_requests")  # settings that are 0 (off) or 1 (on)
 ZERO_ALLOWED = ("infer_nice", "compute_slots", "drift_window")  # other counts must be positive
@@ -40,17 +30,19 @@ class ServingSettings:
     max_latency_ms: int = 1000
     max_files: int = 64  # most files in one /predict_batch request (more: 400)
     max_body_bytes: int = 10 * 1024 * 1024  # larger request bodies: 413
-    max_concurrency: int = 256  # requests in flight per worker (more: 429, BentoML's limit)
+    # Requests whose body has arrived and that are being answered, per server (split evenly over
+    # its workers); more: 429. A request still sending its body is not counted (serving/http.py).
+    max_concurrency: int = 256
     # Worker processes, each with its own event loop, model and batcher: one process's
     # request handling holds the GIL and cannot feed two cores, so one per CPU, at most 4.
-    workers: int = field(default_factory=lambda: min(_cpu_share(), 4))
+    workers: int = field(default_factory=lambda: min(cpu_share(), 4))
     # ONNX Runtime intra-op threads per model call. One: batches run side by side
     # (model_concurrency), which scales better than threads that synchronise per layer.
     model_threads: int = 1
     # Batches one worker runs at once, each in its own thread (ONNX Runtime releases
     # the GIL): the CPU share, not share/workers, so a worker holding most connections
     # can still use every core.
-    model_concurrency: int = field(default_factory=lambda: max(1, _cpu_share()))
+    model_concurrency: int = field(default_factory=lambda: max(1, cpu_share()))
     # Niceness the model threads add to the process's (0-19). Positive: a worker's event
     # loop (parse, decode, answer) runs before model compute when both want a core, so
     # requests reach the queue sooner and batches are the larger for it.
@@ -58,7 +50,7 @@ class ServingSettings:
     # Model calls running at once across all workers (serving/slots.py): the CPU share,
     # so no two calls time-share a core. 0: no machine-wide cap (each worker still runs
     # up to model_concurrency).
-    compute_slots: int = field(default_factory=_cpu_share)
+    compute_slots: int = field(default_factory=cpu_share)
     access_log: int = 1  # 1: one log line per request (BentoML access log); 0: off, saves CPU under load
     # 1: OpenTelemetry spans for the API routes (set it with a tracing exporter in BentoML's
     # configuration). 0: the routes are excluded from tracing, because BentoML runs its
@@ -67,10 +59,15 @@ class ServingSettings:
     # Recent images per worker that cifar10_drift_score compares with the training data (serving/drift.py).
     # Fewer react sooner but score noisier (an in-distribution window of 256 stays near 0.05); 0: off.
     drift_window: int = 256
+    # A bearer token that the prediction, metadata and metrics routes require when set (clients send
+    # "Authorization: Bearer <token>"); health routes and the API document never do. Empty: open.
+    api_token: str = field(default="", repr=False)
 
     def service_options(self) -> dict:
         """``@bentoml.service`` options these settings decide (service.py and bench/http_floor.py)."""
-        options = {"workers": self.workers, "traffic": {"timeout": 30, "max_concurrency": self.max_concurrency},
+        # No BentoML max_concurrency: it would count requests from their first byte, so clients that
+        # send their body slowly would hold every slot; the guard counts them once the body is in.
+        options = {"workers": self.workers, "traffic": {"timeout": 30},
                    "logging": {"access": {"enabled": bool(self.access_log)}}}
         if not self.trace_requests:
             options["tracing"] = {"excluded_urls": UNTRACED}
@@ -83,6 +80,9 @@ class ServingSettings:
         values = {}
         for name, default in asdict(cls()).items():
             raw = environ.get(f"CIFAR10_{name.upper()}")
+            if isinstance(default, str):
+                values[name] = default if raw is None else raw.strip()
+                continue
             value = default if raw is None else int(raw)
             if name in SWITCHES and value not in (0, 1):
                 raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be 0 (off) or 1 (on)")
@@ -93,3 +93,18 @@ class ServingSettings:
                 raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be {kind}")
             values[name] = value
         return cls(**values)
+
+    def per_worker(self, count: int) -> int:
+        """A per-server ``count`` as each worker's share (BentoML's rule for its own limits)."""
+        return math.ceil(count / self.workers)
+
+    def limits(self) -> dict[str, int]:
+        """The numeric settings, as /metadata reports them (never the token)."""
+        return {name: value for name, value in asdict(self).items() if isinstance(value, int)}
+
+
+def client_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """What a client of the service sends to pass its token check: the bearer header where ``CIFAR10_API_TOKEN``
+    is set in the client's own environment (the pipeline's served-artifact check, the drift monitor)."""
+    token = (os.environ if environ is None else environ).get("CIFAR10_API_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}

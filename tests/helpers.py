@@ -281,14 +281,28 @@ def pickled_release(path: Path) -> Path:
     return path
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` pixels, with almost no data (a bomb's shape)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) \
-        + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) \
+        + _png_chunk(b"IEND", b"")
+
+
+PNG_COLOUR = {"grey": (0, 1), "rgba": (6, 4)}  # PNG colour type, channels
+
+
+def black_png(width: int, height: int, bits: int = 8, colour: str = "grey") -> bytes:
+    """An all-black PNG, compressed as well as zlib can: many pixels in few bytes (the hostile uploads' shape)."""
+    kind, channels = PNG_COLOUR[colour]
+    row = b"\x00" * (1 + width * channels * bits // 8)  # filter byte, then the pixels
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, bits, kind, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 class OverlapModel:

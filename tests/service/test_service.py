@@ -20,7 +20,7 @@ from PIL import Image
 
 from serving import model as serving_model_module
 from serving import lineage, openapi
-from serving import settings as serving_settings
+from serving.cpu import cpu_share
 from serving.batcher import MicroBatcher, Overloaded
 from serving.http import RequestGuard, Upload
 from serving.settings import ServingSettings
@@ -36,10 +36,10 @@ MAX_FILES = 4
 def test_model_calls_are_single_threaded_and_run_side_by_side_by_default():
     s = ServingSettings.from_env({})
     assert s.model_threads == 1
-    assert s.model_concurrency == serving_settings._cpu_share() >= 1  # every core, whichever worker is busy
+    assert s.model_concurrency == cpu_share() >= 1  # every core, whichever worker is busy
     assert ServingSettings.from_env({"CIFAR10_MODEL_CONCURRENCY": "3"}).model_concurrency == 3
     # ... but no more calls at once than CPUs across all workers (serving/slots.py)
-    assert s.compute_slots == serving_settings._cpu_share()
+    assert s.compute_slots == cpu_share()
     assert ServingSettings.from_env({"CIFAR10_COMPUTE_SLOTS": "0"}).compute_slots == 0  # 0: no machine-wide cap
     with pytest.raises(ValueError, match="CIFAR10_COMPUTE_SLOTS='-1': must be 0 or a positive integer"):
         ServingSettings.from_env({"CIFAR10_COMPUTE_SLOTS": "-1"})
@@ -195,13 +195,192 @@ def test_guard_drops_the_rest_of_a_refused_body_for_at_most_linger_s():
         sent.append(message)
 
     guard = RequestGuard(None, max_body_bytes=100, linger_s=0.2)
-    scope = {"type": "http", "path": "/", "headers": [(b"content-length", b"5000000")]}
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"5000000")]}
     t0 = time.perf_counter()
     asyncio.run(guard(scope, endless_body, send))
     assert 0.2 <= time.perf_counter() - t0 < 2 and reads > 10
     assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
     assert sent[1]["more_body"] and b"limit" in sent[1]["body"]  # the answer went out before the drain
     assert sent[-1] == {"type": "http.response.body", "body": b""}  # then the response ends: uvicorn closes
+
+
+# ---------------------------------------------------------------- the guard: slow bodies, slots, token
+
+FORM = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n\r\nxx\r\n--b--\r\n'
+
+
+def _form_scope(length: int = len(FORM), path: str = "/form", headers=()) -> dict:
+    return {"type": "http", "method": "POST", "path": path, "client": ("10.0.0.7", 5555), "headers": [
+        (b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", str(length).encode()), *headers]}
+
+
+def _whole_body(body: bytes = FORM):
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+    return receive
+
+
+def _trickle(first: bytes = FORM[:5], every: float = 0.05):
+    """A client that sends ``first``, then one byte every ``every`` seconds, for ever."""
+    sent = [False]
+
+    async def receive():
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": first, "more_body": True}
+        await asyncio.sleep(every)
+        return {"type": "http.request", "body": b"-", "more_body": True}
+    return receive
+
+
+class _Recorder:
+    """An ASGI ``send`` that keeps what it is given; ``status`` is the answer's."""
+
+    def __init__(self):
+        self.messages = []
+
+    async def __call__(self, message):
+        self.messages.append(message)
+
+    @property
+    def status(self):
+        return next((m["status"] for m in self.messages if m["type"] == "http.response.start"), None)
+
+    @property
+    def error(self):
+        return json.loads(b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body"))
+
+
+async def _ok_app(scope, receive, send):
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def _guard(**options) -> RequestGuard:
+    return RequestGuard(_ok_app, **{"max_body_bytes": 10_000, "fields": {"/form": {"file"}}, "linger_s": 0.05,
+                                    **options})
+
+
+def test_guard_answers_408_to_a_body_that_does_not_arrive_in_time(caplog):
+    send = _Recorder()
+    t0 = time.perf_counter()
+    with caplog.at_level("INFO", logger="serving.http"):
+        asyncio.run(_guard(body_timeout_s=0.3)(_form_scope(5000), _trickle(), send))
+    assert 0.3 <= time.perf_counter() - t0 < 1.5
+    assert send.status == 408 and "did not arrive within 0.3 s" in send.error["error"]
+    # One line for the refusal: route, client, status and reason; below ERROR, no traceback.
+    [record] = [r for r in caplog.records if r.name == "serving.http"]
+    assert record.levelname == "WARNING" and not record.exc_info
+    assert record.getMessage().startswith("refused POST /form from 10.0.0.7:5555: 408 the request body did not")
+
+
+def test_guard_leaves_a_client_that_went_away_before_its_body_arrived():
+    """No answer and nothing for the app: a half body would reach BentoML's parser, which fails with a 500."""
+    calls = []
+
+    async def receive():
+        if not calls:
+            calls.append(1)
+            return {"type": "http.request", "body": FORM[:10], "more_body": True}
+        return {"type": "http.disconnect"}
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app was called for a request whose client is gone")
+
+    send = _Recorder()
+    asyncio.run(RequestGuard(app, max_body_bytes=10_000, fields={"/form": {"file"}})(_form_scope(5000), receive, send))
+    assert send.messages == []
+
+
+def test_guard_counts_a_request_in_its_slots_only_once_its_body_arrived():
+    """One slot: a client still sending its body does not take it from one whose body is in."""
+    async def main():
+        guard = _guard(max_concurrency=1, body_timeout_s=5)
+        slow_send, fast_send = _Recorder(), _Recorder()
+        slow = asyncio.create_task(guard(_form_scope(5000), _trickle(), slow_send))
+        await asyncio.sleep(0.1)
+        await guard(_form_scope(), _whole_body(), fast_send)
+        slow.cancel()
+        return fast_send.status
+
+    assert asyncio.run(main()) == 200
+
+
+def test_guard_answers_429_once_the_slots_are_taken_by_requests_being_answered():
+    async def main():
+        release = asyncio.Event()
+
+        async def busy_app(scope, receive, send):
+            await release.wait()
+            await _ok_app(scope, receive, send)
+
+        guard = RequestGuard(busy_app, max_body_bytes=10_000, fields={"/form": {"file"}}, max_concurrency=1)
+        first, second = _Recorder(), _Recorder()
+        running = asyncio.create_task(guard(_form_scope(), _whole_body(), first))
+        await asyncio.sleep(0.05)
+        await guard(_form_scope(), _whole_body(), second)
+        release.set()
+        await running
+        return first.status, second.status, second.error["error"]
+
+    first, second, error = asyncio.run(main())
+    assert (first, second) == (200, 429) and "CIFAR10_MAX_CONCURRENCY" in error
+
+
+def test_guard_caps_the_requests_still_sending_their_body():
+    """Their own cap, larger than the slots (4x): past it, 503 at once."""
+    from serving.http import RECEIVING_PER_SLOT
+
+    async def main():
+        guard = _guard(max_concurrency=1, body_timeout_s=5)
+        slow = [asyncio.create_task(guard(_form_scope(5000), _trickle(), _Recorder()))
+                for _ in range(RECEIVING_PER_SLOT)]
+        await asyncio.sleep(0.1)
+        over = _Recorder()
+        await guard(_form_scope(5000), _trickle(), over)
+        for task in slow:
+            task.cancel()
+        return over
+
+    over = asyncio.run(main())
+    assert over.status == 503 and "uploads are arriving" in over.error["error"]
+    assert (b"retry-after", b"1") in over.messages[0]["headers"]
+
+
+def test_guard_bounds_the_body_bytes_a_worker_holds():
+    async def main():
+        guard = _guard(body_timeout_s=5)
+        guard.body_budget = 100
+        holding = asyncio.create_task(guard(_form_scope(5000), _trickle(b"x" * 90), _Recorder()))
+        await asyncio.sleep(0.05)
+        over, fits = _Recorder(), _Recorder()
+        await guard(_form_scope(50), _whole_body(b"y" * 50), over)
+        holding.cancel()
+        await asyncio.sleep(0)
+        await guard(_form_scope(), _whole_body(), fits)  # freed once the other request ended
+        return over, fits, guard._held
+
+    over, fits, held = asyncio.run(main())
+    assert over.status == 503 and "hold all the memory" in over.error["error"]
+    assert fits.status == 200 and held == 0
+
+
+@pytest.mark.parametrize("path, header, status", [
+    ("/form", None, 401), ("/form", b"Bearer wrong", 401), ("/form", b"Basic s3cret", 401),
+    ("/form", b"Bearer s3cret", 200), ("/metrics", None, 401), ("/metrics", b"Bearer s3cret", 200),
+    ("/livez", None, 200), ("/readyz", None, 200)])
+def test_guard_asks_for_the_token_on_api_and_metrics_routes_only(path, header, status):
+    send = _Recorder()
+    scope = _form_scope(path=path, headers=[(b"authorization", header)] if header else [])
+    if path != "/form":
+        scope["method"] = "GET"
+    asyncio.run(_guard(token="s3cret")(scope, _whole_body(), send))
+    assert send.status == status
+    if status == 401:
+        assert (b"www-authenticate", b"Bearer") in send.messages[0]["headers"]
+        assert "Authorization: Bearer" in send.error["error"]
 
 
 def test_guard_refuses_unknown_form_fields():
@@ -515,9 +694,10 @@ def test_spec_documents_one_error_shape_for_every_error_status(server):
     assert schemas["Error"] == openapi.ERROR_SCHEMA
     assert not {"InvalidArgument", "NotFound", "InternalServerError"} & set(schemas)  # BentoML's: `detail` a string
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    for path, statuses in {"/predict": {"400", "413", "429", "500", "503"},
-                           "/predict_batch": {"400", "413", "429", "500", "503"},
-                           "/metadata": {"400", "413", "429", "500"}}.items():
+    # 401 only where the server has a token (test_token_guards_the_api_and_metrics_not_health)
+    for path, statuses in {"/predict": {"400", "408", "413", "429", "500", "503"},
+                           "/predict_batch": {"400", "408", "413", "429", "500", "503"},
+                           "/metadata": {"400", "408", "413", "429", "500", "503"}}.items():
         responses = spec["paths"][path]["post"]["responses"]
         assert set(responses) == {"200"} | statuses, path
         assert all(responses[status]["content"] == ref for status in statuses), path

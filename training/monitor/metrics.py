@@ -88,17 +88,19 @@ def scrape(url: str, timeout: float) -> Observation:
 
     import requests
 
+    from serving.settings import client_headers
+
     where = f"{url} (monitor_url, CIFAR10_MONITOR_URL)"
     try:
-        metrics = requests.get(f"{url}/metrics", timeout=timeout)
-        metadata = requests.post(f"{url}/metadata", json={}, timeout=timeout)
+        metrics = requests.get(f"{url}/metrics", timeout=timeout, headers=client_headers())
+        metadata = requests.post(f"{url}/metadata", json={}, timeout=timeout, headers=client_headers())
     except requests.RequestException as exc:
         raise MonitorError(f"the service at {where} did not answer: {type(exc).__name__}: {exc}. "
                            "Start it (make serve, make up) or point the setting at it.") from exc
     for resp in (metrics, metadata):
         if resp.status_code != 200:
             raise MonitorError(f"{resp.url} answered HTTP {resp.status_code}: {resp.text[:300]}; is {where} "
-                               "the CIFAR-10 service?")
+                               "the CIFAR-10 service (and, where it has a token, CIFAR10_API_TOKEN set here too)?")
     observation = parse(metrics.text)
     info = metadata.json()
     return dataclasses.replace(observation, bento_tag=str(info.get("bento_tag", "")),

@@ -168,7 +168,10 @@ def check_answers(url: str, images: np.ndarray, expected: np.ndarray, class_name
             problems.append(f"image {i}: class {answer['label']}, the exported model says "
                             f"{class_names[int(expected[i].argmax())]}")
 
+    from serving.settings import client_headers
+
     with requests.Session() as http:
+        http.headers.update(client_headers())
         for i, body in enumerate(bodies):
             started = time.perf_counter()
             try:

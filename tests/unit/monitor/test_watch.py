@@ -129,3 +129,30 @@ def test_a_service_that_does_not_answer_fails_the_check_naming_the_setting():
     config = load_config({"monitor_url": f"http://127.0.0.1:{free_port()}", "monitor_timeout": 2}, environ={})
     with pytest.raises(MonitorError, match="CIFAR10_MONITOR_URL"):
         observe(config)
+
+
+def test_the_check_sends_the_services_token_from_its_environment(monkeypatch):
+    """A service started with CIFAR10_API_TOKEN answers /metrics and /metadata only with it."""
+    from training.monitor.metrics import scrape
+
+    seen = []
+
+    class Handler(QuietHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != "Bearer s3cret":
+                return self.answer(401, b'{"error": "missing or wrong bearer token"}')
+            self.answer(200, metrics_text([(0.05, 200)], {"cat": 1}).encode(), "text/plain; version=0.0.4")
+
+        def do_POST(self):  # noqa: N802
+            self.body()
+            seen.append(self.headers.get("Authorization"))
+            self.answer(200, json.dumps({"bento_tag": "cifar10-classifier:abc", "mlflow_version": "3"}).encode())
+
+    with local_http_server(Handler) as url:
+        monkeypatch.delenv("CIFAR10_API_TOKEN", raising=False)
+        with pytest.raises(MonitorError, match="answered HTTP 401.*CIFAR10_API_TOKEN set here too"):
+            scrape(url, timeout=5)
+        monkeypatch.setenv("CIFAR10_API_TOKEN", "s3cret")
+        assert scrape(url, timeout=5).bento_tag == "cifar10-classifier:abc"
+    assert seen[-2:] == ["Bearer s3cret", "Bearer s3cret"]

@@ -26,7 +26,7 @@ def test_jpeg_fast_path_gives_the_same_pixels_as_the_general_path(options):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, "JPEG", **options)
         data = buf.getvalue()
-        assert images._decode_jpeg_32(data) is not None
+        assert images.decode_jpeg_32(data) is not None
         np.testing.assert_array_equal(decode_image(data), _general_path(data))
 
 
@@ -36,10 +36,10 @@ def test_fast_path_after_a_refused_file_still_gives_exact_pixels():
     white, tall = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (32, 32), (255, 255, 255)).save(white, "JPEG")
     Image.new("RGB", (32, 64), (0, 0, 0)).save(tall, "JPEG")
-    assert images._decode_jpeg_32(white.getvalue()) is not None
-    assert images._decode_jpeg_32(tall.getvalue()) is None  # wrong size
-    assert images._decode_jpeg_32(good[: len(good) // 2]) is None  # truncated: refused half-way
-    np.testing.assert_array_equal(images._decode_jpeg_32(good), _general_path(good))
+    assert images.decode_jpeg_32(white.getvalue()) is not None
+    assert images.decode_jpeg_32(tall.getvalue()) is None  # wrong size
+    assert images.decode_jpeg_32(good[: len(good) // 2]) is None  # truncated: refused half-way
+    np.testing.assert_array_equal(images.decode_jpeg_32(good), _general_path(good))
 
 
 def test_grey_jpeg_takes_the_fast_path_and_matches():
@@ -55,7 +55,7 @@ def test_grey_jpeg_takes_the_fast_path_and_matches():
 def test_jpeg_of_other_sizes_leaves_the_fast_path_and_is_resized(size):
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 30, 40)).save(buf, "JPEG", quality=95)
-    assert images._decode_jpeg_32(buf.getvalue()) is None
+    assert images.decode_jpeg_32(buf.getvalue()) is None
     out = decode_image(buf.getvalue())
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     assert abs(int(out[16, 16, 0]) - 200) < 8 and out[16, 16, 1] < 45
@@ -160,3 +160,88 @@ def test_truncated_files_raise_invalid_image(fmt):
     data = encode(make_images(1, ["a"])[0][0], fmt)
     with pytest.raises(InvalidImage):
         decode_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PCX", "PPM", "ICO"])
+def test_only_the_documented_formats_are_opened(fmt):
+    """Pillow reads these, but an upload in them is refused: its other plugins (EPS runs Ghostscript) never run."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format=fmt)
+    with pytest.raises(InvalidImage, match="not a PNG, JPEG, BMP, GIF or WebP image"):
+        decode_image(buf.getvalue())
+
+
+def test_postscript_never_reaches_pillow_s_eps_plugin(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def never(*args):
+        raise AssertionError("the EPS plugin was asked to open an upload")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
+    with pytest.raises(InvalidImage, match="not a PNG, JPEG, BMP, GIF or WebP image"):
+        decode_image(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nshowpage\n%%EOF\n")
+
+
+DECODE_COST = """
+import resource, sys, time
+from tests.helpers import black_png
+from serving.images import InvalidImage, decode_image
+
+png = black_png(int(sys.argv[1]), int(sys.argv[1]), bits=16)
+decode_image(black_png(64, 64, bits=16))  # imports and plugins loaded before measuring
+before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+try:
+    decode_image(png)
+    outcome = "decoded"
+except InvalidImage as exc:
+    outcome = str(exc)
+took = time.perf_counter() - t0
+print(took, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, outcome)
+"""
+
+
+@pytest.mark.parametrize("side, outcome", [(6000, "over the 4,194,304-pixel limit"), (2047, "decoded")])
+def test_a_deep_image_costs_under_0_2_s_and_100_mb(side, outcome):
+    """A 16-bit greyscale PNG: 6000x6000 (70 KB) took 2.3-2.7 s and ~1 GB through a float64 copy; now it is
+    refused from its header, and the largest one under the limit decodes without full-size float copies."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = subprocess.run([sys.executable, "-c", DECODE_COST, str(side)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    took, extra_mb, said = out.stdout.split(" ", 2)
+    assert outcome in said
+    assert float(took) < 0.2 and float(extra_mb) < 100, (took, extra_mb)
+
+
+def test_a_jpeg_may_declare_more_pixels_than_it_decodes_but_not_without_bound():
+    big = io.BytesIO()
+    Image.new("L", (3000, 2000), 90).save(big, format="JPEG", quality=20)  # 6 Mpx declared: decodes at 1/8
+    img = images.open_image(big.getvalue())
+    assert images.decoded_pixels(img) == 375 * 250
+    assert np.abs(decode_image(big.getvalue()).astype(int) - 90).max() <= 3
+    huge = io.BytesIO()
+    Image.new("L", (5000, 4000), 90).save(huge, format="JPEG", quality=20)  # 20 Mpx: over 4x the limit
+    with pytest.raises(InvalidImage, match="over the 16,777,216-pixel limit"):
+        decode_image(huge.getvalue())
+
+
+def test_large_images_are_reduced_before_their_mode_is_converted_with_the_same_result():
+    """Reducing first (transparency premultiplied) gives what compositing on black and then resizing gave."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8).repeat(128, axis=0).repeat(128, axis=1)  # 1024x1024
+    img = Image.fromarray(rgba, "RGBA")
+    composited = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img).convert("RGB")
+    expected = np.asarray(composited.resize((32, 32), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    got = to_rgb32(img)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_a_large_sixteen_bit_image_is_scaled_by_its_own_white_level():
+    img = Image.fromarray(np.full((256, 256), 40000, dtype=np.uint16))  # reduced by 4 before scaling to 8 bits
+    assert to_rgb32(img)[0, 0, 0] == round(40000 * 255 / 65535)
+    # 8-bit data stored wide: its white level is 255, not 65535
+    assert to_rgb32(Image.fromarray(np.full((256, 256), 200, dtype=np.uint16)))[5, 5, 0] == 200

@@ -1,0 +1,79 @@
+"""A request's uploads to pixels: both pixel budgets, the cheap and costly lanes, never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving import decoding
+from serving.decoding import CHEAP_PIXELS, MAX_REQUEST_PIXELS, Decoder, Refused, load_all, open_all
+from tests.helpers import black_png, encode, image_bytes, make_images
+
+
+def test_a_cheap_request_is_decoded_with_its_headers():
+    files = [image_bytes(1), encode(make_images(1, ["a"])[0][0], "PNG"), black_png(64, 64)]
+    pixels, pending = open_all(files)
+    assert pending == {} and all(p.shape == (32, 32, 3) and p.dtype == np.uint8 for p in pixels)
+
+
+def test_a_costly_request_is_only_opened_then_decoded_in_the_costly_lane():
+    side = int(CHEAP_PIXELS ** 0.5) + 1
+    pixels, pending = open_all([image_bytes(1), black_png(side, side)])
+    assert pixels[0].shape == (32, 32, 3) and pixels[1] is None and list(pending) == [1]
+    assert pending[1].tile  # opened: header read, its tiles not decoded yet
+    load_all(pixels, pending)
+    assert pixels[1].shape == (32, 32, 3) and pixels[1].max() == 0
+
+
+def test_the_request_budget_counts_decoded_pixels_of_all_files():
+    side = int((MAX_REQUEST_PIXELS / 4) ** 0.5)  # four of these fill the budget
+    fits = [black_png(side, side)] * 4
+    assert len(open_all(fits)[1]) == 4
+    with pytest.raises(Refused, match=r"over 16,777,216 pixels together \(at file 4 \(0-based\)\), the limit per "
+                                      "request; send fewer or smaller images"):
+        open_all(fits + [black_png(side, side)])
+
+
+def test_a_bad_file_is_named_by_its_place():
+    with pytest.raises(Refused, match=r"^file 1 \(0-based\): not a readable image"):
+        open_all([image_bytes(1), b"not an image"])
+    with pytest.raises(Refused, match=r"^file: image is 9000x9000 pixels, over the 4,194,304-pixel limit"):
+        open_all([black_png(9000, 9000)])
+
+
+def test_decoding_runs_off_the_event_loop_which_keeps_answering():
+    """The loop ticks every 5 ms while costly requests (each near the budget) are decoded."""
+    side = int((MAX_REQUEST_PIXELS / 16) ** 0.5) - 1
+    costly = [black_png(side, side, bits=16, colour="rgba")] * 16
+
+    async def main():
+        decoder, lags, done = Decoder(threads=2, nice=0), [], asyncio.Event()
+
+        async def ticker():
+            while not done.is_set():
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.005)
+                lags.append(time.perf_counter() - t0 - 0.005)
+
+        tick = asyncio.create_task(ticker())
+        results = await asyncio.gather(*(decoder(costly) for _ in range(3)))
+        done.set()
+        await tick
+        return results, lags
+
+    results, lags = asyncio.run(main())
+    assert all(r.shape == (16, 32, 32, 3) for r in results)
+    assert len(lags) > 5 and max(lags) < 0.1, max(lags)
+
+
+def test_the_costly_lane_runs_at_the_lowest_priority():
+    decoder = Decoder(threads=1, nice=0)
+    seen = decoder._costly.submit(lambda: (threading.current_thread().name,
+                                           os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))).result()
+    assert seen[0].startswith("decode-costly") and seen[1] == min(19, os.getpriority(os.PRIO_PROCESS, 0)
+                                                                   + decoding.COSTLY_NICE)
