@@ -166,4 +166,4 @@ class Batched:
 
 
 for _service in (Front, Batched):
-    _service.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, fields={"/predict": {"file"}})
+    _service.add_asgi_middleware(RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, fields={"/predict": {"file": 1}})

@@ -143,7 +143,8 @@ class _ClientErrorTracebacks(logging.Filter):
 class RequestGuard:
     """ASGI middleware in front of BentoML's routes: what a request may cost, who may send it, one error shape.
 
-    - ``fields`` maps each API route to its multipart file fields. ``/predict/`` is
+    - ``fields`` maps each API route to its multipart file fields, each to the most parts it
+      may have (more: 400, before BentoML parses the form). ``/predict/`` is
       ``/predict`` here, before anything else: Starlette would answer it with a bodyless
       307, which curl (without ``-L``) prints as nothing.
     - With a ``token``, the API routes and ``/metrics`` need ``Authorization: Bearer <token>``
@@ -157,8 +158,9 @@ class RequestGuard:
       (429 when all are taken). Requests still sending have their own, larger cap
       (:data:`RECEIVING_PER_SLOT`), and the bytes all requests hold are bounded by
       :data:`BODY_BUDGET_BYTES`; over either, 503.
-    - An API route's form body is parsed here first (Starlette's parser, as BentoML's) and
-      refused with 400 when BentoML 1.4.40 would answer 500 or do something unsafe: an
+    - The part headers of an API route's form body are read here first (by the parser BentoML's
+      own parse uses) and the body refused with 400 when BentoML 1.4.40 would answer 500 or do
+      something unsafe: an
       unknown field holding binary data (``json.loads`` raises ``UnicodeDecodeError`` in
       ``_bentoml_impl/serde.py``), a malformed multipart body or one without boundary
       (Starlette's ``HTTPException(400)`` becomes 500), and a file field holding text
@@ -178,7 +180,7 @@ class RequestGuard:
       own README (``description=`` of ``@bentoml.service`` reaches only a built Bento's).
     """
 
-    def __init__(self, app, max_body_bytes: int, fields: dict[str, set[str]] | None = None,
+    def __init__(self, app, max_body_bytes: int, fields: dict[str, dict[str, int]] | None = None,
                  max_concurrency: int = 0, token: str = "", linger_s: float = 2.0, description: str | None = None,
                  body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.app = app
@@ -255,7 +257,7 @@ class RequestGuard:
         if allowed is None and not (length is None and b"chunked" in headers.get(b"transfer-encoding", b"")):
             return receive
         messages = await self._body(receive, held)
-        if allowed is not None and (error := await _form_error(headers, messages, scope["path"], allowed)):
+        if allowed is not None and (error := _form_error(headers, messages, scope["path"], allowed)):
             raise _Refused(400, error, unread=False)
         replay = iter(messages)
 
@@ -310,44 +312,68 @@ class RequestGuard:
                 "send fewer or smaller images")
 
 
-async def _form_error(headers: dict, messages: list[dict], path: str, allowed: set[str]) -> str | None:
-    """Why a form body for ``path`` (file fields ``allowed``) must be refused, or None if it may go on."""
-    from starlette.datastructures import Headers, UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
+def _form_error(headers: dict, messages: list[dict], path: str, allowed: dict[str, int]) -> str | None:
+    """Why a form body for ``path`` must be refused, or None if it may go on to BentoML.
 
-    content_type = headers.get(b"content-type", b"").lower()
+    ``allowed`` maps each file field of the route to the most parts it may have. Only the parts'
+    headers are read, by the multipart parser BentoML's own parse uses (python-multipart's, through
+    Starlette): its part data is skipped, not copied, so the form is built once, by BentoML.
+    """
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    content_type, params = parse_options_header(headers.get(b"content-type", b""))
     how = _how(allowed)
-    if content_type.startswith(b"application/x-www-form-urlencoded"):
+    if content_type == b"application/x-www-form-urlencoded":
         return f"url-encoded forms are not accepted: {how}"
-    if not content_type.startswith(b"multipart/"):
+    if content_type != b"multipart/form-data":
         return None  # BentoML answers other bodies (JSON, text) with 400 itself
+    if b"boundary" not in params:
+        return f"malformed multipart body (Missing boundary in multipart.): {how}"
+    parts: list[tuple[str, bool]] = []  # (field name, whether the part is a file)
+    header: dict[str, bytes] = {"name": b"", "value": b"", "disposition": b""}
 
-    async def body():
+    def on_header_end() -> None:
+        if header["name"].lower() == b"content-disposition":
+            header["disposition"] = header["value"]
+        header["name"] = header["value"] = b""
+
+    def on_headers_finished() -> None:
+        _, options = parse_options_header(header["disposition"])
+        if b"name" not in options:
+            raise FormParserError('The Content-Disposition header field "name" must be provided.')
+        parts.append((options[b"name"].decode("utf-8", "replace"), b"filename" in options))
+        header["disposition"] = b""
+
+    parser = MultipartParser(params[b"boundary"], {
+        "on_header_field": lambda data, start, end: header.__setitem__("name", header["name"] + data[start:end]),
+        "on_header_value": lambda data, start, end: header.__setitem__("value", header["value"] + data[start:end]),
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished})
+    try:
         for message in messages:
-            yield message.get("body", b"")
+            parser.write(message.get("body", b""))
+        parser.finalize()
+    except FormParserError as exc:
+        return f"malformed multipart body ({exc}): {how}"
+    if unknown := sorted({name for name, _ in parts} - set(allowed)):
+        return f"unexpected form field(s) {unknown}; {path} takes {' and '.join(sorted(allowed)) or 'none'}"
+    if text := sorted({name for name, is_file in parts if not is_file}):
+        return f"form field(s) {text} hold text, not a file (no filename): {how}"
+    for name, most in allowed.items():
+        if (count := sum(1 for part, _ in parts if part == name)) > most:
+            return (f"{count} files in field {name!r}: at most {most} per request"
+                    f"{' (CIFAR10_MAX_FILES)' if most > 1 else ''}; split the request")
+    return None
 
-    try:
-        form = await MultiPartParser(Headers(raw=list(headers.items())), body()).parse()
-    except MultiPartException as exc:
-        return f"malformed multipart body ({exc.message}): {how}"
-    try:
-        if unknown := sorted(set(form) - allowed):
-            return f"unexpected form field(s) {unknown}; {path} takes {' and '.join(sorted(allowed)) or 'none'}"
-        if text := sorted({name for name, value in form.multi_items() if not isinstance(value, UploadFile)}):
-            return f"form field(s) {text} hold text, not a file (no filename): {how}"
-        return None
-    finally:
-        await form.close()
 
-
-def _how(allowed: set[str] | None) -> str:
+def _how(allowed: dict[str, int] | None) -> str:
     """What a client should send to a route with file fields ``allowed``."""
     if not allowed:
         return "it takes no input: send an empty body or the JSON object {}"
     return f"send images as multipart file parts (curl -F {min(allowed)}=@image.png)"
 
 
-def _one_error(body: object, path: str, allowed: set[str] | None) -> object:
+def _one_error(body: object, path: str, allowed: dict[str, int] | None) -> object:
     """BentoML's error bodies as one ``{"error": ...}`` object; anything else unchanged."""
     if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
         return body[0]
@@ -382,7 +408,7 @@ def _rewrite_body(send, statuses: Callable[[int], bool], rewrite: Callable[[int,
     return wrapped
 
 
-def _one_error_shape(send, path: str, allowed: set[str] | None, log_refusal: Callable[[int, str], None]):
+def _one_error_shape(send, path: str, allowed: dict[str, int] | None, log_refusal: Callable[[int, str], None]):
     """Wrap ``send`` so that a 4xx JSON body goes out in the one documented error shape, and a refusal
     (4xx, or 503 for load) is logged through ``log_refusal``."""
 
@@ -408,7 +434,7 @@ def _with_header(send, name: bytes, value: bytes):
     return wrapped
 
 
-def _amend_spec(send, fields: dict[str, set[str]], description: str | None, token: bool):
+def _amend_spec(send, fields: dict[str, dict[str, int]], description: str | None, token: bool):
     """Wrap ``send`` so that BentoML's OpenAPI document goes out through :func:`amend_spec`."""
     return _rewrite_body(send, lambda status: status == 200,
                          lambda _, body: json.dumps(amend_spec(json.loads(body), fields, description, token)).encode())

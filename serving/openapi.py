@@ -28,7 +28,8 @@ IMAGE_TYPES = "image/png, image/jpeg, image/bmp, image/gif, image/webp"
 BENTOML_ERRORS = ("InvalidArgument", "NotFound", "InternalServerError")
 
 
-def amend_spec(spec: dict, fields: dict[str, set[str]], description: str | None = None, token: bool = False) -> dict:
+def amend_spec(spec: dict, fields: dict[str, dict[str, int]], description: str | None = None,
+               token: bool = False) -> dict:
     """``spec`` (BentoML's OpenAPI document) saying what the routes in ``fields`` really take and answer.
 
     - Errors: :data:`ERROR_SCHEMA` for every status in :data:`ERROR_STATUSES` a route can

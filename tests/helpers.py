@@ -854,7 +854,7 @@ def guarded_client(limit: int):
         return JSONResponse({"received": len(body)})
 
     app = Starlette(routes=[Route("/", echo, methods=["POST"]), Route("/form", echo, methods=["POST"])])
-    return TestClient(RequestGuard(app, max_body_bytes=limit, fields={"/form": {"file"}}))
+    return TestClient(RequestGuard(app, max_body_bytes=limit, fields={"/form": {"file": 1}}))
 
 
 if __name__ == "__main__":

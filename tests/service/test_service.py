@@ -259,7 +259,7 @@ async def _ok_app(scope, receive, send):
 
 
 def _guard(**options) -> RequestGuard:
-    return RequestGuard(_ok_app, **{"max_body_bytes": 10_000, "fields": {"/form": {"file"}}, "linger_s": 0.05,
+    return RequestGuard(_ok_app, **{"max_body_bytes": 10_000, "fields": {"/form": {"file": 1}}, "linger_s": 0.05,
                                     **options})
 
 
@@ -290,7 +290,7 @@ def test_guard_leaves_a_client_that_went_away_before_its_body_arrived():
         raise AssertionError("the app was called for a request whose client is gone")
 
     send = _Recorder()
-    asyncio.run(RequestGuard(app, max_body_bytes=10_000, fields={"/form": {"file"}})(_form_scope(5000), receive, send))
+    asyncio.run(RequestGuard(app, max_body_bytes=10_000, fields={"/form": {"file": 1}})(_form_scope(5000), receive, send))
     assert send.messages == []
 
 
@@ -316,7 +316,7 @@ def test_guard_answers_429_once_the_slots_are_taken_by_requests_being_answered()
             await release.wait()
             await _ok_app(scope, receive, send)
 
-        guard = RequestGuard(busy_app, max_body_bytes=10_000, fields={"/form": {"file"}}, max_concurrency=1)
+        guard = RequestGuard(busy_app, max_body_bytes=10_000, fields={"/form": {"file": 1}}, max_concurrency=1)
         first, second = _Recorder(), _Recorder()
         running = asyncio.create_task(guard(_form_scope(), _whole_body(), first))
         await asyncio.sleep(0.05)
@@ -388,6 +388,20 @@ def test_guard_refuses_unknown_form_fields():
     resp = client.post("/form", files={"other": ("a.bin", b"\xff\xd8", "image/jpeg")})
     assert resp.status_code == 400 and "['other']" in resp.json()["error"]
     assert client.post("/form", files={"file": ("a.bin", b"\xff\xd8", "image/jpeg")}).status_code == 200
+
+
+def test_guard_reads_only_the_part_headers_and_leaves_the_one_parse_of_the_form_to_bentoml(monkeypatch):
+    from starlette.formparsers import MultiPartParser
+
+    def never(self):
+        raise AssertionError("the guard built a form: BentoML parses it again")
+
+    monkeypatch.setattr(MultiPartParser, "parse", never)
+    client = guarded_client(1000)
+    assert client.post("/form", files={"file": ("a.bin", b"\xff\xd8", "image/jpeg")}).status_code == 200
+    resp = client.post("/form", files=[("file", ("a.jpg", b"\xff\xd8", "image/jpeg"))] * 2)
+    assert resp.status_code == 400 and resp.json()["error"] == (
+        "2 files in field 'file': at most 1 per request; split the request")
 
 
 def test_guard_answers_errors_as_one_object():
