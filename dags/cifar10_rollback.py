@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
+
+# Standard library only: parsing stays fast.
+from training.params import ROLLBACK
 
 DOC = """
 ### Roll the served CIFAR-10 model back
@@ -28,21 +31,16 @@ what it loaded: restart it (`make rollback` on the serving machine does both).
     max_active_runs=1,
     doc_md=DOC,
     tags=["cifar10", "mlops"],
-    params={
-        "version": Param(None, type=["null", "integer"], minimum=1,
-                         description="Model version to serve; empty: the previous champion"),
-        "reason": Param("", type="string", description="Why (recorded with the move)"),
-    },
+    params=ROLLBACK.airflow(),
 )
 def cifar10_rollback():
     @task(execution_timeout=timedelta(minutes=20), retries=0)
     def rollback() -> str:
-        from training.config import load_config
         from training.deploy.champion import rollback as run
 
         context = get_current_context()
         params = context["params"]
-        return run(load_config(), params["version"], params["reason"],
+        return run(ROLLBACK.for_task(context), params["version"], params["reason"],
                    by=f"airflow:{context['dag'].dag_id}/{context['run_id']}").bento_tag
 
     rollback()

@@ -385,6 +385,8 @@ def state_env(state: Path, **extra: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # A scheduler test is about the DAG it names; the drift monitor runs where a test turns it on.
         "CIFAR10_MONITOR_SCHEDULE": "none",
+        # Tests write their archives next to the state folder: the one place a local data_url may point.
+        "CIFAR10_DATA_ROOTS": str(state.parent),
         # As under make: the project's tools first, so nothing relies on one installed by hand.
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     })
@@ -412,12 +414,25 @@ def start_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.Popen:
                                 env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
-def run_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.CompletedProcess:
-    """``airflow db migrate`` (first time) then ``airflow dags test cifar10_pipeline -c conf``."""
+def run_dag(env: dict[str, str], conf: dict, log: Path,
+            dag_id: str = "cifar10_pipeline") -> subprocess.CompletedProcess:
+    """``airflow db migrate`` (first time) then ``airflow dags test DAG_ID -c conf``."""
     migrate(env)
     with open(log, "w") as out:
-        return subprocess.run([str(BIN / "airflow"), "dags", "test", "cifar10_pipeline", "-c", json.dumps(conf)],
+        return subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)],
                               env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1200, cwd=ROOT)
+
+
+def last_dag_run(env: dict[str, str], dag_id: str = "cifar10_pipeline") -> tuple[str, dict[str, str]]:
+    """State of the newest run of ``dag_id`` and of each of its tasks, from Airflow's own (SQLite) database."""
+    import sqlite3
+
+    with sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db") as db:
+        run_id, state = db.execute("SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1",
+                                   (dag_id,)).fetchone()
+        tasks = dict(db.execute("SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?",
+                                (dag_id, run_id)).fetchall())
+    return state, tasks
 
 
 @contextmanager

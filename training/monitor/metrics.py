@@ -88,7 +88,7 @@ def scrape(url: str, timeout: float) -> Observation:
 
     import requests
 
-    where = f"{url} (monitor_url, CIFAR10_MONITOR_URL)"
+    where = f"{url} (CIFAR10_MONITOR_URL)"
     try:
         metrics = requests.get(f"{url}/metrics", timeout=timeout)
         metadata = requests.post(f"{url}/metadata", json={}, timeout=timeout)

@@ -145,7 +145,8 @@ def check_base_image(image: str, config: PipelineConfig) -> None:
     from training.packaging.base_image import BASE_IMAGE
 
     image = image.strip()
-    allowed = {REGISTRY_BASE_IMAGE, BASE_IMAGE} | {i.strip() for i in config.allowed_base_images.split(",") if i.strip()}
+    listed = {i.strip() for i in config.allowed_base_images.split(",") if i.strip()}
+    allowed = {REGISTRY_BASE_IMAGE, BASE_IMAGE} | listed
     if not image or image in allowed or re.fullmatch(r"[^@\s]+@sha256:[0-9a-f]{64}", image):
         return
     raise ValueError(f"base image {image!r} is neither allowed nor pinned by digest: name it as IMAGE@sha256:<64 hex "
