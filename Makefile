@@ -111,12 +111,14 @@ serve: $(VENV)/.synced
 	exec $(VENV)/bin/bentoml serve "$$bento" --port $(PORT)
 
 ## make rollback: champion back to the previous champion (VERSION=N: to version N), with REASON="..."
-## recorded; its Bento is rebuilt only if gone, and a Bento served by `make up` is restarted on it
+## recorded; its Bento is rebuilt only if gone, and a Bento served by `make up` is restarted on it.
+## A version that failed verify or lost the quality gate needs FORCE=1 and a REASON.
 VERSION ?=
 REASON ?=
+FORCE ?=
 rollback: $(VENV)/.synced
 	$(VENV)/bin/python -m training.deploy.champion rollback $(if $(VERSION),--to $(VERSION)) \
-		$(if $(REASON),--reason "$(REASON)")
+		$(if $(REASON),--reason "$(REASON)") $(if $(filter 1 true yes,$(FORCE)),--force)
 	@if scripts/stack.sh status | grep -q '^bento: running'; then \
 		echo "Restarting the Bento server of make up on the new champion"; \
 		scripts/stack.sh down bento && BENTO_PORT=$(PORT) scripts/stack.sh up bento; fi

@@ -33,8 +33,9 @@ DOC = """
 8. **containerize** it when docker, podman or buildah is present (skipped otherwise, with the reason)
 9. **verify**: the Bento (and image) is served and must answer golden test images exactly as the exported
    model does, with no error and p99 within `served_p99_budget_ms`; a failure fails the run, nothing moves
-10. **promote**: only now does the `champion` alias move (recorded on the version and in MLflow), and the
-    image is tagged `latest`
+10. **promote**: the move is recorded (on the version, in MLflow) and the image tagged `latest`, then the
+    `champion` alias moves, only if the champion is still the one the version was scored against; a
+    retry after a partial failure finishes the step
 11. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines (skipped when it is empty)
 
 Every param overrides the `training.config.PipelineConfig` field of the same name; a conf key that is not
@@ -175,9 +176,9 @@ def cifar10_pipeline():
 
     @task(execution_timeout=timedelta(minutes=5))
     def promote(version_uri: str, bento_tag: str) -> str:
-        from training.deploy.champion import promote_checked
+        from training.deploy.champion import promote as run
 
-        return promote_checked(_config(), version_uri, bento_tag, by=_run_name())
+        return run(_config(), version_uri, bento_tag, by=_run_name())
 
     @task(execution_timeout=timedelta(minutes=20))
     def publish(bento_tag: str) -> str:

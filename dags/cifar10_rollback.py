@@ -18,8 +18,11 @@ DOC = """
 Moves the `champion` alias to the previous champion (the newest older version that held it), or to
 `version`, and makes that version's Bento the served one: rebuilt only when the store lost it, its
 image tagged `latest` when it has one, published again to `bento_export_uri` when that is set.
-The move is recorded on the version (`champion_*` tags) and in the `cifar10-champion` MLflow
-experiment, with the reason and this run's id. A server started before the rollback keeps serving
+Only to a version that passed both gates: one that failed `verify` or lost the quality gate needs
+`force` and a `reason`. If the champion changes while the rollback works (e.g. a promotion during a
+Bento rebuild), it stops and moves nothing. The move is recorded first, on the version (`champion_*`
+tags) and in the `cifar10-champion` MLflow experiment, with the reason and this run's id; the alias
+moves last. A server started before the rollback keeps serving
 what it loaded: restart it (`make rollback` on the serving machine does both).
 """
 
@@ -40,7 +43,7 @@ def cifar10_rollback():
 
         context = get_current_context()
         params = context["params"]
-        return run(ROLLBACK.for_task(context), params["version"], params["reason"],
+        return run(ROLLBACK.for_task(context), params["version"], params["reason"], force=params["force"],
                    by=f"airflow:{context['dag'].dag_id}/{context['run_id']}").bento_tag
 
     rollback()

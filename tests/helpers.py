@@ -523,6 +523,59 @@ def constant_onnx(path: Path, class_id: int, n_classes: int = len(CLASSES)) -> P
     return path
 
 
+def training_run(config, folder: Path, answers: int, stored_accuracy: float = 0.5, digest: str = "d" * 64) -> str:
+    """An MLflow run shaped like train()'s output whose exported model always answers class ``answers``.
+
+    ``stored_accuracy`` is the test_accuracy it claims; the gate must not trust it. The ONNX model
+    is written under ``folder``.
+    """
+    import mlflow
+
+    from training.registry.tracking import configure_mlflow
+
+    configure_mlflow(config)
+    onnx_dir = folder / f"onnx-{answers}-{stored_accuracy}"
+    constant_onnx(onnx_dir / "model.onnx", answers)
+    (onnx_dir / "classes.json").write_text(json.dumps(CLASSES))
+    with mlflow.start_run() as run:
+        model = mlflow.initialize_logged_model(name="model")
+        mlflow.log_metric("test_accuracy", stored_accuracy)
+        mlflow.set_tags({"logged_model_uri": f"models:/{model.model_id}", "dataset_digest": digest})
+        mlflow.log_artifacts(str(onnx_dir), "onnx")
+        return run.info.run_id
+
+
+def registry_client(config):
+    """An MLflow client on ``config``'s tracking and registry store."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+
+
+def model_version(config, uri: str):
+    """The registry's model version ``models:/<name>/<version>``."""
+    name, version = uri.removeprefix("models:/").rsplit("/", 1)
+    return registry_client(config).get_model_version(name, version)
+
+
+def champion_number(config) -> str | None:
+    """The version number holding ``champion`` of ``config``'s registered model, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(registry_client(config).get_model_version_by_alias(config.registered_model_name,
+                                                                      "champion").version)
+    except MlflowException:
+        return None
+
+
+def champion_moves(config) -> list:
+    """The runs of the ``<experiment>-champion`` experiment, oldest first: every recorded move of the alias."""
+    client = registry_client(config)
+    experiment = client.get_experiment_by_name(f"{config.experiment_name}-champion")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
+
+
 def write_prepared(folder: Path, test_labels: list[int], digest: str, classes: list[str] = CLASSES) -> Path:
     """A prepared-data folder (as ``training.data.prepare`` writes it) whose test split has ``test_labels``."""
     folder.mkdir(parents=True, exist_ok=True)

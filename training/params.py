@@ -148,7 +148,9 @@ PIPELINE = RunParams(config_params=(
 
 ROLLBACK = RunParams(config_params=(), task_args=(
     RunParam("version", "integer", "Model version to serve; empty: the previous champion", minimum=1),
-    RunParam("reason", "string", "Why (recorded with the move)"),
+    RunParam("reason", "string", "Why (recorded with the move); required with force"),
+    RunParam("force", "boolean", "Roll back even to a version that failed the served-artifact check or lost the "
+                                 "quality gate (give the reason)"),
 ))
 
 MONITOR = RunParams(config_params=(

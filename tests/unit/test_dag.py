@@ -61,7 +61,7 @@ def test_rollback_dag_is_one_task_on_demand():
     rollback = bag.dags["cifar10_rollback"]
     assert rollback.task_ids == ["rollback"]
     assert type(rollback.timetable).__name__ == "NullTimetable"  # on demand only
-    assert set(rollback.params) == {"version", "reason"}
+    assert set(rollback.params) == {"version", "reason", "force"}
     # A half-applied rollback is not retried blindly: the operator reads the error first.
     assert rollback.get_task("rollback").retries == 0
     assert "previous champion" in rollback.doc_md
