@@ -36,7 +36,8 @@ DOC = """
 10. **promote**: the move is recorded (on the version, in MLflow) and the image tagged `latest`, then the
     `champion` alias moves, only if the champion is still the one the version was scored against; a
     retry after a partial failure finishes the step
-11. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines (skipped when it is empty)
+11. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines, recording the archive's URI
+    and sha256 on the version: serving imports exactly that archive (skipped when the URI is empty)
 
 Every param overrides the `training.config.PipelineConfig` field of the same name; a conf key that is not
 a param fails the run at its first task (`training/params.py` declares them). A local `data_url` must lie
@@ -181,12 +182,12 @@ def cifar10_pipeline():
         return run(_config(), version_uri, bento_tag, by=_run_name())
 
     @task(execution_timeout=timedelta(minutes=20))
-    def publish(bento_tag: str) -> str:
+    def publish(version_uri: str, bento_tag: str) -> str:
         from airflow.sdk.exceptions import AirflowSkipException
 
         from training.packaging.publish import publish_bento
 
-        uri = publish_bento(_config(), bento_tag)
+        uri = publish_bento(_config(), version_uri, bento_tag)
         if not uri:
             raise AirflowSkipException("bento_export_uri is empty: the Bento stays in this machine's store")
         return uri
@@ -198,7 +199,7 @@ def cifar10_pipeline():
     bento = build(model_tag)
     checked = verify(version, bento, prepared)
     containerize(bento) >> checked
-    promote(version, checked) >> publish(checked)
+    promote(version, checked) >> publish(version, checked)
 
 
 cifar10_pipeline()

@@ -41,7 +41,8 @@ def test_tasks_and_dependencies(dag):
     assert up["verify"] == ["build", "containerize", "prepare", "register"]
     assert dag.get_task("verify").trigger_rule == "none_failed"
     assert up["promote"] == ["register", "verify"]
-    assert up["publish"] == ["promote", "verify"]  # serving machines get a Bento only once it is champion
+    # Serving machines get a Bento only once it is champion; the archive is recorded on its version.
+    assert up["publish"] == ["promote", "register", "verify"]
 
 
 def test_params_retries_timeouts_and_docs(dag):

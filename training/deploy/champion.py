@@ -185,8 +185,9 @@ def rollback(config: PipelineConfig, to_version: str | int | None = None, reason
     Only to a promoted version unless ``force`` (with a ``reason``). The champion is read when the
     rollback starts and again before anything is written and right before the alias moves: if it
     changed meanwhile, :class:`~training.registry.promotion.ChampionChanged` and nothing moves. The
-    Bento is rebuilt only when the store lost it; the image, when one exists for it, is tagged
-    ``latest``; with ``bento_export_uri`` set the Bento is published again.
+    Bento is rebuilt only when the store lost it; with ``bento_export_uri`` set it is published again
+    (its archive and sha256 recorded) before the alias moves; the image, when one exists for it, is
+    tagged ``latest``.
     """
     from training.packaging.publish import publish_bento
     from training.registry.promotion import Move, champion_version, client_for, move_alias, previous_champion
@@ -208,12 +209,12 @@ def rollback(config: PipelineConfig, to_version: str | int | None = None, reason
     uri = f"models:/{name}/{to_version}"
     bento_tag, rebuilt = ensure_bento(config, uri)
     _expect_champion(client, name, start)
+    if config.bento_export_uri:  # before the move: serving imports the champion's recorded archive
+        log.info("published %s to %s", bento_tag, publish_bento(config, uri, bento_tag))
     move = Move(name, to_version, mv.run_id, "rollback", start, bento_tag,
                 reason or f"rollback from version {start or '(none)'}", by or operator(), forced=force)
     run_id, image = _record(config, client, move)
     move_alias(client, move, run_id)
-    if config.bento_export_uri:
-        log.info("published %s to %s", bento_tag, publish_bento(config, bento_tag))
     log.info("champion is now version %s (was %s), served from Bento %s%s", to_version, start, bento_tag,
              " (rebuilt)" if rebuilt else "")
     return Rollback(to_version, start, bento_tag, rebuilt, image)

@@ -28,6 +28,8 @@ from training.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+# Where publish put a version's Bento archive and the archive's sha256: serving imports exactly that.
+ARCHIVE_URI_TAG, ARCHIVE_SHA256_TAG = "bento_archive_uri", "bento_archive_sha256"
 # gate_decision tag values, in the order a version can pass through them.
 CANDIDATE, REJECTED, FAILED_SERVING, PROMOTED = "candidate", "rejected", "failed_serving", "promoted"
 
@@ -49,6 +51,21 @@ class Move:
     reason: str
     by: str
     forced: bool = False
+
+
+class NotPublished(RuntimeError):
+    """The registry names no champion, or no published Bento archive for it."""
+
+
+@dataclass(frozen=True)
+class PublishedBento:
+    """A version's Bento as publish recorded it: its tag, the archive's URI and sha256."""
+
+    model: str
+    version: str
+    bento_tag: str
+    uri: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -252,6 +269,28 @@ def move_alias(client, move: Move, record_run_id: str) -> None:
              move.version, move.reason, move.by)
 
 
+def record_published(config: PipelineConfig, version_uri: str, uri: str, sha256: str) -> None:
+    """Record on ``version_uri`` where its Bento archive was published and the archive's sha256."""
+    name, version = split_uri(version_uri)
+    client = client_for(config)
+    for key, value in {ARCHIVE_URI_TAG: uri, ARCHIVE_SHA256_TAG: sha256}.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def published_champion(config: PipelineConfig) -> PublishedBento:
+    """The champion's Bento archive as publish recorded it; :class:`NotPublished` when there is none yet."""
+    name = config.registered_model_name
+    mv = current_champion(client_for(config), name)
+    if mv is None:
+        raise NotPublished(f"no {name} version holds the {CHAMPION} alias yet: run the pipeline first")
+    tags = mv.tags
+    if not all(tags.get(key) for key in ("bento_tag", ARCHIVE_URI_TAG, ARCHIVE_SHA256_TAG)):
+        raise NotPublished(f"the champion ({name} version {mv.version}) has no published Bento on record (tags "
+                           f"bento_tag, {ARCHIVE_URI_TAG}, {ARCHIVE_SHA256_TAG}): its publish task has not run yet, "
+                           "failed, or ran without bento_export_uri; rerun that task with CIFAR10_BENTO_EXPORT_URI set")
+    return PublishedBento(name, str(mv.version), tags["bento_tag"], tags[ARCHIVE_URI_TAG], tags[ARCHIVE_SHA256_TAG])
+
+
 def champion_record(config: PipelineConfig) -> dict:
     """What holds ``champion`` now: version, run id, Bento tag and the recorded move."""
     client = client_for(config)
@@ -260,7 +299,7 @@ def champion_record(config: PipelineConfig) -> dict:
     if mv is None:
         return {}
     return {"model": name, "version": str(mv.version), "run_id": mv.run_id,
-            **{k: v for k, v in mv.tags.items() if k.startswith(("champion_", "gate_")) or k == "bento_tag"}}
+            **{k: v for k, v in mv.tags.items() if k.startswith(("champion_", "gate_", "bento_"))}}
 
 
 def dumps(record: dict) -> str:

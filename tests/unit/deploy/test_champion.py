@@ -11,7 +11,10 @@ from tests.helpers import write_prepared
 from training.config import load_config
 from training.deploy import champion
 from training.deploy.champion import RollbackRefused, promote, rollback
-from training.registry.promotion import PROMOTED, ChampionChanged, mark_failed_serving, previous_champion, register
+from training.packaging import bento_store
+from training.packaging.publish import publish_bento
+from training.registry.promotion import (PROMOTED, ChampionChanged, mark_failed_serving, previous_champion,
+                                         published_champion, register)
 
 # Class 0 is half the test split: a model that answers k scores exactly class k's share.
 SPLIT = [0] * 50 + [1] * 30 + [2] * 20
@@ -92,7 +95,7 @@ def test_promote_writes_every_record_before_it_moves_the_alias(store, tmp_path, 
 
 
 def test_a_promote_retried_after_a_failure_right_after_the_alias_move_completes(
-        store, tmp_path, prepared, fail_after_next_alias_move):
+        store, tmp_path, prepared, fail_after_next_alias_move, monkeypatch):
     config = _config(store)
     _promoted(config, tmp_path, prepared, answers=2)
     uri = _candidate(config, tmp_path, prepared, answers=0)
@@ -109,6 +112,13 @@ def test_a_promote_retried_after_a_failure_right_after_the_alias_move_completes(
     assert mv.tags["bento_tag"] == "cifar10-classifier:v2" and mv.tags["champion_previous"] == "1"
     assert _moves(config) == [("promote", "", "1", "FINISHED"), ("promote", "1", "2", "FINISHED")]  # recorded once
     assert "champion_until" in model_version(config, f"models:/{config.registered_model_name}/1").tags
+    # The step succeeded, so publish runs: serving then finds the new champion's archive on record.
+    monkeypatch.setattr(bento_store, "export_bento",
+                        lambda config, tag, uri: bento_store.Archive(f"{uri}{tag.replace(':', '-')}.bento", "ef" * 32))
+    publish_bento(config.replace(bento_export_uri="s3://cifar10/bentos/"), uri, "cifar10-classifier:v2")
+    published = published_champion(config)
+    assert (published.version, published.bento_tag) == ("2", "cifar10-classifier:v2")
+    assert published.uri == "s3://cifar10/bentos/cifar10-classifier-v2.bento"
 
 
 def test_a_promote_retried_after_a_failure_while_recording_records_the_move_once(store, tmp_path, prepared,
