@@ -42,6 +42,13 @@ export PYTHONUNBUFFERED := 1
 # tools first: BentoML and MLflow call `uv` through PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
+# The pipeline reads a local archive (file:// or a path) only under CIFAR10_DATA_ROOTS: the folder of a
+# local DATA_URL is added for the Airflow that make starts (one already running keeps its own roots).
+DATA_FILE = $(if $(filter file://%,$(DATA_URL)),$(patsubst file://%,%,$(DATA_URL)),$(if $(findstring ://,$(DATA_URL)),,$(DATA_URL)))
+ifneq ($(DATA_FILE),)
+export CIFAR10_DATA_ROOTS := $(abspath $(dir $(DATA_FILE)))$(if $(CIFAR10_DATA_ROOTS),:$(CIFAR10_DATA_ROOTS))
+endif
+
 # DAG params for `make pipeline`: only what was set, so the recipe preset fills the rest.
 comma := ,
 PIPELINE_FIELDS = $(if $(DATA_URL),$(comma) "data_url": "$(DATA_URL)")$(if $(EPOCHS),$(comma) "epochs": $(EPOCHS))$(if \
@@ -77,6 +84,8 @@ pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
 	@if [ -n "$$AIRFLOW_API_URL" ]; then echo "Using the Airflow at $$AIRFLOW_API_URL"; \
 	elif scripts/stack.sh status | grep -qE '^airflow(-api-server)?: running'; then \
 		echo "Using the Airflow that is already running on this state (make down stops it)"; \
+		[ -z "$(DATA_FILE)" ] || echo "It reads local archives only under the CIFAR10_DATA_ROOTS it started with;" \
+			"to add $(abspath $(dir $(DATA_FILE))): make down, then run this again"; \
 	else \
 		if [ -z "$(KEEP_STACK)" ]; then trap 'scripts/stack.sh down airflow' EXIT; trap 'exit 130' INT TERM; \
 			export CIFAR10_MONITOR_SCHEDULE=none; fi; \
@@ -102,12 +111,14 @@ serve: $(VENV)/.synced
 	exec $(VENV)/bin/bentoml serve "$$bento" --port $(PORT)
 
 ## make rollback: champion back to the previous champion (VERSION=N: to version N), with REASON="..."
-## recorded; its Bento is rebuilt only if gone, and a Bento served by `make up` is restarted on it
+## recorded; its Bento is rebuilt only if gone, and a Bento served by `make up` is restarted on it.
+## A version that failed verify or lost the quality gate needs FORCE=1 and a REASON.
 VERSION ?=
 REASON ?=
+FORCE ?=
 rollback: $(VENV)/.synced
 	$(VENV)/bin/python -m training.deploy.champion rollback $(if $(VERSION),--to $(VERSION)) \
-		$(if $(REASON),--reason "$(REASON)")
+		$(if $(REASON),--reason "$(REASON)") $(if $(filter 1 true yes,$(FORCE)),--force)
 	@if scripts/stack.sh status | grep -q '^bento: running'; then \
 		echo "Restarting the Bento server of make up on the new champion"; \
 		scripts/stack.sh down bento && BENTO_PORT=$(PORT) scripts/stack.sh up bento; fi

@@ -8,14 +8,16 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import Asset, CronTriggerTimetable, dag, get_current_context, task
 
+# Both import only the standard library: parsing stays fast.
 from training.monitor import DRIFT_ASSET_NAME, DRIFT_ASSET_URI
+from training.params import MONITOR
 
 DOC = """
 ### Is the served CIFAR-10 model still seeing what it was trained on?
 
-1. **observe**: scrape the service's `/metrics` and `/metadata` at `monitor_url`: each worker's drift
+1. **observe**: scrape the service's `/metrics` and `/metadata` at `CIFAR10_MONITOR_URL`: each worker's drift
    score (its last images against the training data's statistics, which travel with the model), the
    predicted-class counts and the confidence histogram. The check is logged to MLflow (experiment
    `cifar10-monitoring`, one run per served Bento, with `drift.png`). It lets **emit** run only when a
@@ -40,10 +42,8 @@ DRIFT = Asset(DRIFT_ASSET_NAME, uri=DRIFT_ASSET_URI)
 
 
 def _config():
-    from training.config import load_config
-
-    params = get_current_context()["params"]
-    return load_config({k: v for k, v in params.items() if v is not None and v != ""})
+    """The monitor's config: environment defaults overridden by this run's params (a conf key that is not one fails)."""
+    return MONITOR.for_task(get_current_context())
 
 
 def _last_event_at():
@@ -62,16 +62,7 @@ def _last_event_at():
     # No retries: the next scheduled check is the retry, with fresher numbers.
     default_args={"retries": 0},
     tags=["cifar10", "mlops", "monitoring"],
-    params={
-        "monitor_url": Param("", type="string", description="The service; empty: CIFAR10_MONITOR_URL or "
-                                                            "http://localhost:3000"),
-        "drift_threshold": Param(None, type=["null", "number"], minimum=0, maximum=1,
-                                 description="Drift score (0-1) at or above which the model is retrained"),
-        "drift_min_images": Param(None, type=["null", "integer"], minimum=1,
-                                  description="Fewest images in a worker's window for its score to count"),
-        "drift_cooldown_hours": Param(None, type=["null", "number"], minimum=0,
-                                      description="No new drift event this long after the last one"),
-    },
+    params=MONITOR.airflow(),
 )
 def cifar10_drift_monitor():
     # A falsy return value (no retraining due) skips emit; inlets give the last drift event's time.

@@ -11,11 +11,12 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, get_current_context, task
 
-# Both import only the standard library: parsing stays fast.
+# These import only the standard library: parsing stays fast.
 from training.config import load_config
 from training.monitor import DRIFT_ASSET_NAME, DRIFT_ASSET_URI
+from training.params import PIPELINE
 
 
 DOC = """
@@ -32,11 +33,15 @@ DOC = """
 8. **containerize** it when docker, podman or buildah is present (skipped otherwise, with the reason)
 9. **verify**: the Bento (and image) is served and must answer golden test images exactly as the exported
    model does, with no error and p99 within `served_p99_budget_ms`; a failure fails the run, nothing moves
-10. **promote**: only now does the `champion` alias move (recorded on the version and in MLflow), and the
-    image is tagged `latest`
-11. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines (skipped when it is empty)
+10. **promote**: the move is recorded (on the version, in MLflow) and the image tagged `latest`, then the
+    `champion` alias moves, only if the champion is still the one the version was scored against; a
+    retry after a partial failure finishes the step
+11. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines, recording the archive's URI
+    and sha256 on the version: serving imports exactly that archive (skipped when the URI is empty)
 
-Every param overrides the `training.config.PipelineConfig` field of the same name.
+Every param overrides the `training.config.PipelineConfig` field of the same name; a conf key that is not
+a param fails the run at its first task (`training/params.py` declares them). A local `data_url` must lie
+under the operator's data roots (`CIFAR10_DATA_ROOTS`); safety limits are never params.
 Runs on demand, on the schedule in `CIFAR10_SCHEDULE` (default `@weekly`, Sunday 00:00 UTC; `none`: no
 timed runs), and on each `cifar10_drift` asset event, which the `cifar10_drift_monitor` DAG emits when
 the served model's inputs drift. No catch-up, one run at a time; active as soon as Airflow loads it,
@@ -87,9 +92,8 @@ DEFAULT_ARGS = {"retries": _PARSE_CONFIG.task_retries,
 
 
 def _config():
-    """The pipeline config: environment defaults overridden by this run's params."""
-    params = get_current_context()["params"]
-    return load_config({k: v for k, v in params.items() if v is not None and v != ""})
+    """The pipeline config: environment defaults overridden by this run's params (a conf key that is not one fails)."""
+    return PIPELINE.for_task(get_current_context())
 
 
 def _run_name() -> str:
@@ -107,33 +111,7 @@ def _run_name() -> str:
     doc_md=DOC,
     default_args=DEFAULT_ARGS,
     tags=["cifar10", "mlops"],
-    params={
-        "data_url": Param("", type="string", description="Dataset URL: http(s)://, file://, s3://, or a path. "
-                                                         "Empty: CIFAR10_DATA_URL or the official release."),
-        "data_checksum": Param("", type="string", description="Expected sha256:<hex> or md5:<hex>; empty: none "
-                                                              "(the official URL's is built in)"),
-        "recipe": Param("", type="string", description="Training preset: default (~20 min on 2 cores), quick "
-                                                       "(~5 min) or tiny (tests); fields set here or in env win"),
-        "epochs": Param(None, type=["null", "integer"], minimum=1, description="Training epochs"),
-        "batch_size": Param(None, type=["null", "integer"], minimum=1, description="Batch size"),
-        "seed": Param(None, type=["null", "integer"], description="Seed for split, init and augmentation"),
-        "max_train_images": Param(None, type=["null", "integer"], minimum=0,
-                                  description="Cap on training images (0 = all)"),
-        "val_fraction": Param(None, type=["null", "number"], minimum=0, maximum=0.5),
-        "test_fraction": Param(None, type=["null", "number"], minimum=0, maximum=0.5),
-        "widths": Param("", type="string", description="Conv block widths, e.g. 32,64,128"),
-        "min_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1,
-                              description="Quality gate: minimum test accuracy for champion"),
-        "min_improvement": Param(None, type=["null", "number"], minimum=0, maximum=1,
-                                 description="Quality gate: how much a new model must beat the champion's "
-                                             "test accuracy by (a tie never replaces it)"),
-        "force_promote": Param(False, type="boolean", description="Operator override of the gate"),
-        "served_p99_budget_ms": Param(None, type=["null", "number"], exclusiveMinimum=0,
-                                      description="Served-artifact gate: p99 latency budget of the golden set"),
-        "container_backend": Param("", type="string", description="auto | docker | podman | buildah | none"),
-        "base_image": Param("", type="string", description="Base of the Bento image; empty: by backend "
-                                                           "(docker: python:3.11-slim-bookworm, else a local base)"),
-    },
+    params=PIPELINE.airflow(),
 )
 def cifar10_pipeline():
     @task(execution_timeout=timedelta(hours=2))
@@ -199,17 +177,17 @@ def cifar10_pipeline():
 
     @task(execution_timeout=timedelta(minutes=5))
     def promote(version_uri: str, bento_tag: str) -> str:
-        from training.deploy.champion import promote_checked
+        from training.deploy.champion import promote as run
 
-        return promote_checked(_config(), version_uri, bento_tag, by=_run_name())
+        return run(_config(), version_uri, bento_tag, by=_run_name())
 
     @task(execution_timeout=timedelta(minutes=20))
-    def publish(bento_tag: str) -> str:
+    def publish(version_uri: str, bento_tag: str) -> str:
         from airflow.sdk.exceptions import AirflowSkipException
 
         from training.packaging.publish import publish_bento
 
-        uri = publish_bento(_config(), bento_tag)
+        uri = publish_bento(_config(), version_uri, bento_tag)
         if not uri:
             raise AirflowSkipException("bento_export_uri is empty: the Bento stays in this machine's store")
         return uri
@@ -221,7 +199,7 @@ def cifar10_pipeline():
     bento = build(model_tag)
     checked = verify(version, bento, prepared)
     containerize(bento) >> checked
-    promote(version, checked) >> publish(checked)
+    promote(version, checked) >> publish(version, checked)
 
 
 cifar10_pipeline()

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
+
+# Standard library only: parsing stays fast.
+from training.params import ROLLBACK
 
 DOC = """
 ### Roll the served CIFAR-10 model back
@@ -15,8 +18,11 @@ DOC = """
 Moves the `champion` alias to the previous champion (the newest older version that held it), or to
 `version`, and makes that version's Bento the served one: rebuilt only when the store lost it, its
 image tagged `latest` when it has one, published again to `bento_export_uri` when that is set.
-The move is recorded on the version (`champion_*` tags) and in the `cifar10-champion` MLflow
-experiment, with the reason and this run's id. A server started before the rollback keeps serving
+Only to a version that passed both gates: one that failed `verify` or lost the quality gate needs
+`force` and a `reason`. If the champion changes while the rollback works (e.g. a promotion during a
+Bento rebuild), it stops and moves nothing. The move is recorded first, on the version (`champion_*`
+tags) and in the `cifar10-champion` MLflow experiment, with the reason and this run's id; the alias
+moves last. A server started before the rollback keeps serving
 what it loaded: restart it (`make rollback` on the serving machine does both).
 """
 
@@ -28,21 +34,16 @@ what it loaded: restart it (`make rollback` on the serving machine does both).
     max_active_runs=1,
     doc_md=DOC,
     tags=["cifar10", "mlops"],
-    params={
-        "version": Param(None, type=["null", "integer"], minimum=1,
-                         description="Model version to serve; empty: the previous champion"),
-        "reason": Param("", type="string", description="Why (recorded with the move)"),
-    },
+    params=ROLLBACK.airflow(),
 )
 def cifar10_rollback():
     @task(execution_timeout=timedelta(minutes=20), retries=0)
     def rollback() -> str:
-        from training.config import load_config
         from training.deploy.champion import rollback as run
 
         context = get_current_context()
         params = context["params"]
-        return run(load_config(), params["version"], params["reason"],
+        return run(ROLLBACK.for_task(context), params["version"], params["reason"], force=params["force"],
                    by=f"airflow:{context['dag'].dag_id}/{context['run_id']}").bento_tag
 
     rollback()

@@ -10,7 +10,8 @@
 #   .ci/setup-postgres.sh; the stack creates its databases), Redis as the Celery broker,
 #   SeaweedFS as the S3 store, the MLflow server on PostgreSQL with artifacts in S3, Airflow's
 #   API server, scheduler, dag-processor, triggerer and a Celery worker on PostgreSQL, and the
-#   Bento, imported from S3 into a store of its own (as a serving machine would) and served.
+#   champion's Bento, imported from S3 (the archive the registry records, its sha256 checked) into a
+#   store of its own, as a serving machine would, and served.
 #   NAME: postgres, redis, s3, mlflow, airflow, bento (default: all). Leave out a part that a
 #   managed service provides and point its variable at that service (docs/deploy.md).
 #
@@ -309,17 +310,21 @@ start_airflow_components() {
   done
 }
 
-# start_bento: the serving step of another machine: import the newest Bento from S3 into an
-# empty store of its own, then serve it.
+# start_bento: the serving step of another machine: import the champion's Bento (the registry names it
+# and its archive's sha256; a replaced archive is refused) from S3 into an empty store of its own, then
+# serve it.
 start_bento() {
-  local tag
-  if ! tag=$(BENTOML_HOME="$SERVING_HOME" "$BIN/python" -m training.packaging.bento_store import \
-      "$CIFAR10_BENTO_EXPORT_URI" 2>"$RUN/bento-import.log" | tail -1) || [ -z "$tag" ]; then
-    echo "bento: nothing to serve from $CIFAR10_BENTO_EXPORT_URI yet ($(tail -1 "$RUN/bento-import.log")):" \
-         "trigger the DAG, then run this again" >&2
+  local tag rc=0
+  tag=$(BENTOML_HOME="$SERVING_HOME" "$BIN/python" -m training.packaging.bento_store import \
+    2>"$RUN/bento-import.log" | tail -1) || rc=$?
+  if [ "$rc" -eq 3 ]; then
+    echo "bento: nothing to serve yet ($(tail -1 "$RUN/bento-import.log")): trigger the DAG, then run this again" >&2
     return 0
+  elif [ "$rc" -ne 0 ] || [ -z "$tag" ]; then
+    echo "bento: not served: $(tail -1 "$RUN/bento-import.log")" >&2
+    exit 1
   fi
-  echo "bento: imported $tag from $CIFAR10_BENTO_EXPORT_URI into $SERVING_HOME"
+  echo "bento: imported $tag (the champion's, sha256 checked) into $SERVING_HOME"
   BENTOML_HOME="$SERVING_HOME" start bento "$BIN/bentoml" serve "$tag" --host "$HOST" --port "$BENTO_PORT"
   wait_http bento "http://$HOST:$BENTO_PORT/readyz" "${STACK_START_TIMEOUT:-600}"
 }

@@ -7,7 +7,7 @@ from typing import Iterator
 import pytest
 
 from tests.helpers import CLASSES, FAKE_LABELS, FAKE_METADATA, ServingModel, make_serving_model
-from tests.helpers import S3Bucket, bucket_name, s3_client, seaweed_s3
+from tests.helpers import S3Bucket, bucket_name, s3_client, seaweed_s3, shared_store, store_overrides
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,11 @@ def s3_bucket(s3_server, request) -> S3Bucket:
     bucket = S3Bucket(s3_server, bucket_name(request.node.name))
     s3_client(s3_server).create_bucket(Bucket=bucket.name)
     return bucket
+
+
+@pytest.fixture
+def store(tmp_path_factory, request) -> dict[str, str]:
+    """Config overrides for the session's MLflow store with an experiment and model name unique to this test."""
+    import re
+
+    return store_overrides(shared_store(tmp_path_factory), re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-"))

@@ -399,6 +399,8 @@ def state_env(state: Path, **extra: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # A scheduler test is about the DAG it names; the drift monitor runs where a test turns it on.
         "CIFAR10_MONITOR_SCHEDULE": "none",
+        # Tests write their archives next to the state folder: the one place a local data_url may point.
+        "CIFAR10_DATA_ROOTS": str(state.parent),
         # As under make: the project's tools first, so nothing relies on one installed by hand.
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     })
@@ -426,12 +428,25 @@ def start_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.Popen:
                                 env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
-def run_dag(env: dict[str, str], conf: dict, log: Path) -> subprocess.CompletedProcess:
-    """``airflow db migrate`` (first time) then ``airflow dags test cifar10_pipeline -c conf``."""
+def run_dag(env: dict[str, str], conf: dict, log: Path,
+            dag_id: str = "cifar10_pipeline") -> subprocess.CompletedProcess:
+    """``airflow db migrate`` (first time) then ``airflow dags test DAG_ID -c conf``."""
     migrate(env)
     with open(log, "w") as out:
-        return subprocess.run([str(BIN / "airflow"), "dags", "test", "cifar10_pipeline", "-c", json.dumps(conf)],
+        return subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)],
                               env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1200, cwd=ROOT)
+
+
+def last_dag_run(env: dict[str, str], dag_id: str = "cifar10_pipeline") -> tuple[str, dict[str, str]]:
+    """State of the newest run of ``dag_id`` and of each of its tasks, from Airflow's own (SQLite) database."""
+    import sqlite3
+
+    with sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db") as db:
+        run_id, state = db.execute("SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1",
+                                   (dag_id,)).fetchone()
+        tasks = dict(db.execute("SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?",
+                                (dag_id, run_id)).fetchall())
+    return state, tasks
 
 
 @contextmanager
@@ -520,6 +535,59 @@ def constant_onnx(path: Path, class_id: int, n_classes: int = len(CLASSES)) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def training_run(config, folder: Path, answers: int, stored_accuracy: float = 0.5, digest: str = "d" * 64) -> str:
+    """An MLflow run shaped like train()'s output whose exported model always answers class ``answers``.
+
+    ``stored_accuracy`` is the test_accuracy it claims; the gate must not trust it. The ONNX model
+    is written under ``folder``.
+    """
+    import mlflow
+
+    from training.registry.tracking import configure_mlflow
+
+    configure_mlflow(config)
+    onnx_dir = folder / f"onnx-{answers}-{stored_accuracy}"
+    constant_onnx(onnx_dir / "model.onnx", answers)
+    (onnx_dir / "classes.json").write_text(json.dumps(CLASSES))
+    with mlflow.start_run() as run:
+        model = mlflow.initialize_logged_model(name="model")
+        mlflow.log_metric("test_accuracy", stored_accuracy)
+        mlflow.set_tags({"logged_model_uri": f"models:/{model.model_id}", "dataset_digest": digest})
+        mlflow.log_artifacts(str(onnx_dir), "onnx")
+        return run.info.run_id
+
+
+def registry_client(config):
+    """An MLflow client on ``config``'s tracking and registry store."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+
+
+def model_version(config, uri: str):
+    """The registry's model version ``models:/<name>/<version>``."""
+    name, version = uri.removeprefix("models:/").rsplit("/", 1)
+    return registry_client(config).get_model_version(name, version)
+
+
+def champion_number(config) -> str | None:
+    """The version number holding ``champion`` of ``config``'s registered model, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(registry_client(config).get_model_version_by_alias(config.registered_model_name,
+                                                                      "champion").version)
+    except MlflowException:
+        return None
+
+
+def champion_moves(config) -> list:
+    """The runs of the ``<experiment>-champion`` experiment, oldest first: every recorded move of the alias."""
+    client = registry_client(config)
+    experiment = client.get_experiment_by_name(f"{config.experiment_name}-champion")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
 
 
 def write_prepared(folder: Path, test_labels: list[int], digest: str, classes: list[str] = CLASSES) -> Path:

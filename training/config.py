@@ -59,6 +59,10 @@ class PipelineConfig:
 
     # --- data --------------------------------------------------------------
     data_url: str = OFFICIAL_URL
+    # The only folders a file:// data_url or a plain path may read from, separated like PATH
+    # (os.pathsep); empty means state_dir/data. Whoever triggers a run chooses data_url, so
+    # without this limit a run could copy any file the worker can read into its artifacts.
+    data_roots: str = ""
     # Expected checksum "sha256:<hex>" or "md5:<hex>" (bare hex = sha256).
     # Empty: the official URL's known checksum applies, others are not checked.
     data_checksum: str = ""
@@ -185,6 +189,10 @@ class PipelineConfig:
     # Base of the Bento image; "" = by backend (docker: the registry's python:3.11-slim-bookworm,
     # podman/buildah: the local debootstrap base).
     base_image: str = ""
+    # Further base images (comma separated) that base_image may name besides those two defaults.
+    # An image pinned by digest (name@sha256:<64 hex digits>) is accepted without being listed:
+    # its content cannot change under the name. Anything else could put any code into the image.
+    allowed_base_images: str = ""
     image_name: str = "cifar10-classifier"
     # Where the publish task exports the built Bento (models inside), e.g. s3://bucket/bentos/, so a
     # serving machine imports it into its own store; "" = keep it in the local store only.
@@ -214,6 +222,12 @@ class PipelineConfig:
     @property
     def data_dir(self) -> Path:
         return self.state_path / "data"
+
+    @property
+    def data_root_paths(self) -> tuple[Path, ...]:
+        """The folders local data may come from, resolved (links followed)."""
+        roots = [Path(p).expanduser().resolve() for p in self.data_roots.split(os.pathsep) if p.strip()]
+        return tuple(roots) or (self.data_dir,)
 
     @property
     def tracking_uri(self) -> str:

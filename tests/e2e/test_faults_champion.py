@@ -20,7 +20,6 @@ listing, and the running server answers /metadata and /predict exactly as before
 
 from __future__ import annotations
 
-import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.helpers import bentoml_cli_json, bentoml_serve, run_dag, state_env
+from tests.helpers import bentoml_cli_json, bentoml_serve, last_dag_run, run_dag, state_env
 from tests.helpers import encode, image_folder_zip, make_images
 
 # The tiny recipe's own 2 epochs of 7 steps reached only 0.28 test accuracy on this archive
@@ -44,16 +43,6 @@ def _mlflow(env: dict[str, str]):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-
-
-def _last_dag_run(env: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """State of the newest run of the DAG and of each of its tasks, from Airflow's own database."""
-    with sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db") as db:
-        run_id, state = db.execute("SELECT run_id, state FROM dag_run WHERE dag_id = 'cifar10_pipeline' "
-                                   "ORDER BY id DESC LIMIT 1").fetchone()
-        tasks = dict(db.execute("SELECT task_id, state FROM task_instance WHERE dag_id = 'cifar10_pipeline' "
-                                "AND run_id = ?", (run_id,)).fetchall())
-    return state, tasks
 
 
 def _served(url: str) -> tuple[dict, list[dict]]:
@@ -147,7 +136,7 @@ def test_a_worse_retrain_leaves_champion_store_and_served_model_untouched(tmp_pa
         assert "champion" not in (client.get_model_version(MODEL, "2").aliases or [])
 
         # The run succeeded; the Bento tasks were skipped by the gate, not failed, not run.
-        dag_state, tasks = _last_dag_run(env)
+        dag_state, tasks = last_dag_run(env)
         assert dag_state == "success", tasks
         for task in ("fetch", "prepare", "train", "register", "gate"):
             assert tasks[task] == "success", tasks

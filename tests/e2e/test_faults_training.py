@@ -67,7 +67,7 @@ def _train_tries(state: Path) -> list[tuple[int, str, float]]:
 
 def test_killed_training_leaves_nothing_that_a_rerun_uses(archive, tmp_path):
     state = tmp_path / "state"
-    env = state_env(state)
+    env = state_env(state, CIFAR10_DATA_ROOTS=str(archive.parent))
     conf = {**BASE_CONF, "epochs": KILL_EPOCHS, "data_url": archive.as_uri()}
     first = tmp_path / "dag-run-killed.log"
     started = time.monotonic()
@@ -142,7 +142,7 @@ def test_mlflow_outage_fails_fast_and_the_retry_succeeds_once_it_is_back(archive
     # `mlflow server` took up to 2.3 minutes to come up on the loaded 2-core machine: enough
     # retries, each failing within seconds, to outlast that.
     env = state_env(state, MLFLOW_TRACKING_URI=url, CIFAR10_MLFLOW_CONNECT_TIMEOUT=str(connect_timeout),
-                    CIFAR10_TASK_RETRIES="12", CIFAR10_RETRY_DELAY_SECONDS="15")
+                    CIFAR10_TASK_RETRIES="12", CIFAR10_RETRY_DELAY_SECONDS="15", CIFAR10_DATA_ROOTS=str(archive.parent))
     log = tmp_path / "dag-run.log"
     proc = start_dag(env, {**BASE_CONF, "data_url": archive.as_uri()}, log)
     server = None

@@ -26,18 +26,12 @@ import numpy as np
 import pytest
 
 from tests.helpers import BIN, ROOT, TINY_DAG_CONF, bentoml_cli_json, bentoml_serve, encode, image_folder_zip
-from tests.helpers import make_images, migrate, state_env
+from tests.helpers import make_images, migrate, run_dag, state_env
 
 MODEL = "cifar10-cnn"
 LINEAGE = ("X-Bento-Tag", "X-MLflow-Model", "X-MLflow-Model-Version", "X-MLflow-Run-Id")
 # One image of each class, drawn with another seed than the training archive.
 IMAGES = [encode(img) for img in make_images(1, seed=7)[0]]
-
-
-def _dag(env: dict[str, str], dag_id: str, conf: dict, log: Path) -> subprocess.CompletedProcess:
-    with open(log, "w") as out:
-        return subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)], env=env,
-                              stdout=out, stderr=subprocess.STDOUT, timeout=1200, cwd=ROOT)
 
 
 def _client(env):
@@ -98,7 +92,7 @@ def life(tmp_path_factory):
     seen: dict = {"env": env, "tmp": tmp, "state": state, "conf": conf}
     migrate(env)
     for i, extra in ((1, {}), (2, {"epochs": 3, "force_promote": True})):
-        result = _dag(env, "cifar10_pipeline", {**conf, **extra}, tmp / f"run-{i}.log")
+        result = run_dag(env, {**conf, **extra}, tmp / f"run-{i}.log")
         assert result.returncode == 0, (tmp / f"run-{i}.log").read_text()[-5000:]
         seen[f"v{i}"] = _answers(env, tmp, f"v{i}")
     return seen
@@ -127,7 +121,7 @@ def failed_gate(life):
     env, tmp = life["env"], life["tmp"]
     before = {"bentos": _bentos(env), "champion": _champion_bento(env)}
     conf = {**life["conf"], "epochs": 3, "min_improvement": 0, "served_p99_budget_ms": 0.001}
-    result = _dag(env, "cifar10_pipeline", conf, tmp / "run-3.log")
+    result = run_dag(env, conf, tmp / "run-3.log")
     return {"result": result, "log": (tmp / "run-3.log").read_text(), "before": before}
 
 
@@ -194,7 +188,7 @@ def test_rollback_dag_rebuilds_a_deleted_bento_and_serves_that_version(life, fai
     env, tmp = life["env"], life["tmp"]
     subprocess.run([str(BIN / "bentoml"), "delete", "-y", life["v2"]["bento"]], env=env, check=True,
                    capture_output=True, timeout=120)
-    result = _dag(env, "cifar10_rollback", {"version": 2, "reason": "v1 was worse"}, tmp / "rollback-dag.log")
+    result = run_dag(env, {"version": 2, "reason": "v1 was worse"}, tmp / "rollback-dag.log", "cifar10_rollback")
     assert result.returncode == 0, (tmp / "rollback-dag.log").read_text()[-5000:]
     client = _client(env)
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"

@@ -17,6 +17,7 @@ redis-server the test skips, except in CI (``CI`` set), where it fails.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -271,10 +272,19 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
     serving_home = stack["state"] / "serving" / "bentoml"
     assert not serving_home.exists()  # empty: nothing of the worker's store is there
 
+    # The registry records which archive serving must import, and its sha256.
+    from mlflow import MlflowClient
+
+    registry = f"http://127.0.0.1:{stack['env']['MLFLOW_PORT']}"
+    champion = MlflowClient(tracking_uri=registry, registry_uri=registry).get_model_version_by_alias(MODEL, "champion")
+    body = stack["s3"].get_object(Bucket=BUCKET, Key=bentos[0])["Body"].read()
+    assert champion.tags["bento_archive_uri"] == f"s3://{BUCKET}/{bentos[0]}"
+    assert champion.tags["bento_archive_sha256"] == hashlib.sha256(body).hexdigest()
+
     up = _stack(stack["env"], "up", "bento", timeout=600)
     assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
     version = bentos[0].removeprefix("bentos/cifar10-classifier-").removesuffix(".bento")
-    assert f"imported cifar10-classifier:{version}" in up.stdout, up.stdout
+    assert f"imported cifar10-classifier:{version} (the champion's, sha256 checked)" in up.stdout, up.stdout
     assert [p.name for p in (serving_home / "bentos" / "cifar10-classifier").iterdir() if p.is_dir()] == [version]
     assert any(p.name == MODEL for p in (serving_home / "models").iterdir())  # the model came inside
 

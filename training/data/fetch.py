@@ -3,7 +3,8 @@
 Supported: ``http(s)://``, ``file://``, plain local paths, and ``s3://bucket/key``
 through :mod:`training.storage`: the standard AWS settings (``AWS_ENDPOINT_URL_S3`` for
 MinIO, SeaweedFS and other S3-compatible stores), short timeouts, and errors that name
-the endpoint, bucket or key to fix.
+the endpoint, bucket or key to fix. Local files are read only under the configured data
+roots (:func:`check_source`): whoever triggers a run chooses the URL.
 
 Downloads go to a temporary ``.partial-*`` file in the cache folder that is renamed
 only when complete and verified, so a partial file is never taken as the dataset.
@@ -25,13 +26,15 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from training import storage
-from training.config import OFFICIAL_SHA256, OFFICIAL_URL, PipelineConfig
+from training.config import OFFICIAL_SHA256, OFFICIAL_URL, PipelineConfig, mask_password
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 PROGRESS_SECONDS = 5.0
 HEX_LENGTH = {"sha256": 64, "md5": 32}
+# What data_url may be; a URL without a scheme is a local path.
+SCHEMES = ("http", "https", "s3", "file")
 
 
 class FetchError(RuntimeError):
@@ -73,6 +76,40 @@ def file_digest(path: Path, algo: str) -> str:
     return h.hexdigest()
 
 
+def local_path(url: str) -> Path | None:
+    """The local file that ``url`` names (``file://`` or a plain path), or None for any other scheme."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme.lower() == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    return Path(url).expanduser() if not parsed.scheme else None
+
+
+def check_source(url: str, roots: tuple[Path, ...]) -> None:
+    """Refuse a ``url`` the pipeline must not read: another scheme, or a local file outside ``roots``.
+
+    Links are followed before the comparison, so a link inside a root cannot point outside it.
+    Raises ValueError saying what to change.
+    """
+    parsed = urllib.parse.urlparse(url)
+    shown = mask_password(url)
+    if parsed.scheme and parsed.scheme.lower() not in SCHEMES:
+        raise ValueError(f"data_url {shown!r} has the scheme {parsed.scheme!r}; use http(s)://, s3://, file:// "
+                         "or a local path")
+    if parsed.scheme.lower() == "file" and parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"data_url {shown!r} names the host {parsed.netloc!r}; a file URL is local: "
+                         "file:///absolute/path.zip")
+    path = local_path(url)
+    if path is None:
+        return
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ValueError(
+            f"data_url {shown!r} is the local file {resolved}, outside the data roots "
+            f"({os.pathsep.join(str(r) for r in roots)}). Put the archive in one of them, or add its folder to "
+            f"CIFAR10_DATA_ROOTS (folders separated by {os.pathsep!r}) in the environment Airflow's workers start with "
+            "(`make run DATA_URL=file://...` adds the folder of its DATA_URL itself)")
+
+
 def _cache_path(config: PipelineConfig, url: str, checksum: tuple[str, str] | None) -> Path:
     key = hashlib.sha256(f"{url}|{checksum}".encode()).hexdigest()[:16]
     name = Path(urllib.parse.urlparse(url).path).name or "dataset"
@@ -104,8 +141,8 @@ def _open_source(url: str) -> tuple[BinaryIO, int | None, Callable[[], None]]:
             raise FetchError(f"cannot read {url}: {exc}") from exc
         body = obj["Body"]
         return body, int(obj.get("ContentLength") or 0) or None, body.close
-    if scheme in {"file", ""}:
-        path = Path(urllib.request.url2pathname(parsed.path) if scheme == "file" else url).expanduser()
+    path = local_path(url)
+    if path is not None:
         if not path.is_file():
             raise FetchError(f"no such file: {path} (from {url}). Check the path; file URLs look like file:///abs/path.zip")
         f = open(path, "rb")
@@ -116,6 +153,7 @@ def _open_source(url: str) -> tuple[BinaryIO, int | None, Callable[[], None]]:
 def fetch(config: PipelineConfig) -> Path:
     """Download ``config.data_url`` into the cache and verify it; return the local path."""
     url = config.data_url
+    check_source(url, config.data_root_paths)
     checksum = expected_checksum(config)
     target = _cache_path(config, url, checksum)
     if target.is_file():

@@ -1,14 +1,21 @@
-"""The served model as the registry names it: which Bento serves ``champion``, and rollback.
+"""The served model as the registry names it: which Bento serves ``champion``, promotion and rollback.
 
 The champion's Bento is recorded on its model version (tag ``bento_tag``) when it is promoted,
 so serving starts what the registry says rather than the newest Bento in the store, which may
 be one that failed the served-artifact check.
 
+:func:`promote` (the DAG's step after ``verify``) and :func:`rollback` both write their records
+first (the version's tags, the ``<experiment>-champion`` run, the image tagged ``latest``) and move
+the alias last, and only if the champion is still the one they started from. A promotion that is
+retried after any partial failure finishes the step. A rollback goes only to a version that was
+promoted (passed both gates) unless it is forced with a reason, and stops, moving nothing, when the
+champion changed while it worked (e.g. while it rebuilt a Bento).
+
 CLI (the Makefile's ``serve`` and ``rollback`` targets)::
 
     python -m training.deploy.champion bento          # the champion's Bento tag
     python -m training.deploy.champion show           # the champion and its recorded move
-    python -m training.deploy.champion rollback [--to VERSION] [--reason TEXT]
+    python -m training.deploy.champion rollback [--to VERSION] [--reason TEXT] [--force]
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class NoChampion(RuntimeError):
     """The registry has no champion (or no version to roll back to)."""
+
+
+class RollbackRefused(RuntimeError):
+    """The version asked for did not pass the gates, and the rollback was not forced with a reason."""
 
 
 @dataclass(frozen=True)
@@ -86,56 +97,132 @@ def ensure_bento(config: PipelineConfig, version_uri: str) -> tuple[str, bool]:
     return build_bento(config, import_version(config, version_uri)), True
 
 
-def promote_checked(config: PipelineConfig, version_uri: str, bento_tag: str, by: str) -> str:
-    """The DAG's last gate step: ``champion`` moves to the checked version, its image becomes ``latest``."""
-    from training.packaging import container
-    from training.registry.promotion import promote
+def _record(config: PipelineConfig, client, move) -> tuple[str, str | None]:
+    """Everything a move leaves before the alias moves: the registry's records, then the image tagged ``latest``.
 
-    promote(config, version_uri, bento_tag, by=by)
-    container.tag_image(config, bento_tag, "latest")
+    Returns the id of the move's run in the champion experiment and the image tag (None without an image).
+    """
+    from training.packaging import container
+    from training.registry.promotion import record_move
+
+    run_id = record_move(client, config, move)
+    return run_id, container.tag_image(config, move.bento_tag, "latest")
+
+
+def promote(config: PipelineConfig, version_uri: str, bento_tag: str, *, by: str) -> str:
+    """The DAG's step after ``verify``: ``champion`` moves to the checked version, records first; return the URI.
+
+    Fails when the champion changed after the version was scored against it (the comparison is
+    then stale) unless ``force_promote`` is set. Idempotent: when an earlier try of this step
+    (the same ``by``) already moved the alias, its records came first, so the step is complete.
+    """
+    from training.registry.promotion import Move, champion_version, client_for, mark_promoted, move_alias, split_uri
+
+    name, version = split_uri(version_uri)
+    client = client_for(config)
+    mv = client.get_model_version(name, version)
+    before = champion_version(client, name)
+    if before == version:
+        if mv.tags.get("champion_by") != by:
+            log.warning("%s version %s is the champion already, moved there by %s, not by %s: nothing to do", name,
+                        version, mv.tags.get("champion_by") or "an unrecorded move", by)
+        else:
+            log.info("%s version %s is the champion already: an earlier try of this step moved it, after its "
+                     "records; nothing is left to do", name, version)
+        return version_uri
+    scored = mv.tags.get("gate_champion_version", "")
+    if not config.force_promote and before != scored:
+        raise RuntimeError(f"the champion moved to version {before or 'none'} after version {version} was scored "
+                           f"against version {scored or 'none'}: the comparison is stale; rerun this DAG run to score "
+                           "it against the current champion")
+    move = Move(name, version, mv.run_id, "promote", before, bento_tag, mv.tags.get("gate_reason", ""), by)
+    mark_promoted(client, move)
+    run_id, _ = _record(config, client, move)
+    move_alias(client, move, run_id)
     return version_uri
 
 
-def rollback(config: PipelineConfig, to_version: str | int | None = None, reason: str = "",
-             by: str | None = None) -> Rollback:
+def _check_target(mv, force: bool, reason: str) -> None:
+    """Refuse a rollback to a version that did not pass both gates, unless forced with a reason."""
+    from training.registry.promotion import FAILED_SERVING, PROMOTED, REJECTED
+
+    decision = mv.tags.get("gate_decision", "")
+    if force:
+        if not reason.strip():
+            raise RollbackRefused(f"forcing a rollback to version {mv.version} needs a reason, which is recorded with "
+                                  "the move: --reason TEXT (make rollback FORCE=1 REASON=..., or the rollback DAG's "
+                                  "reason param)")
+        if decision != PROMOTED:
+            log.warning("forced rollback to version %s (gate_decision=%s): %s", mv.version, decision or "none", reason)
+        return
+    if decision == PROMOTED:
+        return
+    why = mv.tags.get("gate_reason", "")
+    what = {FAILED_SERVING: f"failed the served-artifact check (gate_decision=failed_serving: {why})",
+            REJECTED: f"lost the quality gate (gate_decision=rejected: {why})"}.get(
+        decision, f"was never promoted (gate_decision={decision or 'none'}): its Bento never passed the "
+                  "served-artifact check")
+    raise RollbackRefused(f"version {mv.version} {what}. Roll back to a version that was promoted, or force it with a "
+                          "reason: --force --reason TEXT (make rollback FORCE=1 REASON=..., or the rollback DAG's "
+                          "force and reason params)")
+
+
+def _expect_champion(client, name: str, expected: str) -> None:
+    """Stop, before anything is written, when the champion is no longer ``expected``."""
+    from training.registry.promotion import ChampionChanged, champion_version
+
+    now = champion_version(client, name)
+    if now != expected:
+        raise ChampionChanged(f"the champion of {name} moved from version {expected or 'none'} to {now or 'none'} "
+                              "while this rollback prepared its Bento; nothing was moved. Check who moved it "
+                              "(python -m training.deploy.champion show) and roll back again if you still mean to")
+
+
+def rollback(config: PipelineConfig, to_version: str | int | None = None, reason: str = "", by: str | None = None,
+             *, force: bool = False) -> Rollback:
     """Move ``champion`` to ``to_version`` (default: the previous champion) and make its Bento the served one.
 
-    The Bento is rebuilt only when the store lost it; the image, when one exists for it, is
-    tagged ``latest``; with ``bento_export_uri`` set the Bento is published again, so serving
-    machines importing the newest one get it.
+    Only to a promoted version unless ``force`` (with a ``reason``). The champion is read when the
+    rollback starts and again before anything is written and right before the alias moves: if it
+    changed meanwhile, :class:`~training.registry.promotion.ChampionChanged` and nothing moves. The
+    Bento is rebuilt only when the store lost it; with ``bento_export_uri`` set it is published again
+    (its archive and sha256 recorded) before the alias moves; the image, when one exists for it, is
+    tagged ``latest``.
     """
-    from training.packaging import container
     from training.packaging.publish import publish_bento
-    from training.registry.promotion import client_for, current_champion, previous_champion, promote
+    from training.registry.promotion import Move, champion_version, client_for, move_alias, previous_champion
 
     client = client_for(config)
     name = config.registered_model_name
-    current = current_champion(client, name)
-    current_version = str(current.version) if current else None
+    start = champion_version(client, name)
     if to_version in (None, ""):
-        target = previous_champion(client, name, current_version)
+        target = previous_champion(client, name, start or None)
         if target is None:
-            raise NoChampion(f"{name} has no earlier champion than version {current_version or '(none)'} to roll "
-                             "back to; name a version (VERSION=N, --to N)")
+            raise NoChampion(f"{name} has no earlier champion than version {start or '(none)'} to roll back to; name a "
+                             "version (VERSION=N, --to N)")
         to_version = str(target.version)
     to_version = str(to_version)
-    if to_version == current_version:
+    if to_version == start:
         raise NoChampion(f"version {to_version} is already the champion")
+    mv = client.get_model_version(name, to_version)
+    _check_target(mv, force, reason)
     uri = f"models:/{name}/{to_version}"
     bento_tag, rebuilt = ensure_bento(config, uri)
-    why = reason or f"rollback from version {current_version or '(none)'}"
-    promote(config, uri, bento_tag, by=by or operator(), action="rollback", reason=why)
-    image = container.tag_image(config, bento_tag, "latest")
-    if config.bento_export_uri:
-        log.info("published %s to %s", bento_tag, publish_bento(config, bento_tag))
-    log.info("champion is now version %s (was %s), served from Bento %s%s", to_version, current_version,
-             bento_tag, " (rebuilt)" if rebuilt else "")
-    return Rollback(to_version, current_version or "", bento_tag, rebuilt, image)
+    _expect_champion(client, name, start)
+    if config.bento_export_uri:  # before the move: serving imports the champion's recorded archive
+        log.info("published %s to %s", bento_tag, publish_bento(config, uri, bento_tag))
+    move = Move(name, to_version, mv.run_id, "rollback", start, bento_tag,
+                reason or f"rollback from version {start or '(none)'}", by or operator(), forced=force)
+    run_id, image = _record(config, client, move)
+    move_alias(client, move, run_id)
+    log.info("champion is now version %s (was %s), served from Bento %s%s", to_version, start, bento_tag,
+             " (rebuilt)" if rebuilt else "")
+    return Rollback(to_version, start, bento_tag, rebuilt, image)
 
 
 def main(argv: list[str] | None = None) -> int:
     from training.config import load_config
-    from training.registry.promotion import champion_record, dumps
+    from training.registry.promotion import ChampionChanged, champion_record, dumps
 
     parser = argparse.ArgumentParser(prog="python -m training.deploy.champion", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     back = sub.add_parser("rollback", help="move champion to the previous champion (or --to VERSION)")
     back.add_argument("--to", default=None, help="model version to move champion to (default: the previous one)")
     back.add_argument("--reason", default="", help="why (recorded on the version and in MLflow)")
+    back.add_argument("--force", action="store_true",
+                      help="roll back even to a version that failed the served-artifact check or lost the quality "
+                           "gate (needs --reason)")
     args = parser.parse_args(argv)
     # Progress on stderr: `bento` prints only the tag on stdout, for $(...) in make.
     logging.basicConfig(level=logging.INFO if args.command == "rollback" else logging.WARNING, stream=sys.stderr,
@@ -155,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "show":
             print(dumps(champion_record(config)))
         else:
-            done = rollback(config, args.to, args.reason)
+            done = rollback(config, args.to, args.reason, force=args.force)
             print(f"champion: version {done.previous or '-'} -> {done.version}; Bento {done.bento_tag}"
                   f"{' (rebuilt)' if done.rebuilt else ''}{f'; image {done.image}' if done.image else ''}")
-    except NoChampion as exc:
+    except (NoChampion, RollbackRefused, ChampionChanged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -90,7 +90,7 @@ def scrape(url: str, timeout: float) -> Observation:
 
     from serving.settings import client_headers
 
-    where = f"{url} (monitor_url, CIFAR10_MONITOR_URL)"
+    where = f"{url} (CIFAR10_MONITOR_URL)"
     try:
         metrics = requests.get(f"{url}/metrics", timeout=timeout, headers=client_headers())
         metadata = requests.post(f"{url}/metadata", json={}, timeout=timeout, headers=client_headers())

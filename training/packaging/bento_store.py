@@ -9,12 +9,24 @@ stores), an instance role, or a profile. Nothing here logs them. The bucket is c
 before the archive is written, so a wrong endpoint, bucket or credentials fail in
 seconds with a :class:`training.storage.StorageError` that says what to fix.
 
+Serving imports exactly the champion's Bento (:func:`import_champion`): the registry
+(``MLFLOW_TRACKING_URI``) names the version holding ``champion``, and publish recorded on
+it the Bento's tag and its archive's URI and sha256. An archive whose sha256 differs (the
+bucket's object was replaced after publish) is refused, and nothing ever picks an archive
+by being the newest in the bucket: whoever can write to the bucket does not choose what
+the server runs.
+
 CLI (the store is ``BENTOML_HOME``, or the pipeline's ``state_dir/bentoml``)::
 
     python -m training.packaging.bento_store export cifar10-classifier:latest s3://bucket/bentos/
-    python -m training.packaging.bento_store import s3://bucket/bentos/            # newest .bento there
+    python -m training.packaging.bento_store import      # the champion's Bento, its sha256 checked
     python -m training.packaging.bento_store export-model cifar10-cnn:latest s3://bucket/models/
-    python -m training.packaging.bento_store import-model s3://bucket/models/cifar10-cnn-<version>.bentomodel
+    python -m training.packaging.bento_store import-model s3://bucket/models/cifar10-cnn-<version>.bentomodel \
+        [--sha256 HEX]
+
+``export`` prints the archive's URI (its sha256 goes to the log); ``import`` prints the
+imported Bento's tag. Exit status 2: refused or failed, with what to fix; 3: nothing to
+import yet (no champion, or its Bento was never published).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import logging
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,6 +47,18 @@ log = logging.getLogger(__name__)
 
 BENTO_SUFFIX = ".bento"
 MODEL_SUFFIX = ".bentomodel"
+
+
+@dataclass(frozen=True)
+class Archive:
+    """An exported archive in S3 and the sha256 of its bytes."""
+
+    uri: str
+    sha256: str
+
+
+class ArchiveRefused(RuntimeError):
+    """The archive in S3 is not the one the registry recorded: it is not served."""
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -51,85 +76,90 @@ def _target_key(uri: str, tag, suffix: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _resolve_key(client, uri: str, suffix: str) -> tuple[str, str]:
-    """A key ending in ``suffix`` is taken as is; a prefix means the newest such object under it."""
-    bucket, key = _split(uri)
-    if key.endswith(suffix):
-        return bucket, key
-    newest = None
-    with storage.explained(bucket, key):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith(suffix) and (newest is None or obj["LastModified"] > newest["LastModified"]):
-                    newest = obj
-    if newest is None:
-        raise FileNotFoundError(f"no *{suffix} object under {uri}; export one first "
-                                f"(python -m training.packaging.bento_store export ...)")
-    return bucket, newest["Key"]
+def _sha256(path: Path) -> str:
+    from training.data.fetch import file_digest
+
+    return file_digest(path, "sha256")
 
 
-def _export(item, exporter, uri: str, suffix: str) -> str:
-    """Write ``item`` (a Bento or model) with ``exporter`` to a temporary archive and upload it."""
+def _export(item, exporter, uri: str, suffix: str) -> Archive:
+    """Write ``item`` (a Bento or model) with ``exporter`` to a temporary archive and upload it; return the archive."""
     bucket, key = _target_key(uri, item.tag, suffix)
     storage.check_bucket(bucket)  # before the export, which takes a while for a large Bento
     with tempfile.TemporaryDirectory() as tmp:
-        archive = exporter(item.tag, str(Path(tmp) / f"archive{suffix}"))
+        archive = Path(exporter(item.tag, str(Path(tmp) / f"archive{suffix}")))
+        digest = _sha256(archive)
         with storage.explained(bucket, key):
-            storage.client().upload_file(archive, bucket, key)
-    log.info("exported %s to s3://%s/%s", item.tag, bucket, key)
-    return f"s3://{bucket}/{key}"
+            storage.client().upload_file(str(archive), bucket, key)
+    log.info("exported %s to s3://%s/%s (sha256 %s)", item.tag, bucket, key, digest)
+    return Archive(f"s3://{bucket}/{key}", digest)
 
 
-def _import(bentoml, importer, uri: str, suffix: str) -> str:
-    """Download the archive at ``uri`` (or the newest under it), import it with ``importer``; return the tag.
-
-    Importing what the store already holds is not an error: its tag is returned.
+def _import(bentoml, importer, uri: str, suffix: str, sha256: str = "") -> str:
+    """Download the archive at ``uri`` (its full key), refuse it unless its sha256 is ``sha256`` (when given),
+    import it with ``importer``; return the tag. Importing what the store already holds is not an error.
     """
-    client = storage.client()
-    storage.check_bucket(_split(uri)[0])  # a missing bucket, not "no archive under it"
-    bucket, key = _resolve_key(client, uri, suffix)
+    bucket, key = _split(uri)
+    if not key.endswith(suffix):
+        raise ValueError(f"{uri} is not a *{suffix} archive: name its full key, s3://bucket/path/name{suffix}")
+    storage.check_bucket(bucket)  # a missing bucket, not "no such key"
     with tempfile.TemporaryDirectory() as tmp:
-        local = str(Path(tmp) / f"archive{suffix}")
+        local = Path(tmp) / f"archive{suffix}"
         with storage.explained(bucket, key):
-            client.download_file(bucket, key, local)
+            storage.client().download_file(bucket, key, str(local))
+        got = _sha256(local)
+        if sha256 and got != sha256.lower():
+            raise ArchiveRefused(f"refusing {uri}: its sha256 is {got}, not the {sha256} on record; the object was "
+                                 "replaced after it was published. Nothing was imported: find out what wrote to the "
+                                 "bucket, then publish the Bento again")
         try:
-            tag = str(importer(local).tag)
+            tag = str(importer(str(local)).tag)
         except bentoml.exceptions.BentoMLException as exc:
             tag = _existing_tag(exc)
-    log.info("imported %s from s3://%s/%s", tag, bucket, key)
+    log.info("imported %s from %s (sha256 %s)", tag, uri, got)
     return tag
 
 
-def export_bento(config: PipelineConfig, bento_tag: str, uri: str) -> str:
-    """Export Bento ``bento_tag`` (models included) to ``uri`` (an S3 prefix or key); return the S3 URI."""
+def export_bento(config: PipelineConfig, bento_tag: str, uri: str) -> Archive:
+    """Export Bento ``bento_tag`` (models included) to ``uri`` (an S3 prefix or key); return the archive."""
     from training.packaging.bento import use_bentoml_home
 
     bentoml = use_bentoml_home(config)
     return _export(bentoml.get(bento_tag), bentoml.export_bento, uri, BENTO_SUFFIX)
 
 
-def import_bento(config: PipelineConfig, uri: str) -> str:
-    """Import a Bento archive from ``uri`` (a key, or the newest under a prefix); return its tag."""
+def import_champion(config: PipelineConfig) -> str:
+    """Import the champion's Bento: the archive publish recorded on its version, only if its sha256 matches.
+
+    Raises :class:`training.registry.promotion.NotPublished` when there is nothing to import yet and
+    :class:`ArchiveRefused` when the archive is not the one on record. Returns the Bento tag.
+    """
     from training.packaging.bento import use_bentoml_home
+    from training.registry.promotion import published_champion
 
+    published = published_champion(config)
     bentoml = use_bentoml_home(config)
-    return _import(bentoml, bentoml.import_bento, uri, BENTO_SUFFIX)
+    tag = _import(bentoml, bentoml.import_bento, published.uri, BENTO_SUFFIX, published.sha256)
+    if tag != published.bento_tag:
+        raise ArchiveRefused(f"{published.uri} holds the Bento {tag}, but the champion ({published.model} version "
+                             f"{published.version}) is served from {published.bento_tag}: publish its Bento again")
+    return tag
 
 
-def export_model(config: PipelineConfig, model_tag: str, uri: str) -> str:
-    """Export BentoML model ``model_tag`` to ``uri`` (an S3 prefix or key); return the S3 URI."""
+def export_model(config: PipelineConfig, model_tag: str, uri: str) -> Archive:
+    """Export BentoML model ``model_tag`` to ``uri`` (an S3 prefix or key); return the archive."""
     from training.packaging.bento import use_bentoml_home
 
     bentoml = use_bentoml_home(config)
     return _export(bentoml.models.get(model_tag), bentoml.models.export_model, uri, MODEL_SUFFIX)
 
 
-def import_model(config: PipelineConfig, uri: str) -> str:
-    """Import a BentoML model archive from ``uri`` (a key, or the newest under a prefix); return its tag."""
+def import_model(config: PipelineConfig, uri: str, sha256: str = "") -> str:
+    """Import the BentoML model archive at ``uri`` (its full key), checked against ``sha256`` when given."""
     from training.packaging.bento import use_bentoml_home
 
     bentoml = use_bentoml_home(config)
-    return _import(bentoml, bentoml.models.import_model, uri, MODEL_SUFFIX)
+    return _import(bentoml, bentoml.models.import_model, uri, MODEL_SUFFIX, sha256)
 
 
 def _existing_tag(exc: Exception) -> str:
@@ -141,28 +171,37 @@ def _existing_tag(exc: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.packaging.bento_store", description=__doc__.split("\n\n")[0])
+    from training.registry.promotion import NotPublished
+    from training.registry.tracking import TrackingServerUnreachable
+
+    parser = argparse.ArgumentParser(prog="python -m training.packaging.bento_store",
+                                     description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [("export", "Bento tag -> S3"), ("export-model", "BentoML model tag -> S3")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("tag")
         p.add_argument("uri", help="s3://bucket/prefix/ (archive named <name>-<version>) or a full key")
-    for name, help_text in [("import", "S3 -> Bento store"), ("import-model", "S3 -> model store")]:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("uri", help="s3://bucket/key, or a prefix: its newest archive")
+    sub.add_parser("import", help="the champion's Bento, as the registry records it -> Bento store")
+    p = sub.add_parser("import-model", help="S3 -> model store")
+    p.add_argument("uri", help=f"s3://bucket/key{MODEL_SUFFIX}")
+    p.add_argument("--sha256", default="", help="refuse the archive unless its sha256 is this")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config()
     try:
         if args.command == "export":
-            print(export_bento(config, args.tag, args.uri))
+            print(export_bento(config, args.tag, args.uri).uri)
         elif args.command == "export-model":
-            print(export_model(config, args.tag, args.uri))
+            print(export_model(config, args.tag, args.uri).uri)
         elif args.command == "import":
-            print(import_bento(config, args.uri))
+            print(import_champion(config))
         else:
-            print(import_model(config, args.uri))
-    except (storage.StorageError, FileNotFoundError, ValueError) as exc:  # each says what to fix: no traceback
+            print(import_model(config, args.uri, args.sha256))
+    except NotPublished as exc:
+        print(f"{parser.prog} {args.command}: nothing to import yet: {exc}", file=sys.stderr)
+        return 3
+    # Each says what to fix: no traceback.
+    except (storage.StorageError, ArchiveRefused, TrackingServerUnreachable, FileNotFoundError, ValueError) as exc:
         print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -11,8 +11,9 @@ from ``deploy/containers/``), never the machine-wide one.
 The image's base follows the backend (:func:`choose_base_image`): docker, which runs where a
 daemon and a registry are the norm, pulls the slim Python image; podman and buildah build on
 the local debootstrap base (:mod:`training.packaging.base_image`), which needs no registry. The
-``base_image`` setting (``CIFAR10_BASE_IMAGE``) overrides either; the Dockerfile takes the
-base as the ``BASE_IMAGE`` build argument.
+``base_image`` setting (``CIFAR10_BASE_IMAGE``) overrides either, with a base that is one of those
+two, listed in ``allowed_base_images`` or pinned by digest (:func:`check_base_image`); the
+Dockerfile takes the base as the ``BASE_IMAGE`` build argument.
 
 BentoML generates the Dockerfile when it builds the Bento (``bentofile.yaml`` ->
 ``deploy/containers/Dockerfile.template``); we run the builder ourselves so that its log is kept, a
@@ -37,6 +38,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -134,6 +136,24 @@ def choose_base_image(backend: str, override: str = "") -> str:
     raise ValueError(f"no base image for backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
+def check_base_image(image: str, config: PipelineConfig) -> None:
+    """Refuse a base image that is neither a default, nor listed in ``allowed_base_images``, nor pinned by digest.
+
+    The base is code the image runs: a name alone may point at other content tomorrow, a digest
+    cannot. Raises ValueError saying what to do.
+    """
+    from training.packaging.base_image import BASE_IMAGE
+
+    image = image.strip()
+    listed = {i.strip() for i in config.allowed_base_images.split(",") if i.strip()}
+    allowed = {REGISTRY_BASE_IMAGE, BASE_IMAGE} | listed
+    if not image or image in allowed or re.fullmatch(r"[^@\s]+@sha256:[0-9a-f]{64}", image):
+        return
+    raise ValueError(f"base image {image!r} is neither allowed nor pinned by digest: name it as IMAGE@sha256:<64 hex "
+                     f"digits>, or have the operator add it to CIFAR10_ALLOWED_BASE_IMAGES (allowed now: "
+                     f"{', '.join(sorted(allowed))})")
+
+
 def build_command(backend: str, dockerfile: str, context: str, tags: list[str],
                   build_args: dict[str, str] | None = None, labels: dict[str, str] | None = None) -> list[str]:
     """The build command line for ``backend`` (host network while building, layers cached)."""
@@ -200,6 +220,7 @@ def prepare_base_image(config: PipelineConfig, backend: str, env: dict[str, str]
     from training.packaging.base_image import BASE_IMAGE, ensure_base_image
 
     base = choose_base_image(backend, config.base_image if override is None else override)
+    check_base_image(base, config)
     if base == BASE_IMAGE:
         ensure_base_image(["docker"] if backend == "docker" else ["podman"], env, container_dir(config) / "base")
     return base

@@ -7,10 +7,12 @@
    ``candidate``; nothing has moved yet.
 2. The DAG packages a candidate and checks the served artifact
    (:mod:`training.packaging.verify`).
-3. :func:`promote` moves ``champion`` to it. Every move of the alias (promotion or rollback)
-   is recorded on the version (``champion_*`` tags) and as a run in the
-   ``<experiment>-champion`` MLflow experiment, so the registry says what is served, since
-   when, why and by whom.
+3. :mod:`training.deploy.champion` moves ``champion`` to it (or back, in a rollback). Every move
+   is recorded first (:func:`record_move`: ``champion_*`` tags on the version, a run in the
+   ``<experiment>-champion`` MLflow experiment), so the registry says what is served, since when,
+   why and by whom; the alias moves last (:func:`move_alias`), and only if the champion is still
+   the one the move was planned from. The alias is the truth: a move that was recorded but never
+   made leaves no ``champion_until`` on anything, so it does not count as having held the alias.
 """
 
 from __future__ import annotations
@@ -26,8 +28,44 @@ from training.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+# Where publish put a version's Bento archive and the archive's sha256: serving imports exactly that.
+ARCHIVE_URI_TAG, ARCHIVE_SHA256_TAG = "bento_archive_uri", "bento_archive_sha256"
 # gate_decision tag values, in the order a version can pass through them.
 CANDIDATE, REJECTED, FAILED_SERVING, PROMOTED = "candidate", "rejected", "failed_serving", "promoted"
+
+
+class ChampionChanged(RuntimeError):
+    """The champion moved while a promotion or rollback was under way; this one did not move it."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """One move of ``champion`` to ``version`` of model ``name``, as it is recorded."""
+
+    name: str
+    version: str
+    run_id: str
+    action: str  # what the record says it was: "promote" or "rollback"
+    previous: str  # the champion the move starts from; "" when there is none
+    bento_tag: str
+    reason: str
+    by: str
+    forced: bool = False
+
+
+class NotPublished(RuntimeError):
+    """The registry names no champion, or no published Bento archive for it."""
+
+
+@dataclass(frozen=True)
+class PublishedBento:
+    """A version's Bento as publish recorded it: its tag, the archive's URI and sha256."""
+
+    model: str
+    version: str
+    bento_tag: str
+    uri: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -77,6 +115,12 @@ def current_champion(client, name: str):
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
+
+
+def champion_version(client, name: str) -> str:
+    """The version number holding ``champion``, or "" when none does."""
+    mv = current_champion(client, name)
+    return str(mv.version) if mv is not None else ""
 
 
 def _set_tags(client, name: str, version: str, run_id: str | None, tags: dict[str, str]) -> None:
@@ -156,8 +200,8 @@ def mark_failed_serving(config: PipelineConfig, version_uri: str, reason: str) -
 
 
 def held_champion(mv) -> bool:
-    """Whether model version ``mv`` has ever held the alias."""
-    return "champion_since" in mv.tags or mv.tags.get("gate_decision") == PROMOTED
+    """Whether model version ``mv`` held the alias and was replaced (the alias moving away from it records that)."""
+    return "champion_until" in mv.tags
 
 
 def previous_champion(client, name: str, current: str | None):
@@ -167,43 +211,84 @@ def previous_champion(client, name: str, current: str | None):
     return max(older, key=lambda mv: int(mv.version), default=None)
 
 
-def promote(config: PipelineConfig, version_uri: str, bento_tag: str, *, by: str, action: str = "promote",
-            reason: str = "") -> str:
-    """Move ``champion`` to ``version_uri``, whose Bento is ``bento_tag``; record the move; return ``version_uri``.
+def record_move(client, config: PipelineConfig, move: Move) -> str:
+    """Record ``move`` before it is made; return the id of its run in the ``<experiment>-champion`` experiment.
 
-    A promotion (``action="promote"``) fails when the champion changed after the version was
-    scored against it: the comparison is then stale, and the run must be repeated.
+    Writes the version's ``champion_*`` and ``bento_tag`` tags, ``champion_until`` on the previous
+    champion, and the move's run. Safe to repeat: a retry of the same move (the newest run records
+    the same action, versions and mover) reuses that run instead of recording the move twice.
     """
     from training.registry.tracking import side_experiment
 
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for key, value in {"champion_since": now, "champion_action": move.action, "champion_reason": move.reason,
+                       "champion_by": move.by, "champion_previous": move.previous, "bento_tag": move.bento_tag,
+                       "champion_forced": str(move.forced).lower()}.items():
+        client.set_model_version_tag(move.name, move.version, key, value)
+    if move.previous and move.previous != move.version:
+        client.set_model_version_tag(move.name, move.previous, "champion_until", now)
+    experiment = side_experiment(client, config, "champion")
+    tags = {"action": move.action, "model": move.name, "from_version": move.previous, "to_version": move.version,
+            "by": move.by}
+    newest = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)
+    if newest and all(newest[0].data.tags.get(k) == v for k, v in tags.items()):
+        run_id = newest[0].info.run_id
+    else:
+        run_id = client.create_run(experiment, run_name=f"{move.action} v{move.previous or '-'} -> v{move.version}",
+                                   tags=tags).info.run_id
+    for key, value in {"to_run_id": move.run_id, "bento_tag": move.bento_tag, "reason": move.reason[:5000],
+                       "forced": str(move.forced).lower(), "at": now}.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def mark_promoted(client, move: Move) -> None:
+    """Record on the version and its run that it passed every gate and is being promoted."""
+    _set_tags(client, move.name, move.version, move.run_id, {"gate_decision": PROMOTED})
+
+
+def move_alias(client, move: Move, record_run_id: str) -> None:
+    """Point ``champion`` at ``move.version``, only if it still is ``move.previous`` (or already the version).
+
+    MLflow has no compare-and-set on aliases: the champion is read again right before the move,
+    which leaves a window of one request. Otherwise :class:`ChampionChanged` is raised, nothing
+    moves, and the move's recorded run is marked FAILED with the reason.
+    """
+    now = champion_version(client, move.name)
+    if now not in (move.previous, move.version):
+        why = (f"the champion of {move.name} moved from version {move.previous or 'none'} to {now or 'none'} while "
+               f"this {move.action} to version {move.version} was under way; nothing was moved. Check who moved it "
+               "(python -m training.deploy.champion show) and start again if version "
+               f"{move.version} should still serve")
+        client.set_tag(record_run_id, "outcome", why)
+        client.set_terminated(record_run_id, status="FAILED")
+        raise ChampionChanged(why)
+    client.set_registered_model_alias(move.name, CHAMPION, move.version)
+    log.info("%s: %s moved from version %s to %s (%s; by %s)", move.name, CHAMPION, move.previous or "none",
+             move.version, move.reason, move.by)
+
+
+def record_published(config: PipelineConfig, version_uri: str, uri: str, sha256: str) -> None:
+    """Record on ``version_uri`` where its Bento archive was published and the archive's sha256."""
     name, version = split_uri(version_uri)
     client = client_for(config)
-    mv = client.get_model_version(name, version)
-    before = current_champion(client, name)
-    before_version = str(before.version) if before else ""
-    if action == "promote" and not config.force_promote and before_version != mv.tags.get("gate_champion_version", ""):
-        raise RuntimeError(f"the champion moved to version {before_version or 'none'} after version {version} was "
-                           f"scored against version {mv.tags.get('gate_champion_version') or 'none'}: the comparison "
-                           "is stale; rerun this DAG run to score it against the current champion")
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    reason = reason or mv.tags.get("gate_reason", "")
-    record = {"champion_since": now, "champion_action": action, "champion_reason": reason, "champion_by": by,
-              "champion_previous": before_version, "bento_tag": bento_tag}
-    client.set_registered_model_alias(name, CHAMPION, version)
-    for key, value in record.items():
+    for key, value in {ARCHIVE_URI_TAG: uri, ARCHIVE_SHA256_TAG: sha256}.items():
         client.set_model_version_tag(name, version, key, value)
-    if action == "promote":
-        _set_tags(client, name, version, mv.run_id, {"gate_decision": PROMOTED})
-    if before is not None and before_version != version:
-        client.set_model_version_tag(name, before_version, "champion_until", now)
-    move = client.create_run(side_experiment(client, config, "champion"),
-                             run_name=f"{action} v{before_version or '-'} -> v{version}", tags={
-        "action": action, "model": name, "from_version": before_version, "to_version": version,
-        "to_run_id": mv.run_id, "bento_tag": bento_tag, "reason": reason[:5000], "by": by, "at": now})
-    client.set_terminated(move.info.run_id)
-    log.info("%s: %s moved from version %s to %s (%s; by %s)", name, CHAMPION, before_version or "none", version,
-             reason, by)
-    return version_uri
+
+
+def published_champion(config: PipelineConfig) -> PublishedBento:
+    """The champion's Bento archive as publish recorded it; :class:`NotPublished` when there is none yet."""
+    name = config.registered_model_name
+    mv = current_champion(client_for(config), name)
+    if mv is None:
+        raise NotPublished(f"no {name} version holds the {CHAMPION} alias yet: run the pipeline first")
+    tags = mv.tags
+    if not all(tags.get(key) for key in ("bento_tag", ARCHIVE_URI_TAG, ARCHIVE_SHA256_TAG)):
+        raise NotPublished(f"the champion ({name} version {mv.version}) has no published Bento on record (tags "
+                           f"bento_tag, {ARCHIVE_URI_TAG}, {ARCHIVE_SHA256_TAG}): its publish task has not run yet, "
+                           "failed, or ran without bento_export_uri; rerun that task with CIFAR10_BENTO_EXPORT_URI set")
+    return PublishedBento(name, str(mv.version), tags["bento_tag"], tags[ARCHIVE_URI_TAG], tags[ARCHIVE_SHA256_TAG])
 
 
 def champion_record(config: PipelineConfig) -> dict:
@@ -214,7 +299,7 @@ def champion_record(config: PipelineConfig) -> dict:
     if mv is None:
         return {}
     return {"model": name, "version": str(mv.version), "run_id": mv.run_id,
-            **{k: v for k, v in mv.tags.items() if k.startswith(("champion_", "gate_")) or k == "bento_tag"}}
+            **{k: v for k, v in mv.tags.items() if k.startswith(("champion_", "gate_", "bento_"))}}
 
 
 def dumps(record: dict) -> str:

@@ -19,7 +19,8 @@ PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, so the download takes a few chunks
 
 
 def config_for(tmp_path, url, checksum=""):
-    return load_config({"state_dir": str(tmp_path / "state"), "data_url": str(url), "data_checksum": checksum})
+    return load_config({"state_dir": str(tmp_path / "state"), "data_url": str(url), "data_checksum": checksum,
+                        "data_roots": str(tmp_path)})
 
 
 def sha256(data: bytes) -> str:
@@ -114,8 +115,45 @@ def test_partial_files_are_never_taken_as_the_dataset(tmp_path, source):
 def test_missing_file_and_unknown_scheme_say_what_to_do(tmp_path):
     with pytest.raises(FetchError, match=r"no such file: .*nope\.zip.*file:///abs/path\.zip"):
         fetch(config_for(tmp_path, tmp_path / "nope.zip"))
-    with pytest.raises(FetchError, match=r"unsupported URL scheme 'ftp' in ftp://host/x\.zip; use http"):
-        fetch(config_for(tmp_path, "ftp://host/x.zip"))
+    for url in ("ftp://host/x.zip", "gopher://host/x.zip", "jar:file:///x.zip!/a"):
+        scheme = url.split(":", 1)[0]
+        with pytest.raises(ValueError, match=rf"has the scheme '{scheme}'; use http\(s\)://, s3://, file:// or a"):
+            fetch(config_for(tmp_path, url))
+    assert leftovers(tmp_path) == []
+
+
+# --- local files only under the data roots -------------------------------------------------
+def test_local_files_outside_the_data_roots_are_refused_before_anything_is_read(tmp_path, source):
+    """Whoever triggers a run chooses data_url: a local file is read only under a configured root."""
+    outside = tmp_path / "elsewhere" / "secret.zip"
+    outside.parent.mkdir()
+    outside.write_bytes(PAYLOAD)
+    link = source.parent / "link.zip"  # inside the root, pointing outside it
+    link.symlink_to(outside)
+    roots = {"data_roots": str(source.parent)}
+    for url in (outside.as_uri(), str(outside), str(link), link.as_uri(), f"{source.parent}/../elsewhere/secret.zip",
+                "file:///etc/passwd"):
+        config = config_for(tmp_path, url).replace(**roots)
+        with pytest.raises(ValueError, match=rf"outside the data roots \({source.parent}\)\. Put the archive in one "
+                                             r"of them, or add its folder to CIFAR10_DATA_ROOTS"):
+            fetch(config)
+    with pytest.raises(ValueError, match=r"names the host 'etc'; a file URL is local: file:///absolute/path\.zip"):
+        fetch(config_for(tmp_path, "file://etc/passwd").replace(**roots))
+    assert leftovers(tmp_path) == []
+    assert fetch(config_for(tmp_path, source.as_uri()).replace(**roots)).read_bytes() == PAYLOAD
+
+
+def test_without_data_roots_only_the_state_folders_data_is_readable(tmp_path, source):
+    config = load_config({"state_dir": str(tmp_path / "state"), "data_url": source.as_uri()}, environ={})
+    assert config.data_root_paths == (tmp_path / "state" / "data",)
+    with pytest.raises(ValueError, match=r"outside the data roots"):
+        fetch(config)
+    inside = tmp_path / "state" / "data" / "mine.zip"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(PAYLOAD)
+    assert fetch(config.replace(data_url=inside.as_uri())).read_bytes() == PAYLOAD
+    several = load_config({"data_roots": f"{tmp_path / 'a'}:{tmp_path / 'b'}"}, environ={})
+    assert several.data_root_paths == (tmp_path / "a", tmp_path / "b")
 
 
 # --- http:// against a local server ----------------------------------------------------

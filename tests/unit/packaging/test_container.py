@@ -185,10 +185,34 @@ def test_containerize_takes_the_base_from_the_environment(monkeypatch, tmp_path)
     monkeypatch.setattr(training.packaging.bento, "use_bentoml_home", lambda config: _FakeBentoml())
     monkeypatch.setattr(container, "run_with_network_retry", lambda cmd, **kw: commands.append(cmd))
     monkeypatch.setattr(container, "image_size", lambda *a: 1)
+    mirror = "mirror.example/python:3.11-slim-bookworm"
     config = load_config({"state_dir": str(tmp_path)},
-                         environ={"CIFAR10_BASE_IMAGE": "mirror.example/python:3.11-slim-bookworm"})
+                         environ={"CIFAR10_BASE_IMAGE": mirror, "CIFAR10_ALLOWED_BASE_IMAGES": f"other:1, {mirror}"})
     container.containerize(config, "cifar10-classifier:v1")
-    assert "BASE_IMAGE=mirror.example/python:3.11-slim-bookworm" in commands[0]
+    assert f"BASE_IMAGE={mirror}" in commands[0]
+    # The same base without the operator's allowlist is refused before anything is built.
+    with pytest.raises(ValueError, match="is neither allowed nor pinned by digest"):
+        container.containerize(config.replace(allowed_base_images=""), "cifar10-classifier:v1")
+    assert len(commands) == 1
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("image", ["", REGISTRY_BASE, LOCAL_BASE, f"evil.example/python@{DIGEST}",
+                                   f"docker.io/library/python:3.11-slim-bookworm@{DIGEST}", "listed.example/py:1"])
+def test_a_base_image_is_a_default_listed_or_pinned_by_digest(image):
+    container.check_base_image(image, PipelineConfig(allowed_base_images="listed.example/py:1,x:2"))
+
+
+@pytest.mark.parametrize("image", ["evil.example/python:3.11", "python:3.11-slim-bookworm", "listed.example/py:2",
+                                   f"evil.example/python@{DIGEST[:-1]}", f"evil.example/python@sha256:{'G' * 64}",
+                                   "evil.example/python:latest@md5:0123"])
+def test_any_other_base_image_is_refused_naming_what_is_allowed(image):
+    with pytest.raises(ValueError, match=rf"base image '{re.escape(image)}' is neither allowed nor pinned by digest: "
+                                         r"name it as IMAGE@sha256:<64 hex digits>, or have the operator add it to "
+                                         r"CIFAR10_ALLOWED_BASE_IMAGES \(allowed now: .*listed\.example/py:1"):
+        container.check_base_image(image, PipelineConfig(allowed_base_images="listed.example/py:1"))
 
 
 def test_registry_pull_failure_says_how_to_use_the_local_base(monkeypatch, tmp_path):

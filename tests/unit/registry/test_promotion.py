@@ -1,16 +1,17 @@
-"""The registry gate: pure decisions, then fair scoring, candidates and recorded alias moves in a real
-(temporary) MLflow store, with real ONNX models scored on a real prepared split."""
+"""The registry gate: pure decisions, then fair scoring and candidates in a real (temporary) MLflow store,
+with real ONNX models scored on a real prepared split. Promotion and rollback: tests/unit/deploy/test_champion.py."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from tests.helpers import CLASSES, constant_onnx, shared_store, store_overrides, write_prepared
+from tests.helpers import champion_number, model_version, registry_client, training_run, write_prepared
 
 from training.config import load_config
-from training.registry.promotion import (CANDIDATE, CHAMPION, FAILED_SERVING, PROMOTED, REJECTED, decide,
-                                         is_candidate, mark_failed_serving, previous_champion, promote, register)
+from training.deploy.champion import promote
+from training.registry.promotion import (CANDIDATE, FAILED_SERVING, REJECTED, decide, is_candidate,
+                                         mark_failed_serving, previous_champion, register)
 
 # A test split where class 0 is 50% of the images, class 1 30%, class 2 20%: a model that always
 # answers class k scores exactly that share.
@@ -18,7 +19,8 @@ SPLIT = [0] * 50 + [1] * 30 + [2] * 20
 
 
 def _config(**overrides):
-    return load_config(overrides, environ={})
+    # No image to tag: promotion's image step logs that and goes on.
+    return load_config({"container_backend": "none", **overrides}, environ={})
 
 
 @pytest.mark.parametrize(
@@ -44,72 +46,25 @@ def test_decide(accuracy, champion, overrides, promote_, phrase):
 
 
 @pytest.fixture
-def store(tmp_path_factory, request):
-    """Config overrides for the shared store with a registered-model name unique to this test."""
-    return store_overrides(shared_store(tmp_path_factory), request.node.name.replace("[", "-").strip("]"))
-
-
-@pytest.fixture
 def prepared(tmp_path):
     return write_prepared(tmp_path / "prepared", SPLIT, digest="d" * 64)
 
 
-def _training_run(config, tmp_path, answers: int, stored_accuracy: float = 0.5, digest: str = "d" * 64) -> str:
-    """A run shaped like train()'s output whose exported model always answers class ``answers``.
-
-    ``stored_accuracy`` is the test_accuracy it claims; the gate must not trust it.
-    """
-    import mlflow
-
-    from training.registry.tracking import configure_mlflow
-
-    configure_mlflow(config)
-    folder = tmp_path / f"onnx-{answers}-{stored_accuracy}"
-    constant_onnx(folder / "model.onnx", answers)
-    (folder / "classes.json").write_text(json.dumps(CLASSES))
-    with mlflow.start_run() as run:
-        model = mlflow.initialize_logged_model(name="model")
-        mlflow.log_metric("test_accuracy", stored_accuracy)
-        mlflow.set_tags({"logged_model_uri": f"models:/{model.model_id}", "dataset_digest": digest})
-        mlflow.log_artifacts(str(folder), "onnx")
-        return run.info.run_id
-
-
-def _client(config):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
-
-
-def _version(config, uri):
-    name, version = uri.removeprefix("models:/").rsplit("/", 1)
-    return _client(config).get_model_version(name, version)
-
-
-def _champion_version(config) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(_client(config).get_model_version_by_alias(config.registered_model_name, CHAMPION).version)
-    except MlflowException:
-        return None
-
-
 def _register_and_promote(config, tmp_path, prepared, answers: int, **kw) -> str:
-    uri = register(config, _training_run(config, tmp_path, answers, **kw), prepared)
-    assert is_candidate(config, uri)[0], _version(config, uri).tags
+    uri = register(config, training_run(config, tmp_path, answers, **kw), prepared)
+    assert is_candidate(config, uri)[0], model_version(config, uri).tags
     promote(config, uri, f"cifar10-classifier:v{uri[-1]}", by="test")
     return uri
 
 
 def test_register_makes_a_candidate_and_moves_nothing(store, tmp_path, prepared):
     config = _config(**store)
-    uri = register(config, _training_run(config, tmp_path, answers=1), prepared)
+    uri = register(config, training_run(config, tmp_path, answers=1), prepared)
     assert uri.endswith("/1")
     passed, reason = is_candidate(config, uri)
     assert passed and "0.3000 >= min_accuracy" in reason and "no champion yet" in reason
-    assert _version(config, uri).tags["gate_decision"] == CANDIDATE
-    assert _champion_version(config) is None  # only promote() moves the alias, after the served check
+    assert model_version(config, uri).tags["gate_decision"] == CANDIDATE
+    assert champion_number(config) is None  # only promote() moves the alias, after the served check
 
 
 def test_the_champion_is_rescored_on_the_challengers_split_not_trusted(store, tmp_path, prepared):
@@ -117,13 +72,13 @@ def test_the_champion_is_rescored_on_the_challengers_split_not_trusted(store, tm
     config = _config(**store)
     other = write_prepared(tmp_path / "other", [2] * 10, digest="e" * 64)
     _register_and_promote(config, tmp_path, other, answers=2, stored_accuracy=0.99, digest="e" * 64)
-    uri = register(config, _training_run(config, tmp_path, answers=1), prepared)  # 0.3 on SPLIT
-    mv = _version(config, uri)
+    uri = register(config, training_run(config, tmp_path, answers=1), prepared)  # 0.3 on SPLIT
+    mv = model_version(config, uri)
     assert mv.tags["gate_decision"] == CANDIDATE, mv.tags
     assert mv.tags["gate_champion_version"] == "1"
     assert mv.tags["gate_champion_accuracy"] == "0.200000" and mv.tags["gate_challenger_accuracy"] == "0.300000"
     assert mv.tags["gate_dataset_digest"] == "d" * 64
-    run = _client(config).get_run(mv.run_id)
+    run = registry_client(config).get_run(mv.run_id)
     assert run.data.metrics["gate_champion_accuracy"] == pytest.approx(0.2)
     assert run.data.metrics["gate_champion_accuracy_bird"] == 1.0  # per class: the champion answers bird
     assert run.data.metrics["gate_challenger_accuracy_automobile"] == 1.0
@@ -146,18 +101,18 @@ def _download(config, run_id, folder) -> str:
 def test_a_tie_and_a_worse_model_are_rejected(store, tmp_path, prepared):
     config = _config(**store)
     _register_and_promote(config, tmp_path, prepared, answers=0)  # 0.5
-    tie = register(config, _training_run(config, tmp_path, answers=0, stored_accuracy=0.9), prepared)
-    worse = register(config, _training_run(config, tmp_path, answers=2), prepared)
+    tie = register(config, training_run(config, tmp_path, answers=0, stored_accuracy=0.9), prepared)
+    worse = register(config, training_run(config, tmp_path, answers=2), prepared)
     assert is_candidate(config, tie) == (False, "test_accuracy 0.5000 does not beat the champion's 0.5000 "
                                                 "by min_improvement 0.0020")
-    assert _version(config, worse).tags["gate_decision"] == REJECTED
-    assert _client(config).get_run(_version(config, worse).run_id).data.tags["gate_decision"] == REJECTED
-    assert _champion_version(config) == "1"
+    assert model_version(config, worse).tags["gate_decision"] == REJECTED
+    assert registry_client(config).get_run(model_version(config, worse).run_id).data.tags["gate_decision"] == REJECTED
+    assert champion_number(config) == "1"
 
 
 def test_min_accuracy_blocks_even_the_first_model(store, tmp_path, prepared):
     config = _config(min_accuracy=0.9, **store)
-    uri = register(config, _training_run(config, tmp_path, answers=0), prepared)
+    uri = register(config, training_run(config, tmp_path, answers=0), prepared)
     assert is_candidate(config, uri) == (False, "test_accuracy 0.5000 < min_accuracy 0.9000")
 
 
@@ -165,53 +120,20 @@ def test_force_promote_makes_a_worse_model_a_candidate(store, tmp_path, prepared
     config = _config(**store)
     _register_and_promote(config, tmp_path, prepared, answers=0)
     forced = _config(force_promote=True, **store)
-    uri = register(forced, _training_run(forced, tmp_path, answers=2), prepared)
+    uri = register(forced, training_run(forced, tmp_path, answers=2), prepared)
     assert is_candidate(config, uri)[0]
-    assert _version(config, uri).tags["gate_reason"].startswith("force_promote set by operator")
-
-
-def test_promote_records_the_move_on_the_version_and_in_mlflow(store, tmp_path, prepared):
-    config = _config(**store)
-    first = _register_and_promote(config, tmp_path, prepared, answers=2)
-    second = register(config, _training_run(config, tmp_path, answers=0), prepared)
-    promote(config, second, "cifar10-classifier:abc", by="airflow:cifar10_pipeline/manual__1")
-    assert _champion_version(config) == "2"
-    mv, old = _version(config, second), _version(config, first)
-    assert mv.tags["gate_decision"] == PROMOTED
-    assert mv.tags["bento_tag"] == "cifar10-classifier:abc"
-    assert mv.tags["champion_by"] == "airflow:cifar10_pipeline/manual__1"
-    assert mv.tags["champion_previous"] == "1" and mv.tags["champion_action"] == "promote"
-    assert "beats the champion's 0.2000" in mv.tags["champion_reason"]
-    assert old.tags["champion_until"] == mv.tags["champion_since"]
-    moves = _client(config).search_runs(
-        [_client(config).get_experiment_by_name(f"{config.experiment_name}-champion").experiment_id],
-        order_by=["attributes.start_time ASC"])
-    assert [(r.data.tags["from_version"], r.data.tags["to_version"]) for r in moves] == [("", "1"), ("1", "2")]
-    assert moves[-1].data.tags["by"] == "airflow:cifar10_pipeline/manual__1"
-    assert moves[-1].data.tags["bento_tag"] == "cifar10-classifier:abc"
-
-
-def test_a_stale_comparison_cannot_promote(store, tmp_path, prepared):
-    """Scored against version 1, but version 2 became champion before this one was promoted."""
-    config = _config(**store)
-    _register_and_promote(config, tmp_path, prepared, answers=2)
-    late = register(config, _training_run(config, tmp_path, answers=1), prepared)
-    _register_and_promote(config, tmp_path, prepared, answers=0)
-    with pytest.raises(RuntimeError, match=r"champion moved to version 3 after version 2 was scored against "
-                                           r"version 1.*rerun this DAG run"):
-        promote(config, late, "cifar10-classifier:late", by="test")
-    assert _champion_version(config) == "3"
+    assert model_version(config, uri).tags["gate_reason"].startswith("force_promote set by operator")
 
 
 def test_failed_serving_is_recorded_and_keeps_it_out_of_rollbacks(store, tmp_path, prepared):
     config = _config(**store)
     _register_and_promote(config, tmp_path, prepared, answers=2)
-    broken = register(config, _training_run(config, tmp_path, answers=1), prepared)
+    broken = register(config, training_run(config, tmp_path, answers=1), prepared)
     mark_failed_serving(config, broken, "served-artifact check failed: HTTP 500")
-    assert _version(config, broken).tags["gate_decision"] == FAILED_SERVING
+    assert model_version(config, broken).tags["gate_decision"] == FAILED_SERVING
     assert not is_candidate(config, broken)[0]
-    assert _champion_version(config) == "1"
+    assert champion_number(config) == "1"
     third = _register_and_promote(config, tmp_path, prepared, answers=0)
     # The version before the champion that held the alias: 1, never the one that failed its check.
-    assert str(previous_champion(_client(config), config.registered_model_name, third[-1]).version) == "1"
-    assert previous_champion(_client(config), config.registered_model_name, "1") is None
+    assert str(previous_champion(registry_client(config), config.registered_model_name, third[-1]).version) == "1"
+    assert previous_champion(registry_client(config), config.registered_model_name, "1") is None
