@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The pipeline's services in the background, all on one state folder. Two shapes:
 #
-# STACK=local (default): Airflow (`airflow standalone`: scheduler, dag-processor, triggerer,
-#   API server + UI on SQLite), the MLflow tracking server over the pipeline's store, and
+# STACK=local (default): Airflow (API server + UI, scheduler, dag-processor and triggerer, each its
+#   own process, LocalExecutor on SQLite), the MLflow tracking server over the pipeline's store, and
 #   `bentoml serve` of the champion's Bento. NAME: airflow, mlflow, bento (default: all).
 #
 # STACK=distributed: the deployed shape of deploy/compose.yaml on one machine, each part its
@@ -18,14 +18,16 @@
 #
 # Configuration, all from the environment (the Makefile sets the first ones):
 #   CIFAR10_STATE_DIR   state folder (Airflow home, MLflow store, BentoML home); required
-#   AIRFLOW_PORT=8080 MLFLOW_PORT=5000 BENTO_PORT=3000 STACK_HOST=127.0.0.1
+#   AIRFLOW_PORT=8080 MLFLOW_PORT=5000 BENTO_PORT=3000
+#   STACK_HOST=127.0.0.1: the address every listener of either shape binds (this machine only;
+#     0.0.0.0 opens them all to the network)
 #   AIRFLOW_HOME, MLFLOW_TRACKING_URI, BENTOML_HOME: as for `make run`
 #   distributed only (defaults in brackets):
 #   POSTGRES_HOST [127.0.0.1] POSTGRES_PORT [5432] POSTGRES_USER [cifar10] POSTGRES_PASSWORD
 #     [.ci/setup-postgres.sh's throw-away CI password] AIRFLOW_DB [airflow] MLFLOW_DB [mlflow]
 #   REDIS_PORT [6380] S3_PORT [8333] S3_BUCKET [cifar10] WEED_PORTS [19330]: the first of 6
 #     consecutive ports for SeaweedFS's other listeners (each gRPC twin at +10000)
-#   WORKER_LOG_PORT [8793] TRIGGER_LOG_PORT [8794] WORKER_CONCURRENCY [1]
+#   WORKER_CONCURRENCY [1]
 #   Full URLs win over the parts above: AIRFLOW__DATABASE__SQL_ALCHEMY_CONN (unless sqlite),
 #   MLFLOW_BACKEND_STORE_URI, AIRFLOW__CELERY__BROKER_URL, AWS_ENDPOINT_URL_S3,
 #   MLFLOW_ARTIFACTS_DESTINATION, CIFAR10_BENTO_EXPORT_URI, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
@@ -83,7 +85,7 @@ up() {
   export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="${AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT:-60}"
   # The drift monitor watches the Bento server this stack starts.
   export CIFAR10_MONITOR_URL="${CIFAR10_MONITOR_URL:-http://$HOST:$BENTO_PORT}"
-  ! wanted airflow || start airflow "$BIN/airflow" standalone
+  ! wanted airflow || start_airflow
   if wanted mlflow; then
     mkdir -p "$STATE/mlflow"
     start mlflow "$BIN/mlflow" server --backend-store-uri "${MLFLOW_TRACKING_URI:?}" \
@@ -103,7 +105,7 @@ up() {
   local limit="${STACK_START_TIMEOUT:-600}"
   ! wanted mlflow || wait_http mlflow "http://$HOST:$MLFLOW_PORT/health" "$limit"
   ! wanted bento || ! running bento || wait_http bento "http://$HOST:$BENTO_PORT/readyz" "$limit"
-  ! wanted airflow || wait_http airflow "http://$HOST:$AIRFLOW_PORT/api/v2/monitor/health" "$limit"
+  ! wanted airflow || wait_airflow "$limit"
   [ ${#NAMES[@]} -eq 0 ] || return 0
   cat <<EOF
 
@@ -117,8 +119,40 @@ EOF
 }
 
 # Every process either shape starts, in the order `down` stops them: users before what they use.
+# ("airflow" is the `airflow standalone` of earlier versions of this script, still stopped by `down`.)
 PROCESSES="bento airflow-worker airflow-triggerer airflow-dag-processor airflow-scheduler airflow-api-server
 airflow mlflow s3 redis"
+
+# start_airflow [celery]: Airflow's components, each its own process (with "celery", also a Celery
+# worker): what `airflow standalone` runs, whose log servers could not be kept on STACK_HOST.
+start_airflow() {
+  mkdir -p "$AIRFLOW_HOME"
+  # Only what each component reads; a scheduler health check, if someone turns it on, stays private too.
+  export AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST="$HOST"
+  echo "airflow: migrating the metadata database (log $RUN/airflow-migrate.log)"
+  "$BIN/airflow" db migrate >"$RUN/airflow-migrate.log" 2>&1 || { tail -20 "$RUN/airflow-migrate.log" >&2; exit 1; }
+  start airflow-api-server "$BIN/airflow" api-server --port "$AIRFLOW_PORT" --host "$HOST"
+  # --skip-serve-logs: Airflow 3.3 has no setting for the address of the log servers that the
+  # scheduler (LocalExecutor), the triggerer and a Celery worker start, and they listen on every
+  # interface. On one machine the API server reads task logs from $AIRFLOW_HOME/logs itself.
+  start airflow-scheduler "$BIN/airflow" scheduler --skip-serve-logs
+  start airflow-dag-processor "$BIN/airflow" dag-processor
+  start airflow-triggerer "$BIN/airflow" triggerer --skip-serve-logs
+  if [ "${1:-}" = celery ]; then
+    # Its own process, as on a worker machine; the name tells it apart in the task instances.
+    start airflow-worker "$BIN/airflow" celery worker --celery-hostname "cifar10-worker@%h" \
+      --concurrency "$AIRFLOW__CELERY__WORKER_CONCURRENCY" --skip-serve-logs
+  fi
+}
+
+# wait_airflow SECONDS: the API server answers, and the other components are still running.
+wait_airflow() {
+  local name
+  wait_http airflow-api-server "http://$HOST:$AIRFLOW_PORT/api/v2/monitor/health" "$1"
+  for name in airflow-scheduler airflow-dag-processor airflow-triggerer; do
+    running "$name" || { echo "$name: exited; last log lines:" >&2; tail -20 "$RUN/$name.log" >&2; exit 1; }
+  done
+}
 
 down() {
   local name pid
@@ -143,7 +177,7 @@ status() {
   for name in $PROCESSES; do
     if running "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"), log $RUN/$name.log)"
     elif [ -f "$RUN/$name.pid" ]; then echo "$name: exited (log $RUN/$name.log)"
-    elif [[ " airflow mlflow bento " == *" $name "* ]]; then echo "$name: stopped"; fi
+    elif [[ " airflow-api-server mlflow bento " == *" $name "* ]]; then echo "$name: stopped"; fi
   done
 }
 
@@ -220,8 +254,6 @@ distributed_settings() {
   export AIRFLOW__API__BASE_URL="http://localhost:$AIRFLOW_PORT"
   export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://$HOST:$AIRFLOW_PORT/execution/"
   export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="${AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT:-60}"
-  export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT="${WORKER_LOG_PORT:-8793}"
-  export AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT="${TRIGGER_LOG_PORT:-8794}"
   export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}"
   # The serving machine's store: empty until `up bento` imports the Bento from S3.
   SERVING_HOME="$STATE/serving/bentoml"
@@ -291,22 +323,10 @@ start_mlflow_server() {
 
 start_airflow_components() {
   preflight postgres broker s3 mlflow
-  mkdir -p "$AIRFLOW_HOME"
-  echo "airflow: migrating the metadata database (log $RUN/airflow-migrate.log)"
-  "$BIN/airflow" db migrate >"$RUN/airflow-migrate.log" 2>&1 || { tail -20 "$RUN/airflow-migrate.log" >&2; exit 1; }
-  start airflow-api-server "$BIN/airflow" api-server --port "$AIRFLOW_PORT" --host "$HOST"
-  start airflow-scheduler "$BIN/airflow" scheduler
-  start airflow-dag-processor "$BIN/airflow" dag-processor
-  start airflow-triggerer "$BIN/airflow" triggerer
-  # Its own process, as on a worker machine; the name tells it apart in the task instances.
-  start airflow-worker "$BIN/airflow" celery worker --celery-hostname "cifar10-worker@%h" \
-    --concurrency "$AIRFLOW__CELERY__WORKER_CONCURRENCY"
+  start_airflow celery
   local limit="${STACK_START_TIMEOUT:-600}"
-  wait_http airflow-api-server "http://$HOST:$AIRFLOW_PORT/api/v2/monitor/health" "$limit"
+  wait_airflow "$limit"
   wait_for airflow-worker "$limit" grep -q "ready\." "$RUN/airflow-worker.log" && echo "airflow-worker: ready"
-  for name in airflow-scheduler airflow-dag-processor airflow-triggerer; do
-    running "$name" || { echo "$name: exited; last log lines:" >&2; tail -20 "$RUN/$name.log" >&2; exit 1; }
-  done
 }
 
 # start_bento: the serving step of another machine: import the newest Bento from S3 into an
