@@ -25,14 +25,17 @@
 #   distributed only (defaults in brackets):
 #   POSTGRES_HOST [127.0.0.1] POSTGRES_PORT [5432] POSTGRES_USER [cifar10] POSTGRES_PASSWORD
 #     [.ci/setup-postgres.sh's throw-away CI password] AIRFLOW_DB [airflow] MLFLOW_DB [mlflow]
+#     MLFLOW_AUTH_DB [mlflow_auth]: MLflow's users and permissions (`--app-name basic-auth`)
 #   REDIS_PORT [6380] S3_PORT [8333] S3_BUCKET [cifar10] WEED_PORTS [19330]: the first of 6
 #     consecutive ports for SeaweedFS's other listeners (each gRPC twin at +10000)
 #   WORKER_CONCURRENCY [1]
 #   Full URLs win over the parts above: AIRFLOW__DATABASE__SQL_ALCHEMY_CONN (unless sqlite),
 #   MLFLOW_BACKEND_STORE_URI, AIRFLOW__CELERY__BROKER_URL, AWS_ENDPOINT_URL_S3,
-#   MLFLOW_ARTIFACTS_DESTINATION, CIFAR10_BENTO_EXPORT_URI, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
-#   Secrets every Airflow component must share (fernet key, JWT and API secrets) and the S3
-#   user's keys are generated once into $CIFAR10_STATE_DIR/stack/secrets.env (mode 600).
+#   MLFLOW_ARTIFACTS_DESTINATION, CIFAR10_BENTO_EXPORT_URI, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+#   MLFLOW_AUTH_DATABASE_URI.
+#   Secrets every Airflow component must share (fernet key, JWT and API secrets), the S3 user's
+#   keys and the MLflow admin's password (user MLFLOW_AUTH_ADMIN_USERNAME, admin) are generated
+#   once into $CIFAR10_STATE_DIR/stack/secrets.env (mode 600).
 # Logs and pid files: $CIFAR10_STATE_DIR/stack/<name>.{log,pid}. `down` stops exactly
 # the process groups recorded in those pid files, whichever STACK started them.
 set -euo pipefail
@@ -186,20 +189,30 @@ status() {
 # urlquote: stdin -> percent-encoded, so a password never appears in a process list.
 urlquote() { "$BIN/python" -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.stdin.read(), safe=""))'; }
 
-# secrets: the values every component must share, generated once; values from the environment win.
+# secrets: the values every component must share, generated once and kept (one that this script
+# newly needs is added to an existing file); values from the environment win.
 secrets() {
   local file="$RUN/secrets.env"
-  if [ ! -f "$file" ]; then
-    (umask 077; "$BIN/python" - >"$file" <<'PY'
+  (umask 077; touch "$file"; "$BIN/python" - "$file" <<'PY'
 import secrets
+import sys
+
 from cryptography.fernet import Fernet
-print(f"STACK_FERNET_KEY={Fernet.generate_key().decode()}")
-for name in ("STACK_JWT_SECRET", "STACK_API_SECRET", "STACK_S3_SECRET_KEY"):
-    print(f"{name}={secrets.token_urlsafe(32)}")
-print(f"STACK_S3_ACCESS_KEY=cifar10-{secrets.token_hex(4)}")
+
+path = sys.argv[1]
+with open(path) as existing:
+    have = {line.split("=", 1)[0] for line in existing if "=" in line}
+token = lambda: secrets.token_urlsafe(32)  # noqa: E731
+wanted = {"STACK_FERNET_KEY": lambda: Fernet.generate_key().decode(), "STACK_JWT_SECRET": token,
+          "STACK_API_SECRET": token, "STACK_S3_SECRET_KEY": token,
+          "STACK_S3_ACCESS_KEY": lambda: f"cifar10-{secrets.token_hex(4)}",
+          "STACK_MLFLOW_ADMIN_PASSWORD": token, "STACK_MLFLOW_FLASK_SECRET": token}
+with open(path, "a") as out:
+    for name, make in wanted.items():
+        if name not in have:
+            out.write(f"{name}={make()}\n")
 PY
-    )
-  fi
+  )
   # shellcheck disable=SC1090
   . "$file"
 }
@@ -217,13 +230,15 @@ distributed_settings() {
   export POSTGRES_USER="${POSTGRES_USER:-${CIFAR10_TEST_PG_USER:-cifar10}}"
   # .ci/setup-postgres.sh's throw-away CI password when none is given; never reuse it elsewhere.
   export POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-${CIFAR10_TEST_PG_PASSWORD:-cifar10-ci-only}}"
-  AIRFLOW_DB="${AIRFLOW_DB:-airflow}" MLFLOW_DB="${MLFLOW_DB:-mlflow}"
+  AIRFLOW_DB="${AIRFLOW_DB:-airflow}" MLFLOW_DB="${MLFLOW_DB:-mlflow}" MLFLOW_AUTH_DB="${MLFLOW_AUTH_DB:-mlflow_auth}"
   local pg
   pg="postgresql+psycopg2://$(printf %s "$POSTGRES_USER" | urlquote):$(printf %s "$POSTGRES_PASSWORD" | urlquote)@$POSTGRES_HOST:$POSTGRES_PORT"
   # The Makefile points Airflow and MLflow at SQLite for the local shape: a sqlite URL is replaced.
   [[ "${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN:-sqlite}" == sqlite* ]] && AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="$pg/$AIRFLOW_DB"
   export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN
   export MLFLOW_BACKEND_STORE_URI="${MLFLOW_BACKEND_STORE_URI:-$pg/$MLFLOW_DB}"
+  # No password in it: the MLflow server's libpq takes it from PGPASSWORD (start_mlflow_server).
+  MLFLOW_AUTH_DATABASE_URI="${MLFLOW_AUTH_DATABASE_URI:-postgresql+psycopg2://$POSTGRES_HOST:$POSTGRES_PORT/$MLFLOW_AUTH_DB}"
 
   REDIS_PORT="${REDIS_PORT:-6380}"
   export AIRFLOW__CELERY__BROKER_URL="${AIRFLOW__CELERY__BROKER_URL:-redis://$HOST:$REDIS_PORT/0}"
@@ -241,9 +256,14 @@ distributed_settings() {
   export MLFLOW_ARTIFACTS_DESTINATION="${MLFLOW_ARTIFACTS_DESTINATION:-s3://$S3_BUCKET/mlflow}"
   export CIFAR10_BENTO_EXPORT_URI="${CIFAR10_BENTO_EXPORT_URI:-s3://$S3_BUCKET/bentos/}"
 
-  # The pipeline's tasks reach MLflow through its server (artifacts proxied to S3).
+  # The pipeline's tasks reach MLflow through its server (artifacts proxied to S3), which lets
+  # nobody in without a login: the stack's tasks log in as its admin.
   [[ "${MLFLOW_TRACKING_URI:-sqlite}" == sqlite* ]] && MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT"
   export MLFLOW_TRACKING_URI
+  MLFLOW_AUTH_ADMIN_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
+  MLFLOW_AUTH_ADMIN_PASSWORD="${MLFLOW_AUTH_ADMIN_PASSWORD:-$STACK_MLFLOW_ADMIN_PASSWORD}"
+  export MLFLOW_TRACKING_USERNAME="${MLFLOW_TRACKING_USERNAME:-$MLFLOW_AUTH_ADMIN_USERNAME}"
+  export MLFLOW_TRACKING_PASSWORD="${MLFLOW_TRACKING_PASSWORD:-$MLFLOW_AUTH_ADMIN_PASSWORD}"
   # Workers have no container engine in the deployed shape: the image is built from the Bento in S3.
   export CIFAR10_CONTAINER_BACKEND="${CIFAR10_CONTAINER_BACKEND:-none}"
 
@@ -265,7 +285,7 @@ preflight() { "$BIN/python" -m training.deploy.preflight "$@" || { echo "stack: 
 # postgres_databases: create the Airflow and MLflow databases when missing (idempotent).
 postgres_databases() {
   PGHOST="$POSTGRES_HOST" PGPORT="$POSTGRES_PORT" PGUSER="$POSTGRES_USER" PGPASSWORD="$POSTGRES_PASSWORD" \
-    PGCONNECT_TIMEOUT=5 "$BIN/python" - "$AIRFLOW_DB" "$MLFLOW_DB" <<'PY'
+    PGCONNECT_TIMEOUT=5 "$BIN/python" - "$AIRFLOW_DB" "$MLFLOW_DB" "$MLFLOW_AUTH_DB" <<'PY'
 import sys
 
 import psycopg2
@@ -313,12 +333,25 @@ start_s3() {
 
 start_mlflow_server() {
   preflight postgres s3
-  # Store and artifact destination go by environment (MLFLOW_BACKEND_STORE_URI,
-  # MLFLOW_ARTIFACTS_DESTINATION), so no password is on the command line.
-  start mlflow "$BIN/mlflow" server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
-    --allowed-hosts "localhost,localhost:*,$HOST,$HOST:*"
+  # MLflow's own authentication (--app-name basic-auth): a login for every request but /health, users
+  # and permissions in PostgreSQL, the admin created at the first start. Its settings go only to this
+  # process, and by environment (as MLFLOW_BACKEND_STORE_URI and MLFLOW_ARTIFACTS_DESTINATION do), so
+  # no password is on a command line or in the configuration file.
+  local ini="$RUN/mlflow-basic-auth.ini"
+  # configparser reads % as interpolation: a percent-encoded URL needs it doubled.
+  (umask 077; printf '[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = %s\nauthorization_function = %s\n' \
+    "${MLFLOW_AUTH_DATABASE_URI//%/%%}" "mlflow.server.auth:authenticate_request_basic_auth" >"$ini")
+  (
+    export MLFLOW_AUTH_CONFIG_PATH="$ini" MLFLOW_AUTH_ADMIN_USERNAME="$MLFLOW_AUTH_ADMIN_USERNAME"
+    export MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_AUTH_ADMIN_PASSWORD"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$STACK_MLFLOW_FLASK_SECRET}"
+    export PGUSER="$POSTGRES_USER" PGPASSWORD="$POSTGRES_PASSWORD"
+    start mlflow "$BIN/mlflow" server --app-name basic-auth --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
+      --allowed-hosts "localhost,localhost:*,$HOST,$HOST:*"
+  )
   # The first start creates MLflow's schema in PostgreSQL: minutes on a busy machine.
   wait_http mlflow "http://$HOST:$MLFLOW_PORT/health" "${STACK_START_TIMEOUT:-600}"
+  preflight mlflow
 }
 
 start_airflow_components() {
@@ -358,7 +391,8 @@ up_distributed() {
 Airflow UI  http://localhost:$AIRFLOW_PORT  user "admin", password in
             $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated (CeleryExecutor, worker log
             $RUN/airflow-worker.log)
-MLflow UI   http://localhost:$MLFLOW_PORT  (PostgreSQL $POSTGRES_HOST:$POSTGRES_PORT/$MLFLOW_DB, artifacts $MLFLOW_ARTIFACTS_DESTINATION)
+MLflow UI   http://localhost:$MLFLOW_PORT  user "$MLFLOW_AUTH_ADMIN_USERNAME", password STACK_MLFLOW_ADMIN_PASSWORD in
+            $RUN/secrets.env (PostgreSQL $POSTGRES_HOST:$POSTGRES_PORT/$MLFLOW_DB, artifacts $MLFLOW_ARTIFACTS_DESTINATION)
 S3          $AWS_ENDPOINT_URL_S3  bucket $S3_BUCKET (keys in $RUN/secrets.env); Bentos go to $CIFAR10_BENTO_EXPORT_URI
 Bento       http://localhost:$BENTO_PORT  (once a run has published one: scripts/stack.sh up bento)
 Logs        $RUN/*.log        Stop: make down

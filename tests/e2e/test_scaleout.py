@@ -149,7 +149,7 @@ def postgres():
                      "run .ci/setup-postgres.sh or set CIFAR10_TEST_PG_URL")
     conn.autocommit = True
     suffix = uuid.uuid4().hex[:8]
-    dbs = {"mlflow": f"mlflow_{suffix}", "airflow": f"airflow_{suffix}"}
+    dbs = {"mlflow": f"mlflow_{suffix}", "airflow": f"airflow_{suffix}", "mlflow_auth": f"mlflow_auth_{suffix}"}
     try:
         yield {"admin": admin, "names": dbs, **{k: _with_db(admin, v) for k, v in dbs.items()}}
     finally:
@@ -176,7 +176,8 @@ def stack(tmp_path_factory, postgres):
                     S3_PORT=str(s3_port), WEED_PORTS=str(_free_range(6, 4)),
                     POSTGRES_HOST=admin.hostname, POSTGRES_PORT=str(admin.port or 5432),
                     POSTGRES_USER=unquote(admin.username or ""), POSTGRES_PASSWORD=unquote(admin.password or ""),
-                    AIRFLOW_DB=postgres["names"]["airflow"], MLFLOW_DB=postgres["names"]["mlflow"])
+                    AIRFLOW_DB=postgres["names"]["airflow"], MLFLOW_DB=postgres["names"]["mlflow"],
+                    MLFLOW_AUTH_DB=postgres["names"]["mlflow_auth"])
     # state_env points Airflow and MLflow at SQLite; the distributed stack replaces both.
     started = time.monotonic()
     try:
@@ -262,6 +263,26 @@ def test_registry_and_champion_alias_are_in_postgres(stack):
     assert runs[versions[0][1]].startswith("mlflow-artifacts:/"), runs  # proxied by the server, stored in S3
 
 
+def test_mlflow_lets_nobody_in_without_the_admin_login_the_tasks_used(stack):
+    """`--app-name basic-auth`: the run above logged in with the generated admin password; nobody else gets in."""
+    import psycopg2
+
+    url = f"http://127.0.0.1:{stack['env']['MLFLOW_PORT']}"
+    search = f"{url}/api/2.0/mlflow/registered-models/search"
+    password = _secrets(stack["state"])["STACK_MLFLOW_ADMIN_PASSWORD"]
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200  # the stack's readiness check needs none
+    assert requests.get(search, timeout=10).status_code == 401
+    assert requests.get(search, auth=("admin", "not-the-password"), timeout=10).status_code == 401
+    found = requests.get(search, auth=("admin", password), timeout=10)
+    assert found.status_code == 200 and [m["name"] for m in found.json()["registered_models"]] == [MODEL]
+    move = requests.post(f"{url}/api/2.0/mlflow/registered-models/alias", timeout=10,
+                         json={"name": MODEL, "alias": "champion", "version": "1"})
+    assert move.status_code == 401  # nobody moves champion without a login
+    with psycopg2.connect(stack["pg"]["mlflow_auth"]) as conn, conn.cursor() as cur:
+        cur.execute("SELECT username, is_admin FROM users")
+        assert cur.fetchall() == [("admin", True)]
+
+
 def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
     """The stack's serving step is another machine's: it imports the Bento from S3, then serves it."""
     published = stack["client"].task_instances(DAG, stack["run_id"])
@@ -285,13 +306,14 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
     assert resp.json()["label"] in CLASSES
 
 
-def test_database_password_appears_in_no_log(stack):
-    password = unquote(urlsplit(stack["pg"]["admin"]).password or "")
-    assert password
+def test_no_password_appears_in_a_log(stack):
+    passwords = [unquote(urlsplit(stack["pg"]["admin"]).password or ""),
+                 _secrets(stack["state"])["STACK_MLFLOW_ADMIN_PASSWORD"]]
+    assert all(passwords)
     logs = [p for p in (stack["state"] / "stack").glob("*.log")]
     logs += [p for p in (stack["state"] / "airflow" / "logs").rglob("*") if p.is_file()]
     assert logs
-    assert not [p for p in logs if password in p.read_text(errors="replace")]
+    assert not [(p, i) for p in logs for i, password in enumerate(passwords) if password in p.read_text(errors="replace")]
 
 
 def test_down_leaves_no_process(stack):
