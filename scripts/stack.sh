@@ -206,7 +206,8 @@ token = lambda: secrets.token_urlsafe(32)  # noqa: E731
 wanted = {"STACK_FERNET_KEY": lambda: Fernet.generate_key().decode(), "STACK_JWT_SECRET": token,
           "STACK_API_SECRET": token, "STACK_S3_SECRET_KEY": token,
           "STACK_S3_ACCESS_KEY": lambda: f"cifar10-{secrets.token_hex(4)}",
-          "STACK_MLFLOW_ADMIN_PASSWORD": token, "STACK_MLFLOW_FLASK_SECRET": token}
+          "STACK_MLFLOW_ADMIN_PASSWORD": token, "STACK_MLFLOW_FLASK_SECRET": token,
+          "STACK_WEED_JWT_KEY": token, "STACK_WEED_FILER_JWT_KEY": token, "STACK_WEED_FILER_READ_JWT_KEY": token}
 with open(path, "a") as out:
     for name, make in wanted.items():
         if name not in have:
@@ -316,18 +317,75 @@ start_redis() {
   wait_for redis 30 "$BIN/python" -m training.deploy.preflight broker && echo "redis: $AIRFLOW__CELERY__BROKER_URL ready"
 }
 
+# seaweedfs_tls DIR: a CA and one certificate signed by it (SeaweedFS checks no host names, so all its
+# parts share it), made once; with them every gRPC listener of SeaweedFS asks for a client certificate.
+seaweedfs_tls() {
+  [ -s "$1/key.pem" ] && return
+  (umask 077; mkdir -p "$1"; "$BIN/python" - "$1" <<'PY'
+import datetime
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+out = Path(sys.argv[1])
+now = datetime.datetime.now(datetime.timezone.utc)
+
+
+def certificate(name, key, issuer, issuer_key, ca):
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now)
+               .not_valid_after(now + datetime.timedelta(days=3650))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cifar10 stack SeaweedFS CA")])
+ca = certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
+cert = certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cifar10 stack SeaweedFS")]), key, ca_name,
+                   ca_key, ca=False)
+(out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+(out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+(out / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+PY
+  )
+}
+
 start_s3() {
   mkdir -p "$STATE/s3"
-  local p=$WEED_PORTS
+  local p=$WEED_PORTS tls="$RUN/seaweedfs-tls" part
+  seaweedfs_tls "$tls"
   # Every listener on a port of its own (gRPC twins at +10000): other SeaweedFS servers may run on
   # this machine. weed mini makes its one S3 user from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
-  start s3 "$BIN/weed" -logtostderr mini -dir="$STATE/s3" -ip="$HOST" -ip.bind="$HOST" \
-    -master.port=$p -master.port.grpc=$((p + 10000)) -volume.port=$((p + 1)) -volume.port.grpc=$((p + 10001)) \
-    -filer.port=$((p + 2)) -filer.port.grpc=$((p + 10002)) -admin.ui=false -admin.port=$((p + 3)) \
-    -admin.port.grpc=$((p + 10003)) -debug.port=$((p + 4)) -metricsPort=$((p + 5)) \
-    -s3.port="$S3_PORT" -s3.port.grpc=$((S3_PORT + 10000)) -s3.port.iceberg=0 -s3.port.lance=0 \
-    -webdav=false -master.telemetry=false -s3.autoCreateBucket=false -bucket="$S3_BUCKET" \
-    -s3.localSocket="$RUN/s3.sock" -filer.localSocket="$RUN/filer.sock"
+  # Everything shares loopback here, so binding to it keeps out only other machines; what keeps out
+  # the other processes of this one (only the S3 API, with its keys, is for them):
+  # - gRPC, between SeaweedFS's own parts, is mutual TLS with the certificate made above;
+  # - writes to the volume server and reads and writes through the filer's HTTP API need a JWT
+  #   signed with a key of secrets.env, which only SeaweedFS's parts sign (the S3 gateway for its users);
+  # - -disableHttp turns off the master's HTTP API, which would hand a write token to anyone and
+  #   delete whole collections (buckets) on request.
+  (
+    export WEED_JWT_SIGNING_KEY="$STACK_WEED_JWT_KEY" WEED_JWT_FILER_SIGNING_KEY="$STACK_WEED_FILER_JWT_KEY"
+    export WEED_JWT_FILER_SIGNING_READ_KEY="$STACK_WEED_FILER_READ_JWT_KEY" WEED_GRPC_CA="$tls/ca.pem"
+    for part in MASTER VOLUME FILER S3 ADMIN WORKER CLIENT; do
+      export "WEED_GRPC_${part}_CERT=$tls/cert.pem" "WEED_GRPC_${part}_KEY=$tls/key.pem"
+    done
+    start s3 "$BIN/weed" -logtostderr mini -dir="$STATE/s3" -ip="$HOST" -ip.bind="$HOST" -disableHttp \
+      -master.port=$p -master.port.grpc=$((p + 10000)) -volume.port=$((p + 1)) -volume.port.grpc=$((p + 10001)) \
+      -filer.port=$((p + 2)) -filer.port.grpc=$((p + 10002)) -admin.ui=false -admin.port=$((p + 3)) \
+      -admin.port.grpc=$((p + 10003)) -debug.port=$((p + 4)) -metricsPort=$((p + 5)) \
+      -s3.port="$S3_PORT" -s3.port.grpc=$((S3_PORT + 10000)) -s3.port.iceberg=0 -s3.port.lance=0 \
+      -webdav=false -master.telemetry=false -s3.autoCreateBucket=false -bucket="$S3_BUCKET" \
+      -s3.localSocket="$RUN/s3.sock" -filer.localSocket="$RUN/filer.sock"
+  )
   wait_for s3 60 "$BIN/python" -m training.deploy.preflight s3 && echo "s3: $AWS_ENDPOINT_URL_S3 ready"
 }
 

@@ -29,7 +29,8 @@ from urllib.parse import quote, unquote, urlsplit
 import pytest
 import requests
 
-from tests.helpers import CLASSES, ROOT, encode, free_port, image_folder_zip, make_images, state_env
+from tests.helpers import (CLASSES, ROOT, encode, free_port, image_folder_zip, listeners, make_images, not_loopback,
+                           process_groups, state_env)
 from tests.helpers import TINY_DAG_CONF as CONF
 
 BUCKET = "cifar10"
@@ -169,8 +170,7 @@ def stack(tmp_path_factory, postgres):
     tmp = tmp_path_factory.mktemp("distributed")
     state = tmp / "state"
     admin = urlsplit(postgres["admin"])
-    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT",
-                                                 "WORKER_LOG_PORT", "TRIGGER_LOG_PORT")}
+    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT")}
     s3_port = _free_range(1, 1)
     env = state_env(state, STACK="distributed", CIFAR10_SCHEDULE="none", **ports,
                     S3_PORT=str(s3_port), WEED_PORTS=str(_free_range(6, 4)),
@@ -304,6 +304,45 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
                          files={"file": ("x.png", encode(x[0], "PNG"), "image/png")}, timeout=60)
     assert resp.status_code == 200, resp.text
     assert resp.json()["label"] in CLASSES
+
+
+def test_every_part_listens_on_loopback_only(stack):
+    """Runs after the Bento started: redis, every SeaweedFS listener, MLflow, Airflow's components (their
+    log servers are not started: they cannot be bound to an address) and the Bento, read from the kernel."""
+    groups = process_groups(stack["state"] / "stack")
+    assert {"redis", "s3", "mlflow", "airflow-api-server", "airflow-worker", "airflow-triggerer", "bento"} <= set(groups)
+    found = listeners(set(groups.values()))
+    env = stack["env"]
+    expected = {int(env[name]) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT")}
+    weed = int(env["WEED_PORTS"])
+    expected |= {weed, weed + 1, weed + 2, weed + 10000, weed + 10001, weed + 10002}  # master, volume, filer
+    assert expected <= {port for _, _, port in found}, (sorted(expected), found)
+    assert not not_loopback(found), found
+
+
+def test_seaweedfs_takes_data_only_through_s3_with_the_stack_keys(stack):
+    """Loopback is shared by every process of the machine: SeaweedFS's own APIs need a signed token or a client
+    certificate that only its parts hold; the pipeline's way in, the S3 API with the stack's keys, works (above)."""
+    import grpc
+
+    weed = int(stack["env"]["WEED_PORTS"])
+    master, volume, filer = (f"http://127.0.0.1:{weed + i}" for i in range(3))
+    put = requests.put(f"{filer}/buckets/{BUCKET}/bentos/intruder.bento", data=b"x", timeout=10)
+    assert put.status_code >= 400, put.status_code
+    assert "bentos/intruder.bento" not in _keys(stack["s3"], "bentos/")
+    assert requests.get(f"{filer}/buckets/{BUCKET}/", timeout=10).status_code >= 400  # no listing, no reading
+    assert requests.post(f"{volume}/1,01637037d6", files={"file": b"x"}, timeout=10).status_code == 401
+    # The master's HTTP API would hand out write tokens and delete whole collections (buckets).
+    assert requests.get(f"{master}/dir/assign", timeout=10).status_code >= 400
+    assert requests.get(f"{master}/col/delete", params={"collection": BUCKET}, timeout=10).status_code >= 400
+    for port in (weed + 10000, weed + 10002):  # master and filer gRPC: mutual TLS only
+        call = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary(
+            "/filer_pb.SeaweedFiler/GetFilerConfiguration", request_serializer=bytes,
+            response_deserializer=bytes)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert _keys(stack["s3"], "mlflow/")  # and the bucket is whole
 
 
 def test_no_password_appears_in_a_log(stack):
