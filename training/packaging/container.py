@@ -54,8 +54,10 @@ TEMPLATES = PROJECT_DIR / "deploy" / "containers"
 BACKENDS = ("docker", "podman", "buildah")
 # Docker hosts pull this base from the registry: the same Debian release and Python as the local
 # base, so the Bento's wheels fit either. Fully qualified, so that podman or buildah given it as an
-# override need no short-name lookup.
-REGISTRY_BASE_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
+# override need no short-name lookup, and pinned by digest (bentofile.yaml's docker.base_image), so
+# a build gets the image it was tested on rather than whatever the tag points to that day.
+REGISTRY_BASE_IMAGE = ("docker.io/library/python:3.11-slim-bookworm"
+                       "@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b")
 # deploy/containers/Dockerfile.template builds FROM this build argument.
 BASE_IMAGE_ARG = "BASE_IMAGE"
 # The host's CA bundle is mounted here (read-only) while packages are installed, so the

@@ -84,8 +84,9 @@ def test_base_image_follows_the_backend_unless_overridden(backend, base):
 
 
 def test_registry_base_is_the_slim_python_of_the_local_base_release():
-    assert REGISTRY_BASE == "docker.io/library/python:3.11-slim-bookworm"
-    assert REGISTRY_BASE.endswith(f"-{base_image.RECIPE['suite']}") and LOCAL_BASE.endswith(base_image.RECIPE["suite"])
+    name, _, digest = REGISTRY_BASE.partition("@")
+    assert name == "docker.io/library/python:3.11-slim-bookworm" and re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
+    assert name.endswith(f"-{base_image.RECIPE['suite']}") and LOCAL_BASE.endswith(base_image.RECIPE["suite"])
 
 
 def test_unknown_backend_has_no_base_image():
