@@ -789,8 +789,8 @@ def serve_service(serving_model: ServingModel, log: Path, extra_env: dict[str, s
     env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True", **extra_env}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--port", str(port),
-             "--arg", f"model_tag={serving_model.tag}"],
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--host", "127.0.0.1",
+             "--port", str(port), "--arg", f"model_tag={serving_model.tag}"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
