@@ -6,5 +6,6 @@ FROM docker.io/library/python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0
 COPY requirements/mlflow-server.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.txt && rm /tmp/requirements.txt \
     && useradd --system --uid 10001 --create-home mlflow
+COPY mlflow/basic_auth.ini /etc/mlflow/basic_auth.ini
 USER mlflow
 EXPOSE 5000

@@ -479,7 +479,10 @@ def test_serve_image_yields_the_url_once_ready_and_removes_the_container(fake_po
     try:
         with container.serve_image(config, "cifar10-classifier:v1", port, name="c1") as url:
             assert url == f"http://127.0.0.1:{port}"
-            assert f"run -d --name c1 -p 127.0.0.1:{port}:3000 cifar10-classifier:v1" in calls()
+            assert (f"run -d --name c1 --read-only --cap-drop=ALL --security-opt=no-new-privileges "
+                    "--read-only-tmpfs=false --tmpfs /tmp:rw,nosuid,nodev,mode=1777 --tmpfs "
+                    "/home/bentoml/prometheus_multiproc_dir:rw,nosuid,nodev,mode=1777 "
+                    f"-p 127.0.0.1:{port}:3000 cifar10-classifier:v1") in calls()
             assert not [c for c in calls() if c.startswith("rm ")]
     finally:
         server.shutdown()
