@@ -5,6 +5,7 @@ container configuration, the base image's cache key. The real build is tests/e2e
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import subprocess
@@ -401,6 +402,34 @@ def test_debian_mirror_comes_from_the_host_sources(tmp_path):
     legacy.write_text("deb [arch=amd64] http://other.example/debian bookworm main\n")
     assert base_image.debian_mirror(tmp_path / "none", legacy) == "http://other.example/debian"
     assert base_image.debian_mirror(tmp_path / "none", tmp_path / "none") == base_image.DEFAULT_MIRROR
+
+
+def test_the_base_gets_the_security_suite_from_the_hosts_security_mirror(tmp_path):
+    """debootstrap installs bookworm as released; the base is upgraded to bookworm-security and keeps it in its sources."""
+    sources = tmp_path / "debian.sources"
+    sources.write_text("Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\n"
+                       "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n")
+    mirrors = {archive: base_image.debian_mirror(sources, tmp_path / "none", archive)
+               for archive in base_image.RECIPE["updates"]}
+    assert mirrors == {"debian": "http://mirror.example/debian", "debian-security": "http://security.example/debian-security"}
+    assert base_image.debian_mirror(tmp_path / "none", tmp_path / "none", "debian-security") == \
+        "http://deb.debian.org/debian-security"
+    stanzas = [dict(line.split(": ", 1) for line in stanza.splitlines())
+               for stanza in base_image.apt_sources(mirrors).split("\n\n")]
+    assert [(s["URIs"], s["Suites"]) for s in stanzas] == [
+        ("http://mirror.example/debian", "bookworm bookworm-updates"),
+        ("http://security.example/debian-security", "bookworm-security")]
+    assert all(s["Signed-By"] == "/usr/share/keyrings/debian-archive-keyring.gpg" for s in stanzas)
+
+
+def test_a_base_older_than_a_week_is_rebuilt_for_its_security_fixes():
+    want, now = base_image.recipe_hash(), datetime.datetime(2026, 12, 5, tzinfo=datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    assert base_image.rebuild_reason((want, (now - 2 * day).isoformat()), want, now) is None
+    assert "8 days ago" in base_image.rebuild_reason((want, (now - 8 * day).isoformat()), want, now)
+    assert "recipe old" in base_image.rebuild_reason(("old", now.isoformat()), want, now)
+    assert base_image.rebuild_reason((want, ""), want, now) == "its build time is unknown"  # built by an older recipe
+    assert base_image.rebuild_reason(None, want, now) == "no base image stored"
 
 
 # --- tagging and running built images (a fake podman on PATH) --------------------
