@@ -107,8 +107,9 @@ pipeline-debug: $(VENV)/.synced $(STATE)/airflow/.migrated
 ## make serve: serve the champion's Bento, as the MLflow registry names it (BENTO_TAG=...: that Bento), on
 ## HOST:PORT (Swagger UI on http://localhost:$(PORT)/)
 serve: $(VENV)/.synced
-	@bento="$(BENTO_TAG)"; [ -n "$$bento" ] || bento=$$($(VENV)/bin/python -m training.deploy.champion bento) || exit 1; \
-	echo "Serving $$bento on $(HOST):$(PORT). Swagger UI: http://localhost:$(PORT)/  Try it (Ctrl-C stops it):"; \
+	@bento="$(BENTO_TAG)"; what=BENTO_TAG; [ -n "$$bento" ] || { what="the champion's Bento"; \
+		bento=$$($(VENV)/bin/python -m training.deploy.champion bento) || exit 1; }; \
+	echo "Serving $$bento ($$what) on $(HOST):$(PORT). Swagger UI: http://localhost:$(PORT)/  Try it (Ctrl-C stops it):"; \
 	echo "  curl -X POST http://localhost:$(PORT)/predict/ -F file=@car2.png   (any PNG or JPEG)"; \
 	exec $(VENV)/bin/bentoml serve "$$bento" --host $(HOST) --port $(PORT)
 

@@ -50,6 +50,10 @@ HOST="${STACK_HOST:-127.0.0.1}"
 # Unset: the Bento the registry's champion names (python -m training.deploy.champion bento).
 BENTO="${BENTO_TAG:-}"
 mkdir -p "$RUN"
+# The state folder holds the databases, the Airflow admin's generated password (Airflow writes it
+# 644) and the stack's secrets: no other user of this machine may enter it. (A umask would also
+# reach the image builds the pipeline runs, whose files the image's own user must read.)
+chmod go-rwx "$STATE"
 # airflow standalone starts its components as `airflow ...`: they must be on PATH.
 export PATH="$BIN:$PATH"
 

@@ -125,7 +125,7 @@ def test_make_airflow_ui_listens_on_loopback_only_and_stops_with_ctrl_c(state):
     assert not process_groups(state / "stack"), "make airflow-ui left Airflow running after Ctrl-C"
 
 
-def test_make_up_listens_on_loopback_only(state, bento):
+def test_make_up_listens_on_loopback_only_and_keeps_its_secrets_private(state, bento):
     ports = {"AIRFLOW_PORT": free_port(), "MLFLOW_PORT": free_port(), "PORT": free_port()}
     env = _env(state, BENTO_TAG=bento)
     args = [f"STATE={state}", *(f"{k}={v}" for k, v in ports.items())]
@@ -143,3 +143,7 @@ def test_make_up_listens_on_loopback_only(state, bento):
     assert set(ports.values()) <= {p for _, _, p in found}, found
     assert not not_loopback(found), found
     assert down.returncode == 0, down.stderr
+    # Listening on loopback keeps other machines out, not other users of this one: the state folder, with
+    # the admin's password and the databases, is the owner's alone.
+    assert (state / "airflow" / "simple_auth_manager_passwords.json.generated").exists()
+    assert state.stat().st_mode & 0o077 == 0, oct(state.stat().st_mode)
