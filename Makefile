@@ -12,6 +12,16 @@ EPOCHS ?=
 MAX_TRAIN_IMAGES ?=
 RECIPE ?=
 PORT ?= 3000
+# The address every server these targets start listens on: this machine only. `make serve HOST=0.0.0.0`
+# (or `make up HOST=...`) opens them to the network. Only a HOST given on make's command line counts:
+# one inherited from the shell (zsh sets HOST to the machine's name) would expose them unasked.
+ifneq ($(origin HOST),command line)
+HOST := 127.0.0.1
+endif
+# scripts/stack.sh binds every part of either stack to it.
+export STACK_HOST := $(HOST)
+# Unset: `make serve` serves the champion's Bento (the registry names it); or a Bento tag.
+BENTO_TAG ?=
 # Ports of the local stack (`make up`); the Bento server uses PORT.
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
@@ -58,7 +68,7 @@ PIPELINE_CONF = {$(patsubst $(comma)%,%,$(strip $(PIPELINE_FIELDS)))}
 # uv itself lives in its own small venv, so that `uv sync` never removes it.
 UV := .uv/bin/uv
 
-.PHONY: venv run pipeline pipeline-debug serve rollback up down status airflow-ui mlflow-ui test test-fast test-service clean base-image image
+.PHONY: venv run pipeline pipeline-debug serve rollback up down status airflow-ui mlflow-ui test test-fast test-service clean base-image image requirements
 
 # The environment is (re)built only when pyproject.toml or uv.lock changed.
 $(VENV)/.synced: pyproject.toml uv.lock
@@ -103,12 +113,14 @@ pipeline-debug: $(VENV)/.synced $(STATE)/airflow/.migrated
 	@$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-debug-$$(date +%Y%m%d-%H%M%S).log -- \
 		$(VENV)/bin/airflow dags test cifar10_pipeline -c '$(PIPELINE_CONF)'
 
-## make serve: serve the champion's Bento, as the MLflow registry names it (Swagger UI on http://localhost:$(PORT)/)
+## make serve: serve the champion's Bento, as the MLflow registry names it (BENTO_TAG=...: that Bento), on
+## HOST:PORT (Swagger UI on http://localhost:$(PORT)/)
 serve: $(VENV)/.synced
-	@bento=$$($(VENV)/bin/python -m training.deploy.champion bento) || exit 1; \
-	echo "Serving $$bento (the champion's Bento). Swagger UI: http://localhost:$(PORT)/  Try it (Ctrl-C stops it):"; \
+	@bento="$(BENTO_TAG)"; what=BENTO_TAG; [ -n "$$bento" ] || { what="the champion's Bento"; \
+		bento=$$($(VENV)/bin/python -m training.deploy.champion bento) || exit 1; }; \
+	echo "Serving $$bento ($$what) on $(HOST):$(PORT). Swagger UI: http://localhost:$(PORT)/  Try it (Ctrl-C stops it):"; \
 	echo "  curl -X POST http://localhost:$(PORT)/predict/ -F file=@car2.png   (any PNG or JPEG)"; \
-	exec $(VENV)/bin/bentoml serve "$$bento" --port $(PORT)
+	exec $(VENV)/bin/bentoml serve "$$bento" --host $(HOST) --port $(PORT)
 
 ## make rollback: champion back to the previous champion (VERSION=N: to version N), with REASON="..."
 ## recorded; its Bento is rebuilt only if gone, and a Bento served by `make up` is restarted on it.
@@ -124,7 +136,7 @@ rollback: $(VENV)/.synced
 		scripts/stack.sh down bento && BENTO_PORT=$(PORT) scripts/stack.sh up bento; fi
 
 ## make up: Airflow (UI on AIRFLOW_PORT), the MLflow server (MLFLOW_PORT) and the champion's Bento (PORT) in the
-## background on the same state; logs and pid files in $(STATE)/stack. make down stops them.
+## background on the same state, all on HOST; logs and pid files in $(STATE)/stack. make down stops them.
 up: $(VENV)/.synced $(STATE)/airflow/.migrated
 	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) BENTO_PORT=$(PORT) scripts/stack.sh up
 
@@ -134,15 +146,19 @@ down:
 status:
 	scripts/stack.sh status
 
-## make airflow-ui: Airflow (scheduler, API server, UI on :$(AIRFLOW_PORT)) on the same state; password in
-## $(STATE)/airflow/simple_auth_manager_passwords.json.generated
+## make airflow-ui: Airflow (scheduler, DAG processor, triggerer, API server, UI on HOST:$(AIRFLOW_PORT)) on the
+## same state, until Ctrl-C; password in $(STATE)/airflow/simple_auth_manager_passwords.json.generated
 airflow-ui: $(VENV)/.synced $(STATE)/airflow/.migrated
-	AIRFLOW__API__PORT=$(AIRFLOW_PORT) \
-		AIRFLOW__API__BASE_URL=http://localhost:$(AIRFLOW_PORT) $(VENV)/bin/airflow standalone
+	@if scripts/stack.sh status | grep -q '^airflow-api-server: running'; then \
+		echo "Airflow already runs on this state (make down stops it): http://localhost:$(AIRFLOW_PORT)/"; exit 0; fi; \
+	trap 'scripts/stack.sh down airflow' EXIT; trap 'exit 130' INT TERM; \
+	scripts/stack.sh up airflow || exit 1; \
+	echo "Airflow UI: http://localhost:$(AIRFLOW_PORT)/ (Ctrl-C stops it); its logs follow"; \
+	tail -qn 0 -F $(STATE)/stack/airflow-*.log
 
-## make mlflow-ui: the MLflow UI on :$(MLFLOW_PORT) over the same SQLite store and artifacts
+## make mlflow-ui: the MLflow UI on HOST:$(MLFLOW_PORT) over the same SQLite store and artifacts
 mlflow-ui: $(VENV)/.synced
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port $(MLFLOW_PORT)
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(HOST) --port $(MLFLOW_PORT)
 
 ## make test: every tier: unit, service (real bentoml serve), e2e (real Airflow runs, containers, PostgreSQL)
 test: $(VENV)/.synced
@@ -159,6 +175,16 @@ test-service: $(VENV)/.synced
 # stops the stack before its state folder goes away
 clean: down
 	rm -rf $(STATE)
+
+## make requirements: each image's requirements, exactly uv.lock's versions with their hashes, into
+## deploy/requirements/ (after `uv lock`; a unit test fails while they differ from the lock)
+REQUIREMENTS ?= deploy/requirements
+requirements:
+	@test -x $(UV) || $(MAKE) --no-print-directory venv
+	$(UV) export --frozen --no-header --no-emit-project --only-group serving -q -o $(REQUIREMENTS)/serving.txt
+	$(UV) export --frozen --no-header --no-emit-project --only-group mlflow-server -q -o $(REQUIREMENTS)/mlflow-server.txt
+	$(UV) export --frozen --no-header --no-emit-project --only-group seaweedfs -q -o $(REQUIREMENTS)/seaweedfs.txt
+	$(UV) export --frozen --no-header --no-emit-project --no-dev -q -o $(REQUIREMENTS)/airflow.txt
 
 ## make base-image: the local Debian base of the Bento image (rebuilt only when its recipe changed)
 base-image: $(VENV)/.synced

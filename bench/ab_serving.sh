@@ -23,7 +23,7 @@ for _ in $(seq "$ROUNDS"); do for spec in "${SPECS[@]}"; do
   read -r dir vars <<< "$spec"; dir=$(cd "$dir" && pwd)
   tag=$(cat "$(env TAG_FILE="$TAG_FILE" $vars printenv TAG_FILE)")  # a spec may name its own TAG_FILE
   (cd "$dir" && exec setsid env $vars "$ROOT/.venv/bin/bentoml" serve service:CIFAR10Classifier \
-     --arg "model_tag=$tag" --port "$PORT" > "$STATE/ab-serve.log" 2>&1) &
+     --arg "model_tag=$tag" --host 127.0.0.1 --port "$PORT" > "$STATE/ab-serve.log" 2>&1) &
   SERVER=$!
   for _ in $(seq 180); do curl -sf "localhost:$PORT/readyz" > /dev/null && break; sleep 1; done
   wrk -t1 -c32 -d4s -s "$STATE/multipart.lua" "http://127.0.0.1:$PORT/predict" > /dev/null 2>&1

@@ -209,13 +209,15 @@ def main() -> None:
             f"1 call x {os.cpu_count()} threads": ceiling(onnx_path, os.cpu_count())}
         print("d:", results["d_ceiling_img_s"], flush=True)
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    bento = [str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier", "--arg", f"model_tag={tag}"]
+    bento = [str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier", "--host", "127.0.0.1",
+             "--arg", f"model_tag={tag}"]
     servers = {
         "a_batching": (bento, {}, "/predict"),
         "b_no_batching": (bento, {"CIFAR10_MAX_BATCH_SIZE": "1"}, "/predict"),
         "c_seed": ([str(ROOT / ".venv/bin/uvicorn"), "bench.seed_baseline:app", "--host", "127.0.0.1",
                     "--log-level", "warning"], {"SEED_KERAS_MODEL": str(keras_path)}, "/predict"),
-        "e_http_floor": ([str(ROOT / ".venv/bin/bentoml"), "serve", "bench.http_floor:HTTPFloor"], {}, "/predict"),
+        "e_http_floor": ([str(ROOT / ".venv/bin/bentoml"), "serve", "bench.http_floor:HTTPFloor", "--host", "127.0.0.1"],
+                         {}, "/predict"),
     }
     for name, (cmd, extra, path) in servers.items():
         if name[0] not in args.only:

@@ -121,7 +121,7 @@ def bench_variant(key: str, tag: str, args, script: Path, image: Path, env: dict
     name, target, extra = VARIANTS[key]
     port = free_port()
     log_path = args.state / f"{name}-round{round_no}.log"
-    cmd = [BENTOML, "serve", target, "--port", str(port), "--arg", f"model_tag={tag}"]
+    cmd = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port), "--arg", f"model_tag={tag}"]
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT,

@@ -79,8 +79,8 @@ def main() -> None:
 
     load_before, port = os.getloadavg(), free_port()
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    cmd = [str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier", "--port", str(port),
-           "--arg", f"model_tag={tag}"]
+    cmd = [str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier", "--host", "127.0.0.1", "--port",
+           str(port), "--arg", f"model_tag={tag}"]
     with open(args.state / "serve.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -383,6 +383,36 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def process_groups(run_dir: Path) -> dict[str, int]:
+    """The process group of each part a stack started: ``scripts/stack.sh`` records one pid file per part,
+    each the leader of its own session."""
+    return {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
+
+
+def listeners(groups: set[int]) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP socket listening in the process groups ``groups``,
+    as the kernel reports them: a server's children (workers, log servers) share its group."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if os.getpgid(proc.pid) not in groups:
+                continue
+            found |= {(proc.info["name"], c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):  # gone meanwhile
+            continue
+    return sorted(found)
+
+
+def not_loopback(found: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """The listeners of ``found`` that other machines can reach (0.0.0.0, ::, or a routable address)."""
+    import ipaddress
+
+    return [entry for entry in found if not ipaddress.ip_address(entry[1].split("%")[0]).is_loopback]
+
+
 def state_env(state: Path, **extra: str) -> dict[str, str]:
     """Environment for a pipeline whose whole state lives in ``state``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CIFAR10_", "BENTOML_", "MLFLOW_"))}
@@ -841,8 +871,8 @@ def serve_service(serving_model: ServingModel, log: Path, extra_env: dict[str, s
     env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True", **extra_env}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--port", str(port),
-             "--arg", f"model_tag={serving_model.tag}"],
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--host", "127.0.0.1",
+             "--port", str(port), "--arg", f"model_tag={serving_model.tag}"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

@@ -1,7 +1,7 @@
 """A small client for Airflow 3's REST API (v2): what ``make pipeline`` needs to run the DAG.
 
 It finds the DAG, unpauses it, triggers an ordinary manual run, and reads the run's task
-instances and task logs, against the local ``airflow standalone`` or a remote Airflow:
+instances and task logs, against the local stack's Airflow or a remote one:
 
     client = AirflowClient.from_env()      # AIRFLOW_API_URL, AIRFLOW_API_USER, AIRFLOW_API_PASSWORD
     run = client.trigger("cifar10_pipeline", {"recipe": "tiny"})
@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import requests
 
-# `airflow standalone` writes the generated admin password here, under AIRFLOW_HOME.
+# Airflow's API server (simple auth manager) writes the generated admin password here, under AIRFLOW_HOME.
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
 # A run or task in one of these states will not change any more.
 RUN_DONE = frozenset({"success", "failed"})
@@ -57,7 +57,7 @@ class AirflowClient:
 
         AIRFLOW_API_URL (default ``http://localhost:$AIRFLOW_PORT``, port 8080), AIRFLOW_API_USER
         (``admin``), and AIRFLOW_API_PASSWORD or AIRFLOW_API_TOKEN; without either, the password
-        that ``airflow standalone`` generated in ``$AIRFLOW_HOME``.
+        that the API server generated in ``$AIRFLOW_HOME``.
         """
         env = os.environ if environ is None else environ
         base_url = env.get("AIRFLOW_API_URL") or f"http://localhost:{env.get('AIRFLOW_PORT') or '8080'}"
@@ -156,7 +156,7 @@ class AirflowClient:
         except (OSError, ValueError) as error:
             raise AirflowAPIError(f"no password for Airflow user {self.username!r}: AIRFLOW_API_PASSWORD is not "
                                   f"set and {where} cannot be read ({error}); set AIRFLOW_API_PASSWORD, or "
-                                  "AIRFLOW_HOME to the home of the `airflow standalone` that wrote it") from None
+                                  "AIRFLOW_HOME to the home of the Airflow API server that wrote it") from None
         if self.username not in passwords:
             raise AirflowAPIError(f"{where} has no password for user {self.username!r} (users: "
                                   f"{', '.join(passwords) or 'none'}): set AIRFLOW_API_USER or AIRFLOW_API_PASSWORD")

@@ -1,6 +1,8 @@
 """The Bento's image for real: the DAG on a tiny generated dataset with podman, so its containerize task
-builds the image; then the image runs under podman (``container.serve_image``) and answers over HTTP,
-its labels and answer headers name what it serves, and ``container.tag_image`` moves a tag onto it.
+builds the image; then the image runs under podman (``container.serve_image``, confined as
+deploy/k8s/bento.yaml runs it: read-only root filesystem, its non-root user, no capabilities) and
+answers over HTTP, its labels and answer headers name what it serves, it holds exactly uv.lock's
+serving versions, and ``container.tag_image`` moves a tag onto it.
 Every container and image it made is removed afterwards (the whole private store).
 """
 
@@ -16,7 +18,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, image_folder_zip, run_dag, state_env
+from tests.helpers import ROOT, free_port, image_folder_zip, run_dag, state_env
 from training.config import PipelineConfig
 from training.packaging import base_image, commands, container
 
@@ -141,6 +143,63 @@ def test_image_serves_predictions_readyz_metrics_and_errors(built_image, running
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
     who = subprocess.run(["podman", "exec", name, "id", "-u"], env=env, capture_output=True, text=True, check=True)
     assert who.stdout.strip() != "0", "the image must not run as root"
+
+
+def _in_container(env: dict[str, str], name: str, code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["podman", "exec", name, "python", "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.container
+def test_image_serves_read_only_as_its_non_root_user_without_capabilities(built_image, running):
+    """As deploy/k8s/bento.yaml runs it: only its emptyDir paths writable, runAsUser, capabilities dropped,
+    no new privileges; and it still answers."""
+    import requests
+    import yaml
+
+    _, env, _ = built_image
+    url, name = running
+    pod = next(d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "bento.yaml").read_text())
+               if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    writable = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+    assert sorted(writable) == sorted(container.WRITABLE_PATHS)
+    inspect = subprocess.run(["podman", "inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", name], env=env,
+                             capture_output=True, text=True, check=True)
+    assert inspect.stdout.strip() == "true"
+    status = dict(line.split(":\t", 1) for line in _in_container(
+        env, name, "print(open('/proc/self/status').read())").stdout.splitlines() if ":\t" in line)
+    assert status["Uid"].split()[0] == str(pod["securityContext"]["runAsUser"])  # the image's own user, 1034
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0 and status["NoNewPrivs"].strip() == "1"
+    probe = ("import sys\nfor path in sys.argv[1:]:\n    try:\n        open(path + '/probe', 'w').close(); print(path, 'ok')\n"
+             "    except OSError as e:\n        print(path, e.strerror)")
+    paths = [*writable, "/home/bentoml", "/home/bentoml/bento", "/app/.venv", "/etc"]
+    wrote = subprocess.run(["podman", "exec", name, "python", "-c", probe, *paths], env=env, capture_output=True,
+                           text=True, timeout=60).stdout.splitlines()
+    assert wrote == [f"{p} ok" for p in writable] + [f"{p} Read-only file system" for p in paths[len(writable):]]
+    resp = requests.post(f"{url}/predict", files={"file": ("red.png", _png(), "image/png")}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert requests.get(f"{url}/metrics", timeout=10).status_code == 200  # its metric files are writable
+
+
+@pytest.mark.container
+def test_image_holds_exactly_the_locked_serving_versions(built_image):
+    """deploy/requirements/serving.txt (uv.lock's serving group, hash-checked at build) is what is installed:
+    nothing re-resolved, nothing more."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    image, env, _ = built_image
+    entries = re.findall(r"^([a-z0-9][^\\\n]*?)\s*\\?$", (ROOT / "deploy" / "requirements" / "serving.txt").read_text(),
+                         re.M)
+    locked = {canonicalize_name(r.name): str(r.specifier).removeprefix("==")
+              for r in map(Requirement, entries) if r.marker is None or r.marker.evaluate()}
+    code = ("import importlib.metadata as m, json; "
+            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
+    out = subprocess.run(["podman", "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", code],
+                         env=env, capture_output=True, text=True, check=True, timeout=120)
+    installed = {canonicalize_name(n): v for n, v in json.loads(out.stdout).items()}
+    assert installed == locked, {"missing": locked.keys() - installed.keys(), "extra": installed.keys() - locked.keys(),
+                                 "other": {n: (v, locked[n]) for n, v in installed.items() if locked.get(n, v) != v}}
 
 
 def _labels(image: str, env: dict[str, str]) -> dict[str, str]:

@@ -30,7 +30,8 @@ from urllib.parse import quote, unquote, urlsplit
 import pytest
 import requests
 
-from tests.helpers import CLASSES, ROOT, encode, free_port, image_folder_zip, make_images, state_env
+from tests.helpers import (CLASSES, ROOT, encode, free_port, image_folder_zip, listeners, make_images, not_loopback,
+                           process_groups, state_env)
 from tests.helpers import TINY_DAG_CONF as CONF
 
 BUCKET = "cifar10"
@@ -150,7 +151,7 @@ def postgres():
                      "run .ci/setup-postgres.sh or set CIFAR10_TEST_PG_URL")
     conn.autocommit = True
     suffix = uuid.uuid4().hex[:8]
-    dbs = {"mlflow": f"mlflow_{suffix}", "airflow": f"airflow_{suffix}"}
+    dbs = {"mlflow": f"mlflow_{suffix}", "airflow": f"airflow_{suffix}", "mlflow_auth": f"mlflow_auth_{suffix}"}
     try:
         yield {"admin": admin, "names": dbs, **{k: _with_db(admin, v) for k, v in dbs.items()}}
     finally:
@@ -170,14 +171,14 @@ def stack(tmp_path_factory, postgres):
     tmp = tmp_path_factory.mktemp("distributed")
     state = tmp / "state"
     admin = urlsplit(postgres["admin"])
-    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT",
-                                                 "WORKER_LOG_PORT", "TRIGGER_LOG_PORT")}
+    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT")}
     s3_port = _free_range(1, 1)
     env = state_env(state, STACK="distributed", CIFAR10_SCHEDULE="none", **ports,
                     S3_PORT=str(s3_port), WEED_PORTS=str(_free_range(6, 4)),
                     POSTGRES_HOST=admin.hostname, POSTGRES_PORT=str(admin.port or 5432),
                     POSTGRES_USER=unquote(admin.username or ""), POSTGRES_PASSWORD=unquote(admin.password or ""),
-                    AIRFLOW_DB=postgres["names"]["airflow"], MLFLOW_DB=postgres["names"]["mlflow"])
+                    AIRFLOW_DB=postgres["names"]["airflow"], MLFLOW_DB=postgres["names"]["mlflow"],
+                    MLFLOW_AUTH_DB=postgres["names"]["mlflow_auth"])
     # state_env points Airflow and MLflow at SQLite; the distributed stack replaces both.
     started = time.monotonic()
     try:
@@ -263,6 +264,26 @@ def test_registry_and_champion_alias_are_in_postgres(stack):
     assert runs[versions[0][1]].startswith("mlflow-artifacts:/"), runs  # proxied by the server, stored in S3
 
 
+def test_mlflow_lets_nobody_in_without_the_admin_login_the_tasks_used(stack):
+    """`--app-name basic-auth`: the run above logged in with the generated admin password; nobody else gets in."""
+    import psycopg2
+
+    url = f"http://127.0.0.1:{stack['env']['MLFLOW_PORT']}"
+    search = f"{url}/api/2.0/mlflow/registered-models/search"
+    password = _secrets(stack["state"])["STACK_MLFLOW_ADMIN_PASSWORD"]
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200  # the stack's readiness check needs none
+    assert requests.get(search, timeout=10).status_code == 401
+    assert requests.get(search, auth=("admin", "not-the-password"), timeout=10).status_code == 401
+    found = requests.get(search, auth=("admin", password), timeout=10)
+    assert found.status_code == 200 and [m["name"] for m in found.json()["registered_models"]] == [MODEL]
+    move = requests.post(f"{url}/api/2.0/mlflow/registered-models/alias", timeout=10,
+                         json={"name": MODEL, "alias": "champion", "version": "1"})
+    assert move.status_code == 401  # nobody moves champion without a login
+    with psycopg2.connect(stack["pg"]["mlflow_auth"]) as conn, conn.cursor() as cur:
+        cur.execute("SELECT username, is_admin FROM users")
+        assert cur.fetchall() == [("admin", True)]
+
+
 def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
     """The stack's serving step is another machine's: it imports the Bento from S3, then serves it."""
     published = stack["client"].task_instances(DAG, stack["run_id"])
@@ -295,13 +316,53 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
     assert resp.json()["label"] in CLASSES
 
 
-def test_database_password_appears_in_no_log(stack):
-    password = unquote(urlsplit(stack["pg"]["admin"]).password or "")
-    assert password
+def test_every_part_listens_on_loopback_only(stack):
+    """Runs after the Bento started: redis, every SeaweedFS listener, MLflow, Airflow's components (their
+    log servers are not started: they cannot be bound to an address) and the Bento, read from the kernel."""
+    groups = process_groups(stack["state"] / "stack")
+    assert {"redis", "s3", "mlflow", "airflow-api-server", "airflow-worker", "airflow-triggerer", "bento"} <= set(groups)
+    found = listeners(set(groups.values()))
+    env = stack["env"]
+    expected = {int(env[name]) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT")}
+    weed = int(env["WEED_PORTS"])
+    expected |= {weed, weed + 1, weed + 2, weed + 10000, weed + 10001, weed + 10002}  # master, volume, filer
+    assert expected <= {port for _, _, port in found}, (sorted(expected), found)
+    assert not not_loopback(found), found
+
+
+def test_seaweedfs_takes_data_only_through_s3_with_the_stack_keys(stack):
+    """Loopback is shared by every process of the machine: SeaweedFS's own APIs need a signed token or a client
+    certificate that only its parts hold; the pipeline's way in, the S3 API with the stack's keys, works (above)."""
+    import grpc
+
+    weed = int(stack["env"]["WEED_PORTS"])
+    master, volume, filer = (f"http://127.0.0.1:{weed + i}" for i in range(3))
+    put = requests.put(f"{filer}/buckets/{BUCKET}/bentos/intruder.bento", data=b"x", timeout=10)
+    assert put.status_code >= 400, put.status_code
+    assert "bentos/intruder.bento" not in _keys(stack["s3"], "bentos/")
+    assert requests.get(f"{filer}/buckets/{BUCKET}/", timeout=10).status_code >= 400  # no listing, no reading
+    assert requests.post(f"{volume}/1,01637037d6", files={"file": b"x"}, timeout=10).status_code == 401
+    # The master's HTTP API would hand out write tokens and delete whole collections (buckets).
+    assert requests.get(f"{master}/dir/assign", timeout=10).status_code >= 400
+    assert requests.get(f"{master}/col/delete", params={"collection": BUCKET}, timeout=10).status_code >= 400
+    for port in (weed + 10000, weed + 10002):  # master and filer gRPC: mutual TLS only
+        call = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary(
+            "/filer_pb.SeaweedFiler/GetFilerConfiguration", request_serializer=bytes,
+            response_deserializer=bytes)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert _keys(stack["s3"], "mlflow/")  # and the bucket is whole
+
+
+def test_no_password_appears_in_a_log(stack):
+    passwords = [unquote(urlsplit(stack["pg"]["admin"]).password or ""),
+                 _secrets(stack["state"])["STACK_MLFLOW_ADMIN_PASSWORD"]]
+    assert all(passwords)
     logs = [p for p in (stack["state"] / "stack").glob("*.log")]
     logs += [p for p in (stack["state"] / "airflow" / "logs").rglob("*") if p.is_file()]
     assert logs
-    assert not [p for p in logs if password in p.read_text(errors="replace")]
+    assert not [(p, i) for p in logs for i, password in enumerate(passwords) if password in p.read_text(errors="replace")]
 
 
 def test_down_leaves_no_process(stack):

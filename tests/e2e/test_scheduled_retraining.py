@@ -1,6 +1,6 @@
 """Scheduled retraining under Airflow's real scheduler, with nobody triggering anything.
 
-The local stack's Airflow (``scripts/stack.sh up airflow``: ``airflow standalone``, LocalExecutor
+The local stack's Airflow (``scripts/stack.sh up airflow``: its components as processes, LocalExecutor
 on SQLite) loads the DAG with a ten-second schedule from ``CIFAR10_SCHEDULE`` (cron with a
 seconds field); the DAG is active on creation, so the scheduler starts runs by itself. Each run
 takes much longer than ten seconds, so runs fall due while one is running. The scenario waits for two scheduled runs to finish, then

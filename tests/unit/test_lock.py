@@ -8,6 +8,7 @@ the other two take plain tensorflow of the same release.
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from pathlib import Path
 
@@ -148,15 +149,24 @@ def test_a_missing_wheel_is_reported():
     assert missing_wheels(lock) == [f"linux-aarch64: tensorflow=={TENSORFLOW_VERSION}"]
 
 
-def test_bento_serving_pins_are_the_locked_versions_without_tensorflow(lock):
-    """The image serves with the versions the tests ran with, and ONNX Runtime instead of TensorFlow."""
-    pins = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]
+def test_the_bento_installs_the_locked_serving_group_as_it_is(lock):
+    """The image serves with the versions the tests ran with (tests/unit/test_deploy_files.py compares the file with
+    uv.lock's `serving` group and its hashes), and BentoML does not resolve them again at build time."""
+    python = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]
+    assert python == {"requirements_txt": "deploy/requirements/serving.txt", "lock_packages": False}, python
+    serving = (ROOT / "deploy" / "requirements" / "serving.txt").read_text()
+    pins = dict(re.findall(r"^([a-z0-9._-]+)==([^ ;\\]+)", serving, re.M))
     locked = {p["name"]: p["version"] for p in lock["package"]}
-    for pin in pins:
-        name, _, version = pin.partition("==")
-        assert version, f"bentofile.yaml python.packages: pin {pin!r} exactly (name==version)"
-        name = canonicalize_name(name)
-        assert locked.get(name) == version, f"bentofile.yaml pins {pin}, uv.lock has {name} {locked.get(name)}"
-    training_stack = {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "apache-airflow", "mlflow", "jax"}
-    assert not {canonicalize_name(p.partition("==")[0]) for p in pins} & training_stack
-    assert "onnxruntime" in {canonicalize_name(p.partition("==")[0]) for p in pins}
+    assert pins and all(locked[name] == version for name, version in pins.items())
+    assert "onnxruntime" in pins and not {"tensorflow", "tensorflow-cpu", "keras", "mlflow", "apache-airflow"} & set(pins)
+
+
+def test_the_image_bootstraps_the_locked_uv_by_its_hashes(lock):
+    """The Bento image's install step fetches uv before anything else: that download is hash-checked too."""
+    template = (ROOT / "deploy" / "containers" / "Dockerfile.template").read_text()
+    [uv] = [p for p in lock["package"] if p["name"] == "uv"]
+    linux = {w["hash"] for w in uv["wheels"] if "linux" in w["url"]}
+    line = re.search(r"'uv==(\S+)((?: --hash=sha256:[0-9a-f]{64})+)'", template)
+    assert line and line.group(1) == uv["version"]
+    assert set(line.group(2).split(" --hash=")[1:]) == linux
+    assert "install --no-cache-dir --disable-pip-version-check -q --require-hashes -r /tmp/uv.txt" in template

@@ -11,7 +11,8 @@ variable is unset is reported as skipped)::
 
 - ``broker``: ``AIRFLOW__CELERY__BROKER_URL`` answers (Redis: ``PING``; other schemes: TCP)
 - ``postgres``: ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN`` and ``MLFLOW_BACKEND_STORE_URI`` accept a login
-- ``mlflow``: the ``MLFLOW_TRACKING_URI`` server answers ``/health``
+- ``mlflow``: the ``MLFLOW_TRACKING_URI`` server answers ``/health`` and lets ``MLFLOW_TRACKING_USERNAME``
+  (``MLFLOW_TRACKING_PASSWORD``) in, when it asks for a login
 - ``s3``: the buckets of ``MLFLOW_ARTIFACTS_DESTINATION`` (endpoint ``MLFLOW_S3_ENDPOINT_URL``) and
   ``CIFAR10_BENTO_EXPORT_URI`` (the standard ``AWS_*`` endpoint) exist and these credentials reach them
 """
@@ -97,21 +98,36 @@ def check_postgres(url: str, setting: str, timeout: float = TIMEOUT_S) -> None:
         raise PreflightError(f"PostgreSQL at {shown} ({setting}): {reason}: {hint} in {setting}") from exc
 
 
-def check_mlflow(uri: str, setting: str = "MLFLOW_TRACKING_URI", timeout: float = TIMEOUT_S) -> None:
-    """An http(s) MLflow tracking server at ``uri`` answers ``/health``; other URIs need no server."""
+def check_mlflow(uri: str, setting: str = "MLFLOW_TRACKING_URI", timeout: float = TIMEOUT_S,
+                 username: str | None = None, password: str | None = None) -> None:
+    """An http(s) MLflow tracking server at ``uri`` answers ``/health`` and, when it asks for a login
+    (``mlflow server --app-name basic-auth``), accepts ``username``/``password``; other URIs need no server."""
     if not uri.startswith(("http://", "https://")):
         return
     import requests  # lazy: MLflow's own HTTP client library
 
     shown = mask_password(uri)
+    base = uri.rstrip("/")
     try:
-        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        response = requests.get(base + "/health", timeout=timeout)
+        # /health needs no login; reading the experiments does, where the server has users.
+        api = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=timeout,
+                           auth=(username, password or "") if username else None)
     except requests.RequestException as exc:
         raise PreflightError(f"the MLflow server {shown} does not answer ({type(exc).__name__}): start it "
                              f"(scripts/stack.sh up mlflow) or fix {setting}") from exc
     if response.status_code != 200:
         raise PreflightError(f"{shown}/health answered {response.status_code}, not 200: is {setting} the "
                              "MLflow tracking server's URL?")
+    if api.status_code == 401 and not username:
+        raise PreflightError(f"the MLflow server {shown} asks for a login: set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD")
+    if api.status_code == 401:
+        raise PreflightError(f"the MLflow server {shown} refused the login of MLFLOW_TRACKING_USERNAME={username!r}: "
+                             "fix MLFLOW_TRACKING_PASSWORD (or the user)")
+    if api.status_code != 200:
+        raise PreflightError(f"{shown} answered {api.status_code} to an experiment search as "
+                             f"{username or 'nobody'}: does that user have permission to read experiments?")
 
 
 def check_s3(uri: str, setting: str, endpoint: str | None = None, endpoint_setting: str = "") -> None:
@@ -145,7 +161,9 @@ def _checks(env: Mapping[str, str]) -> dict[str, list[tuple[str, Callable[[], No
         "broker": [("AIRFLOW__CELERY__BROKER_URL", lambda: check_broker(env["AIRFLOW__CELERY__BROKER_URL"]))]
         if has("AIRFLOW__CELERY__BROKER_URL") else [],
         "postgres": postgres,
-        "mlflow": [("MLFLOW_TRACKING_URI", lambda: check_mlflow(env["MLFLOW_TRACKING_URI"]))]
+        "mlflow": [("MLFLOW_TRACKING_URI", lambda: check_mlflow(env["MLFLOW_TRACKING_URI"],
+                                                               username=env.get("MLFLOW_TRACKING_USERNAME"),
+                                                               password=env.get("MLFLOW_TRACKING_PASSWORD")))]
         if env.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")) else [],
         "s3": s3,
     }

@@ -4,16 +4,20 @@ Docker builds pull the registry's slim Python instead (:func:`training.packaging
 
 Recipe: ``debootstrap --variant=minbase`` of Debian bookworm with Python 3.11 (the
 version the Bento is built with, so no Python is downloaded into the image) and the
-CA bundle, trimmed of docs, man pages, locales and apt lists, then imported as an
-image. No compiler: the Bento's packages are all wheels.
+CA bundle, upgraded to bookworm-updates and bookworm-security (debootstrap installs the
+release as it shipped; the image's apt sources name those suites too), trimmed of docs,
+man pages, locales and apt lists, then imported as an image. No compiler: the Bento's
+packages are all wheels.
 
-The image carries the recipe's hash as a label; :func:`ensure_base_image` rebuilds
-only when the recipe changed (or the image is missing), so it is built once and
-reused by every containerize run that shares the container storage.
+The image carries the recipe's hash and its build time as labels; :func:`ensure_base_image`
+rebuilds when the recipe changed, the image is missing, or it is older than
+:data:`MAX_AGE_DAYS` (so security fixes reach the next image); otherwise every containerize
+run that shares the container storage reuses it.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -29,12 +33,20 @@ log = logging.getLogger(__name__)
 # training/packaging/container.py builds FROM this image with podman/buildah (the BASE_IMAGE build argument).
 BASE_IMAGE = "localhost/cifar10-bento-base:bookworm"
 RECIPE_LABEL = "org.cifar10-mlops.base-recipe"
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
+BUILT_LABEL = "org.cifar10-mlops.base-built"
+# Debian publishes security fixes every few days: a base older than this is rebuilt (upgraded).
+MAX_AGE_DAYS = 7
+# The archives a Debian mirror serves, and deb.debian.org's, when the host's apt sources name none.
+DEFAULT_MIRRORS = {"debian": "http://deb.debian.org/debian", "debian-security": "http://deb.debian.org/debian-security"}
+DEFAULT_MIRROR = DEFAULT_MIRRORS["debian"]
 
 # Everything that decides the image's content; its hash is the cache key.
 RECIPE = {
-    "version": 1,
+    "version": 2,
     "suite": "bookworm",
+    # Upgraded to at build time, and named in the image's apt sources: the release's point updates
+    # (from the main archive) and its security fixes (from the security archive).
+    "updates": {"debian": ["bookworm-updates"], "debian-security": ["bookworm-security"]},
     "variant": "minbase",
     # python3-venv brings ensurepip, which the Dockerfile uses to bootstrap uv.
     "include": ["python3", "python3-venv", "ca-certificates"],
@@ -53,8 +65,9 @@ def recipe_hash(recipe: dict = RECIPE) -> str:
 
 
 def debian_mirror(sources: Path = Path("/etc/apt/sources.list.d/debian.sources"),
-                  legacy: Path = Path("/etc/apt/sources.list")) -> str:
-    """The host's Debian mirror (the one apt already reaches), else deb.debian.org."""
+                  legacy: Path = Path("/etc/apt/sources.list"), archive: str = "debian") -> str:
+    """The host's mirror of ``archive`` (``debian``, or ``debian-security``: the one apt already reaches),
+    else deb.debian.org's."""
     lines = []
     for path in (sources, legacy):
         if path.exists():
@@ -62,17 +75,45 @@ def debian_mirror(sources: Path = Path("/etc/apt/sources.list.d/debian.sources")
     for line in lines:
         if line.startswith(("URIs:", "deb ")):
             for uri in line.split()[1:]:
-                if uri.startswith("http") and uri.rstrip("/").endswith("/debian"):
+                if uri.startswith("http") and uri.rstrip("/").endswith(f"/{archive}"):
                     return uri
-    return DEFAULT_MIRROR
+    return DEFAULT_MIRRORS[archive]
 
 
-def current_recipe(backend_cmd: list[str], env: dict[str, str], image: str = BASE_IMAGE) -> str | None:
-    """The recipe hash the stored ``image`` was built from; None when it is missing."""
-    result = subprocess.run([*backend_cmd, "image", "inspect", "--format",
-                             "{{ index .Config.Labels \"%s\" }}" % RECIPE_LABEL, image],
+def apt_sources(mirrors: dict[str, str], recipe: dict = RECIPE) -> str:
+    """The image's /etc/apt/sources.list.d/debian.sources: the release and its update suites."""
+    suites = {archive: ([recipe["suite"]] if archive == "debian" else []) + updates
+              for archive, updates in recipe["updates"].items()}
+    return "\n".join(f"Types: deb\nURIs: {mirrors[archive]}\nSuites: {' '.join(names)}\nComponents: main\n"
+                     "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n" for archive, names in suites.items())
+
+
+def current_recipe(backend_cmd: list[str], env: dict[str, str], image: str = BASE_IMAGE) -> tuple[str, str] | None:
+    """(recipe hash, build time) of the stored ``image``; None when it is missing."""
+    labels = "{{ index .Config.Labels \"%s\" }} {{ index .Config.Labels \"%s\" }}" % (RECIPE_LABEL, BUILT_LABEL)
+    result = subprocess.run([*backend_cmd, "image", "inspect", "--format", labels, image],
                             capture_output=True, text=True, env=env)
-    return result.stdout.strip() if result.returncode == 0 else None
+    if result.returncode != 0:
+        return None
+    recipe, _, built = result.stdout.strip().partition(" ")
+    return recipe, built.strip()
+
+
+def rebuild_reason(stored: tuple[str, str] | None, want: str, now: datetime.datetime) -> str | None:
+    """Why the base must be built again (missing, another recipe, too old to have the latest security fixes),
+    or None to reuse it."""
+    if stored is None:
+        return "no base image stored"
+    recipe, built = stored
+    if recipe != want:
+        return f"recipe {recipe or 'none'} is not {want}"
+    try:
+        age = now - datetime.datetime.fromisoformat(built)
+    except ValueError:
+        return "its build time is unknown"
+    if age > datetime.timedelta(days=MAX_AGE_DAYS):
+        return f"built {age.days} days ago: newer security fixes may be out"
+    return None
 
 
 def ensure_base_image(importer: list[str], env: dict[str, str], work_dir: Path,
@@ -84,14 +125,15 @@ def ensure_base_image(importer: list[str], env: dict[str, str], work_dir: Path,
     """
 
     want = recipe_hash()
-    have = current_recipe(importer, env, image)
-    if have == want:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    reason = rebuild_reason(current_recipe(importer, env, image), want, now)
+    if reason is None:
         log.info("base image %s is up to date (recipe %s)", image, want)
         return image
     if shutil.which("debootstrap") is None:
         raise RuntimeError("debootstrap is needed to make the base image: run .ci/setup-container-tools.sh "
                            "(apt-get install debootstrap)")
-    log.info("building base image %s (recipe %s, stored: %s)", image, want, have or "none")
+    log.info("building base image %s (recipe %s): %s", image, want, reason)
     work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
@@ -103,9 +145,11 @@ def ensure_base_image(importer: list[str], env: dict[str, str], work_dir: Path,
 
         run_with_network_retry(cmd, env=env, log_path=work_dir / "debootstrap.log", what="debootstrap of the base image",
                                before_retry=clean_partial)
+        _upgrade(rootfs, env, work_dir)
         _trim(rootfs)
         changes = [f"ENV {k}={v}" for k, v in RECIPE["env"].items()]
-        changes += [f"LABEL {RECIPE_LABEL}={want}", 'CMD ["/bin/bash"]']
+        changes += [f"LABEL {RECIPE_LABEL}={want}", f"LABEL {BUILT_LABEL}={now.isoformat(timespec='seconds')}",
+                    'CMD ["/bin/bash"]']
         tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         imported = subprocess.run([*importer, "import", *sum((["--change", c] for c in changes), []), "-", image],
                                   stdin=tar.stdout, capture_output=True, text=True, env=env)
@@ -114,6 +158,31 @@ def ensure_base_image(importer: list[str], env: dict[str, str], work_dir: Path,
             raise RuntimeError(f"importing the base image failed: {imported.stderr.strip()[-1000:]}")
     log.info("built base image %s (recipe %s)", image, want)
     return image
+
+
+def _upgrade(rootfs: Path, env: dict[str, str], work_dir: Path) -> None:
+    """Point the root filesystem's apt at the release and its update suites, and upgrade it to them."""
+    (rootfs / "etc/apt/sources.list").unlink(missing_ok=True)  # debootstrap's: the release alone
+    mirrors = {archive: debian_mirror(archive=archive) for archive in RECIPE["updates"]}
+    (rootfs / "etc/apt/sources.list.d/debian.sources").write_text(apt_sources(mirrors))
+    resolv = rootfs / "etc/resolv.conf"
+    had_resolv = resolv.exists() or resolv.is_symlink()
+    if not had_resolv:  # the chroot resolves the mirror's name as the host does, and keeps nothing of it
+        shutil.copy("/etc/resolv.conf", resolv)
+    upgrade = ("apt-get update && DEBIAN_FRONTEND=noninteractive apt-get -y --no-install-recommends "
+               "-o Dpkg::Options::=--force-confold upgrade")
+    # Host paths mean nothing inside the root filesystem (a host TMPDIR broke ca-certificates' postinst);
+    # only the proxy settings carry over.
+    chroot_env = {**{k: v for k, v in env.items() if k.lower().endswith("_proxy")},
+                  "PATH": RECIPE["env"]["PATH"], "LC_ALL": "C.UTF-8", "HOME": "/root", "TMPDIR": "/tmp"}
+    subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
+    try:
+        run_with_network_retry(["chroot", str(rootfs), "sh", "-c", upgrade], env=chroot_env,
+                               log_path=work_dir / "apt-upgrade.log", what="apt-get upgrade of the base image")
+    finally:
+        subprocess.run(["umount", str(rootfs / "proc")], check=False)
+        if not had_resolv:
+            resolv.unlink(missing_ok=True)
 
 
 def _trim(rootfs: Path) -> None:

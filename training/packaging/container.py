@@ -56,14 +56,20 @@ TEMPLATES = PROJECT_DIR / "deploy" / "containers"
 BACKENDS = ("docker", "podman", "buildah")
 # Docker hosts pull this base from the registry: the same Debian release and Python as the local
 # base, so the Bento's wheels fit either. Fully qualified, so that podman or buildah given it as an
-# override need no short-name lookup.
-REGISTRY_BASE_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
+# override need no short-name lookup, and pinned by digest (bentofile.yaml's docker.base_image), so
+# a build gets the image it was tested on rather than whatever the tag points to that day.
+REGISTRY_BASE_IMAGE = ("docker.io/library/python:3.11-slim-bookworm"
+                       "@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b")
 # deploy/containers/Dockerfile.template builds FROM this build argument.
 BASE_IMAGE_ARG = "BASE_IMAGE"
 # The host's CA bundle is mounted here (read-only) while packages are installed, so the
 # build works behind a TLS-inspecting proxy without baking that CA into the image.
 BUILD_CA_MOUNT = "/tmp/build-ca.pem"
 HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
+# What the service writes, the only paths writable where the image is deployed (deploy/k8s/bento.yaml's
+# emptyDir volumes, deploy/compose.yaml's tmpfs): temporary files, and the Prometheus client's
+# per-worker metric files under BENTOML_HOME. Everything else is read-only there.
+WRITABLE_PATHS = ("/tmp", "/home/bentoml/prometheus_multiproc_dir")
 
 def container_dir(config: PipelineConfig) -> Path:
     """The pipeline's private container folder: config, image store, logs."""
@@ -314,7 +320,8 @@ def tag_image(config: PipelineConfig, bento_tag: str, tag: str = "latest") -> st
 @contextlib.contextmanager
 def serve_image(config: PipelineConfig, image: str, port: int, timeout: float = 300,
                 name: str | None = None) -> Iterator[str]:
-    """Run ``image`` on ``127.0.0.1:port`` until it answers /readyz; yield its base URL; always remove it.
+    """Run ``image`` on ``127.0.0.1:port``, confined as where it is deployed (:func:`locked_down`), until it
+    answers /readyz; yield its base URL; always remove it.
 
     Raises TimeoutError with the container's log tail when /readyz is not 200 within ``timeout``
     seconds, RuntimeError when the container stops first or no runtime (podman, docker) is available.
@@ -327,14 +334,26 @@ def serve_image(config: PipelineConfig, image: str, port: int, timeout: float = 
     cli = "docker" if backend == "docker" else "podman"
     name = name or f"cifar10-serve-{port}-{os.getpid()}"
     url = f"http://127.0.0.1:{port}"
-    subprocess.run([cli, "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", image], env=env, check=True,
-                   capture_output=True, text=True)
+    subprocess.run([cli, "run", "-d", "--name", name, *locked_down(cli), "-p", f"127.0.0.1:{port}:3000", image],
+                   env=env, check=True, capture_output=True, text=True)
     try:
         _wait_ready(cli, name, url, timeout, env)
         yield url
     finally:
         subprocess.run([cli, "rm", "-f", *(["-t", "0"] if cli == "podman" else []), name], env=env,
                        capture_output=True)
+
+
+def locked_down(cli: str) -> list[str]:
+    """``run`` options that confine the container as deploy/k8s/bento.yaml does: a read-only root filesystem
+    but for :data:`WRITABLE_PATHS`, no capabilities, no gaining privileges (setuid); the image's own
+    non-root user. A check run this way passes only an image that works where it is deployed."""
+    options = ["--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges"]
+    if cli == "podman":  # podman would add writable /tmp, /var/tmp and /run on its own; Kubernetes does not
+        options.append("--read-only-tmpfs=false")
+    for path in WRITABLE_PATHS:
+        options += ["--tmpfs", f"{path}:rw,nosuid,nodev,mode=1777"]
+    return options
 
 
 def _wait_ready(cli: str, name: str, url: str, timeout: float, env: dict[str, str]) -> None:

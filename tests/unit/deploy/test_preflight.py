@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import QuietHandler, free_port, local_http_server
 from training.deploy.preflight import PreflightError, check_broker, check_mlflow, check_postgres, libpq_url, run
 
 
@@ -54,6 +55,36 @@ def test_an_mlflow_server_that_does_not_answer_names_the_tracking_uri():
     with pytest.raises(PreflightError, match=r"does not answer .* fix MLFLOW_TRACKING_URI"):
         check_mlflow(f"http://127.0.0.1:{free_port()}")
     check_mlflow("sqlite:////tmp/mlflow.db")  # no server to check
+
+
+class BasicAuthMLflow(QuietHandler):
+    """/health for anyone, the REST API for admin:right-password only: what `--app-name basic-auth` does."""
+
+    def do_GET(self):
+        login = "Basic " + base64.b64encode(b"admin:right-password-123").decode()
+        if self.path == "/health":
+            self.answer(200, b"OK", "text/plain")
+        elif self.headers.get("Authorization") == login:
+            self.answer(200, b'{"experiments": []}')
+        else:
+            self.answer(401, b"You are not authenticated.", "text/plain")
+
+
+def test_an_mlflow_server_that_asks_for_a_login_is_checked_with_the_tracking_credentials():
+    with local_http_server(BasicAuthMLflow) as url:
+        check_mlflow(url, username="admin", password="right-password-123")
+        with pytest.raises(PreflightError, match="asks for a login: set MLFLOW_TRACKING_USERNAME and "
+                                                 "MLFLOW_TRACKING_PASSWORD"):
+            check_mlflow(url)
+        with pytest.raises(PreflightError, match="refused the login of MLFLOW_TRACKING_USERNAME='admin'") as failure:
+            check_mlflow(url, username="admin", password="wrong-password")
+        assert "wrong-password" not in str(failure.value)
+        # run() takes the credentials from the same variables MLflow's client reads.
+        env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin"}
+        for password, failed in (("wrong-password", 1), ("right-password-123", 0)):
+            err = io.StringIO()
+            assert run(["mlflow"], {**env, "MLFLOW_TRACKING_PASSWORD": password}, io.StringIO(), err) == failed, \
+                err.getvalue()
 
 
 def test_run_reports_every_failure_and_skips_what_is_not_configured():

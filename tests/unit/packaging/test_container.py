@@ -5,6 +5,7 @@ container configuration, the base image's cache key. The real build is tests/e2e
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import subprocess
@@ -84,8 +85,9 @@ def test_base_image_follows_the_backend_unless_overridden(backend, base):
 
 
 def test_registry_base_is_the_slim_python_of_the_local_base_release():
-    assert REGISTRY_BASE == "docker.io/library/python:3.11-slim-bookworm"
-    assert REGISTRY_BASE.endswith(f"-{base_image.RECIPE['suite']}") and LOCAL_BASE.endswith(base_image.RECIPE["suite"])
+    name, _, digest = REGISTRY_BASE.partition("@")
+    assert name == "docker.io/library/python:3.11-slim-bookworm" and re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
+    assert name.endswith(f"-{base_image.RECIPE['suite']}") and LOCAL_BASE.endswith(base_image.RECIPE["suite"])
 
 
 def test_unknown_backend_has_no_base_image():
@@ -426,6 +428,34 @@ def test_debian_mirror_comes_from_the_host_sources(tmp_path):
     assert base_image.debian_mirror(tmp_path / "none", tmp_path / "none") == base_image.DEFAULT_MIRROR
 
 
+def test_the_base_gets_the_security_suite_from_the_hosts_security_mirror(tmp_path):
+    """debootstrap installs bookworm as released; the base is upgraded to bookworm-security and keeps it in its sources."""
+    sources = tmp_path / "debian.sources"
+    sources.write_text("Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\n"
+                       "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n")
+    mirrors = {archive: base_image.debian_mirror(sources, tmp_path / "none", archive)
+               for archive in base_image.RECIPE["updates"]}
+    assert mirrors == {"debian": "http://mirror.example/debian", "debian-security": "http://security.example/debian-security"}
+    assert base_image.debian_mirror(tmp_path / "none", tmp_path / "none", "debian-security") == \
+        "http://deb.debian.org/debian-security"
+    stanzas = [dict(line.split(": ", 1) for line in stanza.splitlines())
+               for stanza in base_image.apt_sources(mirrors).split("\n\n")]
+    assert [(s["URIs"], s["Suites"]) for s in stanzas] == [
+        ("http://mirror.example/debian", "bookworm bookworm-updates"),
+        ("http://security.example/debian-security", "bookworm-security")]
+    assert all(s["Signed-By"] == "/usr/share/keyrings/debian-archive-keyring.gpg" for s in stanzas)
+
+
+def test_a_base_older_than_a_week_is_rebuilt_for_its_security_fixes():
+    want, now = base_image.recipe_hash(), datetime.datetime(2026, 12, 5, tzinfo=datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    assert base_image.rebuild_reason((want, (now - 2 * day).isoformat()), want, now) is None
+    assert "8 days ago" in base_image.rebuild_reason((want, (now - 8 * day).isoformat()), want, now)
+    assert "recipe old" in base_image.rebuild_reason(("old", now.isoformat()), want, now)
+    assert base_image.rebuild_reason((want, ""), want, now) == "its build time is unknown"  # built by an older recipe
+    assert base_image.rebuild_reason(None, want, now) == "no base image stored"
+
+
 # --- tagging and running built images (a fake podman on PATH) --------------------
 
 FAKE_PODMAN = """#!/bin/sh
@@ -502,7 +532,10 @@ def test_serve_image_yields_the_url_once_ready_and_removes_the_container(fake_po
     try:
         with container.serve_image(config, "cifar10-classifier:v1", port, name="c1") as url:
             assert url == f"http://127.0.0.1:{port}"
-            assert f"run -d --name c1 -p 127.0.0.1:{port}:3000 cifar10-classifier:v1" in calls()
+            assert (f"run -d --name c1 --read-only --cap-drop=ALL --security-opt=no-new-privileges "
+                    "--read-only-tmpfs=false --tmpfs /tmp:rw,nosuid,nodev,mode=1777 --tmpfs "
+                    "/home/bentoml/prometheus_multiproc_dir:rw,nosuid,nodev,mode=1777 "
+                    f"-p 127.0.0.1:{port}:3000 cifar10-classifier:v1") in calls()
             assert not [c for c in calls() if c.startswith("rm ")]
     finally:
         server.shutdown()
