@@ -83,8 +83,13 @@ def test_data_urls_that_are_remote_or_under_a_data_root_are_accepted(tmp_path):
 def test_a_base_image_must_be_allowlisted_or_pinned_by_digest():
     pinned = "registry.example/python@sha256:" + "ab" * 32
     env = {"CIFAR10_ALLOWED_BASE_IMAGES": "mirror.example/python:3.11"}
-    for image in (pinned, "mirror.example/python:3.11", "docker.io/library/python:3.11-slim-bookworm"):
+    from training.packaging.container import REGISTRY_BASE_IMAGE
+
+    for image in (pinned, "mirror.example/python:3.11", REGISTRY_BASE_IMAGE):
         assert PIPELINE.config({"base_image": image}, _params(PIPELINE, base_image=image), environ=env).base_image == image
+    unpinned = "docker.io/library/python:3.11-slim-bookworm"  # the default's name, without its digest
+    with pytest.raises(RunParamError, match=f"base image '{unpinned}' is neither allowed nor pinned"):
+        PIPELINE.config({"base_image": unpinned}, _params(PIPELINE, base_image=unpinned), environ=env)
     with pytest.raises(RunParamError, match="base image 'evil.example/python:3.11' is neither allowed nor pinned"):
         PIPELINE.config({"base_image": "evil.example/python:3.11"},
                         _params(PIPELINE, base_image="evil.example/python:3.11"), environ=env)
