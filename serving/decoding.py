@@ -1,10 +1,11 @@
 """A request's uploads to model input, off the event loop, with the work bounded per request.
 
-Every upload is decoded in a worker thread, never on the event loop, so health checks and
-other clients' requests keep being answered while an upload is decoded. The work is
-bounded before it starts: each image by :data:`serving.images.MAX_PIXELS`, each request by
-:data:`MAX_REQUEST_PIXELS`, both read from the headers. Two lanes keep a costly request
-from delaying cheap ones:
+Uploads are decoded in worker threads, not on the event loop, so health checks and other
+clients' requests keep being answered while an upload is decoded; the one exception is a
+request of small 32x32 JPEGs (:data:`INLINE_JPEG_BYTES`), whose decoding costs less than the
+hand-off. The work is bounded before it starts: each image by
+:data:`serving.images.MAX_PIXELS`, each request by :data:`MAX_REQUEST_PIXELS`, both read from
+the headers. Two lanes keep a costly request from delaying cheap ones:
 
 - the *cheap* lane (one thread per CPU) reads every header of a request and decodes the
   request at once when it is cheap (:data:`CHEAP_PIXELS`; CIFAR-sized images always are);
@@ -30,6 +31,11 @@ MAX_REQUEST_PIXELS = 16 * 1024 * 1024
 # A request decoding to at most this many pixels (64 images of 64x64) is decoded as soon as its
 # headers are read: the cost of a second hand-off would be more than the decoding.
 CHEAP_PIXELS = 64 * 64 * 64
+# A request of 32x32 JPEGs no larger than this each (CIFAR-10's are ~1 KB, quality 100 ~3 KB) is
+# decoded on the event loop, in the reused buffer of the fast path: ~20 us an image, bounded by its
+# size like parsing the request, where the hand-off to a thread and back cost more than the decoding
+# (docs/decisions/decoding.md).
+INLINE_JPEG_BYTES = 8 * 1024
 # The costly lane's niceness: it runs when the cores are otherwise idle.
 COSTLY_NICE = 19
 # Not 32x32, so the warm-up takes the general path and not the JPEG fast path.
@@ -63,12 +69,18 @@ class Decoder:
         open_all(blanks)
 
     async def __call__(self, files: list[bytes]) -> np.ndarray:
+        import numpy as np
+
+        if all(len(data) <= INLINE_JPEG_BYTES for data in files):
+            from serving.images import decode_jpeg_32
+
+            inline = [decode_jpeg_32(data) for data in files]
+            if all(pixels is not None for pixels in inline):
+                return np.stack(inline)
         loop = asyncio.get_running_loop()
         pixels, pending = await loop.run_in_executor(self._cheap, open_all, files)
         if pending:
             await loop.run_in_executor(self._costly, load_all, pixels, pending)
-        import numpy as np
-
         return np.stack(pixels)
 
 

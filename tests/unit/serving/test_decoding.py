@@ -77,3 +77,29 @@ def test_the_costly_lane_runs_at_the_lowest_priority():
                                            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))).result()
     assert seen[0].startswith("decode-costly") and seen[1] == min(19, os.getpriority(os.PRIO_PROCESS, 0)
                                                                    + decoding.COSTLY_NICE)
+
+
+def test_only_small_32x32_jpegs_are_decoded_on_the_event_loop(monkeypatch):
+    """They cost less than the hand-off; anything else, a larger 32x32 JPEG too, goes to a lane."""
+    from PIL import Image
+    import io
+
+    lanes = []
+    monkeypatch.setattr(decoding, "open_all", lambda files: lanes.append(len(files)) or open_all(files))
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        noisy, "BMP")
+    big_jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        big_jpeg, "JPEG", quality=100, subsampling=0, optimize=False, comment=b"x" * decoding.INLINE_JPEG_BYTES)
+    assert len(big_jpeg.getvalue()) > decoding.INLINE_JPEG_BYTES
+
+    async def main():
+        decoder = Decoder(threads=1, nice=0)
+        small = await decoder([image_bytes(1)] * 3)
+        assert lanes == [] and small.shape == (3, 32, 32, 3)
+        for files in ([image_bytes(1), noisy.getvalue()], [big_jpeg.getvalue()]):
+            assert (await decoder(files)).shape == (len(files), 32, 32, 3)
+        return lanes
+
+    assert asyncio.run(main()) == [2, 1]
