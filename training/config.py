@@ -126,16 +126,6 @@ class PipelineConfig:
     # split stays untouched either way.
     train_on_validation: bool = True
     validation_holdout: int = 1000
-    # Progressive resizing: the first low_res_epochs epochs train on images scaled down to
-    # low_res pixels; the rest, and everything evaluated or served, at 32. Off: the epochs are
-    # cheaper, but the accuracy lost is more than the saved time buys back (docs/training.md).
-    # loop=fit only.
-    low_res_epochs: int = 0
-    low_res: int = 24
-    # Exponential moving average of the weights, which the trained model becomes (Keras'
-    # optimizer EMA; 0 = off; loop=fit only). Off: it lowered accuracy, the averaged weights
-    # no longer matching the BatchNorm statistics, which are not averaged.
-    ema_momentum: float = 0.0
     # Random translation by up to this many pixels (reflect padding), plus flips.
     translate: int = 2
     # Training loop: "fit" (Keras model.fit, any backend), "jit" (training/model/jax_loop.py:

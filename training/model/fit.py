@@ -89,14 +89,12 @@ def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
     return out
 
 
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, translate: int, seed: int,
-             size: int = 32):
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, translate: int, seed: int):
     """The training input pipeline: shuffled, augmented, one-hot batches, reshuffled per epoch.
 
     A Keras ``PyDataset`` over numpy arrays, so it feeds ``fit`` on any backend. Partial
     last batches are dropped (airbench does the same): a tiny last batch would give
-    BatchNorm noisy statistics. With ``size`` below 32, the augmented images are scaled
-    down (bilinear, antialiased) to ``size`` pixels square.
+    BatchNorm noisy statistics.
     """
     import keras
 
@@ -112,9 +110,6 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, tr
         def __getitem__(self, i):
             idx = self.order[i * batch_size:(i + 1) * batch_size]
             xb = _augment(x[idx], self.rng, translate).astype(np.float32)
-            if size != xb.shape[1]:
-                xb = keras.ops.convert_to_numpy(
-                    keras.ops.image.resize(xb, (size, size), interpolation="bilinear", antialias=True))
             return xb, np.eye(num_classes, dtype=np.float32)[y[idx]]
 
         def on_epoch_end(self):
@@ -163,9 +158,8 @@ def make_optimizer(config: PipelineConfig, total_steps: int):
                 learning_rate = keras.ops.multiply(learning_rate, scale)
             return super().update_step(gradient, variable, learning_rate)
 
-    ema = {"use_ema": True, "ema_momentum": config.ema_momentum} if config.ema_momentum > 0 else {}
     return BiasScaledSGD(learning_rate=_triangle_schedule(config.learning_rate, total_steps),
-                         momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay, **ema)
+                         momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
 
 
 def record_epoch(history: dict[str, list[float]], epoch: int, epochs: int, metrics: dict[str, float]) -> None:
@@ -242,7 +236,7 @@ def compile_model(config: PipelineConfig, x_train: np.ndarray, num_classes: int,
         log.warning("this CPU has no native bf16 (avx512_bf16/AMX): training in float32, several times slower "
                     "per epoch; the default recipe then takes well over its 20 minutes (epochs=6 fits them)")
     model = build_model(config.width_tuple, num_classes, config.seed,
-                        dtype="mixed_bfloat16" if mixed else "float32", any_size=config.low_res_epochs > 0)
+                        dtype="mixed_bfloat16" if mixed else "float32")
     set_whitening(model, x_train[:5000])
     optimizer = make_optimizer(config, steps_per_epoch * config.epochs)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
@@ -257,30 +251,18 @@ def fit_keras(config: PipelineConfig, splits: dict, num_classes: int):
 
     x_train, y_train = splits["train"]
     x_val, y_val = splits["val"]
-    low = min(max(config.low_res_epochs, 0), config.epochs)
-    if low and (config.lookahead or config.ema_momentum > 0):
-        raise ValueError("low_res_epochs cannot be combined with lookahead or ema_momentum (each fit() phase "
-                         "restarts their averages): set low_res_epochs=0 or turn them off")
-    # One fit() per resolution: Keras fixes a dataset's batch shape from its first batch. The
-    # optimizer, its schedule and the history carry over from the first phase to the second.
-    phases = [(start, end, size) for start, end, size in ((0, low, config.low_res), (low, config.epochs, 32))
-              if end > start]
     steps = len(x_train) // config.batch_size or 1
     model, _, _ = compile_model(config, x_train, num_classes, steps)
     history: dict[str, list[float]] = {}
-    progress = _progress_callback(config.epochs, history)
-    for start, end, size in phases:
-        data = _batches(x_train, y_train, config.batch_size, num_classes, config.translate, config.seed + start,
-                        size)
-        model.fit(
-            data,
-            validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
-            validation_batch_size=512,
-            initial_epoch=start,
-            epochs=end,
-            callbacks=[progress, *([lookahead_callback(steps * config.epochs)] if config.lookahead else [])],
-            verbose=0,
-        )
+    model.fit(
+        _batches(x_train, y_train, config.batch_size, num_classes, config.translate, config.seed),
+        validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
+        validation_batch_size=512,
+        epochs=config.epochs,
+        callbacks=[_progress_callback(config.epochs, history),
+                   *([lookahead_callback(steps * config.epochs)] if config.lookahead else [])],
+        verbose=0,
+    )
     final = float32_copy(model, config.width_tuple, num_classes)
     return (with_flip_tta(final) if config.tta else final), history
 

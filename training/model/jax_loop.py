@@ -80,9 +80,6 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
     from training.model.network import float32_copy, with_flip_tta
     from training.model.fit import compile_model, record_epoch
 
-    if config.ema_momentum > 0 or config.low_res_epochs > 0:
-        raise ValueError("ema_momentum and low_res_epochs are implemented in loop=fit only: set them to 0 "
-                         "for loop=jit")
     if keras.backend.backend() != "jax":
         raise ValueError(f"fit_jax needs KERAS_BACKEND=jax before Keras is imported (backend is "
                          f"{keras.backend.backend()!r}); use loop=fit for other backends")

@@ -77,17 +77,15 @@ def _conv_bn(x, filters: int, name: str, dtype, momentum: float, pool: bool):
 
 
 def build_model(widths: tuple[int, ...], num_classes: int, seed: int = 0, dtype: str = "float32",
-                batchnorm_momentum: float = 0.6, any_size: bool = False) -> keras.Model:
+                batchnorm_momentum: float = 0.6) -> keras.Model:
     """The network, raw pixels in, probabilities out.
 
     ``dtype`` is a Keras dtype policy for the conv blocks ("float32" or
-    "mixed_bfloat16"); the stem and the output stay float32. ``any_size`` accepts
-    images of any height and width (for training at a lower resolution first; the
-    weights do not depend on it). Call :func:`set_whitening` before training.
+    "mixed_bfloat16"); the stem and the output stay float32. Call :func:`set_whitening`
+    before training.
     """
     keras.utils.set_random_seed(seed)
-    side = None if any_size else 32
-    inputs = keras.Input(shape=(side, side, 3), dtype="float32", name="pixels")
+    inputs = keras.Input(shape=(32, 32, 3), dtype="float32", name="pixels")
     # (x/255 - mean) / std as one affine map; Rescaling keeps these as graph
     # constants (Normalization's variables became extra ONNX inputs).
     scale = [1.0 / (255.0 * s) for s in CIFAR_STD]

@@ -175,14 +175,6 @@ def test_choose_loop():
 
 
 
-@pytest.mark.parametrize("setting", [{"ema_momentum": 0.99}, {"low_res_epochs": 2}])
-def test_the_jitted_loop_refuses_what_only_fit_implements(setting):
-    from training.config import load_config
-    from training.model.jax_loop import fit_jax
-
-    with pytest.raises(ValueError, match="loop=fit only"):
-        fit_jax(load_config({"recipe": "tiny", **setting}, environ={}), {}, 10)
-
 if __name__ == "__main__":
     import logging
 
