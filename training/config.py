@@ -33,8 +33,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "quick": {"widths": "32,64,64", "epochs": 6},
     # airbench94's full widths and epochs: far too slow for a CPU; meant for the GPU
     # (KERAS_BACKEND=jax, docs/gpu.md).
-    "airbench94": {"widths": "64,256,256", "epochs": 10, "batch_size": 1024, "learning_rate": 1.5,
-                   "lookahead": True},
+    "airbench94": {"widths": "64,256,256", "epochs": 10, "batch_size": 1024, "learning_rate": 1.5},
     # Seconds on a few hundred synthetic images: exercises every code path, learns little.
     "tiny": {"widths": "8,16,16", "epochs": 2, "batch_size": 32, "learning_rate": 0.2},
 }
@@ -115,10 +114,6 @@ class PipelineConfig:
     # BatchNorm biases learn this many times faster than the weights (airbench's
     # bias_scaler; its ablation: 94% in 18 instead of 22 epochs).
     bias_lr_scale: float = 64.0
-    # airbench94's Lookahead (training/model/lookahead.py): every 5 steps the weights are
-    # pulled to a slow copy, which the trained model becomes (both loops). On a short CPU
-    # run its gain is small for its time, so it is on in the airbench94 preset only.
-    lookahead: bool = False
     # Fit on the training split plus the validation split, less a stratified slice of
     # validation_holdout images: more distinct images are worth more accuracy than the epochs
     # the same minutes would buy (docs/training.md). The slice still gives the learning

@@ -246,7 +246,6 @@ def compile_model(config: PipelineConfig, x_train: np.ndarray, num_classes: int,
 
 def fit_keras(config: PipelineConfig, splits: dict, num_classes: int):
     """Keras ``model.fit`` on the augmented input pipeline; returns (model for export, history)."""
-    from training.model.lookahead import lookahead_callback
     from training.model.network import float32_copy, with_flip_tta
 
     x_train, y_train = splits["train"]
@@ -259,8 +258,7 @@ def fit_keras(config: PipelineConfig, splits: dict, num_classes: int):
         validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
         validation_batch_size=512,
         epochs=config.epochs,
-        callbacks=[_progress_callback(config.epochs, history),
-                   *([lookahead_callback(steps * config.epochs)] if config.lookahead else [])],
+        callbacks=[_progress_callback(config.epochs, history)],
         verbose=0,
     )
     final = float32_copy(model, config.width_tuple, num_classes)

@@ -19,14 +19,19 @@ import time
 import numpy as np
 
 from training.config import PipelineConfig
-from training.model.lookahead import EVERY as LOOKAHEAD_EVERY
-from training.model.lookahead import decay_at
 
 log = logging.getLogger(__name__)
 
 # Validation batch, as fit's validation_batch_size; the last batch is padded and masked
 # so that one compiled shape serves every batch.
 VAL_BATCH = 512
+# airbench94's Lookahead: every LOOKAHEAD_EVERY steps the weights are pulled to a slow copy.
+LOOKAHEAD_EVERY = 5
+
+
+def decay_at(step: int, total_steps: int) -> float:
+    """airbench94's Lookahead decay: ``0.95**5 * (step / total_steps)**3``, nothing early, averaging late."""
+    return 0.95 ** 5 * (min(step, total_steps) / max(1, total_steps)) ** 3
 
 
 def augment(key, images, pad: int):
@@ -48,7 +53,7 @@ def augment(key, images, pad: int):
 
 
 def lookahead_pull(state: tuple, slow: list, decay):
-    """Lookahead on the device (see training/model/lookahead.py): ``slow = decay * slow + (1 - decay) * fast``
+    """Lookahead on the device: ``slow = decay * slow + (1 - decay) * fast``
     over the model's float variables (trainable and not: BatchNorm statistics too), then the
     model's variables become the slow copy. Returns ``(state, slow)``; the optimizer's
     variables are untouched, other variables pass through.
@@ -147,9 +152,8 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
     train_c = jax.jit(train_step, donate_argnums=donate).lower(
         state, zeros, order0, np.int32(0), augment_key, x_dev, y_dev).compile()
     eval_c = jax.jit(eval_step).lower(state, zeros, xv[:val_batch], yv[:val_batch], mask[:val_batch]).compile()
-    if config.lookahead:
-        slow = [jnp.copy(v) for v in (*state[0], *state[1])]
-        pull_c = jax.jit(lookahead_pull).lower(state, slow, np.float32(0)).compile()
+    slow = [jnp.copy(v) for v in (*state[0], *state[1])]
+    pull_c = jax.jit(lookahead_pull).lower(state, slow, np.float32(0)).compile()
     compile_seconds = time.monotonic() - start
     # Model building runs eagerly (under JAX each new operation compiles on first use):
     # on a 30-second budget this counts too.
@@ -165,7 +169,7 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
         for step in range(steps):
             state, sums = train_c(state, sums, order, np.int32(step), epoch_key, x_dev, y_dev)
             done = epoch * steps + step + 1
-            if config.lookahead and done % LOOKAHEAD_EVERY == 0:
+            if done % LOOKAHEAD_EVERY == 0:
                 state, slow = pull_c(state, slow, np.float32(decay_at(done, steps * epochs)))
         val_sums = zeros
         for i in range(0, padded, val_batch):
@@ -182,8 +186,7 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
 
     # Hand the trained values back to the Keras variables, then build the float32 copy.
     finish = time.monotonic()
-    if config.lookahead:
-        state, slow = pull_c(state, slow, np.float32(1.0))  # the trained model is the slow copy
+    state, slow = pull_c(state, slow, np.float32(1.0))  # the trained model is the slow copy
     trainable, non_trainable, opt_vars = state
     for variables, values in ((model.trainable_variables, trainable),
                               (model.non_trainable_variables, non_trainable),
