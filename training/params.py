@@ -5,9 +5,8 @@ task checks its run's conf against the same declaration (:meth:`RunParams.config
 a conf key that is not a declared param on as a param of its own, so such a key fails the task,
 naming the keys that are allowed. Only the declared config params reach the run's
 :class:`~training.config.PipelineConfig`, and their values are checked (a local data file only under
-the data roots, a base image only allowlisted or pinned by digest). Safety limits (archive caps,
-the bad-image fraction) and where state, the registry and exports live are the operator's
-``CIFAR10_*`` settings, never a run's.
+the data roots, a base image only allowlisted or pinned by digest). Where state, the registry and
+exports live are the operator's ``CIFAR10_*`` settings, never a run's.
 
 Standard library only: the DAG files import this module when they are parsed.
 """
@@ -87,8 +86,8 @@ class RunParams:
         if unknown:
             raise RunParamError(
                 f"this run's conf sets {', '.join(map(repr, unknown))}, which this DAG does not take; the keys a run "
-                f"may set are: {', '.join(self.names)}. Safety limits and where state, the registry and exports "
-                "live are the operator's CIFAR10_* settings, never a run's: trigger the run again without them")
+                f"may set are: {', '.join(self.names)}. Where state, the registry and exports live are the "
+                "operator's CIFAR10_* settings, never a run's: trigger the run again without them")
 
     def config(self, conf: Mapping[str, Any] | None, params: Mapping[str, Any],
                environ: Mapping[str, str] | None = None) -> PipelineConfig:

@@ -32,6 +32,9 @@ from pathlib import Path
 from serving.images import InvalidImage
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, name length, extra length (30 bytes)
+# Bomb caps: CIFAR-10 is 60,000 images and well under 1 GiB in any layout.
+MAX_ARCHIVE_MEMBERS = 200_000
+MAX_ARCHIVE_BYTES = 2 * 1024**3
 
 
 def _is_zip(path: Path) -> bool:
@@ -59,7 +62,7 @@ class Member:
 class SafeArchive:
     """A checked, read-only view of a zip or tar archive. ``members`` lists regular files only."""
 
-    def __init__(self, path: Path, *, max_members: int, max_bytes: int):
+    def __init__(self, path: Path, *, max_members: int = MAX_ARCHIVE_MEMBERS, max_bytes: int = MAX_ARCHIVE_BYTES):
         self.path = Path(path)
         self._zip: zipfile.ZipFile | None = None
         self._tar: tarfile.TarFile | None = None
@@ -137,14 +140,14 @@ class SafeArchive:
         return members
 
     def _too_many(self, max_members: int) -> None:
-        raise ArchiveError(f"{self.path} has more than {max_members:,} members (limit max_archive_members); "
-                           "refusing it as a possible archive bomb. Raise the limit if the archive is trusted")
+        raise ArchiveError(f"{self.path} has more than {max_members:,} members; refusing it as a possible archive "
+                           "bomb (MAX_ARCHIVE_MEMBERS in training/data/archive.py)")
 
     def _add_size(self, total: int, size: int, max_bytes: int) -> int:
         total += size
         if total > max_bytes:
-            raise ArchiveError(f"{self.path} would unpack to more than {max_bytes:,} bytes (limit max_archive_bytes); "
-                               "refusing it as a possible archive bomb. Raise the limit if the archive is trusted")
+            raise ArchiveError(f"{self.path} would unpack to more than {max_bytes:,} bytes; refusing it as a possible "
+                               "archive bomb (MAX_ARCHIVE_BYTES in training/data/archive.py)")
         return total
 
     def _check_name(self, name: str) -> str:

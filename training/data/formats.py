@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from training.data.archive import ArchiveError, Member, SafeArchive
+from training.data.archive import MAX_ARCHIVE_BYTES, MAX_ARCHIVE_MEMBERS, ArchiveError, Member, SafeArchive
 from training.data.decode_pool import WorkerError, decode_into, shared_images
 from serving.images import MAX_IMAGE_BYTES, InvalidImage
 
@@ -33,6 +33,8 @@ BINARY_RECORD = 1 + 32 * 32 * 3
 # Tar members are read by the parent (a compressed tar cannot be read at random);
 # they are handed to the decode workers in chunks of about this many bytes.
 TAR_CHUNK_BYTES = 256 * 1024**2
+# More unreadable images than this share fails the run: a few broken files are noise, more mean the wrong data.
+MAX_BAD_IMAGE_FRACTION = 0.01
 
 
 @dataclass
@@ -47,8 +49,8 @@ class RawDataset:
     total_files: int = 0
 
 
-def read_dataset(path: Path, *, max_members: int, max_bytes: int, max_bad_fraction: float,
-                 workers: int = 1) -> RawDataset:
+def read_dataset(path: Path, *, max_members: int = MAX_ARCHIVE_MEMBERS, max_bytes: int = MAX_ARCHIVE_BYTES,
+                 max_bad_fraction: float = MAX_BAD_IMAGE_FRACTION, workers: int = 1) -> RawDataset:
     """Read and decode the dataset archive at ``path`` (see the module docstring)."""
     with SafeArchive(Path(path), max_members=max_members, max_bytes=max_bytes) as archive:
         names = {posixpath.basename(m.name) for m in archive.members}
@@ -185,5 +187,5 @@ def _check_bad(path: Path, bad: list[str], total: int, max_fraction: float) -> N
     if total and len(bad) / total > max_fraction:
         raise ArchiveError(
             f"{path}: {len(bad)} of {total} images are unreadable ({100 * len(bad) / total:.2f}% > "
-            f"{100 * max_fraction:.2f}% allowed by max_bad_image_fraction), e.g. {'; '.join(bad[:3])}. "
-            "Fix or remove those files, or raise max_bad_image_fraction")
+            f"{100 * max_fraction:.2f}% allowed, MAX_BAD_IMAGE_FRACTION in training/data/formats.py), e.g. "
+            f"{'; '.join(bad[:3])}. Fix or remove those files")

@@ -182,8 +182,7 @@ def prepare(archive: Path, config: PipelineConfig) -> Path:
         return out_dir
     start = time.monotonic()
     workers = config.decode_workers if config.decode_workers > 0 else default_workers()
-    raw = read_dataset(archive, max_members=config.max_archive_members, max_bytes=config.max_archive_bytes,
-                       max_bad_fraction=config.max_bad_image_fraction, workers=workers)
+    raw = read_dataset(archive, workers=workers)
     log.info("decoded %d images of %d classes in %.1f s with %d worker(s)", len(raw.labels),
              len(raw.class_names), time.monotonic() - start, workers)
     validate_raw(raw, archive)

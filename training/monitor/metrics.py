@@ -15,6 +15,7 @@ PREDICTIONS = "cifar10_predictions_total"
 CONFIDENCE = "cifar10_prediction_confidence"
 # Answers at or below this top-class probability count as unsure (a bucket bound of the histogram).
 LOW_CONFIDENCE = 0.5
+TIMEOUT_S = 10.0  # for each request to the service
 
 
 class MonitorError(RuntimeError):
@@ -82,7 +83,7 @@ def parse(text: str) -> Observation:
     return Observation(workers, predictions, count, total, low)
 
 
-def scrape(url: str, timeout: float) -> Observation:
+def scrape(url: str, timeout: float = TIMEOUT_S) -> Observation:
     """GET ``url``/metrics and POST ``url``/metadata; :class:`MonitorError` saying what to fix otherwise."""
     import dataclasses
 

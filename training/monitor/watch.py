@@ -129,7 +129,7 @@ def observe(config: PipelineConfig, last_event_at: datetime | None = None) -> st
 
     ``last_event_at`` is when the last drift event was emitted (for ``drift_cooldown_hours``).
     """
-    observation = scrape(config.monitor_url.rstrip("/"), config.monitor_timeout)
+    observation = scrape(config.monitor_url.rstrip("/"))
     decision = decide(config, observation, last_event_at, datetime.now(timezone.utc))
     run_id = record(config, observation, decision)
     log.info("%s is served; %s", observation.bento_tag or "an unnamed Bento", decision.reason)

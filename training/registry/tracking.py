@@ -12,6 +12,10 @@ from training.config import PipelineConfig, mask_password
 
 log = logging.getLogger(__name__)
 
+# How long a task waits for an http(s) MLflow server: MLflow's own HTTP retries would keep it
+# waiting for minutes before saying anything.
+CONNECT_TIMEOUT_S = 10.0
+
 
 def configure_mlflow(config: PipelineConfig) -> str:
     """Point MLflow at ``config``'s store and return the experiment id.
@@ -23,7 +27,7 @@ def configure_mlflow(config: PipelineConfig) -> str:
     """
     import mlflow
 
-    check_reachable(config.tracking_uri, config.mlflow_connect_timeout)
+    check_reachable(config.tracking_uri, CONNECT_TIMEOUT_S)
     if config.tracking_uri.startswith("sqlite:///"):
         Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(config.tracking_uri)
@@ -90,8 +94,7 @@ def check_reachable(uri: str, timeout: float) -> None:
     raise TrackingServerUnreachable(
         f"MLflow tracking server {mask_password(uri)} is unreachable: {mask_password(health)} gave no usable "
         f"answer within {timeout:g} s (last: {problem}). Start the server, or point "
-        "MLFLOW_TRACKING_URI (or CIFAR10_MLFLOW_TRACKING_URI) at a running one; Airflow retries this task, "
-        "and CIFAR10_MLFLOW_CONNECT_TIMEOUT sets how long to wait.")
+        "MLFLOW_TRACKING_URI (or CIFAR10_MLFLOW_TRACKING_URI) at a running one; Airflow retries this task.")
 
 
 def git_commit(repo: Path | None = None) -> str:
