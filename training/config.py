@@ -97,32 +97,6 @@ class PipelineConfig:
     # summed examples is 1.5 at batch 1024; scaled linearly with the batch. The schedule
     # warms up from 0.2x over 23% of the steps and decays linearly to 0.07x.
     learning_rate: float = 0.375
-    momentum: float = 0.85
-    # Decoupled weight decay per unit of learning rate (Keras semantics: each step
-    # multiplies the weights by 1 - lr * wd). airbench's coupled decay goes through the
-    # Nesterov momentum, which amplifies it by 1 / (1 - 0.85): its per-step shrink at the
-    # peak rate is 0.0153 * 1024 / kilostep_scale / 0.15 = 0.0133 at batch 1024, i.e.
-    # 0.0133 / 1.5 = 0.0089 per unit of rate here, at any batch size with the linearly
-    # scaled rate.
-    weight_decay: float = 0.0089
-    label_smoothing: float = 0.2
-    # BatchNorm biases learn this many times faster than the weights (airbench's
-    # bias_scaler; its ablation: 94% in 18 instead of 22 epochs).
-    bias_lr_scale: float = 64.0
-    # Fit on the training split plus the validation split, less a stratified slice of
-    # validation_holdout images: more distinct images are worth more accuracy than the epochs
-    # the same minutes would buy (docs/training.md). The slice still gives the learning
-    # curve and the drift reference's confidences images the model never fitted; the test
-    # split stays untouched either way.
-    train_on_validation: bool = True
-    validation_holdout: int = 1000
-    # Random translation by up to this many pixels (reflect padding), plus flips.
-    translate: int = 2
-    # Training loop: "fit" (Keras model.fit, any backend), "jit" (training/model/jax_loop.py:
-    # one jax.jit step with the uint8 data on the device; JAX backend only) or "auto"
-    # (jit under KERAS_BACKEND=jax, else fit). On a GPU the jitted loop is tens of times
-    # faster than fit, which feeds every batch from the host (docs/gpu.md).
-    loop: str = "auto"
     # Train in mixed_bfloat16: "auto" (on where TensorFlow runs on a CPU with native bf16
     # instructions, avx512_bf16 or AMX, where a step is markedly faster; off elsewhere: CPUs
     # with only AVX2 emulate bf16 many times slower, and on a GPU the jitted loop's longer

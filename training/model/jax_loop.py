@@ -7,8 +7,8 @@ translates it (``jax.random``, seeded) and runs ``model.stateless_call`` and
 ``optimizer.stateless_apply``. The model, optimizer, schedule, loss and weight decay
 are the very objects ``fit`` uses (:func:`training.model.fit.compile_model`), so the two
 loops train the same recipe; BatchNorm statistics come back from ``stateless_call`` as
-non-trainable variables. ``train.build_and_fit`` calls :func:`fit_jax` when
-``config.loop`` resolves to ``jit``. JAX is imported only here, inside the function.
+non-trainable variables. ``train.build_and_fit`` calls :func:`fit_jax` under the JAX backend.
+JAX is imported only here, inside the function.
 """
 
 from __future__ import annotations
@@ -83,11 +83,8 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
     import keras
 
     from training.model.network import float32_copy, with_flip_tta
-    from training.model.fit import compile_model, record_epoch
+    from training.model.fit import TRANSLATE, compile_model, record_epoch
 
-    if keras.backend.backend() != "jax":
-        raise ValueError(f"fit_jax needs KERAS_BACKEND=jax before Keras is imported (backend is "
-                         f"{keras.backend.backend()!r}); use loop=fit for other backends")
     setup_start = time.monotonic()
     x_train, y_train = splits["train"]
     x_val, y_val = splits["val"]
@@ -108,7 +105,7 @@ def fit_jax(config: PipelineConfig, splits: dict, num_classes: int):
     def train_step(state, sums, order, step, epoch_key, x_all, y_all):
         trainable, non_trainable, opt_vars = state
         index = jax.lax.dynamic_slice_in_dim(order, step * batch, batch)
-        images = augment(jax.random.fold_in(epoch_key, step), x_all[index], config.translate)
+        images = augment(jax.random.fold_in(epoch_key, step), x_all[index], TRANSLATE)
         labels = y_all[index]
 
         def mean_loss(trainable, non_trainable):

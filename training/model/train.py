@@ -17,28 +17,29 @@ from pathlib import Path
 import numpy as np
 
 from training.config import PipelineConfig
-from training.model.fit import choose_loop, fit_keras, prefer_onednn
+from training.model.fit import fit_keras, prefer_onednn
 from training.registry.attempts import TaskAttempt, end_orphaned_runs
 
 log = logging.getLogger(__name__)
 
 # Logged next to model.onnx; the import into the BentoML store copies it into the model's metadata.
 DRIFT_REFERENCE = "drift_reference.json"
+# Validation images kept out of the fit: enough for the learning curve and the drift reference's
+# confidences; the rest of validation is worth more as training data (docs/training.md).
+VALIDATION_HOLDOUT = 1000
 
 
 def fitting_splits(config: PipelineConfig, splits: dict) -> dict:
-    """The splits the model is fitted on: with ``config.train_on_validation``, the validation
-    images join the training split except a seeded, stratified slice of
-    ``config.validation_holdout`` of them, which becomes the validation split.
+    """The splits the model is fitted on: validation joins training except a seeded, stratified
+    slice of :data:`VALIDATION_HOLDOUT` images, the new validation split; test is never touched.
 
-    The test split is never touched. Without validation images to spare (fewer than the
-    holdout), the splits come back as they are.
+    Without validation images to spare, the splits come back as they are.
     """
     x_val, y_val = splits["val"]
-    if not config.train_on_validation or len(y_val) <= config.validation_holdout:
+    if len(y_val) <= VALIDATION_HOLDOUT:
         return splits
     classes = np.unique(y_val)
-    per_class = max(1, config.validation_holdout // len(classes))
+    per_class = max(1, VALIDATION_HOLDOUT // len(classes))
     order = np.random.default_rng(config.seed).permutation(len(y_val))
     keep = np.sort(np.concatenate([order[y_val[order] == c][:per_class] for c in classes]))
     moved = np.setdiff1d(np.arange(len(y_val)), keep)
@@ -48,7 +49,7 @@ def fitting_splits(config: PipelineConfig, splits: dict) -> dict:
 
 
 def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
-    """Build and fit the model on ``splits`` with the loop ``config.loop`` selects.
+    """Build and fit the model on ``splits``: the jitted loop under JAX, Keras ``fit`` otherwise.
 
     Returns the float32 model for evaluation and export (with flip test-time
     augmentation inside when ``config.tta``) and the per-epoch history.
@@ -56,7 +57,7 @@ def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
     prefer_onednn()
     import keras
 
-    if choose_loop(config.loop, keras.backend.backend()) == "jit":
+    if keras.backend.backend() == "jax":  # fit would feed every batch from the host: slow on a GPU
         from training.model.jax_loop import fit_jax
 
         return fit_jax(config, splits, num_classes)

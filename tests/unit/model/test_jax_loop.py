@@ -156,19 +156,6 @@ def test_lookahead_pull_moves_the_slow_copy_and_the_weights_to_it():
     assert non_trainable[1].dtype == jnp.uint32 and int(non_trainable[1][0]) == 7  # non-floats pass through
     assert opt_vars == ["opt"]
     assert trainable[0].unsafe_buffer_pointer() != slow[0].unsafe_buffer_pointer()
-def test_choose_loop():
-    from training.model.fit import choose_loop
-
-    assert choose_loop("auto", "jax") == "jit"
-    assert choose_loop("auto", "tensorflow") == "fit"
-    assert choose_loop("fit", "jax") == "fit"
-    with pytest.raises(ValueError, match="KERAS_BACKEND=jax"):
-        choose_loop("jit", "tensorflow")
-    with pytest.raises(ValueError, match="auto, fit or jit"):
-        choose_loop("scan", "jax")
-
-
-
 if __name__ == "__main__":
     import logging
 
