@@ -1,7 +1,7 @@
-"""The Keras training loop and what both loops share: input pipeline, schedule, optimizer, epoch records.
+"""The Keras ``fit`` loop and what the jitted loop shares with it: recipe, schedule, optimizer, epoch records.
 
-The model and the loop use ``keras``/``keras.ops`` only, so the same code runs under
-TensorFlow (``fit``, the CPU default) and JAX (:mod:`training.model.jax_loop` on a GPU).
+``keras``/``keras.ops`` only, so the same model trains under TensorFlow (``fit``, the CPU) and JAX
+(:mod:`training.model.jax_loop`, a GPU).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ LABEL_SMOOTHING = 0.2
 BIAS_LR_SCALE = 64.0  # BatchNorm biases learn this much faster (airbench's bias_scaler)
 TRANSLATE = 2  # random translation by up to this many pixels (reflect padding), plus flips
 
+# /proc/cpuinfo flags of CPUs that compute bf16 dot products natively (oneDNN uses them).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
 
 def prefer_onednn() -> None:
-    """Turn on TensorFlow's oneDNN kernels (``TF_ENABLE_ONEDNN_OPTS=1``) unless the user chose.
-
-    TensorFlow enables them by default only on some Intel CPUs, and on AMD (AVX2) CPUs a
-    training step runs markedly faster with them (docs/training.md). The variable is read
-    when TensorFlow is imported, so this must run first; it is harmless under other backends.
-    """
+    """Set ``TF_ENABLE_ONEDNN_OPTS=1`` unless the user chose: TensorFlow leaves oneDNN off on AMD CPUs,
+    where it trains ~1.4x faster. TensorFlow reads it at import, so this must run first."""
     import sys
 
     if "TF_ENABLE_ONEDNN_OPTS" in os.environ:
@@ -45,11 +45,6 @@ def prefer_onednn() -> None:
                     "in the environment for ~1.4x faster CPU training")
         return
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
-
-
-# /proc/cpuinfo flags of CPUs that compute bf16 dot products natively (oneDNN uses them).
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -63,33 +58,25 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def use_mixed_precision(setting: str, backend: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Resolve ``config.mixed_precision`` ("auto", "true" or "false") for the Keras ``backend``.
-
-    ``auto`` is on only for TensorFlow (CPU-only here) on a CPU with native bf16: there a training
-    step runs markedly faster, while AVX2-only CPUs emulate bf16 many times slower, and under JAX on
-    a GPU the longer compile costs more than the faster steps save (docs/training.md, docs/gpu.md).
-    """
+    """``config.mixed_precision`` for the Keras ``backend``: "auto" is on only for TensorFlow on a CPU with
+    native bf16 (AVX2-only CPUs emulate it many times slower; on a GPU the longer compile costs more)."""
     value = str(setting).strip().lower()
-    if value in TRUE_WORDS:
-        return True
-    if value in FALSE_WORDS:
-        return False
+    if value in TRUE_WORDS | FALSE_WORDS:
+        return value in TRUE_WORDS
     if value != "auto":
         raise ValueError(f"mixed_precision={setting!r}: use auto, true or false")
     return backend == "tensorflow" and cpu_has_native_bf16(cpuinfo)
 
 
 def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
-    """Random horizontal flip and random translation by up to ``pad`` pixels (reflect padding)."""
+    """Random horizontal flips and translations by up to ``pad`` pixels (reflect padding)."""
     n = len(x)
     flip = rng.random(n) < 0.5
     x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-    if pad <= 0:
-        return x
     padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     dx, dy = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
     out = np.empty_like(x)
-    # One vectorised copy per offset, not one per image: (2*pad+1)^2 copies per batch.
+    # One vectorised copy per offset, not one per image.
     for oy in range(2 * pad + 1):
         for ox in range(2 * pad + 1):
             sel = (dy == oy) & (dx == ox)
@@ -99,11 +86,9 @@ def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
 
 
 def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, translate: int, seed: int):
-    """The training input pipeline: shuffled, augmented, one-hot batches, reshuffled per epoch.
+    """Shuffled, augmented, one-hot batches, reshuffled each epoch, as a Keras ``PyDataset`` (any backend).
 
-    A Keras ``PyDataset`` over numpy arrays, so it feeds ``fit`` on any backend. Partial
-    last batches are dropped (airbench does the same): a tiny last batch would give
-    BatchNorm noisy statistics.
+    Partial last batches are dropped, as airbench does: a tiny batch gives BatchNorm noisy statistics.
     """
     import keras
 
@@ -148,12 +133,10 @@ def _triangle_schedule(peak: float, total_steps: int, warmup_fraction: float = 0
 
 
 def make_optimizer(config: PipelineConfig, total_steps: int):
-    """Nesterov SGD on the triangle schedule, BatchNorm biases at ``bias_lr_scale`` x the rate.
+    """Nesterov SGD on the triangle schedule, BatchNorm biases at ``BIAS_LR_SCALE`` x the rate.
 
-    airbench trains BatchNorm biases 64x faster than the weights, which its ablation
-    shows reaching the same accuracy in fewer epochs. Keras optimizers have no parameter groups, so the scale
-    is applied in ``update_step``; decoupled weight decay stays lr x wd for every
-    variable, as airbench keeps it (it divides the biases' decay by the same factor).
+    Keras optimizers have no parameter groups, so the scale is applied in ``update_step``; weight
+    decay stays lr x wd for every variable, as airbench keeps it.
     """
     import keras
 
@@ -172,9 +155,7 @@ def make_optimizer(config: PipelineConfig, total_steps: int):
 
 
 def record_epoch(history: dict[str, list[float]], epoch: int, epochs: int, metrics: dict[str, float]) -> None:
-    """One epoch's bookkeeping, shared by both training loops: append ``metrics`` to
-    ``history`` (for the learning-curve plot), send them to the active MLflow run, if
-    any, and log one progress line (visible in the Airflow task log)."""
+    """Both loops' epoch bookkeeping: ``history`` (the learning curves), the active MLflow run, a log line."""
     try:
         import mlflow
     except ImportError:  # the GPU machine's bare benchmark runs without MLflow
@@ -224,12 +205,12 @@ def compile_model(config: PipelineConfig, x_train: np.ndarray, num_classes: int,
 
     from training.model.network import build_model, set_whitening
 
-    mixed = use_mixed_precision(config.mixed_precision, keras.backend.backend())
-    if not mixed and keras.backend.backend() == "tensorflow" and str(config.mixed_precision).lower() == "auto":
+    backend = keras.backend.backend()
+    mixed = use_mixed_precision(config.mixed_precision, backend)
+    if not mixed and backend == "tensorflow" and str(config.mixed_precision).lower() == "auto":
         log.warning("this CPU has no native bf16 (avx512_bf16/AMX): training in float32, several times slower "
                     "per epoch; the default recipe then takes well over its 20 minutes (epochs=6 fits them)")
-    model = build_model(config.width_tuple, num_classes, config.seed,
-                        dtype="mixed_bfloat16" if mixed else "float32")
+    model = build_model(config.width_tuple, num_classes, config.seed, dtype="mixed_bfloat16" if mixed else "float32")
     set_whitening(model, x_train[:5000])
     optimizer = make_optimizer(config, steps_per_epoch * config.epochs)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING)
@@ -238,23 +219,16 @@ def compile_model(config: PipelineConfig, x_train: np.ndarray, num_classes: int,
 
 
 def fit_keras(config: PipelineConfig, splits: dict, num_classes: int):
-    """Keras ``model.fit`` on the augmented input pipeline; returns (model for export, history)."""
+    """Keras ``model.fit`` on the augmented batches; returns (float32 model for export, history)."""
     from training.model.network import float32_copy, with_flip_tta
 
     x_train, y_train = splits["train"]
     x_val, y_val = splits["val"]
-    steps = len(x_train) // config.batch_size or 1
-    model, _, _ = compile_model(config, x_train, num_classes, steps)
+    model, _, _ = compile_model(config, x_train, num_classes, len(x_train) // config.batch_size or 1)
     history: dict[str, list[float]] = {}
-    model.fit(
-        _batches(x_train, y_train, config.batch_size, num_classes, TRANSLATE, config.seed),
-        validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
-        validation_batch_size=512,
-        epochs=config.epochs,
-        callbacks=[_progress_callback(config.epochs, history)],
-        verbose=0,
-    )
+    model.fit(_batches(x_train, y_train, config.batch_size, num_classes, TRANSLATE, config.seed),
+              validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
+              validation_batch_size=512, epochs=config.epochs, callbacks=[_progress_callback(config.epochs, history)],
+              verbose=0)
     final = float32_copy(model, config.width_tuple, num_classes)
     return (with_flip_tta(final) if config.tta else final), history
-
-
