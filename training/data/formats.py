@@ -1,14 +1,9 @@
-"""Read a dataset from a checked archive into arrays: the two formats we understand.
+"""Read a checked archive into arrays: the CIFAR-10 binary release, or image folders.
 
-- The official CIFAR-10 *binary* release (``data_batch_1..5.bin``, ``test_batch.bin``,
-  ``batches.meta.txt``), parsed with numpy. The pickled "python" release is refused:
-  unpickling downloaded data runs arbitrary code.
-- Image-folder archives laid out as ``<class>/<image>`` or ``<split>/<class>/<image>``
-  (split: train/training or test/testing); one wrapping folder is allowed. Images are
-  decoded by :mod:`serving.images` in worker processes (:mod:`training.data.decode_pool`).
-
-Unreadable images are counted, logged with examples, and fail the run above
-``max_bad_fraction``.
+The binary release (``data_batch_*.bin``, ``test_batch.bin``, ``batches.meta.txt``) is parsed with numpy;
+the pickled python release is refused (unpickling downloaded data runs code). Image folders are
+``<class>/<image>`` or ``<split>/<class>/<image>`` (train/training, test/testing) under at most one
+wrapping folder, decoded by :mod:`serving.images` in workers (:mod:`training.data.decode_pool`).
 """
 
 from __future__ import annotations
@@ -30,8 +25,7 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 BINARY_RECORD = 1 + 32 * 32 * 3
-# Tar members are read by the parent (a compressed tar cannot be read at random);
-# they are handed to the decode workers in chunks of about this many bytes.
+# A compressed tar cannot be read at random: the parent reads it and hands workers chunks of this size.
 TAR_CHUNK_BYTES = 256 * 1024**2
 # More unreadable images than this share fails the run: a few broken files are noise, more mean the wrong data.
 MAX_BAD_IMAGE_FRACTION = 0.01
