@@ -1,8 +1,5 @@
-"""What the service reports: its ``/metrics`` (Prometheus text) and ``/metadata``, read into one record.
-
-Metric names are the service's (``serving/drift.py`` and ``service.py``): ``cifar10_drift_score`` and
-``cifar10_drift_window_images`` are gauges with one series per worker (each worker keeps its own
-window), ``cifar10_predictions_total{class}`` a counter, ``cifar10_prediction_confidence`` a histogram.
+"""The service's ``/metrics`` (Prometheus text) and ``/metadata``, read into one record. The drift gauges
+have one series per worker (each keeps its own window); the names are ``serving/drift.py``'s and service.py's.
 """
 
 from __future__ import annotations
