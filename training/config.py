@@ -82,8 +82,8 @@ class PipelineConfig:
 
     # --- drift monitoring (the cifar10_drift_monitor DAG; docs/monitoring.md chose the values)
     monitor_url: str = "http://localhost:3000"  # the service it scrapes
-    drift_threshold: float = 0.25  # a worker's score that calls for retraining; held-out windows score <= 0.15
-    drift_min_images: int = 100  # fewer images in a window are noise (windows of 50 score up to 0.2)
+    drift_threshold: float = 0.25  # a worker's score that calls for retraining: above any in-distribution window
+    drift_min_images: int = 100  # fewer images in a worker's window are noise, not evidence
     drift_cooldown_hours: float = 24.0  # retraining on unchanged data cannot fix drifted inputs
 
     @property
