@@ -1,9 +1,9 @@
 """Seconds per epoch of one training loop on synthetic images (no archive, no MLflow).
 
-    KERAS_BACKEND=jax .venv/bin/python -m bench.compare_loops RECIPE LOOP N_TRAIN EPOCHS [WIDTHS]
+    KERAS_BACKEND=jax .venv/bin/python -m bench.compare_loops RECIPE N_TRAIN EPOCHS [WIDTHS]
 
-e.g. ``tiny jit 1920 3`` vs ``tiny fit 1920 3`` (and KERAS_BACKEND=tensorflow ... fit), or
-``default jit 4096 3``. Prints one MEASURE line: per-epoch seconds, compile seconds,
+The backend picks the loop (jit under JAX, fit under TensorFlow), e.g. ``tiny 1920 3`` under
+each, or ``default 4096 3``. Prints one MEASURE line: per-epoch seconds, compile seconds,
 images per second and CPU seconds per epoch over epochs 2+, and the load average.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main(recipe: str, loop: str, n: int, epochs: int, widths: str | None = None) -> None:
+def main(recipe: str, n: int, epochs: int, widths: str | None = None) -> None:
     from training.model.train import prefer_onednn
 
     prefer_onednn()  # before TensorFlow is imported
@@ -29,7 +29,7 @@ def main(recipe: str, loop: str, n: int, epochs: int, widths: str | None = None)
     from training.config import load_config
     from training.model.train import build_and_fit
 
-    overrides = {"recipe": recipe, "loop": loop, "epochs": epochs} | ({"widths": widths} if widths else {})
+    overrides = {"recipe": recipe, "epochs": epochs} | ({"widths": widths} if widths else {})
     config = load_config(overrides, environ={})
     x, y = make_images(n // 10 + 26, CLASSES, seed=0)
     order = np.random.default_rng(0).permutation(len(y))
@@ -40,6 +40,7 @@ def main(recipe: str, loop: str, n: int, epochs: int, widths: str | None = None)
     total = time.monotonic() - start
     images = n // config.batch_size * config.batch_size
     wall, cpu = history["epoch_seconds"][1:], history["epoch_cpu_seconds"][1:]
+    loop = "jit" if keras.backend.backend() == "jax" else "fit"
     print(f"MEASURE backend={keras.backend.backend()} loop={loop} recipe={recipe} widths={config.widths} "
           f"batch={config.batch_size} train_images={images}/epoch epochs={epochs} "
           f"epoch_seconds={[round(v, 2) for v in history['epoch_seconds']]} "
@@ -51,4 +52,4 @@ def main(recipe: str, loop: str, n: int, epochs: int, widths: str | None = None)
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

@@ -21,6 +21,9 @@ from training.config import PipelineConfig, mask_password
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# The BentoML model's name (service.py's default tag) and the Bento's (bentofile.yaml's ``name``).
+BENTO_MODEL_NAME = "cifar10-cnn"
+BENTO_NAME = "cifar10-classifier"
 
 
 def use_bentoml_home(config: PipelineConfig):
@@ -78,7 +81,7 @@ def import_version(config: PipelineConfig, version_uri: str) -> str:
     mv = client.get_model_version(name, version)
     bentoml = use_bentoml_home(config)
     try:
-        existing_models = bentoml.models.list(config.bento_model_name)
+        existing_models = bentoml.models.list(BENTO_MODEL_NAME)
     except bentoml.exceptions.NotFound:
         existing_models = []
     for existing in existing_models:
@@ -104,7 +107,7 @@ def import_version(config: PipelineConfig, version_uri: str) -> str:
         reference = src / DRIFT_REFERENCE
         if reference.exists():  # versions trained before drift monitoring have none; they serve without a score
             metadata["drift_reference"] = json.loads(reference.read_text())
-        with bentoml.models.create(config.bento_model_name, labels=labels, metadata=metadata) as model:
+        with bentoml.models.create(BENTO_MODEL_NAME, labels=labels, metadata=metadata) as model:
             shutil.copy(src / "model.onnx", Path(model.path) / "model.onnx")
             shutil.copy(src / "classes.json", Path(model.path) / "classes.json")
     log.info("imported %s version %s (run %s) as BentoML model %s", name, mv.version, mv.run_id, model.tag)
@@ -129,7 +132,7 @@ def bento_of_run(config: PipelineConfig, run_id: str) -> str | None:
     """The newest Bento in the store built from MLflow run ``run_id``'s model, or None."""
     bentoml = use_bentoml_home(config)
     try:
-        bentos = bentoml.bentos.list(config.bento_name)
+        bentos = bentoml.bentos.list(BENTO_NAME)
     except bentoml.exceptions.NotFound:
         return None
     mine = [b for b in bentos if b.info.labels.get("mlflow_run_id") == run_id]

@@ -20,7 +20,7 @@ BentoML generates the Dockerfile when it builds the Bento (``bentofile.yaml`` ->
 network failure is retried once and named as such, and a failed build is an error
 (``bentoml.container.build`` logs failures and returns None).
 
-The image is tagged ``<image_name>:<Bento version>`` and labelled with what it serves
+The image is tagged ``<IMAGE_NAME>:<Bento version>`` and labelled with what it serves
 (:func:`image_labels`: OCI revision and version, the MLflow model, version and run, the dataset
 digest). ``latest`` is not set by the build: :func:`tag_image` moves it once the model is
 promoted, after :func:`serve_image` has shown the image answering.
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 TEMPLATES = PROJECT_DIR / "deploy" / "containers"
 BACKENDS = ("docker", "podman", "buildah")
+IMAGE_NAME = "cifar10-classifier"
 # Docker hosts pull this base from the registry: the same Debian release and Python as the local
 # base, so the Bento's wheels fit either. Fully qualified, so that podman or buildah given it as an
 # override need no short-name lookup, and pinned by digest (bentofile.yaml's docker.base_image), so
@@ -250,7 +251,7 @@ def containerize(config: PipelineConfig, bento_tag: str, base_image: str | None 
     labels = image_labels(bento, _bento_model(bentoml, bento))
     base = prepare_base_image(config, backend, env, base_image)
     # Only the version tag: `latest` moves (tag_image) when a served-artifact check has passed.
-    image = f"{config.image_name}:{bento.tag.version}"
+    image = f"{IMAGE_NAME}:{bento.tag.version}"
     log.info("containerizing %s with %s as %s on %s", bento.tag, backend, image, base)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=container_dir(config) / "tmp", prefix="context-") as tmp:
@@ -291,7 +292,7 @@ def image_exists(config: PipelineConfig, image: str) -> bool:
 
 
 def tag_image(config: PipelineConfig, bento_tag: str, tag: str = "latest") -> str | None:
-    """Tag the built image ``<image_name>:<bento version>`` as ``<image_name>:<tag>``; return the new tag.
+    """Tag the built image ``<IMAGE_NAME>:<bento version>`` as ``<IMAGE_NAME>:<tag>``; return the new tag.
 
     None, with a log line saying why, when no builder is available or that image was never built
     (containerize skipped). ``bento_tag`` without a version (or ``:latest``) is resolved in the Bento store.
@@ -306,7 +307,7 @@ def tag_image(config: PipelineConfig, bento_tag: str, tag: str = "latest") -> st
         from training.packaging.bento import use_bentoml_home
 
         version = use_bentoml_home(config).bentos.get(bento_tag).tag.version
-    source, target = f"{config.image_name}:{version}", f"{config.image_name}:{tag}"
+    source, target = f"{IMAGE_NAME}:{version}", f"{IMAGE_NAME}:{tag}"
     cli = _image_cli(backend)
     if not _exists(cli, source, env):
         log.warning("not tagging %s as %s: %s has no image %s (containerize skipped or failed for it)",
