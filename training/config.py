@@ -63,8 +63,6 @@ class PipelineConfig:
     tta: bool = True  # flip test-time augmentation inside the exported model (2x inference)
 
     # --- failures and retries (read when the DAG file is parsed, so never a run's params)
-    task_retries: int = 1  # Airflow retries of every task
-    retry_delay_seconds: float = 30.0  # the wait before each
 
     # --- registry gate
     registered_model_name: str = "cifar10-cnn"  # MLflow registered model; its alias "champion" is what is served

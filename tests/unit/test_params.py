@@ -13,7 +13,7 @@ from training.params import MONITOR, PIPELINE, ROLLBACK, RunParamError
 DECLARED = {"pipeline": PIPELINE, "rollback": ROLLBACK, "monitor": MONITOR}
 # Settings that keep the machine safe or say where state, the registry and exports live: the operator's alone.
 OPERATOR_ONLY = {"mlflow_tracking_uri", "mlflow_artifact_location", "bento_export_uri", "state_dir", "bentoml_home", "data_roots",
-                 "allowed_base_images", "monitor_url", "registered_model_name", "experiment_name", "task_retries",
+                 "allowed_base_images", "monitor_url", "registered_model_name", "experiment_name",
                  "decode_workers"}
 
 
