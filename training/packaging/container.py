@@ -48,6 +48,7 @@ from pathlib import Path
 
 from training.config import PipelineConfig
 from training.packaging.commands import NetworkBuildError, run_with_network_retry
+from training.packaging.server import wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +324,8 @@ def serve_image(config: PipelineConfig, image: str, port: int, timeout: float = 
     """Run ``image`` on ``127.0.0.1:port``, confined as where it is deployed (:func:`locked_down`), until it
     answers /readyz; yield its base URL; always remove it.
 
-    Raises TimeoutError with the container's log tail when /readyz is not 200 within ``timeout``
-    seconds, RuntimeError when the container stops first or no runtime (podman, docker) is available.
+    Raises :class:`~training.packaging.server.NotReady` with the container's log tail when it stops or
+    is not ready within ``timeout`` seconds, RuntimeError when no runtime (podman, docker) is available.
     """
     env = container_env(config)
     backend, reason = find_backend(config, env)
@@ -334,14 +335,19 @@ def serve_image(config: PipelineConfig, image: str, port: int, timeout: float = 
     cli = "docker" if backend == "docker" else "podman"
     name = name or f"cifar10-serve-{port}-{os.getpid()}"
     url = f"http://127.0.0.1:{port}"
+
+    def ask(*args: str) -> str:
+        done = subprocess.run([cli, *args], env=env, capture_output=True, text=True)
+        return (done.stdout + done.stderr).strip()
+
     subprocess.run([cli, "run", "-d", "--name", name, *locked_down(cli), "-p", f"127.0.0.1:{port}:3000", image],
                    env=env, check=True, capture_output=True, text=True)
     try:
-        _wait_ready(cli, name, url, timeout, env)
+        wait_ready(url, timeout, alive=lambda: ask("inspect", "--format", "{{.State.Running}}", name) == "true",
+                   log=lambda: ask("logs", "--tail", "40", name))
         yield url
     finally:
-        subprocess.run([cli, "rm", "-f", *(["-t", "0"] if cli == "podman" else []), name], env=env,
-                       capture_output=True)
+        ask("rm", "-f", *(["-t", "0"] if cli == "podman" else []), name)
 
 
 def locked_down(cli: str) -> list[str]:
@@ -354,33 +360,6 @@ def locked_down(cli: str) -> list[str]:
     for path in WRITABLE_PATHS:
         options += ["--tmpfs", f"{path}:rw,nosuid,nodev,mode=1777"]
     return options
-
-
-def _wait_ready(cli: str, name: str, url: str, timeout: float, env: dict[str, str]) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):  # not listening yet, or still loading the model
-            pass
-        running = subprocess.run([cli, "inspect", "--format", "{{.State.Running}}", name], env=env,
-                                 capture_output=True, text=True).stdout.strip()
-        if running != "true":
-            raise RuntimeError(f"container {name} stopped before {url}/readyz answered; its log:\n"
-                               f"{_log_tail(cli, name, env)}")
-        time.sleep(0.5)
-    raise TimeoutError(f"container {name} did not answer {url}/readyz with 200 within {timeout:.0f} s; raise the "
-                       f"timeout if the machine is busy. Its log:\n{_log_tail(cli, name, env)}")
-
-
-def _log_tail(cli: str, name: str, env: dict[str, str], lines: int = 40) -> str:
-    out = subprocess.run([cli, "logs", "--tail", str(lines), name], env=env, capture_output=True, text=True)
-    return (out.stdout + out.stderr).strip() or "(empty)"
 
 
 def export_image(config: PipelineConfig, image: str, output: Path) -> Path:

@@ -13,11 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -27,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from training.config import PipelineConfig
+from training.packaging.server import bentoml_serve, free_port, running_server
 
 log = logging.getLogger(__name__)
 
@@ -69,57 +65,6 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-# A port from bind(0) lies in the kernel's ephemeral range, where outgoing connections take their
-# source ports too, and one of those can take it in the seconds a server needs before it listens.
-# Servers started here listen below that range (Linux starts it at 32768), where only listeners go.
-LISTEN_PORTS = range(20000, 32768)
-
-
-def free_port() -> int:
-    """A TCP port nothing is bound to on any interface, from :data:`LISTEN_PORTS`."""
-    import random
-
-    for port in random.sample(LISTEN_PORTS, 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))  # every interface: a container runtime publishes there
-            except OSError:
-                continue
-            return port
-    raise OSError(f"no free TCP port in {LISTEN_PORTS.start}-{LISTEN_PORTS.stop - 1} after 200 tries")
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
-# What BentoML logs when the service's __init__ raises; its supervisor then keeps restarting the
-# worker, so the server process itself never exits.
-STARTUP_FAILED = "Application startup failed"
-
-
-def wait_ready(url: str, timeout: float, alive=lambda: True, log_path: Path | None = None) -> None:
-    """Wait until ``url``/readyz answers 200; raise :class:`ServedArtifactError` with the log tail otherwise."""
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive() or (log_path is not None and STARTUP_FAILED in _tail(log_path, 1_000_000)):
-            raise ServedArtifactError(f"{url}: the service exited before it was ready:\n"
-                                      f"{_tail(log_path) if log_path else ''}")
-        try:
-            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:  # not listening yet, or busy loading the model
-            pass
-        time.sleep(0.5)
-    raise ServedArtifactError(f"{url}/readyz did not answer 200 within {timeout:g} s (served_start_timeout):\n"
-                              f"{_tail(log_path) if log_path else ''}")
-
-
 @contextmanager
 def serve_bento(config: PipelineConfig, bento_tag: str, log_path: Path):
     """``bentoml serve bento_tag`` on a free local port until the block ends; yields its URL."""
@@ -127,25 +72,8 @@ def serve_bento(config: PipelineConfig, bento_tag: str, log_path: Path):
 
     use_bentoml_home(config)  # BENTOML_HOME for the server, the store the Bento was built in
     port = free_port()
-    bentoml_cli = Path(sys.executable).with_name("bentoml")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen([str(bentoml_cli), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, config.served_start_timeout, alive=lambda: proc.poll() is None, log_path=log_path)
+    with running_server(bentoml_serve(bento_tag, port), log_path, port, config.served_start_timeout) as url:
         yield url
-    finally:
-        # The whole group: bentoml's server process and its workers.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def check_answers(url: str, images: np.ndarray, expected: np.ndarray, class_names: list[str],

@@ -18,6 +18,7 @@ import yaml
 from tests.helpers import ROOT
 from training.config import PipelineConfig, load_config
 from training.packaging import base_image, commands, container
+from training.packaging.server import NotReady
 
 
 
@@ -547,7 +548,7 @@ def test_serve_image_timeout_names_the_url_and_shows_the_log_tail(fake_podman):
 
     config, calls = fake_podman
     port = free_port()
-    with pytest.raises(TimeoutError, match=f"did not answer http://127.0.0.1:{port}/readyz with 200 within 1 s") as err:
+    with pytest.raises(NotReady, match=f"http://127.0.0.1:{port}/readyz did not answer 200 within 1 s") as err:
         with container.serve_image(config, "cifar10-classifier:v1", port, timeout=1, name="c2"):
             pytest.fail("yielded without /readyz")
     assert "Traceback: the model failed to load" in str(err.value)
@@ -559,7 +560,7 @@ def test_serve_image_stops_waiting_when_the_container_exits(fake_podman, monkeyp
 
     config, calls = fake_podman
     monkeypatch.setenv("FAKE_RUNNING", "false")
-    with pytest.raises(RuntimeError, match="container c3 stopped before .* answered; its log:\nTraceback"):
+    with pytest.raises(NotReady, match="the service exited before it was ready; its log ends:\nTraceback"):
         with container.serve_image(config, "cifar10-classifier:v1", free_port(), timeout=60, name="c3"):
             pass
     assert calls()[-1] == "rm -f -t 0 c3"
