@@ -792,7 +792,7 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
 
     from serving.drift import reference_statistics
     from serving.model import onnx_session
-    from training.model.export import export_onnx
+    from training.model.export import export_onnx, onnx_probabilities
     from training.model.network import build_model, with_flip_tta
 
     model = build_model(widths, num_classes=len(CLASSES))
@@ -806,7 +806,7 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
         # A drift reference as train computes it, of natural_images: serving those scores low.
         reference_x = natural_images(200, seed=0)
         session = onnx_session(Path(tmp) / "model.onnx")
-        confidences = session.run(None, {session.get_inputs()[0].name: reference_x.astype(np.float32)})[0].max(axis=1)
+        confidences = onnx_probabilities(session, reference_x).max(axis=1)
         metadata = {**FAKE_METADATA, "class_names": CLASSES, "onnx_max_abs_diff": diff,
                     "mlflow_tracking_uri": "sqlite:///nowhere.db",
                     "drift_reference": reference_statistics(reference_x, confidences)}
