@@ -138,6 +138,17 @@ def build_bento(config: PipelineConfig, model_tag: str) -> str:
     return str(bento.tag)
 
 
+def bento_model_tag(bento) -> str:
+    """The BentoML model the Bento serves: its ``bentoml_model`` label, else the one model packed in it."""
+    tag = bento.info.labels.get("bentoml_model")
+    if tag:
+        return tag
+    if len(bento.info.models) != 1:
+        raise ValueError(f"Bento {bento.tag} has no bentoml_model label and {len(bento.info.models)} models: "
+                         "build it with training.packaging.bento.build_bento, which names its model")
+    return str(bento.info.models[0].tag)
+
+
 def bento_of_run(config: PipelineConfig, run_id: str) -> str | None:
     """The newest Bento in the store built from MLflow run ``run_id``'s model, or None."""
     bentoml = use_bentoml_home(config)

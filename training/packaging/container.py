@@ -197,17 +197,6 @@ def image_labels(bento, model) -> dict[str, str]:
     }
 
 
-def _bento_model(bentoml, bento):
-    """The BentoML model the Bento serves: its ``bentoml_model`` label, else the one model packed in it."""
-    tag = bento.info.labels.get("bentoml_model")
-    if not tag:
-        if len(bento.info.models) != 1:
-            raise ValueError(f"Bento {bento.tag} has no bentoml_model label and {len(bento.info.models)} models: "
-                             "build it with training.packaging.bento.build_bento, which names its model")
-        tag = str(bento.info.models[0].tag)
-    return bentoml.models.get(tag)
-
-
 def _image_cli(backend: str) -> str:
     """The tool that manages images in ``backend``'s store: podman reads buildah's store, so it wins there."""
     return "podman" if backend == "buildah" and shutil.which("podman") else backend
@@ -238,7 +227,7 @@ def containerize(config: PipelineConfig, bento_tag: str, base_image: str | None 
 
     ``base_image`` overrides the base (None: ``config.base_image``, then the backend's default).
     """
-    from training.packaging.bento import use_bentoml_home
+    from training.packaging.bento import bento_model_tag, use_bentoml_home
 
     env = container_env(config)
     backend, reason = find_backend(config, env)
@@ -248,7 +237,7 @@ def containerize(config: PipelineConfig, bento_tag: str, base_image: str | None 
         return None
     bentoml = use_bentoml_home(config)
     bento = bentoml.bentos.get(bento_tag)
-    labels = image_labels(bento, _bento_model(bentoml, bento))
+    labels = image_labels(bento, bentoml.models.get(bento_model_tag(bento)))
     base = prepare_base_image(config, backend, env, base_image)
     # Only the version tag: `latest` moves (tag_image) when a served-artifact check has passed.
     image = f"{config.image_name}:{bento.tag.version}"

@@ -171,13 +171,12 @@ def test_labels_without_a_known_commit_say_unknown():
 
 
 def test_the_bentos_model_comes_from_its_label_else_its_one_packed_model():
-    got = []
-    fake = SimpleNamespace(models=SimpleNamespace(get=lambda tag: got.append(tag) or _model(tag)))
-    container._bento_model(fake, _bento())
-    container._bento_model(fake, _bento(labels={}, models=[SimpleNamespace(tag="cifar10-cnn:packed")]))
-    assert got == ["cifar10-cnn:m1", "cifar10-cnn:packed"]
+    from training.packaging.bento import bento_model_tag
+
+    assert bento_model_tag(_bento()) == "cifar10-cnn:m1"
+    assert bento_model_tag(_bento(labels={}, models=[SimpleNamespace(tag="cifar10-cnn:packed")])) == "cifar10-cnn:packed"
     with pytest.raises(ValueError, match="no bentoml_model label and 0 models"):
-        container._bento_model(fake, _bento(labels={}))
+        bento_model_tag(_bento(labels={}))
 
 
 def test_containerize_takes_the_base_from_the_environment(monkeypatch, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 
 from tests.helpers import QuietHandler, local_http_server
 
-from training.packaging.verify import TOLERANCE, ServedArtifactError, check_answers
+from training.model.export import PARITY_TOLERANCE
+from training.packaging.verify import ServedArtifactError, check_answers
 
 CLASSES = ["cat", "dog"]
 LINEAGE = {"X-Bento-Tag": "cifar10-classifier:abc", "X-MLflow-Model-Version": "2"}
@@ -43,8 +44,9 @@ def test_matching_answers_pass_with_their_latency(fake_bento):
 
 
 @pytest.mark.parametrize("change, says", [
-    ({"probs": [0.1, 0.9]}, "class dog, the exported model says cat"),
-    ({"probs": [0.9 - 10 * TOLERANCE, 0.1 + 10 * TOLERANCE]}, "probabilities differ"),
+    ({"probs": [0.1, 0.9]}, "/predict: probabilities differ by up to 0.8 (> 0.0001); 4 of 4 images get another "
+                            "class (image 0: class 1, expected 0)"),
+    ({"probs": [0.9 - 10 * PARITY_TOLERANCE, 0.1 + 10 * PARITY_TOLERANCE]}, "/predict_batch: probabilities differ"),
     ({"headers": {**LINEAGE, "X-MLflow-Model-Version": "1"}}, "header X-MLflow-Model-Version is '1', expected '2'"),
     ({"status": 500}, "HTTP 500"),
     ({"extra": 1}, "/predict_batch: 5 answers to 4 images"),
