@@ -1,13 +1,9 @@
-"""The served-artifact gate: the new Bento must answer like the exported model before it is promoted.
-
-Loading the model is not enough (a Bento can pin the wrong model, decode images differently,
-or fail to start). The Bento is started with ``bentoml serve`` (and its image with the
-container builder, when one was built) and sent a golden set of test images one request at
-a time, and some in one batch. Each answer must match the exported ONNX model run here
-(:func:`~training.model.export.check_parity`: every probability within its tolerance, the same
-class) and carry the lineage headers naming this Bento and model version, and the p99 latency
-must be within ``served_p99_budget_ms``. Any miss fails the task with the reason and tags the
-version ``failed_serving``; ``champion`` does not move.
+"""The served-artifact gate: the new Bento, and its image when one was built, must answer like the
+exported model before it is promoted: the same classes and probabilities for golden test images
+(:func:`~training.model.export.check_parity`), lineage headers naming this Bento and model version,
+and a p99 latency within ``served_p99_budget_ms``. Loading the model is not enough: a Bento can pin
+the wrong model, decode images differently or fail to start. A miss tags the version
+``failed_serving``; ``champion`` does not move.
 """
 
 from __future__ import annotations
@@ -39,7 +35,6 @@ class ServedArtifactError(RuntimeError):
 class Check:
     """What one served artifact did with the golden set."""
 
-    target: str
     requests: int
     p99_ms: float
     max_abs_diff: float
@@ -140,7 +135,7 @@ def check_answers(url: str, images: np.ndarray, expected: np.ndarray, class_name
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ServedArtifactError(f"{url}: {len(problems)} problem(s) with {len(images)} golden images: {shown}")
-    return Check(url, len(bodies) + 1, p99, worst)
+    return Check(len(bodies) + 1, p99, worst)
 
 
 def _expected(config: PipelineConfig, run_id: str, prepared_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
