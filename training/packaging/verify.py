@@ -12,7 +12,6 @@ import io
 import logging
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,17 +56,6 @@ def png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@contextmanager
-def serve_bento(config: PipelineConfig, bento_tag: str, log_path: Path):
-    """``bentoml serve bento_tag`` on a free local port until the block ends; yields its URL."""
-    from training.packaging.bento import use_bentoml_home
-
-    use_bentoml_home(config)  # BENTOML_HOME for the server, the store the Bento was built in
-    port = free_port()
-    with running_server(bentoml_serve(bento_tag, port), log_path, port, config.served_start_timeout) as url:
-        yield url
 
 
 def _ask(http, url: str, route: str, field: str, bodies: list[bytes], lineage: dict[str, str],
@@ -153,10 +141,11 @@ def _serve_and_check(config: PipelineConfig, bento, lineage: dict[str, str], gol
     """Each served artifact's :class:`Check`: the Bento, and its image when containerize built one."""
     from training.packaging import container
 
-    logs = config.state_path / "logs" / "verify"
-    image = f"{config.image_name}:{bento.tag.version}"
+    log_path = config.state_path / "logs" / "verify" / f"bento-{bento.tag.version}.log"
+    image, port = f"{config.image_name}:{bento.tag.version}", free_port()
     checks = {}
-    with serve_bento(config, str(bento.tag), logs / f"bento-{bento.tag.version}.log") as url:
+    # The server inherits BENTOML_HOME, which use_bentoml_home set to the store the Bento was built in.
+    with running_server(bentoml_serve(str(bento.tag), port), log_path, port, config.served_start_timeout) as url:
         checks["bento"] = check_answers(url, *golden, lineage, config.served_p99_budget_ms)
     if container.image_exists(config, image):
         with container.serve_image(config, image, free_port(), timeout=config.served_start_timeout) as url:
