@@ -3,7 +3,7 @@
 Each upload is decoded in its own handler, so a bad one gets its own 400; only valid
 32x32 pixels reach ``serving.batcher.MicroBatcher``, which groups concurrent requests
 into one ONNX Runtime call. Why not BentoML's batchable API behind ``bentoml.depends``:
-docs/serving.md and ``bench/bentoml_batching.py``.
+docs/decisions/batching.md.
 
 Client call: ``curl -X POST http://localhost:3000/predict/ -F file=@car2.png``
 """

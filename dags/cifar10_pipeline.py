@@ -139,7 +139,7 @@ def cifar10_pipeline():
     def publish(version_uri: str, bento_tag: str) -> str:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from training.packaging.publish import publish_bento
+        from training.packaging.bento_store import publish_bento
 
         uri = publish_bento(_config(), version_uri, bento_tag)
         if not uri:
