@@ -210,12 +210,11 @@ def main() -> None:
     results = {"load_before": os.getloadavg(), "model": f"build_model({widths}) untrained, tta={args.tta}", "tag": tag,
                "settings": vars(settings), "cpus": os.cpu_count(), "servers": {}}
     if "d" in args.only:
-        # As served (model_concurrency single-threaded calls side by side), and one call
+        # As served (CIFAR10_CPUS single-threaded calls side by side), and one call
         # with every core as intra-op threads; a/d uses the faster of the two.
         onnx_path = args.state / "bentoml" / "models" / tag.replace(":", "/") / "model.onnx"
         results["d_ceiling_img_s"] = {
-            f"{settings.model_concurrency} calls x {settings.model_threads} thread":
-                ceiling(onnx_path, settings.model_threads, settings.model_concurrency),
+            f"{settings.cpus} calls x 1 thread": ceiling(onnx_path, 1, settings.cpus),
             f"1 call x {os.cpu_count()} threads": ceiling(onnx_path, os.cpu_count())}
         print("d:", results["d_ceiling_img_s"], flush=True)
     env = {**os.environ, "BENTOML_HOME": str(args.state / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
