@@ -11,6 +11,7 @@ Client call: ``curl -X POST http://localhost:3000/predict/ -F file=@car2.png``
 from __future__ import annotations
 
 import gc
+from dataclasses import asdict
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from serving.images import MAX_PIXELS
 from serving.lineage import lineage_headers
 from serving.metrics import ServiceMetrics, drift_window
 from serving.model import onnx_session, prediction, warm_up
+from serving.precision import choose as choose_precision
 from serving.settings import INFER_NICE, ServingSettings
 from serving.slots import ComputeSlots, server_key
 
@@ -46,11 +48,12 @@ deer, dog, frog, horse, ship, truck) with a CNN trained by the cifar10-mlops pip
   pixel limits below):
   `curl -X POST http://localhost:3000/predict -F file=@car.png`
 - `POST /predict_batch` with repeated field `files` (at most {SETTINGS.max_files}): a list, in input order.
-- `POST /metadata`: which model is served (BentoML and MLflow identifiers, test accuracy, dataset digest).
+- `POST /metadata`: which model is served (BentoML and MLflow identifiers, test accuracy, dataset digest, and
+  whether this server runs its float or its int8 file, and why).
 
 Every prediction answer names what produced it in headers: `X-Bento-Tag` (the Bento's name:version, or
-`not a bento` when served from source), `X-BentoML-Model`, `X-MLflow-Model`, `X-MLflow-Model-Version` and
-`X-MLflow-Run-Id`, the values `/metadata` gives.
+`not a bento` when served from source), `X-BentoML-Model`, `X-MLflow-Model`, `X-MLflow-Model-Version`,
+`X-MLflow-Run-Id` and `X-Model-Precision` (float or int8), the values `/metadata` gives.
 
 Pixel limits: {MAX_PIXELS:,} decoded pixels per image (a JPEG decodes at down to 1/8 of its width and height)
 and {MAX_REQUEST_PIXELS:,} per request.
@@ -88,6 +91,8 @@ class Metadata(BaseModel):
     git_commit: str
     class_names: list[str]
     batching: dict[str, int] = Field(description="Batching and limit settings (CIFAR10_* environment variables)")
+    precision: dict[str, str | float | None] = Field(
+        description="The model file this server runs (served: float or int8), why, and the speeds it measured")
 
 
 @bentoml.service(description=DESCRIPTION, resources={"cpu": "1"}, **SETTINGS.service_options())
@@ -99,15 +104,17 @@ class CIFAR10Classifier:
     def __init__(self) -> None:
         model_dir = Path(self.bento_model.path)
         self.class_names = json.loads((model_dir / "classes.json").read_text())
+        # float32, or the int8 candidate where it keeps float's answers and is faster on this host.
+        self.precision = choose_precision(model_dir, self.bento_model.info.metadata, server_key())
         # One intra-op thread per call: calls run side by side (CIFAR10_CPUS of them), which scales better
         # than threads that synchronise at every layer.
-        self.session = onnx_session(model_dir / "model.onnx", threads=1)
+        self.session = onnx_session(model_dir / self.precision.file, threads=1)
         self.input_name = self.session.get_inputs()[0].name
         # Every prediction answer carries these, so a client (and the served-artifact check) can tell
         # which Bento and model produced it without a second request.
         bento = CIFAR10Classifier.bento
         self.lineage = lineage_headers(self.bento_model.info.labels, str(self.bento_model.tag),
-                                       str(bento.tag) if bento is not None else None)
+                                       str(bento.tag) if bento is not None else None, self.precision.served)
         self.decode = Decoder(threads=SETTINGS.cpus, nice=INFER_NICE)
         self.decode.warm_up()
         # Full batches side by side, as under load, before /readyz says ready: they prove the
@@ -170,7 +177,7 @@ class CIFAR10Classifier:
             mlflow_version=ids["X-MLflow-Model-Version"], mlflow_run_id=ids["X-MLflow-Run-Id"],
             test_accuracy=_finite(meta.get("test_accuracy")), dataset_digest=meta.get("dataset_digest", ""),
             git_commit=meta.get("git_commit", ""), class_names=self.class_names,
-            batching=SETTINGS.limits(),
+            batching=SETTINGS.limits(), precision=asdict(self.precision),
         )
 
 

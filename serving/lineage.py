@@ -12,11 +12,13 @@ HEADERS = {
     "X-MLflow-Model": "The MLflow registered model the BentoML model was imported from",
     "X-MLflow-Model-Version": "That registered model's version",
     "X-MLflow-Run-Id": "The MLflow run that trained it",
+    "X-Model-Precision": "The model file this server runs: float or int8 (/metadata says why)",
 }
 
 
-def lineage_headers(labels: dict[str, str], model_tag: str, bento_tag: str | None) -> dict[str, str]:
-    """The :data:`HEADERS` values for a BentoML model with ``labels`` and ``model_tag``, in ``bento_tag`` if any.
+def lineage_headers(labels: dict[str, str], model_tag: str, bento_tag: str | None, precision: str) -> dict[str, str]:
+    """The :data:`HEADERS` values for a BentoML model with ``labels`` and ``model_tag``, in ``bento_tag`` if any,
+    served in ``precision``.
 
     An MLflow label the model lacks (one not imported by the pipeline) is an empty value, as in /metadata.
     """
@@ -26,4 +28,5 @@ def lineage_headers(labels: dict[str, str], model_tag: str, bento_tag: str | Non
         "X-MLflow-Model": labels.get("mlflow_model", ""),
         "X-MLflow-Model-Version": labels.get("mlflow_version", ""),
         "X-MLflow-Run-Id": labels.get("mlflow_run_id", ""),
+        "X-Model-Precision": precision,
     }

@@ -73,5 +73,11 @@ class ComputeSlots:
 
 
 def server_key() -> str:
-    """A key shared by the workers of one server: their parent's PID (BentoML's process manager)."""
-    return f"{os.getppid()}"
+    """A key shared by the workers of one server: their parent's (BentoML's process manager) PID and start
+    time, so a later server that gets the same PID does not find this one's files."""
+    parent = os.getppid()
+    try:
+        started = open(f"/proc/{parent}/stat").read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):  # no /proc (not Linux): the PID alone
+        started = "0"
+    return f"{parent}-{started}"

@@ -19,6 +19,14 @@ def serving_model(tmp_path_factory) -> ServingModel:
 
 
 @pytest.fixture(scope="session")
+def int8_serving_model(tmp_path_factory) -> ServingModel:
+    """Like :func:`serving_model`, with an int8 candidate that its precision setting forces."""
+    home = tmp_path_factory.mktemp("bentoml-home-int8")
+    tag = make_serving_model(home, precision="int8")
+    return ServingModel(home=home, tag=tag, labels=dict(FAKE_LABELS), metadata={**FAKE_METADATA, "class_names": CLASSES})
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> Iterator[str]:
     """One SeaweedFS S3 server for the whole session (its endpoint URL); each test takes its own bucket."""
     with seaweed_s3(root=tmp_path_factory.mktemp("seaweedfs")) as endpoint:

@@ -775,10 +775,12 @@ class ServingModel:
 
 
 def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path: str | None = None,
-                        name: str = "cifar10-cnn", tta: bool = False) -> str:
+                        name: str = "cifar10-cnn", tta: bool = False, precision: str | None = None) -> str:
     """Build an untrained ``build_model(widths)``, export it to ONNX, store it under ``home``; return its tag.
 
-    With ``tta``, flip test-time augmentation is inside, as in the models training exports.
+    With ``tta``, flip test-time augmentation is inside, as in the models training exports. With
+    ``precision`` (auto, float or int8), the int8 candidate is stored beside it, calibrated on natural
+    images and recorded as keeping float's answers, as training does for one that passed.
 
     With ``keras_path``, the Keras model is also saved there (the seed-style benchmark baseline loads it).
 
@@ -810,19 +812,26 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
         metadata = {**FAKE_METADATA, "class_names": CLASSES, "onnx_max_abs_diff": diff,
                     "mlflow_tracking_uri": "sqlite:///nowhere.db",
                     "drift_reference": reference_statistics(reference_x, confidences)}
+        if precision:
+            from training.model.quantize import quantize
+
+            quantize(Path(tmp) / "model.onnx", natural_images(256, seed=1), Path(tmp) / "model.int8.onnx")
+            metadata["precision"] = {"setting": precision, "accurate": True}
         with bentoml.models.create(name, labels=FAKE_LABELS, metadata=metadata) as stored:
-            (Path(stored.path) / "model.onnx").write_bytes((Path(tmp) / "model.onnx").read_bytes())
+            for file in ("model.onnx", "model.int8.onnx"):
+                if (Path(tmp) / file).exists():
+                    (Path(stored.path) / file).write_bytes((Path(tmp) / file).read_bytes())
             (Path(stored.path) / "classes.json").write_text(json.dumps(CLASSES))
     return str(stored.tag)
 
 
 def make_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path: str | None = None,
-                       tta: bool = False) -> str:
+                       tta: bool = False, precision: str | None = None) -> str:
     """Run :func:`build_serving_model` in a fresh interpreter with ``BENTOML_HOME=home``; return the tag."""
     home.mkdir(parents=True, exist_ok=True)
     code = ("from pathlib import Path; from tests.helpers import build_serving_model; "
             f"print('TAG=' + build_serving_model(Path({str(home)!r}), {tuple(widths)!r}, {keras_path!r}, "
-            f"tta={tta!r}))")
+            f"tta={tta!r}, precision={precision!r}))")
     env = {**os.environ, "BENTOML_HOME": str(home), "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
            "BENTOML_DO_NOT_TRACK": "True"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)

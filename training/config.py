@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from serving.precision import PRECISIONS
+
 # The official binary release: parsed with numpy, never unpickled.
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 OFFICIAL_SHA256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
@@ -61,8 +63,8 @@ class PipelineConfig:
     # mixed_bfloat16: "auto" (only where TensorFlow has a CPU with native bf16), "true" or "false"
     mixed_precision: str = "auto"
     tta: bool = True  # flip test-time augmentation inside the exported model (2x inference)
-
-    # --- failures and retries (read when the DAG file is parsed, so never a run's params)
+    # Served precision: auto (int8 where it keeps float's answers and is faster where the Bento runs), float, int8.
+    precision: str = "auto"
 
     # --- registry gate
     registered_model_name: str = "cifar10-cnn"  # MLflow registered model; its alias "champion" is what is served
@@ -179,4 +181,7 @@ def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str
         raise ValueError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}")
     config = PipelineConfig().replace(**RECIPES[recipe], recipe=recipe)
     config = config.replace(**from_env)
-    return config.replace(**overrides) if overrides else config
+    config = config.replace(**overrides) if overrides else config
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
+    return config

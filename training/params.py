@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from serving.precision import PRECISIONS
 from training.config import RECIPES, PipelineConfig, load_config
 
 
@@ -130,6 +131,8 @@ PIPELINE = RunParams(config_params=(
     RunParam("force_promote", "boolean", "Operator override of the gate"),
     RunParam("served_p99_budget_ms", "number", "Served-artifact gate: p99 latency budget of the golden set",
              exclusive_minimum=0),
+    RunParam("precision", "string", "Served precision: auto (int8 only where it keeps float's answers and is faster "
+                                    "where the Bento runs), float or int8", enum=PRECISIONS),
     RunParam("container_backend", "string", "auto | docker | podman | buildah | none",
              enum=("auto", "docker", "podman", "buildah", "none")),
     RunParam("base_image", "string", "Base of the Bento image: a default, one the operator allows "

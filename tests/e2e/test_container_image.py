@@ -223,7 +223,10 @@ def test_image_labels_and_answer_headers_name_what_it_serves(built_image, runnin
         "org.opencontainers.image.revision": meta["git_commit"], "ai.cifar10.bento.tag": meta["bento_tag"],
         "ai.cifar10.bentoml.model": meta["bentoml_model_tag"], "ai.cifar10.mlflow.model": meta["mlflow_model"],
         "ai.cifar10.mlflow.version": meta["mlflow_version"], "ai.cifar10.mlflow.run_id": meta["mlflow_run_id"],
-        "ai.cifar10.dataset.digest": meta["dataset_digest"]}
+        "ai.cifar10.dataset.digest": meta["dataset_digest"], "ai.cifar10.precision": labels["ai.cifar10.precision"]}
+    assert labels["ai.cifar10.precision"].startswith("auto: ")  # the run's default setting, with int8's record
+    served = requests.post(f"{url}/predict", timeout=30, files={"file": ("red.png", _png(), "image/png")})
+    assert served.headers["X-Model-Precision"] == meta["precision"]["served"]  # the file it says it runs
     # The DAG ran in this checkout: the revision is its commit, the digest the generated dataset's.
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", labels["org.opencontainers.image.revision"]), labels
     assert labels["ai.cifar10.dataset.digest"] and labels["ai.cifar10.mlflow.run_id"]

@@ -640,6 +640,30 @@ def test_metadata_matches_the_model(server, serving_model):
         assert meta[key] == serving_model.metadata[key]
     assert meta["bento_tag"] == "not a bento"
     assert meta["batching"]["max_files"] == MAX_FILES and meta["batching"]["max_body_bytes"] == MAX_BODY
+    assert meta["precision"] == {"served": "float", "why": "the model has no int8 candidate", "float_img_s": None,
+                                 "int8_img_s": None}
+
+
+def test_an_int8_model_is_served_when_its_setting_says_so_and_answers_as_that_file(int8_serving_model, tmp_path):
+    """Every worker runs the int8 file, says so in /metadata and the answers' headers, and answers as it does."""
+    from serving.images import decode_image
+    from training.model.export import onnx_probabilities
+
+    proc, url = _serve(int8_serving_model, tmp_path / "serve.log", {})
+    try:
+        meta = httpx.post(f"{url}/metadata", timeout=30).json()
+        image = image_bytes(3)
+        answers = [httpx.post(f"{url}/predict", files={"file": ("x.jpg", image, "image/jpeg")}, timeout=30)
+                   for _ in range(8)]
+    finally:
+        stop_server(proc)
+    assert meta["precision"]["served"] == "int8" and "forces it" in meta["precision"]["why"]
+    assert {a.headers["X-Model-Precision"] for a in answers} == {"int8"}
+    model_dir = int8_serving_model.home / "models" / int8_serving_model.tag.replace(":", "/")
+    expected = onnx_probabilities(serving_model_module.onnx_session(model_dir / "model.int8.onnx"),
+                                  decode_image(image)[None])[0]
+    got = np.array([answers[0].json()["probabilities"][c] for c in CLASSES])
+    assert np.abs(got - expected).max() < 1e-5
 @pytest.mark.parametrize("route", ["/predict", "/predict/", "/predict_batch", "/predict_batch/"])
 def test_prediction_answers_name_the_bento_and_models_behind_them(server, serving_model, route):
     field = "files" if route.startswith("/predict_batch") else "file"
@@ -650,11 +674,12 @@ def test_prediction_answers_name_the_bento_and_models_behind_them(server, servin
         "X-Bento-Tag": "not a bento", "X-BentoML-Model": serving_model.tag,
         "X-MLflow-Model": serving_model.labels["mlflow_model"],
         "X-MLflow-Model-Version": serving_model.labels["mlflow_version"],
-        "X-MLflow-Run-Id": serving_model.labels["mlflow_run_id"]}
+        "X-MLflow-Run-Id": serving_model.labels["mlflow_run_id"], "X-Model-Precision": "float"}
     # ... the same identifiers /metadata gives
     meta = httpx.post(f"{server}/metadata", timeout=30).json()
     assert [resp.headers[name] for name in lineage.HEADERS] == [
-        meta[key] for key in ("bento_tag", "bentoml_model_tag", "mlflow_model", "mlflow_version", "mlflow_run_id")]
+        *(meta[key] for key in ("bento_tag", "bentoml_model_tag", "mlflow_model", "mlflow_version", "mlflow_run_id")),
+        meta["precision"]["served"]]
 
 
 def test_spec_and_page_text_document_the_lineage_headers(server):

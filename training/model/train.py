@@ -17,8 +17,10 @@ from training.registry.attempts import TaskAttempt, end_orphaned_runs
 
 log = logging.getLogger(__name__)
 
-# Logged next to model.onnx; the import into the BentoML store copies it into the model's metadata.
+# Logged next to model.onnx; the import into the BentoML store copies them into the model's metadata.
 DRIFT_REFERENCE = "drift_reference.json"
+PRECISION = "precision.json"
+
 # Validation images kept out of the fit: enough for the learning curve and the drift reference's
 # confidences; the rest of validation is worth more as training data (docs/training.md).
 VALIDATION_HOLDOUT = 1000
@@ -178,17 +180,31 @@ def _log_inputs(config: PipelineConfig, splits: dict, manifest: dict) -> dict:
     return splits
 
 
-def _log_onnx(model, splits: dict, class_names: list[str]) -> None:
-    """Export ``onnx/model.onnx`` (parity checked), its classes and the drift reference."""
+def _log_onnx(config: PipelineConfig, model, splits: dict, class_names: list[str]) -> None:
+    """Export ``onnx/model.onnx`` (parity checked), its classes, the drift reference, and the int8 candidate
+    ``onnx/model.int8.onnx`` with how it compares (``onnx/precision.json``, ``precision_*`` metrics)."""
     import mlflow
 
     from training.model.export import export_onnx
+    from serving.precision import INT8_MODEL, decide
+    from training.model.quantize import calibration_sample, compare, quantize
 
     with tempfile.TemporaryDirectory() as tmp:
-        diff = export_onnx(model, Path(tmp) / "model.onnx", splits["test"][0][:64])
-        (Path(tmp) / "classes.json").write_text(json.dumps(class_names))
-        (Path(tmp) / DRIFT_REFERENCE).write_text(json.dumps(drift_reference(model, splits)))
+        folder = Path(tmp)
+        diff = export_onnx(model, folder / "model.onnx", splits["test"][0][:64])
+        (folder / "classes.json").write_text(json.dumps(class_names))
+        (folder / DRIFT_REFERENCE).write_text(json.dumps(drift_reference(model, splits)))
         mlflow.log_metric("onnx_max_abs_diff", diff)
+        quantize(folder / "model.onnx", calibration_sample(splits["train"][0], config.seed), folder / INT8_MODEL)
+        comparison = compare(folder / "model.onnx", folder / INT8_MODEL, *splits["test"], class_names)
+        here = decide(config.precision, comparison.accurate, comparison.float_img_s, comparison.int8_img_s)
+        (folder / PRECISION).write_text(json.dumps({"setting": config.precision, "accurate": comparison.accurate,
+                                                    "here": here.served, "why": here.why, **comparison.metrics()}))
+        mlflow.log_metrics(comparison.metrics())
+        mlflow.set_tags({"precision_setting": config.precision, "precision_here": here.served})
+        log.info("int8 candidate: test accuracy %.4f (float %.4f), agreement %.4f, %.0f against %.0f images/s: "
+                 "%s here (%s)", comparison.int8_accuracy, comparison.float_accuracy, comparison.agreement,
+                 comparison.int8_img_s, comparison.float_img_s, here.served, here.why)
         mlflow.log_artifacts(tmp, "onnx")
 
 
@@ -220,7 +236,7 @@ def train(config: PipelineConfig, prepared_dir: Path, attempt: TaskAttempt | Non
         with tempfile.TemporaryDirectory() as tmp:
             metrics = log_evaluation(x_test, y_test, probs, class_names, history, Path(tmp))
         log.info("test accuracy %.4f after %.1f s of training", metrics["test_accuracy"], train_seconds)
-        _log_onnx(model, splits, class_names)
+        _log_onnx(config, model, splits, class_names)
         example = x_test[:2].astype(np.float32)
         info = _log_keras_model(model, signature=infer_signature(example, probs[:2]), input_example=example,
                                 pip_requirements=model_requirements(keras_backend()))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.precision import INT8_MODEL
 from training.config import PipelineConfig, mask_password
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,9 @@ def import_version(config: PipelineConfig, version_uri: str) -> str:
         diff = _keras_parity(f"models:/{name}/{mv.version}", src / "model.onnx")
         metadata = _metadata(config, client.get_run(mv.run_id), src, diff)
         with bentoml.models.create(BENTO_MODEL_NAME, labels=labels, metadata=metadata) as model:
-            for file in ("model.onnx", "classes.json"):
-                shutil.copy(src / file, Path(model.path) / file)
+            for file in ("model.onnx", "classes.json", INT8_MODEL):
+                if (src / file).exists():  # versions trained before the int8 candidate have none
+                    shutil.copy(src / file, Path(model.path) / file)
     log.info("imported %s version %s (run %s) as BentoML model %s", name, mv.version, mv.run_id, model.tag)
     return str(model.tag)
 
@@ -111,7 +113,7 @@ def _keras_parity(model_uri: str, onnx_path: Path) -> float:
 
 def _metadata(config: PipelineConfig, run, src: Path, onnx_max_abs_diff: float) -> dict:
     """What the BentoML model carries for /metadata, the image's labels and the drift score."""
-    from training.model.train import DRIFT_REFERENCE
+    from training.model.train import DRIFT_REFERENCE, PRECISION
 
     metadata = {
         "test_accuracy": float(run.data.metrics.get("test_accuracy", float("nan"))),
@@ -124,6 +126,8 @@ def _metadata(config: PipelineConfig, run, src: Path, onnx_max_abs_diff: float) 
     reference = src / DRIFT_REFERENCE
     if reference.exists():  # versions trained before drift monitoring have none; they serve without a score
         metadata["drift_reference"] = json.loads(reference.read_text())
+    if (src / PRECISION).exists():  # the int8 candidate's record: the setting, whether it keeps float's answers
+        metadata["precision"] = json.loads((src / PRECISION).read_text())
     return metadata
 
 

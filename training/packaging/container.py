@@ -161,7 +161,17 @@ def image_labels(bento, model) -> dict[str, str]:
         "ai.cifar10.mlflow.version": labels.get("mlflow_version", ""),
         "ai.cifar10.mlflow.run_id": labels.get("mlflow_run_id", ""),
         "ai.cifar10.dataset.digest": meta.get("dataset_digest", ""),
+        "ai.cifar10.precision": _precision_label(meta.get("precision") or {}),
     }
+
+
+def _precision_label(record: dict) -> str:
+    """What the image may serve: float only, int8 forced, or auto (with whether int8 keeps float's answers);
+    under auto the server picks at start, after measuring both here, and /metadata says which."""
+    setting = record.get("setting", "float")
+    if setting != "auto":
+        return setting
+    return "auto: int8 where faster (keeps float's answers)" if record.get("accurate") else "auto: float (int8 less accurate)"
 
 
 def _image_cli(backend: str) -> str:

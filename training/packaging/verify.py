@@ -8,7 +8,9 @@ the wrong model, decode images differently or fail to start. A miss tags the ver
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import logging
 import tempfile
 import time
@@ -41,6 +43,7 @@ class Check:
     requests: int
     p99_ms: float
     max_abs_diff: float
+    precision: str = "float"  # the model file the server said it runs
 
 
 def golden_set(prepared_dir: Path, n: int, seed: int) -> np.ndarray:
@@ -130,15 +133,43 @@ def check_answers(url: str, images: np.ndarray, expected: np.ndarray, class_name
     return Check(len(bodies) + 1, p99, worst)
 
 
-def _expected(config: PipelineConfig, run_id: str, prepared_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The golden images, the exported model's probabilities for them, and its class names."""
+def _expected(config: PipelineConfig, run_id: str, prepared_dir: Path) -> tuple[np.ndarray, dict, list[str]]:
+    """The golden images, each exported model file's probabilities for them (by precision), and the class names."""
+    import mlflow
+
+    from serving.model import onnx_session
+    from serving.precision import FLOAT_MODEL, INT8_MODEL
     from training.model.export import onnx_probabilities
-    from training.registry.evaluation import onnx_of_run
 
     images = golden_set(prepared_dir, GOLDEN_IMAGES, config.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        session, class_names = onnx_of_run(run_id, Path(tmp))
-        return images, onnx_probabilities(session, images), class_names
+        src = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="onnx", dst_path=tmp))
+        expected = {precision: onnx_probabilities(onnx_session(src / file), images)
+                    for precision, file in (("float", FLOAT_MODEL), ("int8", INT8_MODEL)) if (src / file).exists()}
+        return images, expected, json.loads((src / "classes.json").read_text())
+
+
+def served_precision(url: str) -> str:
+    """Which model file the server at ``url`` runs, as its /metadata says (servers choose where they start)."""
+    import requests
+
+    from serving.settings import client_headers
+
+    answer = requests.post(f"{url}/metadata", json={}, headers=client_headers(), timeout=30)
+    if answer.status_code != 200:
+        raise ServedArtifactError(f"{url}/metadata answered HTTP {answer.status_code}: {answer.text[:200]}")
+    return answer.json()["precision"]["served"]
+
+
+def _check_served(url: str, golden, lineage: dict[str, str], budget_ms: float) -> Check:
+    """:func:`check_answers` against the exported file the server says it runs."""
+    images, expected, class_names = golden
+    precision = served_precision(url)
+    if precision not in expected:
+        raise ServedArtifactError(f"{url} serves the {precision} model, which the run did not export")
+    check = check_answers(url, images, expected[precision], class_names, {**lineage, "X-Model-Precision": precision},
+                          budget_ms)
+    return dataclasses.replace(check, precision=precision)
 
 
 def _serve_and_check(config: PipelineConfig, bento, lineage: dict[str, str], golden) -> dict[str, Check]:
@@ -150,10 +181,10 @@ def _serve_and_check(config: PipelineConfig, bento, lineage: dict[str, str], gol
     checks = {}
     # The server inherits BENTOML_HOME, which use_bentoml_home set to the store the Bento was built in.
     with running_server(bentoml_serve(str(bento.tag), port), log_path, port, START_TIMEOUT_S) as url:
-        checks["bento"] = check_answers(url, *golden, lineage, config.served_p99_budget_ms)
+        checks["bento"] = _check_served(url, golden, lineage, config.served_p99_budget_ms)
     if container.image_exists(config, image):
         with container.serve_image(config, image, free_port(), timeout=START_TIMEOUT_S) as url:
-            checks["image"] = check_answers(url, *golden, lineage, config.served_p99_budget_ms)
+            checks["image"] = _check_served(url, golden, lineage, config.served_p99_budget_ms)
     else:
         log.info("no image %s (containerize was skipped): checking the Bento only", image)
     return checks
@@ -178,7 +209,8 @@ def verify(config: PipelineConfig, version_uri: str, bento_tag: str, prepared_di
     bento = use_bentoml_home(config).bentos.get(bento_tag)
     # What the registry says this version is, not what the Bento says of itself.
     labels = {"mlflow_model": name, "mlflow_version": str(version), "mlflow_run_id": mv.run_id}
-    lineage = lineage_headers(labels, bento_model_tag(bento), str(bento.tag))
+    lineage = lineage_headers(labels, bento_model_tag(bento), str(bento.tag), precision="")
+    del lineage["X-Model-Precision"]  # each server says which file it runs: checked against that file
     try:
         checks = _serve_and_check(config, bento, lineage, (images, expected, class_names))
     except Exception as exc:  # any failure of the check keeps the model from being promoted
@@ -191,9 +223,10 @@ def verify(config: PipelineConfig, version_uri: str, bento_tag: str, prepared_di
                                          for key, value in (("p99_ms", check.p99_ms),
                                                             ("max_abs_diff", check.max_abs_diff))])
     for kind, check in checks.items():
-        log.info("served-artifact check of the %s passed: %d golden images, p99 %.1f ms (budget %g ms), "
-                 "max |p - exported| %.2e", kind, check.requests - 1, check.p99_ms, config.served_p99_budget_ms,
-                 check.max_abs_diff)
-    client.set_model_version_tag(name, version, "served_check", f"passed: {', '.join(checks)}; p99 "
-                                 f"{max(c.p99_ms for c in checks.values()):.1f} ms")
+        log.info("served-artifact check of the %s (%s model) passed: %d golden images, p99 %.1f ms (budget %g ms), "
+                 "max |p - exported| %.2e", kind, check.precision, check.requests - 1, check.p99_ms,
+                 config.served_p99_budget_ms, check.max_abs_diff)
+    client.set_model_version_tag(name, version, "served_check", "passed: " + ", ".join(
+        f"{kind} ({check.precision})" for kind, check in checks.items()) + f"; p99 "
+        f"{max(c.p99_ms for c in checks.values()):.1f} ms")
     return bento_tag

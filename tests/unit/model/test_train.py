@@ -97,6 +97,33 @@ def test_onnx_artifact_matches_keras_model(trained, tmp_path):
     assert check_parity(onnx_probabilities(onnx_session(f"{folder}/model.onnx"), pixels), reference, "run") <= 1e-4
 
 
+def test_the_int8_candidate_is_logged_scored_and_judged(trained, tmp_path):
+    """Next to model.onnx: the quantized model, how it compares with float on the test split, and the rule's
+    choice here; the run's metrics say the same."""
+    import mlflow
+
+    from serving.precision import decide
+    from training.data.prepare import load_prepared
+    from training.model.export import onnx_probabilities
+    from serving.model import onnx_session
+
+    config, run_id, prepared = trained
+    mlflow.set_tracking_uri(config.tracking_uri)
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="onnx", dst_path=str(tmp_path)))
+    record = json.loads((folder / "precision.json").read_text())
+    x_test, y_test = load_prepared(prepared)[0]["test"]
+    int8 = onnx_probabilities(onnx_session(folder / "model.int8.onnx"), x_test).argmax(1)
+    floats = onnx_probabilities(onnx_session(folder / "model.onnx"), x_test).argmax(1)
+    assert record["precision_int8_accuracy"] == pytest.approx(float(np.mean(int8 == y_test)))
+    assert record["precision_agreement"] == pytest.approx(float(np.mean(int8 == floats)))
+    assert record["setting"] == config.precision == "auto"
+    assert record["here"] == decide("auto", record["accurate"], record["precision_float_img_s"],
+                                    record["precision_int8_img_s"]).served
+    run = _client(config).get_run(run_id).data
+    assert run.metrics["precision_agreement"] == pytest.approx(record["precision_agreement"])
+    assert run.tags["precision_here"] == record["here"]
+
+
 def test_drift_reference_describes_the_training_split(trained, tmp_path):
     import mlflow
 

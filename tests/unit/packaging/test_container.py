@@ -162,7 +162,15 @@ def test_containerize_builds_on_the_chosen_base(monkeypatch, tmp_path, backend, 
         "org.opencontainers.image.revision": "abc1234def", "ai.cifar10.bento.tag": "cifar10-classifier:v1",
         "ai.cifar10.bentoml.model": "cifar10-cnn:m1", "ai.cifar10.mlflow.model": "cifar10-cnn",
         "ai.cifar10.mlflow.version": "7", "ai.cifar10.mlflow.run_id": "run0123",
-        "ai.cifar10.dataset.digest": "sha256:feedface"}
+        "ai.cifar10.dataset.digest": "sha256:feedface", "ai.cifar10.precision": "float"}
+
+
+@pytest.mark.parametrize("record, label", [
+    ({}, "float"), ({"setting": "int8", "accurate": False}, "int8"),
+    ({"setting": "auto", "accurate": True}, "auto: int8 where faster (keeps float's answers)"),
+    ({"setting": "auto", "accurate": False}, "auto: float (int8 less accurate)")])
+def test_the_precision_label_says_what_the_image_may_serve(record, label):
+    assert container.image_labels(_bento(), _model(metadata={"precision": record}))["ai.cifar10.precision"] == label
 
 
 def test_labels_without_a_known_commit_say_unknown():

@@ -9,13 +9,13 @@ LABELS = {"mlflow_model": "cifar10-cnn", "mlflow_version": "3", "mlflow_run_id":
 
 
 def test_headers_name_the_bento_model_and_mlflow_lineage():
-    assert lineage.lineage_headers(LABELS, "cifar10-cnn:m1", "cifar10-classifier:b1") == {
+    assert lineage.lineage_headers(LABELS, "cifar10-cnn:m1", "cifar10-classifier:b1", "int8") == {
         "X-Bento-Tag": "cifar10-classifier:b1", "X-BentoML-Model": "cifar10-cnn:m1", "X-MLflow-Model": "cifar10-cnn",
-        "X-MLflow-Model-Version": "3", "X-MLflow-Run-Id": "r1"}
+        "X-MLflow-Model-Version": "3", "X-MLflow-Run-Id": "r1", "X-Model-Precision": "int8"}
 
 
 def test_from_source_there_is_no_bento_and_missing_labels_are_empty():
-    values = lineage.lineage_headers({}, "cifar10-cnn:m1", None)
+    values = lineage.lineage_headers({}, "cifar10-cnn:m1", None, "float")
     assert values["X-Bento-Tag"] == "not a bento" == lineage.NOT_A_BENTO
     assert [values[k] for k in ("X-MLflow-Model", "X-MLflow-Model-Version", "X-MLflow-Run-Id")] == ["", "", ""]
     assert list(values) == list(lineage.HEADERS)  # every documented header has a value, and no other

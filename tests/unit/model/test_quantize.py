@@ -1,0 +1,36 @@
+"""training/model/quantize.py: the int8 candidate and how it compares with float on the test split."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from serving.model import onnx_session
+from training.model.export import export_onnx, onnx_probabilities
+from training.model.network import build_model, with_flip_tta
+from training.model.quantize import CALIBRATION_IMAGES, calibration_sample, compare, quantize
+from tests.helpers import CLASSES, natural_images
+
+
+def test_quantize_writes_a_static_int8_model_that_compare_scores_against_float(tmp_path):
+    float_path = tmp_path / "model.onnx"
+    export_onnx(with_flip_tta(build_model((8, 16), num_classes=10)), float_path, natural_images(4).astype(np.float32))
+    quantize(float_path, natural_images(128, seed=1), tmp_path / "model.int8.onnx")
+    ops = {node.op_type for node in onnx.load(tmp_path / "model.int8.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ: quantized weights and activations
+    x = natural_images(200, seed=2)
+    y = onnx_probabilities(onnx_session(float_path), x).argmax(1)  # labels float gets right by construction
+    result = compare(float_path, tmp_path / "model.int8.onnx", x, y, CLASSES)
+    int8 = onnx_probabilities(onnx_session(tmp_path / "model.int8.onnx"), x).argmax(1)
+    assert result.float_accuracy == 1.0 and result.agreement == result.int8_accuracy == float(np.mean(int8 == y))
+    assert result.float_img_s > 0 and result.int8_img_s > 0
+    assert result.metrics()["precision_agreement"] == result.agreement
+    assert result.accurate == (result.int8_accuracy >= 0.998 and result.agreement >= 0.99)
+
+
+def test_calibration_is_a_seeded_sample_of_the_training_images():
+    x = np.arange(3000)[:, None, None, None] * np.ones((1, 32, 32, 3), dtype=np.uint8)
+    first, again = calibration_sample(x, seed=1), calibration_sample(x, seed=1)
+    assert len(first) == CALIBRATION_IMAGES and np.array_equal(first, again)
+    assert not np.array_equal(first, calibration_sample(x, seed=2))
+    assert len(calibration_sample(x[:100], seed=1)) == 100
