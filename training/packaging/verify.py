@@ -223,8 +223,8 @@ def verify(config: PipelineConfig, version_uri: str, bento_tag: str, prepared_di
                                          for key, value in (("p99_ms", check.p99_ms),
                                                             ("max_abs_diff", check.max_abs_diff))])
     for kind, check in checks.items():
-        log.info("served-artifact check of the %s (%s model) passed: %d golden images, p99 %.1f ms (budget %g ms), "
-                 "max |p - exported| %.2e", kind, check.precision, check.requests - 1, check.p99_ms,
+        log.info("served-artifact check of the %s passed (it runs the %s model): %d golden images, p99 %.1f ms "
+                 "(budget %g ms), max |p - exported| %.2e", kind, check.precision, check.requests - 1, check.p99_ms,
                  config.served_p99_budget_ms, check.max_abs_diff)
     client.set_model_version_tag(name, version, "served_check", "passed: " + ", ".join(
         f"{kind} ({check.precision})" for kind, check in checks.items()) + f"; p99 "
