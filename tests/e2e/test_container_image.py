@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, free_port, image_folder_zip, run_dag, state_env
+from tests.helpers import ROOT, free_port, image_folder_zip, require, run_dag, state_env
 from training.config import PipelineConfig
 from training.packaging import base_image, commands, container
 
@@ -34,40 +34,6 @@ def _png(color=(200, 30, 30)) -> bytes:
 CONTAINER_TOOLS = ("podman", "buildah", "runc", "debootstrap")
 
 
-def require_container_tools(environ=os.environ) -> None:
-    """Skip when a container tool is missing; fail instead under CI (``CI`` set, not false/0).
-
-    `.ci/run` installs the tools, so in CI a missing one is a broken setup that must not
-    pass as a skipped test.
-    """
-    missing = [t for t in CONTAINER_TOOLS if shutil.which(t) is None]
-    if not missing:
-        return
-    why = f"missing {', '.join(missing)}: run .ci/setup-container-tools.sh"
-    if environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"CI={environ['CI']} but {why} (.ci/run installs them)", pytrace=False)
-    pytest.skip(why)
-
-
-@pytest.mark.parametrize("ci", ["true", "1"])
-def test_missing_tools_fail_under_ci(monkeypatch, ci):
-    monkeypatch.setattr(shutil, "which", lambda name: None if name == "buildah" else f"/usr/bin/{name}")
-    with pytest.raises(pytest.fail.Exception, match=f"CI={ci} but missing buildah: run .ci/setup-container-tools.sh"):
-        require_container_tools({"CI": ci})
-
-
-@pytest.mark.parametrize("environ", [{}, {"CI": "false"}, {"CI": ""}])
-def test_missing_tools_skip_outside_ci(monkeypatch, environ):
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(pytest.skip.Exception, match="missing podman, buildah, runc, debootstrap"):
-        require_container_tools(environ)
-
-
-def test_present_tools_neither_skip_nor_fail(monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
-    assert require_container_tools({"CI": "true"}) is None
-
-
 def _task_log(dag_log: str, task_id: str) -> str:
     """The part of an `airflow dags test` log written by ``task_id``'s last try ("" if it never ran)."""
     start = dag_log.rfind(f"starting task_id={task_id}")
@@ -80,7 +46,8 @@ def _task_log(dag_log: str, task_id: str) -> str:
 @pytest.fixture(scope="module")
 def built_image(tmp_path_factory):
     """Run the DAG with a real builder on a tiny dataset; yield (image, env, state)."""
-    require_container_tools()
+    missing = [t for t in CONTAINER_TOOLS if shutil.which(t) is None]
+    require(not missing, f"missing {', '.join(missing)}: run .ci/setup-container-tools.sh")
     state = tmp_path_factory.mktemp("container-state")
     archive = image_folder_zip(state / "syn.zip", per_class=12)
     config = PipelineConfig(state_dir=str(state))
@@ -97,10 +64,11 @@ def built_image(tmp_path_factory):
                             capture_output=True, text=True, check=True).stdout.splitlines()
     ids = {line.split()[0].removeprefix("localhost/"): line.split()[1] for line in images if "cifar10-classifier" in line}
     image = next(i for i in ids if not i.endswith(":latest"))
-    # containerize tags the Bento's version only; `latest` is there only if the run promoted the image
-    # (tag_image after the served-artifact check), and then it is this image.
-    promoted = "new_state=success" in _task_log(text, "promote")
-    assert (ids.get("cifar10-classifier:latest") == ids[image]) if promoted else ("cifar10-classifier:latest" not in ids), ids
+    # force_promote: the run must promote, and promotion (tag_image, after the served-artifact check)
+    # moves `latest` onto this image; containerize itself tags the Bento's version only.
+    promote = _task_log(text, "promote")
+    assert "new_state=success" in promote, f"force_promote=True but the promote task did not succeed:\n{promote[-4000:]}"
+    assert ids.get("cifar10-classifier:latest") == ids[image], f"`latest` is not {image} after its promotion: {ids}"
     try:
         yield image, cenv, state
     finally:

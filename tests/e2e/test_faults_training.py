@@ -166,7 +166,8 @@ def test_mlflow_outage_fails_fast_and_the_retry_succeeds_once_it_is_back(archive
         tries = _train_tries(state)
         assert tries[-1][1] == "success" and [t[0] for t in tries] == list(range(1, len(tries) + 1)), tries
         failed = tries[:-1]
-        assert failed and all(state_ in ("failed", "up_for_retry") for _, state_, _ in failed), tries
+        # Airflow archives a try that will be retried (up_for_retry then) as failed in task_instance_history.
+        assert failed and all(state_ == "failed" for _, state_, _ in failed), tries
         # Each failed try ended within seconds, not after MLflow's minutes of HTTP retries.
         assert all(seconds < CONNECT_TIMEOUT_S + 30 for _, _, seconds in failed), tries
 

@@ -7,15 +7,13 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from tests.helpers import ROOT
+from tests.helpers import ROOT, require
 
 
 def test_onnx_export_of_a_jax_model_matches_it(tmp_path):
     """Under JAX the ONNX export runs in a TensorFlow child process; parity is against the JAX model."""
-    if importlib.util.find_spec("jax") is None:
-        pytest.skip("jax is not installed: it is a dev dependency (uv sync --frozen installs it)")
+    require(importlib.util.find_spec("jax") is not None,
+            "jax is not installed: it is a dev dependency (uv sync --frozen installs it)")
     code = ("import sys, numpy as np; from training.model.network import build_model, with_flip_tta; "
             "from training.model.export import export_onnx; "
             "x = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)).astype(np.uint8); "

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import BIN, ROOT, TINY_DAG_CONF, bentoml_cli_json, bentoml_serve, encode, image_folder_zip
-from tests.helpers import make_images, migrate, run_dag, state_env
+from tests.helpers import BIN, ROOT, TINY_DAG_CONF, bentoml_cli_json, bentoml_serve, champion_bento, encode
+from tests.helpers import image_folder_zip, make_images, migrate, run_dag, state_env
 
 MODEL = "cifar10-cnn"
 LINEAGE = ("X-Bento-Tag", "X-MLflow-Model", "X-MLflow-Model-Version", "X-MLflow-Run-Id")
@@ -40,18 +40,11 @@ def _client(env):
     return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
 
 
-def _champion_bento(env) -> str:
-    out = subprocess.run([str(BIN / "python"), "-m", "training.deploy.champion", "bento"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
 def _answers(env, tmp: Path, name: str) -> dict:
     """Serve the champion's Bento afresh; its lineage headers and probabilities for :data:`IMAGES`."""
     import requests
 
-    bento = _champion_bento(env)
+    bento = champion_bento(env)
     with bentoml_serve(bento, env, tmp / f"serve-{name}.log") as url:
         headers, probs = set(), []
         for i, data in enumerate(IMAGES):
@@ -119,7 +112,7 @@ def test_each_promoted_version_is_served_with_lineage_headers_that_match_the_reg
 def failed_gate(life):
     """Run 3: a tie is allowed through the quality gate, but the p99 budget is impossible."""
     env, tmp = life["env"], life["tmp"]
-    before = {"bentos": _bentos(env), "champion": _champion_bento(env)}
+    before = {"bentos": _bentos(env), "champion": champion_bento(env)}
     conf = {**life["conf"], "epochs": 3, "min_improvement": 0, "served_p99_budget_ms": 0.001}
     result = run_dag(env, conf, tmp / "run-3.log")
     return {"result": result, "log": (tmp / "run-3.log").read_text(), "before": before}
@@ -137,7 +130,7 @@ def test_a_bento_that_fails_the_served_check_fails_the_run_and_moves_nothing(lif
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
     assert "champion_since" not in v3.tags
     # The failed Bento stays in the store for inspection, but is not what serving starts.
-    assert _champion_bento(env) == failed_gate["before"]["champion"]
+    assert champion_bento(env) == failed_gate["before"]["champion"]
     assert len(_bentos(env)) == len(failed_gate["before"]["bentos"]) + 1
 
 
@@ -163,7 +156,7 @@ def test_a_bento_whose_service_cannot_load_its_model_fails_the_check(life, faile
     assert "the service exited before it was ready" in out.stderr and "INVALID_PROTOBUF" in out.stderr
     assert "champion was not moved" in out.stderr
     assert str(_client(env).get_model_version_by_alias(MODEL, "champion").version) == "2"
-    assert _champion_bento(env) == failed_gate["before"]["champion"]
+    assert champion_bento(env) == failed_gate["before"]["champion"]
 
 
 def test_make_rollback_serves_the_previous_version_as_it_answered(life, failed_gate):

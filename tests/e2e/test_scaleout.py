@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -31,7 +30,7 @@ import pytest
 import requests
 
 from tests.helpers import (CLASSES, ROOT, encode, free_port, image_folder_zip, listeners, make_images, not_loopback,
-                           process_groups, state_env)
+                           process_groups, require, state_env)
 from tests.helpers import TINY_DAG_CONF as CONF
 
 BUCKET = "cifar10"
@@ -64,12 +63,6 @@ def test_passwords_in_urls_are_masked_in_logged_params():
 
 
 # --- end to end: the distributed stack ----------------------------------------
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
 
 def _pg_admin_url() -> str:
     if os.environ.get("CIFAR10_TEST_PG_URL"):
@@ -147,7 +140,7 @@ def postgres():
     try:
         conn = psycopg2.connect(admin, connect_timeout=5)
     except psycopg2.OperationalError as exc:
-        _unavailable(f"no PostgreSQL reachable ({str(exc).strip().splitlines()[0]}); "
+        require(False, f"no PostgreSQL reachable ({str(exc).strip().splitlines()[0]}); "
                      "run .ci/setup-postgres.sh or set CIFAR10_TEST_PG_URL")
     conn.autocommit = True
     suffix = uuid.uuid4().hex[:8]
@@ -166,8 +159,7 @@ def stack(tmp_path_factory, postgres):
     """The distributed stack up, one DAG run triggered through the REST API and finished."""
     from training.airflow_api import AirflowClient
 
-    if shutil.which("redis-server") is None:
-        _unavailable("redis-server is not installed; run .ci/setup-redis.sh")
+    require("redis-server", "redis-server is not installed; run .ci/setup-redis.sh")
     tmp = tmp_path_factory.mktemp("distributed")
     state = tmp / "state"
     admin = urlsplit(postgres["admin"])

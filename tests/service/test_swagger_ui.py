@@ -3,13 +3,12 @@ Swagger UI in a real headless browser: authorize, upload an image with "Try it o
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import httpx
 import pytest
 
-from tests.helpers import image_bytes, serve_service, stop_server
+from tests.helpers import image_bytes, require, serve_service, stop_server
 
 TOKEN = "test-token-5f1c2a"
 
@@ -53,11 +52,8 @@ def test_the_api_document_names_the_scheme_on_the_guarded_routes(server):
 
 @pytest.fixture
 def browser():
+    require("chromedriver", "chromedriver not found: run .ci/setup-browser.sh (Debian's chromium and chromium-driver)")
     driver_path = shutil.which("chromedriver")
-    if driver_path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromedriver not found: run .ci/setup-browser.sh (Debian's chromium and chromium-driver)")
-        pytest.skip("chromedriver not found: run .ci/setup-browser.sh")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, documented
 from training.config import OFFICIAL_URL, PipelineConfig, load_config
 from training.params import MONITOR, PIPELINE
 
@@ -73,3 +73,52 @@ def test_the_readme_lists_every_setting_once_and_bolds_the_run_params():
     bold = {name for row in rows for name in re.findall(r"\*\*`([a-z0-9_]+)`\*\*", row)}
     assert sorted(listed) == sorted(f.name for f in dataclasses.fields(PipelineConfig))
     assert bold == {p.name for p in (*PIPELINE.config_params, *MONITOR.config_params)}
+
+
+# Each default the docs state, as the literal they state it, with the text that states it. Comparing the
+# code with itself would pass whatever the default became; this fails when the code or the docs change alone.
+DOCUMENTED_DEFAULTS = [
+    ("min_accuracy", 0.0, "docs/training.md", "its accuracy is ≥ `min_accuracy` (default 0)"),
+    ("min_improvement", 0.002, "docs/training.md", "`min_improvement` (default 0.002)"),
+    ("min_improvement", 0.002, "README.md", "only at `min_accuracy` and `min_improvement` (0.002)"),
+    ("served_p99_budget_ms", 250.0, "docs/training.md", "within `served_p99_budget_ms` (250 ms,"),
+    ("drift_threshold", 0.25, "docs/monitoring.md", "**`drift_threshold` = 0.25**"),
+    ("drift_threshold", 0.25, "README.md", "at `drift_threshold` (0.25) with 100+ images, outside a 24 h cooldown"),
+    ("drift_min_images", 100, "docs/monitoring.md", "**`drift_min_images` = 100**"),
+    ("drift_cooldown_hours", 24.0, "docs/monitoring.md", "`drift_cooldown_hours` (24)"),
+    ("monitor_url", "http://localhost:3000", "docs/monitoring.md", "(`CIFAR10_MONITOR_URL`, default `http://localhost:3000`;"),
+    ("widths", "64,128,128", "docs/training.md", "| `widths` | `64,128,128` |"),
+    ("epochs", 15, "docs/training.md", "| `epochs` | 15 |"),
+    ("batch_size", 256, "docs/training.md", "| `batch_size` | 256 |"),
+    ("learning_rate", 0.375, "docs/training.md", "| `learning_rate` | 0.375 |"),
+    ("mixed_precision", "auto", "docs/training.md", "| `mixed_precision` | `auto` |"),
+    ("tta", True, "docs/training.md", "Flip test-time augmentation (`tta`, on by default)"),
+]
+
+
+@pytest.mark.parametrize("field,literal,doc,text", DOCUMENTED_DEFAULTS,
+                         ids=[f"{field}-{doc}" for field, _, doc, _ in DOCUMENTED_DEFAULTS])
+def test_each_documented_default_is_the_literal_the_docs_state(field, literal, doc, text):
+    assert getattr(load_config(environ={}), field) == literal, f"{field}: the docs state {literal!r}"
+    documented(doc, text)
+
+
+# What each preset changes from the defaults (docs/training.md's table of presets).
+DOCUMENTED_RECIPES = {
+    "default": ({}, "| `default` | the defaults above |"),
+    "quick": ({"widths": "32,64,64", "epochs": 6}, "| `quick` | widths 32,64,64, 6 epochs |"),
+    "airbench94": ({"widths": "64,256,256", "epochs": 10, "batch_size": 1024, "learning_rate": 1.5},
+                   "| `airbench94` | widths 64,256,256, 10 epochs, batch 1024, lr 1.5 |"),
+    "tiny": ({"widths": "8,16,16", "epochs": 2, "batch_size": 32, "learning_rate": 0.2},
+             "| `tiny` | widths 8,16,16, 2 epochs, batch 32, lr 0.2 |"),
+}
+
+
+@pytest.mark.parametrize("recipe", DOCUMENTED_RECIPES)
+def test_each_recipe_changes_exactly_what_the_docs_say(recipe):
+    changes, row = DOCUMENTED_RECIPES[recipe]
+    preset, defaults = load_config({"recipe": recipe}, environ={}), PipelineConfig()
+    changed = {f.name: getattr(preset, f.name) for f in dataclasses.fields(PipelineConfig)
+               if f.name != "recipe" and getattr(preset, f.name) != getattr(defaults, f.name)}
+    assert changed == changes
+    documented("docs/training.md", row)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests import helpers as syn
+from tests.helpers import require
 from training.data import decode_pool
 from training.data import prepare as prepare_module
 from training.data.archive import ArchiveError
@@ -183,8 +184,8 @@ def test_a_failed_prepare_leaves_no_folder(tmp_path):
     config = config_for(tmp_path, archive)
     with pytest.raises(DatasetError):
         prepare(archive, config)
-    prepared = config.data_dir / "prepared"
-    assert not prepared.exists() or list(prepared.iterdir()) == []
+    # Refused while validating, before anything is written: not even the folder of prepared data exists.
+    assert not (config.data_dir / "prepared").exists(), list((config.data_dir / "prepared").iterdir())
 
 
 # --- a full disk while writing: a clear error, nothing partial kept, a later run succeeds -------
@@ -244,16 +245,16 @@ def test_full_disk_while_writing_fails_clearly_and_keeps_nothing(tmp_path, folde
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 64 KiB tmpfs at ``tmp_path/disk``; skipped, saying why, where mounting is not permitted
-    (the simulated test above covers the same code path there). Yields a function that resizes it."""
+    (the simulated test above covers the same code path there), but never under CI, which runs as root.
+    Yields a function that resizes it."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mount = shutil.which("mount")
-    if mount is None or os.geteuid() != 0:
-        pytest.skip("a real full disk needs root to mount a tmpfs; the simulated full-disk test still runs")
+    require(mount is not None and os.geteuid() == 0,
+            "a real full disk needs root and mount(8) to mount a tmpfs; the simulated full-disk test still runs")
     done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}); "
-                    "the simulated full-disk test still runs")
+    require(done.returncode == 0, f"mounting a tmpfs is not permitted here ({done.stderr.strip()}); "
+                                  "the simulated full-disk test still runs")
 
     def resize(size: str) -> None:
         subprocess.run([mount, "-o", f"remount,size={size}", str(disk)], check=True, capture_output=True)

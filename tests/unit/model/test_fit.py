@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from tests.helpers import CLASSES, make_images
+from tests.helpers import CLASSES, documented, make_images
 from training.config import load_config
 from training.model import fit
 
@@ -44,3 +44,21 @@ def test_mixed_precision_auto_follows_the_cpu_and_backend(tmp_path):
     with pytest.raises(ValueError, match="auto, true or false"):
         fit.use_mixed_precision("bf16", "tensorflow", bf16)
 
+
+
+# airbench's hyperparameters, constants of fit.py, as docs/training.md's table states them.
+DOCUMENTED_CONSTANTS = {"MOMENTUM": 0.85, "WEIGHT_DECAY": 0.0089, "BIAS_LR_SCALE": 64, "LABEL_SMOOTHING": 0.2,
+                        "TRANSLATE": 2}
+
+
+@pytest.mark.parametrize("name", DOCUMENTED_CONSTANTS)
+def test_each_documented_constant_is_the_literal_the_docs_state(name):
+    assert getattr(fit, name) == DOCUMENTED_CONSTANTS[name]
+    documented("docs/training.md", f"| `{name}` | {DOCUMENTED_CONSTANTS[name]} |")
+
+
+def test_the_validation_holdout_is_the_documented_1000_images():
+    from training.model import train
+
+    assert train.VALIDATION_HOLDOUT == 1000
+    documented("docs/training.md", "except `VALIDATION_HOLDOUT` (1,000, in `training/model/train.py`)")

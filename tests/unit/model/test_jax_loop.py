@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, require
 
 EPOCHS = 4
 NUM_CLASSES = 4
@@ -74,8 +74,8 @@ def child() -> dict:
 
 @pytest.fixture(scope="module")
 def facts():
-    if importlib.util.find_spec("jax") is None:
-        pytest.skip("jax is not installed: it is a dev dependency (uv sync --frozen installs it)")
+    require(importlib.util.find_spec("jax") is not None,
+            "jax is not installed: it is a dev dependency (uv sync --frozen installs it)")
     # XLA's lowest optimisation level compiles the many small eager ops of model building
     # several times faster; these tests check behaviour, not speed.
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
@@ -141,8 +141,8 @@ def test_lookahead_decay_follows_airbench94_schedule():
 def test_lookahead_pull_moves_the_slow_copy_and_the_weights_to_it():
     """On float variables only (BatchNorm statistics too), handing the model a copy (the GPU step
     donates its state: it must not free the slow copy)."""
-    if importlib.util.find_spec("jax") is None:
-        pytest.skip("jax is not installed: it is a dev dependency (uv sync --frozen installs it)")
+    require(importlib.util.find_spec("jax") is not None,
+            "jax is not installed: it is a dev dependency (uv sync --frozen installs it)")
     import jax.numpy as jnp
 
     from training.model.jax_loop import lookahead_pull

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tests.helpers import make_images
 
-from training.config import RECIPES, load_config
+from training.config import load_config
 from training.model.network import build_model, float32_copy, set_whitening, whitening_kernel, with_flip_tta
 
 WIDTHS = (8, 16, 16)
@@ -59,7 +59,7 @@ def test_flip_tta_averages_image_and_mirror():
 def test_recipes_sit_between_defaults_and_overrides():
     assert load_config(environ={}).widths == "64,128,128"
     quick = load_config({"recipe": "quick"}, environ={})
-    assert quick.widths == RECIPES["quick"]["widths"] and quick.epochs == RECIPES["quick"]["epochs"]
+    assert (quick.widths, quick.epochs, quick.batch_size) == ("32,64,64", 6, 256)  # the preset over the defaults
     assert load_config({"recipe": "quick", "epochs": 2}, environ={}).epochs == 2
     assert load_config(environ={"CIFAR10_RECIPE": "tiny", "CIFAR10_EPOCHS": "7"}).epochs == 7
     with pytest.raises(ValueError, match="unknown recipe 'fast'; valid recipes: default, quick, airbench94, tiny"):

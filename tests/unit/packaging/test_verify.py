@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import QuietHandler, local_http_server
+from tests.helpers import QuietHandler, documented, local_http_server
 
 from training.model.export import PARITY_TOLERANCE
 from training.packaging.verify import ServedArtifactError, check_answers
@@ -63,3 +63,10 @@ def test_a_slow_server_fails_the_latency_budget(fake_bento):
     url, _ = fake_bento
     with pytest.raises(ServedArtifactError, match=r"p99 latency .* over the budget of 0.001 ms"):
         check_answers(url, IMAGES, EXPECTED, CLASSES, LINEAGE, budget_ms=0.001)
+
+
+def test_the_check_sends_the_documented_64_golden_images():
+    from training.packaging.verify import GOLDEN_IMAGES
+
+    assert GOLDEN_IMAGES == 64
+    documented("docs/training.md", "64 test images (`GOLDEN_IMAGES`), drawn with `seed`, are sent as PNG")

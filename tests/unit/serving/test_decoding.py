@@ -12,7 +12,7 @@ import pytest
 
 from serving import decoding
 from serving.decoding import CHEAP_PIXELS, MAX_REQUEST_PIXELS, Decoder, Refused, load_all, open_all
-from tests.helpers import black_png, encode, image_bytes, make_images
+from tests.helpers import black_png, documented, encode, image_bytes, make_images
 
 
 def test_a_cheap_request_is_decoded_with_its_headers():
@@ -31,12 +31,18 @@ def test_a_costly_request_is_only_opened_then_decoded_in_the_costly_lane():
 
 
 def test_the_request_budget_counts_decoded_pixels_of_all_files():
-    side = int((MAX_REQUEST_PIXELS / 4) ** 0.5)  # four of these fill the budget
-    fits = [black_png(side, side)] * 4
+    fits = [black_png(2048, 2048)] * 4  # 16,777,216 pixels: the documented budget, filled
+    documented("docs/serving.md", "and **16,777,216 per request**, all files together")
     assert len(open_all(fits)[1]) == 4
     with pytest.raises(Refused, match=r"over 16,777,216 pixels together \(at file 4 \(0-based\)\), the limit per "
                                       "request; send fewer or smaller images"):
-        open_all(fits + [black_png(side, side)])
+        open_all(fits + [black_png(1, 1)])
+
+
+def test_the_cheap_lane_and_the_inline_jpegs_are_bounded_as_documented():
+    assert (MAX_REQUEST_PIXELS, CHEAP_PIXELS, decoding.INLINE_JPEG_BYTES) == (16_777_216, 262_144, 8192)
+    documented("docs/serving.md", "decodes it at once when it decodes to at most 262,144 pixels")
+    documented("docs/serving.md", "a request of 32×32 JPEGs of at most 8 KiB each")
 
 
 def test_a_bad_file_is_named_by_its_place():

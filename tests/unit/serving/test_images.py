@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import encode, make_images, png_header_only
+from tests.helpers import black_png, documented, encode, make_images, png_header_only
 from serving import images
 from serving.images import InvalidImage, decode_image, to_rgb32
 
@@ -95,7 +95,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
 
 def test_float_images_in_0_1_are_scaled():
     out = to_rgb32(Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32)))
-    assert out[0, 0, 0] in (127, 128)
+    assert out[0, 0, 0] == 128  # 0.5 * 255 = 127.5, rounded half to even
 
 
 def test_transparency_is_composited_on_black():
@@ -130,6 +130,20 @@ def test_first_frame_of_an_animated_gif_is_used():
 def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(InvalidImage, match="decompression bomb"):
         decode_image(png_header_only(100_000, 100_000))
+
+
+def test_the_documented_pixel_limit_of_one_image_is_4194304_and_a_jpeg_may_declare_4x():
+    assert decode_image(black_png(2048, 2048)).shape == (32, 32, 3)  # 4,194,304 pixels: at the limit
+    with pytest.raises(InvalidImage, match="image is 2048x2049 pixels, over the 4,194,304-pixel limit for one image"):
+        decode_image(png_header_only(2048, 2049))
+    jpegs = [io.BytesIO(), io.BytesIO()]
+    for buf, height in zip(jpegs, (4096, 4097)):  # a JPEG decodes at 1/8 scale, so it may declare 4x as many
+        Image.new("RGB", (4096, height)).save(buf, "JPEG")
+    assert decode_image(jpegs[0].getvalue()).shape == (32, 32, 3)
+    with pytest.raises(InvalidImage, match="image is 4096x4097 pixels, over the 16,777,216-pixel limit for one image"):
+        decode_image(jpegs[1].getvalue())
+    documented("docs/serving.md", "at most **4,194,304 pixels as decoded** per image (a JPEG decodes at the smallest "
+                                  "of 1/1–1/8 scale that still covers 32×32, and may declare at most 4× that")
 
 
 def test_pillow_guard_stays_on_behind_ours():
