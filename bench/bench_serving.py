@@ -68,13 +68,16 @@ def wrk_inputs(state: Path) -> tuple[Path, Path]:
     return script, image
 
 
-def serving_model(state: Path, widths: tuple[int, ...], tta: bool) -> tuple[str, Path]:
-    """The bench model's tag in ``state``'s BentoML store, built on first use, and its Keras file."""
+def serving_model(state: Path, widths: tuple[int, ...], tta: bool, precision: str | None = None) -> tuple[str, Path]:
+    """The bench model's tag in ``state``'s BentoML store, built on first use, and its Keras file. With
+    ``precision`` the model also carries its int8 candidate, quantized from the same weights."""
     # One cached model per architecture, so runs with other widths never reuse it.
-    tag_file = state / f"model_tag_{'_'.join(map(str, widths))}{'_tta' if tta else ''}"
-    keras_path = state / f"{tag_file.name}.keras"
+    name = f"model_tag_{'_'.join(map(str, widths))}{'_tta' if tta else ''}"
+    tag_file = state / (f"{name}_{precision}" if precision else name)
+    keras_path = state / f"{name}.keras"
     if not tag_file.exists():
-        tag_file.write_text(make_serving_model(state / "bentoml", widths, str(keras_path), tta=tta))
+        tag_file.write_text(make_serving_model(state / "bentoml", widths, str(keras_path), tta=tta,
+                                               precision=precision))
     return tag_file.read_text().strip(), keras_path
 
 
@@ -197,12 +200,14 @@ def main() -> None:
     parser.add_argument("--only", default="abcde", help="subset of a, b, c, d, e to run")
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="conv widths of the model")
     parser.add_argument("--tta", action="store_true", help="flip TTA inside the model, as training exports it")
+    parser.add_argument("--precision", choices=("auto", "float", "int8"),
+                        help="the model also carries its int8 candidate, served as this setting chooses")
     args = parser.parse_args()
     widths = tuple(int(w) for w in args.widths.split(","))
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install -y wrk")
     script, image = wrk_inputs(args.state)
-    tag, keras_path = serving_model(args.state, widths, args.tta)
+    tag, keras_path = serving_model(args.state, widths, args.tta, args.precision)
 
     from serving.settings import ServingSettings
 
