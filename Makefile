@@ -141,7 +141,7 @@ rollback: $(VENV)/.synced
 		$(STACK_CTL) down bento && BENTO_PORT=$(PORT) $(STACK_CTL) up bento; fi
 
 ## make up: Airflow (UI on AIRFLOW_PORT), the MLflow server (MLFLOW_PORT) and the champion's Bento (PORT) in the
-## background on the same state, all on HOST, run by supervisord (deploy/stack/); logs in $(STATE)/stack.
+## background on the same state, all on HOST, run by supervisord (training/deploy/stack.py); logs in $(STATE)/stack.
 ## STACK=distributed: compose's parts as processes (docs/deploy.md). make status: what runs; make down stops it.
 up: $(VENV)/.synced
 	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) BENTO_PORT=$(PORT) $(STACK_CTL) up $(PARTS)

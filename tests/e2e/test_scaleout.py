@@ -279,7 +279,7 @@ def test_mlflow_lets_nobody_in_without_the_admin_login_the_tasks_used(stack):
         assert cur.fetchall() == [("admin", True)]
 
 
-def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
+def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack, monkeypatch):
     """The stack's serving step is another machine's: it imports the Bento from S3, then serves it."""
     published = stack["client"].task_instances(DAG, stack["run_id"])
     assert {t["task_id"]: t["state"] for t in published}["publish"] == "success"
@@ -292,6 +292,8 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
     from mlflow import MlflowClient
 
     registry = f"http://127.0.0.1:{stack['env']['MLFLOW_PORT']}"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # the stack's MLflow lets nobody in without a login
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", _secrets(stack["state"])["STACK_MLFLOW_ADMIN_PASSWORD"])
     champion = MlflowClient(tracking_uri=registry, registry_uri=registry).get_model_version_by_alias(MODEL, "champion")
     body = stack["s3"].get_object(Bucket=BUCKET, Key=bentos[0])["Body"].read()
     assert champion.tags["bento_archive_uri"] == f"s3://{BUCKET}/{bentos[0]}"

@@ -110,9 +110,10 @@ def check_mlflow(uri: str, setting: str = "MLFLOW_TRACKING_URI", timeout: float 
     base = uri.rstrip("/")
     try:
         response = requests.get(base + "/health", timeout=timeout)
-        # /health needs no login; reading the experiments does, where the server has users.
-        api = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=timeout,
-                           auth=(username, password or "") if username else None)
+        # /health needs no login; reading the experiments does, where the server has users. The server answered:
+        # give its answer time, as checking a password hash took 4-5 s on a busy 2-core machine.
+        api = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                           timeout=(timeout, 10 * timeout), auth=(username, password or "") if username else None)
     except requests.RequestException as exc:
         raise PreflightError(f"the MLflow server {shown} does not answer ({type(exc).__name__}): start it "
                              f"(make up STACK=distributed PARTS=mlflow) or fix {setting}") from exc

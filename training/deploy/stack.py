@@ -33,10 +33,6 @@ SECRETS = ("FERNET_KEY", "JWT_SECRET", "API_SECRET", "S3_ACCESS_KEY", "S3_SECRET
 UP = ("STARTING", "RUNNING", "BACKOFF")
 
 
-class StackError(RuntimeError):
-    """A part cannot start; the message says what to fix."""
-
-
 def stack_secrets(run: Path) -> dict[str, str]:
     """What every process must share, generated once into secrets.env (mode 600) as STACK_<name>."""
     from cryptography.fernet import Fernet
@@ -220,7 +216,7 @@ def postgres_databases(env: dict[str, str]) -> None:
         conn = psycopg2.connect(dbname="postgres", connect_timeout=5, host=env["POSTGRES_HOST"],
                                 port=env["POSTGRES_PORT"], user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"])
     except psycopg2.OperationalError as exc:
-        raise StackError(f"postgres: cannot log in ({str(exc).strip().splitlines()[0]}): start PostgreSQL (Debian: "
+        raise SystemExit(f"postgres: cannot log in ({str(exc).strip().splitlines()[0]}): start PostgreSQL (Debian: "
                          ".ci/setup-postgres.sh) or fix POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD")
     conn.autocommit = True
     names = list(dict.fromkeys(env[name] for name in ("AIRFLOW_DB", "MLFLOW_DB", "MLFLOW_AUTH_DB")))
@@ -247,7 +243,7 @@ def answering(rpc) -> str | None:
         rpc("close")()
         return None
     except xmlrpc.client.Fault as exc:
-        raise StackError(f"stack: its supervisord is stopping every program ({exc.faultString}): try again soon")
+        raise SystemExit(f"stack: its supervisord is stopping every program ({exc.faultString}): try again soon")
 
 
 def _running(rpc, group: str | None = None) -> list[dict]:
@@ -255,19 +251,18 @@ def _running(rpc, group: str | None = None) -> list[dict]:
 
 
 def _preflight(env: dict[str, str], *checks: str, quiet: bool = False) -> bool:
-    """Whether training.deploy.preflight's ``checks`` pass; unless ``quiet`` a failure stops the start, the checks
-    having said what to fix."""
+    """Whether training.deploy.preflight's ``checks`` pass; unless ``quiet``, a failure (which the checks explain)
+    ends the start."""
     from training.deploy import preflight
 
     sink = io.StringIO()
-    if preflight.run(list(checks), env, *((sink, sink) if quiet else ())) == 0:
-        return True
-    if quiet:
-        return False
-    raise StackError("stack: fix the setting named above, then run this again")
+    if (failed := preflight.run(list(checks), env, *((sink, sink) if quiet else ()))) and not quiet:
+        raise SystemExit("stack: fix the setting named above, then run this again")
+    return not failed
 
 
 def _http(url: str):
+    """A readiness check: ``url`` answers 200."""
     def ready() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=3) as answer:
@@ -290,7 +285,7 @@ def _bento(env: dict[str, str]) -> str | None:
         done = subprocess.run([python, "-m", "training.packaging.bento_store", "import"], text=True, capture_output=True,
                               env={**env, "BENTOML_HOME": env["STACK_SERVING_HOME"]})
         if done.returncode not in (0, 3) or (done.returncode == 0 and not done.stdout.strip()):
-            raise StackError(f"bento: not served: {done.stderr.strip()[-500:]}")
+            raise SystemExit(f"bento: not served: {done.stderr.strip()[-500:]}")
         if done.returncode == 0:
             print(f"bento: imported {done.stdout.split()[-1]} (the champion's, sha256 checked) into {env['STACK_SERVING_HOME']}")
     elif env.get("BENTO_TAG"):
@@ -313,7 +308,7 @@ def _prepare(env: dict[str, str], part: str) -> list | None:
         postgres_databases(env)
     elif part == "redis":
         if not shutil.which("redis-server", path=env["PATH"]):
-            raise StackError("redis: no redis-server: run .ci/setup-redis.sh (Debian: apt-get install redis-server)")
+            raise SystemExit("redis: no redis-server: run .ci/setup-redis.sh (Debian: apt-get install redis-server)")
         (run / "redis").mkdir(exist_ok=True)
         return [("redis", lambda: _preflight(env, "broker", quiet=True))]
     elif part == "s3":
@@ -321,9 +316,9 @@ def _prepare(env: dict[str, str], part: str) -> list | None:
         seaweedfs_tls(run / "seaweedfs-tls")
         return [("s3", lambda: _preflight(env, "s3", quiet=True))]
     elif part == "mlflow":
-        (Path(env["CIFAR10_STATE_DIR"]) / "mlflow").mkdir(exist_ok=True)
         health = _http(f"http://{host}:{env['MLFLOW_PORT']}/health")
-        if not distributed:
+        if not distributed:  # its store and artifacts in the state folder; the distributed one's in PostgreSQL and S3
+            (Path(env["CIFAR10_STATE_DIR"]) / "mlflow").mkdir(exist_ok=True)
             return [("mlflow", health)]
         _preflight(env, "postgres", "s3")
         Path(env["MLFLOW_AUTH_CONFIG_PATH"]).write_text(  # users and permissions in this database
@@ -338,11 +333,11 @@ def _prepare(env: dict[str, str], part: str) -> list | None:
         print(f"airflow: migrating the metadata database (log {run}/airflow-migrate.log)")
         with open(run / "airflow-migrate.log", "w") as log:
             if subprocess.run(["airflow", "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
-                raise StackError(f"airflow: db migrate failed:\n{_tail(run / 'airflow-migrate.log')}")
+                raise SystemExit(f"airflow: db migrate failed:\n{_tail(run / 'airflow-migrate.log')}")
         waits = [(name, lambda: True) for name in programs(env)["airflow"]]
         waits[0] = ("airflow-api-server", _http(f"http://{host}:{env['AIRFLOW_PORT']}/api/v2/monitor/health"))
         if distributed:
-            waits[-1] = ("airflow-worker", lambda: "ready." in _tail(run / "airflow-worker.log"))
+            waits[-1] = ("airflow-worker", lambda: "ready." in (run / "airflow-worker.log").read_text(errors="replace"))
         return waits
     elif tag := _bento(env):
         env["STACK_BENTO"] = tag
@@ -362,7 +357,7 @@ def _wait(rpc, run: Path, part: str, program: str, ready, limit: float) -> None:
             break
         time.sleep(1)
     rpc.supervisor.stopProcessGroup(part)
-    raise StackError(f"{program}: {state.lower()} (stopped); last lines of {run}/{program}.log:\n{_tail(run / f'{program}.log')}")
+    raise SystemExit(f"{program}: {state.lower()} (stopped); last lines of {run}/{program}.log:\n{_tail(run / f'{program}.log')}")
 
 
 def up(env: dict[str, str], parts: list[str]) -> None:
@@ -375,7 +370,7 @@ def up(env: dict[str, str], parts: list[str]) -> None:
     state.chmod(0o700)
     rpc, limit, pending = manager(run), float(env.get("STACK_START_TIMEOUT", "600")), []
     if (ident := answering(rpc)) not in (None, f"cifar10-{env['STACK']}"):
-        raise StackError(f"stack: {ident} runs on {state}: make down first")
+        raise SystemExit(f"stack: {ident} runs on {state}: make down first")
     try:
         for part in parts:
             if ident and _running(rpc, part):
@@ -389,7 +384,7 @@ def up(env: dict[str, str], parts: list[str]) -> None:
                             break
                         time.sleep(0.2)
                     else:
-                        raise StackError(f"stack: supervisord does not answer; see {run}/supervisord.log")
+                        raise SystemExit(f"stack: supervisord does not answer; see {run}/supervisord.log")
                 # A part's configuration changes with its settings (the Bento's tag): supervisord takes it anew.
                 added, changed, _ = rpc.supervisor.reloadConfig()[0]
                 if part in changed:
@@ -403,13 +398,11 @@ def up(env: dict[str, str], parts: list[str]) -> None:
     finally:
         if answering(rpc) and not _running(rpc):
             rpc.supervisor.shutdown()
-    if parts != list(PARTS[env["STACK"]]):
-        return
-    login = f'user "admin", password STACK_MLFLOW_ADMIN_PASSWORD in {run}/secrets.env' if "PGUSER" in env else ""
-    print(f"\nAirflow UI  http://localhost:{env['AIRFLOW_PORT']}  user \"admin\", password in\n            "
-          f"{env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated\nMLflow UI   http://localhost:"
-          f"{env['MLFLOW_PORT']}  {login}\nBento       http://localhost:{env['BENTO_PORT']}  (Swagger UI; POST /predict)"
-          f"\nProcesses   make status; logs {run}/*.log; stop: make down")
+    if parts == list(PARTS[env["STACK"]]):
+        login = "STACK_MLFLOW_ADMIN_PASSWORD in secrets.env" if "PGUSER" in env else "no login"
+        print(f"\nAirflow http://localhost:{env['AIRFLOW_PORT']} (admin, {env['AIRFLOW_HOME']}/simple_auth_manager_"
+              f"passwords.json.generated)\nMLflow http://localhost:{env['MLFLOW_PORT']} (admin, {login})  Bento "
+              f"http://localhost:{env['BENTO_PORT']} (Swagger UI)\nLogs {run}/*.log  make status  make down")
 
 
 def sweep(run: Path, parts: list[str]) -> int:
@@ -441,21 +434,18 @@ def down(run: Path, parts: list[str]) -> None:
             if part in {p["group"] for p in _running(rpc)} and rpc.supervisor.stopProcessGroup(part):
                 print(f"{part}: stopped")
         if not parts or not _running(rpc):
-            rpc.supervisor.shutdown()
-            for _ in range(1200):
-                try:
-                    rpc.supervisor.getPID()
-                except OSError:  # gone
+            rpc.supervisor.shutdown()  # stops each part, last started first, then itself
+            for _ in range(1200):  # its socket goes when it exits
+                if not (run / "supervisor.sock").exists():
                     break
-                except xmlrpc.client.Fault:  # SHUTDOWN_STATE: still stopping programs
-                    pass
                 time.sleep(0.5)
             print(f"stack: stopped ({run})")
     if left := sweep(run, parts):
         print(f"stack: stopped {left} processes left by a supervisord that had died")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
+    """The CLI; a part that cannot start exits with status 1 and what to fix (SystemExit)."""
     parser = argparse.ArgumentParser(prog="python -m training.deploy.stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down"])
     parser.add_argument("parts", nargs="*", help=f"default: all; {', '.join(PARTS['distributed'])}")
@@ -463,21 +453,17 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("CIFAR10_STATE_DIR"):
         parser.error("set CIFAR10_STATE_DIR (the Makefile does)")
     run = Path(os.environ["CIFAR10_STATE_DIR"]).resolve() / "stack"
-    try:
-        # Unset: the stack that runs on this state (make rollback restarts its Bento), else the local one.
-        stack = os.environ.get("STACK") or (answering(manager(run)) or "cifar10-local").removeprefix("cifar10-")
-        known = PARTS.get(stack, ()) if args.command == "up" else PARTS["distributed"]  # down: whichever runs
-        if not known or set(args.parts) - set(known):
-            parser.error(f"STACK={stack} has the parts {', '.join(known) or '(none: local or distributed)'}")
-        if args.command == "up":
-            up(settings(stack, dict(os.environ)), [part for part in known if part in args.parts or not args.parts])
-        else:
-            down(run, [part for part in known if part in args.parts])
-    except StackError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    return 0
+    # Unset: the stack that runs on this state (make rollback restarts its Bento), else the local one.
+    stack = os.environ.get("STACK") or (answering(manager(run)) or "cifar10-local").removeprefix("cifar10-")
+    known = PARTS.get(stack, ()) if args.command == "up" else PARTS["distributed"]  # down: whichever runs
+    if not known or set(args.parts) - set(known):
+        parser.error(f"STACK={stack} has the parts {', '.join(known) or '(none: local or distributed)'}")
+    if args.command == "up":
+        os.environ.update(env := settings(stack, dict(os.environ)))  # for the checks run here too (boto3 reads it)
+        up(env, [part for part in known if part in args.parts or not args.parts])
+    else:
+        down(run, [part for part in known if part in args.parts])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
