@@ -113,10 +113,9 @@ pipeline: $(VENV)/.synced
 		--dag cifar10_pipeline --conf '$(PIPELINE_CONF)'
 
 ## make pipeline-debug: the DAG in this one process (`airflow dags test`: no scheduler, executor or API
-## server; breakpoints and print() work), for debugging a task; Airflow records it as a test's run
+## server), for debugging a task: Airflow's own output on the terminal, so breakpoint() and print() work
 pipeline-debug: $(VENV)/.synced $(STATE)/airflow/.migrated
-	@$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-debug-$$(date +%Y%m%d-%H%M%S).log -- \
-		$(VENV)/bin/airflow dags test cifar10_pipeline -c '$(PIPELINE_CONF)'
+	$(VENV)/bin/airflow dags test cifar10_pipeline -c '$(PIPELINE_CONF)'
 
 ## make serve: serve the champion's Bento, as the MLflow registry names it (BENTO_TAG=...: that Bento), on
 ## HOST:PORT (Swagger UI on http://localhost:$(PORT)/)

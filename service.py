@@ -3,7 +3,7 @@
 Each upload is decoded in its own handler, so a bad one gets its own 400; only valid
 32x32 pixels reach ``serving.batcher.MicroBatcher``, which groups concurrent requests
 into one ONNX Runtime call. Why not BentoML's batchable API behind ``bentoml.depends``:
-docs/serving.md and ``bench/bentoml_batching.py``.
+docs/decisions/batching.md.
 
 Client call: ``curl -X POST http://localhost:3000/predict/ -F file=@car2.png``
 """
@@ -26,7 +26,7 @@ from serving.images import MAX_PIXELS
 from serving.lineage import lineage_headers
 from serving.metrics import ServiceMetrics, drift_window
 from serving.model import onnx_session, prediction, warm_up
-from serving.settings import ServingSettings
+from serving.settings import INFER_NICE, ServingSettings
 from serving.slots import ComputeSlots, server_key
 
 if TYPE_CHECKING:  # numpy is imported where it is used: the `bentoml serve` CLI process needs none of it
@@ -99,26 +99,27 @@ class CIFAR10Classifier:
     def __init__(self) -> None:
         model_dir = Path(self.bento_model.path)
         self.class_names = json.loads((model_dir / "classes.json").read_text())
-        self.session = onnx_session(model_dir / "model.onnx", threads=SETTINGS.model_threads)
+        # One intra-op thread per call: calls run side by side (CIFAR10_CPUS of them), which scales better
+        # than threads that synchronise at every layer.
+        self.session = onnx_session(model_dir / "model.onnx", threads=1)
         self.input_name = self.session.get_inputs()[0].name
         # Every prediction answer carries these, so a client (and the served-artifact check) can tell
         # which Bento and model produced it without a second request.
         bento = CIFAR10Classifier.bento
         self.lineage = lineage_headers(self.bento_model.info.labels, str(self.bento_model.tag),
                                        str(bento.tag) if bento is not None else None)
-        self.decode = Decoder(threads=SETTINGS.model_concurrency, nice=SETTINGS.infer_nice)
+        self.decode = Decoder(threads=SETTINGS.cpus, nice=INFER_NICE)
         self.decode.warm_up()
         # Full batches side by side, as under load, before /readyz says ready: they prove the
         # model runs, and ONNX Runtime's arena reaches its working size now rather than under traffic.
-        warm_up(self._infer, SETTINGS.max_batch_size, SETTINGS.model_concurrency)
+        warm_up(self._infer, SETTINGS.max_batch_size, SETTINGS.cpus)
         # After the warm-up, so its blank batches count neither as answers nor as inputs that drifted.
         self.metrics = ServiceMetrics(self.class_names,
                                       drift_window(self.bento_model.info.metadata, SETTINGS.drift_window))
         self.metrics.start_publishing()
-        gate = ComputeSlots(server_key(), SETTINGS.compute_slots) if SETTINGS.compute_slots else None
         self.batcher = MicroBatcher(self._infer_and_observe, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
-                                    on_batch=self.metrics.batch_size.observe, concurrency=SETTINGS.model_concurrency,
-                                    nice=SETTINGS.infer_nice, gate=gate)
+                                    on_batch=self.metrics.batch_size.observe, concurrency=SETTINGS.cpus,
+                                    nice=INFER_NICE, gate=ComputeSlots(server_key(), SETTINGS.cpus))
         # Everything loaded so far lives as long as the worker: out of the garbage collector's
         # reach, full collections under load scan only what requests create.
         gc.collect()

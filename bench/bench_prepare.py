@@ -6,8 +6,8 @@ Default archive: ../shared/data/cifar10-train-jpeg.zip (50,000 JPEGs). Prints on
 line: wall seconds of ``prepare`` (fresh state folder, so nothing is cached), peak RSS of
 this process and of the largest worker, CPU seconds of both (``resource.getrusage``; the sum is an upper bound
 on the peak of all together, since forked workers share pages with the parent), the
-machine's load average at the start, and the prepared sizes. Targets (issue 3): <= 15 s
-and <= 1 GB on the 2-core machine.
+machine's load average at the start, and the prepared sizes. Targets: <= 15 s and <= 1 GB
+on the 2-core machine.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ One 32x32 JPEG per request, ``wrk`` (one thread, a Lua multipart body) at concur
 1, 8, 32 and 64 against each server in turn on this machine; (d) is ONNX Runtime on
 batches of 64 in this process, no HTTP. The model is an untrained ``build_model(widths)``
 (the weights do not change the speed); ``--widths 64,128,128 --tta`` is what the default
-recipe ships, the default ``32,64,128`` without TTA the lighter net of the first
-measurements.
+recipe ships, the default ``32,64,128`` without TTA a lighter net.
 
     apt-get install -y wrk
     .venv/bin/python -m bench.bench_serving [--duration 10] [--widths 64,128,128 --tta] [--state DIR]
@@ -32,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, make_serving_model
+from training.packaging.server import bentoml_serve, free_port, read_log, start_server, stop_server, wait_ready
+
 WIDTHS = (32, 64, 128)
 CONCURRENCY = (1, 8, 32, 64)
-
-from tests.helpers import free_port, make_serving_model, stop_server
+# Longest wait for a server's /readyz: the seed baseline loads Keras, a busy machine is slow.
+START_TIMEOUT_S = 300
 
 LUA = r"""
 wrk.method = "POST"
@@ -56,33 +57,49 @@ end
 """
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
+def wrk_inputs(state: Path) -> tuple[Path, Path]:
+    """wrk's Lua script and the JPEG it sends, written into ``state``."""
+    from PIL import Image
+
+    state.mkdir(parents=True, exist_ok=True)
+    script, image = state / "multipart.lua", state / "img.jpg"
+    script.write_text(LUA)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image, quality=90)
+    return script, image
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds used so far by ``pid`` and its children (BentoML runs workers as children)."""
+def serving_model(state: Path, widths: tuple[int, ...], tta: bool) -> tuple[str, Path]:
+    """The bench model's tag in ``state``'s BentoML store, built on first use, and its Keras file."""
+    # One cached model per architecture, so runs with other widths never reuse it.
+    tag_file = state / f"model_tag_{'_'.join(map(str, widths))}{'_tta' if tta else ''}"
+    keras_path = state / f"{tag_file.name}.keras"
+    if not tag_file.exists():
+        tag_file.write_text(make_serving_model(state / "bentoml", widths, str(keras_path), tta=tta))
+    return tag_file.read_text().strip(), keras_path
+
+
+def tree_total(pid: int, measure) -> float:
+    """``measure(process)`` summed over ``pid`` and its children (BentoML runs workers as children)."""
     import psutil
 
-    proc = psutil.Process(pid)
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
+    root = psutil.Process(pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
         try:
-            t = p.cpu_times()
-            total += t.user + t.system
+            total += measure(p)
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its children."""
+    return tree_total(pid, lambda p: sum(p.cpu_times()[:2]))
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its children."""
+    return tree_total(pid, lambda p: p.memory_info().rss)
 
 
 def run_wrk(url: str, concurrency: int, duration: int, script: Path, image: Path, server_pid: int) -> dict:
@@ -106,63 +123,69 @@ def run_wrk(url: str, concurrency: int, duration: int, script: Path, image: Path
             "server_cpu_share": server_cpu / wall / ncpu}
 
 
-def bench_server(name: str, cmd: list[str], env: dict, port: int, path: str, args, script: Path,
-                 image: Path) -> dict:
-    """Start a server, load it at every concurrency, stop it."""
-    log = open(args.state / f"{name}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        ready = f"http://127.0.0.1:{port}/readyz" if name != "c_seed" else f"http://127.0.0.1:{port}/docs"
-        wait_ready(ready, proc)
-        url = f"http://127.0.0.1:{port}{path}"
-        run_wrk(url, 8, 2, script, image, proc.pid)  # warm-up, not reported
-        rows = []
-        duration = args.seed_duration if name == "c_seed" else args.duration
-        for c in CONCURRENCY:
-            # A server still busy with the previous run's abandoned requests would be
-            # measured unfairly: wait until it answers a probe again.
-            wait_ready(ready, proc)
-            rows.append(run_wrk(url, c, duration, script, image, proc.pid))
-            print(f"{name} c={c}: {rows[-1]}", flush=True)
-        metrics = ""
-        if name.startswith("a_"):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-                metrics = "\n".join(line for line in resp.read().decode().splitlines()
-                                    if line.startswith("cifar10_batch_size_") and not line.startswith("#"))
-        return {"rows": rows, "batch_size_metrics": metrics}
-    finally:
-        stop_server(proc)
-        log.close()
+def load_levels(name: str, proc: subprocess.Popen, log: Path, url: str, duration: int, script: Path,
+                image: Path) -> list[dict]:
+    """wrk at every concurrency against the server at ``url`` (process ``proc``, log ``log``)."""
+    run_wrk(f"{url}/predict", 8, 2, script, image, proc.pid)  # warm-up, not reported
+    rows = []
+    for c in CONCURRENCY:
+        # A server still busy with the previous run's abandoned requests would be measured
+        # unfairly: wait until it answers a probe again.
+        wait_ready(url, START_TIMEOUT_S, lambda: proc.poll() is None, lambda: read_log(log))
+        rows.append(run_wrk(f"{url}/predict", c, duration, script, image, proc.pid))
+        print(f"{name} c={c}: {rows[-1]}", flush=True)
+    return rows
+
+
+def batch_sizes(url: str) -> str:
+    """The ``cifar10_batch_size`` histogram from the server's /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        return "\n".join(line for line in resp.read().decode().splitlines()
+                         if line.startswith("cifar10_batch_size_"))
 
 
 def ceiling(onnx_path: Path, threads: int, calls: int = 1, seconds: float = 5.0) -> float:
     """(d): images/s of ONNX Runtime on batches of 64 in process, ``calls`` batches side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from serving.model import onnx_session
 
     session = onnx_session(onnx_path, threads=threads)
-    batch = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)
+    feed = {session.get_inputs()[0].name: np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)}
     for _ in range(3):
-        session.run(None, {session.get_inputs()[0].name: batch})
-    return images_per_second(session, batch, calls, seconds)
-
-
-def images_per_second(session, batch: np.ndarray, calls: int, seconds: float) -> float:
-    """Images/s of ``session`` on ``batch``, ``calls`` runs side by side for ``seconds``."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    name = session.get_inputs()[0].name
+        session.run(None, feed)
 
     def loop(t0: float) -> int:
         n = 0
         while time.perf_counter() - t0 < seconds:
-            session.run(None, {name: batch})
-            n += len(batch)
+            session.run(None, feed)
+            n += 64
         return n
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(calls) as pool:
         done = sum(pool.map(loop, [t0] * calls))
     return done / (time.perf_counter() - t0)
+
+
+def servers(tag: str, keras_path: Path, args) -> dict:
+    """Each server: (its command for a port, extra environment, seconds per wrk run)."""
+    def bento(port: int) -> list[str]:
+        return bentoml_serve("service:CIFAR10Classifier", port, "--arg", f"model_tag={tag}")
+
+    def seed(port: int) -> list[str]:
+        return [str(ROOT / ".venv/bin/uvicorn"), "--factory", "bench.seed_baseline:create_app", "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "warning"]
+
+    def floor(port: int) -> list[str]:
+        return bentoml_serve("bench.http_floor:HTTPFloor", port)
+
+    return {
+        "a_batching": (bento, {}, args.duration),
+        "b_no_batching": (bento, {"CIFAR10_MAX_BATCH_SIZE": "1"}, args.duration),
+        "c_seed": (seed, {"SEED_KERAS_MODEL": str(keras_path)}, args.seed_duration),
+        "e_http_floor": (floor, {}, args.duration),
+    }
 
 
 def main() -> None:
@@ -178,22 +201,8 @@ def main() -> None:
     widths = tuple(int(w) for w in args.widths.split(","))
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install -y wrk")
-    args.state.mkdir(parents=True, exist_ok=True)
-    home = args.state / "bentoml"
-    # One cached model per architecture, so runs with other widths never reuse it.
-    tag_file = args.state / f"model_tag_{'_'.join(map(str, widths))}{'_tta' if args.tta else ''}"
-    keras_path = args.state / f"{tag_file.name}.keras"
-    if not tag_file.exists():
-        tag_file.write_text(make_serving_model(home, widths, str(keras_path), tta=args.tta))
-    tag = tag_file.read_text().strip()
-    onnx_path = home / "models" / tag.replace(":", "/") / "model.onnx"
-
-    from PIL import Image
-
-    image = args.state / "img.jpg"
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image, quality=90)
-    script = args.state / "multipart.lua"
-    script.write_text(LUA)
+    script, image = wrk_inputs(args.state)
+    tag, keras_path = serving_model(args.state, widths, args.tta)
 
     from serving.settings import ServingSettings
 
@@ -201,30 +210,26 @@ def main() -> None:
     results = {"load_before": os.getloadavg(), "model": f"build_model({widths}) untrained, tta={args.tta}", "tag": tag,
                "settings": vars(settings), "cpus": os.cpu_count(), "servers": {}}
     if "d" in args.only:
-        # As served (model_concurrency single-threaded calls side by side), and one call
+        # As served (CIFAR10_CPUS single-threaded calls side by side), and one call
         # with every core as intra-op threads; a/d uses the faster of the two.
+        onnx_path = args.state / "bentoml" / "models" / tag.replace(":", "/") / "model.onnx"
         results["d_ceiling_img_s"] = {
-            f"{settings.model_concurrency} calls x {settings.model_threads} thread":
-                ceiling(onnx_path, settings.model_threads, settings.model_concurrency),
+            f"{settings.cpus} calls x 1 thread": ceiling(onnx_path, 1, settings.cpus),
             f"1 call x {os.cpu_count()} threads": ceiling(onnx_path, os.cpu_count())}
         print("d:", results["d_ceiling_img_s"], flush=True)
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    bento = [str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier", "--host", "127.0.0.1",
-             "--arg", f"model_tag={tag}"]
-    servers = {
-        "a_batching": (bento, {}, "/predict"),
-        "b_no_batching": (bento, {"CIFAR10_MAX_BATCH_SIZE": "1"}, "/predict"),
-        "c_seed": ([str(ROOT / ".venv/bin/uvicorn"), "bench.seed_baseline:app", "--host", "127.0.0.1",
-                    "--log-level", "warning"], {"SEED_KERAS_MODEL": str(keras_path)}, "/predict"),
-        "e_http_floor": ([str(ROOT / ".venv/bin/bentoml"), "serve", "bench.http_floor:HTTPFloor", "--host", "127.0.0.1"],
-                         {}, "/predict"),
-    }
-    for name, (cmd, extra, path) in servers.items():
+    env = {**os.environ, "BENTOML_HOME": str(args.state / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    for name, (command, extra, duration) in servers(tag, keras_path, args).items():
         if name[0] not in args.only:
             continue
-        port = free_port()
-        results["servers"][name] = bench_server(name, [*cmd, "--port", str(port)], {**env, **extra}, port, path,
-                                                args, script, image)
+        port, log = free_port(), args.state / f"{name}.log"
+        proc = start_server(command(port), log, port, START_TIMEOUT_S, env={**env, **extra}, cwd=ROOT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            results["servers"][name] = {"rows": load_levels(name, proc, log, url, duration, script, image),
+                                        "batch_size_metrics": batch_sizes(url) if name == "a_batching" else ""}
+        finally:
+            stop_server(proc)
         (args.state / "results.json").write_text(json.dumps(results, indent=1))  # keep partial results
     results["load_after"] = os.getloadavg()
     (args.state / "results.json").write_text(json.dumps(results, indent=1))

@@ -10,7 +10,7 @@ images held out as the test split (``test_fraction=0.2``), and prints one line:
 recipe, test accuracy, training minutes (``model.fit`` only), epochs, load average.
 
 On the GPU machine (JAX, no TensorFlow or MLflow there): ``bench/gpu_train.sh`` stages
-what travels and runs, with the Keras JAX backend and the jitted loop (``loop=auto``),
+what travels and runs, with the Keras JAX backend and the jitted loop,
 
     KERAS_BACKEND=jax python3 -m bench.bench_train --backend jax --bare --recipe airbench94
 
@@ -62,7 +62,7 @@ def _warm_backend() -> str:
 def _result(config, accuracy: float, train_seconds: float, compile_seconds: float | None, run_id: str) -> None:
     import keras
 
-    from training.model.fit import choose_loop, use_mixed_precision
+    from training.model.fit import use_mixed_precision
 
     backend = keras.backend.backend()
     mixed = use_mixed_precision(config.mixed_precision, backend)
@@ -71,7 +71,7 @@ def _result(config, accuracy: float, train_seconds: float, compile_seconds: floa
     print(f"RESULT recipe={config.recipe} test_accuracy={accuracy:.4f} "
           f"train_minutes={train_seconds / 60:.2f} epochs={config.epochs} "
           f"widths={config.widths} tta={config.tta} mixed_precision={mixed} "
-          f"backend={backend} loop={choose_loop(config.loop, backend)} train_seconds={train_seconds:.1f} "
+          f"backend={backend} loop={'jit' if backend == 'jax' else 'fit'} train_seconds={train_seconds:.1f} "
           f"compile_seconds={compiled} train_seconds_without_compile={without} "
           f"run_id={run_id} ({_load()})", flush=True)
 

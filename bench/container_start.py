@@ -1,4 +1,4 @@
-"""Time from `podman run` to the first /readyz 200 of the Bento image (issue 6: <= 5 s).
+"""Time from `podman run` to the first /readyz 200 of the Bento image (target: at most 5 s).
 
 Uses the pipeline's private container store (CIFAR10_STATE_DIR). Prints one line per
 run, the median, the image size and the machine load (`uptime`): on a shared 2-core
@@ -15,30 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import time
-import urllib.request
-
-
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from training.config import load_config
 from training.packaging.container import container_env, image_size
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+from training.packaging.server import free_port, wait_ready
 
 
 def cpu_seconds(name: str, env: dict[str, str]) -> list[tuple[float, str]]:
@@ -57,35 +42,26 @@ def cpu_seconds(name: str, env: dict[str, str]) -> list[tuple[float, str]]:
     return rows
 
 
-def start_time(image: str, env: dict[str, str], cpu_shares: int = 0, timeout: float = 60,
-               extra_env: list[str] = (), cpu: bool = False) -> float:
-    """Seconds from `podman run -d` to /readyz 200 (container removed afterwards).
+@contextmanager
+def started(image: str, env: dict[str, str], cpu_shares: int, extra_env: list[str],
+            timeout: float = 60) -> Iterator[tuple[float, str]]:
+    """Run ``image``; yield (seconds from `podman run -d` to /readyz 200, the container's name); remove it after.
 
-    ``extra_env`` are ``KEY=VALUE`` settings for the container (``podman run -e``);
-    ``cpu`` prints each container process's CPU seconds at that moment.
-
-    ``cpu_shares`` > 1024 gives the container's cgroup more CPU weight than other jobs
-    (niceness does not cross cgroups): on a shared machine that approximates an idle
-    CPU; say so when reporting such a number.
+    ``extra_env`` are ``KEY=VALUE`` settings for the container (``podman run -e``). ``cpu_shares`` > 1024
+    gives the container's cgroup more CPU weight than other jobs (niceness does not cross cgroups): on a
+    shared machine that approximates an idle CPU; say so when reporting such a number.
     """
     port = free_port()
     name = f"cifar10-bench-{os.getpid()}-{port}"
     shares = ["--cpu-shares", str(cpu_shares)] if cpu_shares else []
     envs = sum((["-e", e] for e in extra_env), [])
-    started = time.monotonic()
+    begin = time.monotonic()
     subprocess.run(["podman", "run", "-d", *shares, *envs, "--name", name, "-p", f"127.0.0.1:{port}:3000", image],
                    env=env, check=True, capture_output=True)
     try:
-        while not ready(f"http://127.0.0.1:{port}/readyz"):
-            if time.monotonic() - started > timeout:
-                raise TimeoutError(f"{image} not ready after {timeout} s")
-            time.sleep(0.05)
-        elapsed = time.monotonic() - started
-        if cpu:
-            rows = cpu_seconds(name, env)
-            print(f"  CPU at ready: {sum(r[0] for r in rows):.2f} s in all; "
-                  + "; ".join(f"{c:.2f} s {cmd}" for c, cmd in rows))
-        return elapsed
+        # Polled often and without asking podman about the container, which would take CPU from its start.
+        wait_ready(f"http://127.0.0.1:{port}", timeout, alive=lambda: True, log=str, every=0.05)
+        yield time.monotonic() - begin, name
     finally:
         subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=env, capture_output=True)
 
@@ -104,8 +80,13 @@ def main() -> None:
           f"cpu shares {args.cpu_shares or 'default'}")
     times = []
     for i in range(args.runs):
-        times.append(start_time(args.image, env, args.cpu_shares, extra_env=args.env, cpu=args.cpu))
-        print(f"run {i + 1}: podman run -> /readyz 200 in {times[-1]:.2f} s  (load {os.getloadavg()[0]:.2f})")
+        with started(args.image, env, args.cpu_shares, args.env) as (seconds, name):
+            if args.cpu:
+                rows = cpu_seconds(name, env)
+                print(f"  CPU at ready: {sum(r[0] for r in rows):.2f} s in all; "
+                      + "; ".join(f"{c:.2f} s {cmd}" for c, cmd in rows))
+        times.append(seconds)
+        print(f"run {i + 1}: podman run -> /readyz 200 in {seconds:.2f} s  (load {os.getloadavg()[0]:.2f})")
     size = image_size("podman", args.image, env)
     print(f"median {statistics.median(times):.2f} s, min {min(times):.2f} s over {args.runs} runs; "
           f"image {size / 1e6:.0f} MB; load after: {os.getloadavg()}")

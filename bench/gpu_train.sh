@@ -14,9 +14,6 @@
 #      to $OUT. Extra arguments after `run` go to both runs (e.g. --set epochs=12).
 #      Expect ~2-3 minutes: prepare ~10 s, then per run backend start, compile, train, test.
 #      The README's figure: bash bench/gpu_train.sh run --set val_fraction=0.02
-#   3. optional, same carry:   bash bench/gpu_train.sh reference [--set val_fraction=0.02]
-#      trains airbench94's recipe in plain PyTorch (bench/torch_reference.py, seeds 0 and 1)
-#      on the same split: is a gap to 94% the Keras port's or the data's?
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,18 +50,8 @@ run)
   done
   grep -h '^RESULT' "$out"/airbench94_mixed_*.log
   ;;
-reference)
-  shift
-  gpu_venv
-  # Keras only for training/'s imports (its constants); the training itself is PyTorch.
-  export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
-  for seed in 0 1; do
-    python -m bench.torch_reference --archive .gpu/cifar10-train-jpeg.zip --seed $seed "$@" 2>&1 \
-      | tee "${OUT:-/tmp}/torch_reference_seed$seed.log" | grep '^TORCH_REFERENCE'
-  done
-  ;;
 *)
-  echo "usage: bash bench/gpu_train.sh stage  (here)  |  bash bench/gpu_train.sh run|reference [args]  (on the GPU)" >&2
+  echo "usage: bash bench/gpu_train.sh stage  (here)  |  bash bench/gpu_train.sh run [args]  (on the GPU)" >&2
   exit 2
   ;;
 esac

@@ -4,8 +4,8 @@ Starts ``bentoml serve`` from a checkout (``--checkout``, default this one) with
 ``bench/bench_serving.py``'s state, as the product serves it (2 workers on 2 cores), and measures:
 
 1. ``batch``: ``/livez`` latency on 8 kept-alive connections (so both workers are probed) while
-   ``--attackers`` clients send ``/predict_batch`` requests of 64 hostile PNGs back to back: the
-   40-megapixel all-black greyscale PNGs that every earlier limit let through (``--batch old``), or
+   ``--attackers`` clients send ``/predict_batch`` requests of 64 hostile PNGs back to back:
+   40-megapixel all-black greyscale PNGs of 39 KB each, over the per-image pixel limit (``--batch old``), or
    64 images just under the service's per-request pixel budget, 8-bit grey (``budget``) or 16-bit
    RGBA (``budget16``).
 2. ``deep``: a 16-bit 6000x6000 PNG (70 KB), and one of 2047x2047, just under the per-image pixel
@@ -29,15 +29,15 @@ import asyncio
 import http.client
 import json
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-from tests.helpers import ROOT, black_png, free_port, stop_server
+from bench.bench_serving import tree_rss
+from tests.helpers import ROOT, black_png
+from training.packaging.server import bentoml_serve, free_port, start_server, stop_server
 
 STATE = Path("/tmp/serving-bench")
 PROBES = 8  # kept-alive /livez connections: with two workers, both are probed
@@ -62,41 +62,15 @@ def post(port: int, path: str, body: bytes, content_type: str, timeout: float = 
         conn.close()
 
 
-def tree_rss(pid: int) -> int:
-    total = 0
-    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 class Server:
     """``bentoml serve`` from ``checkout`` with the bench model, in its own session."""
 
     def __init__(self, checkout: Path, tag: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self.log = STATE / "hostile-serve.log"
         full_env = {**os.environ, "BENTOML_HOME": str(STATE / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
                     **(env or {})}
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([str(ROOT / ".venv/bin/bentoml"), "serve", "service:CIFAR10Classifier",
-                                          "--arg", f"model_tag={tag}", "--port", str(self.port)],
-                                         cwd=checkout, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{self.log.read_text()[-3000:]}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/readyz")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
+        self.proc = start_server(bentoml_serve("service:CIFAR10Classifier", self.port, "--arg", f"model_tag={tag}"),
+                                 STATE / "hostile-serve.log", self.port, 300, env=full_env, cwd=checkout)
 
     def stop(self) -> None:
         stop_server(self.proc)
@@ -132,7 +106,7 @@ def budget_images(bits: int, colour: str) -> list[bytes]:
 
 
 BATCHES = {  # --batch: the 64 images of each hostile /predict_batch
-    "old": lambda: [black_png(6324, 6324)] * 64,  # 40 megapixels each, under every earlier limit
+    "old": lambda: [black_png(6324, 6324)] * 64,  # 40 megapixels each in 39 KB: refused from the header
     "budget": lambda: budget_images(8, "grey"),
     "budget16": lambda: budget_images(16, "rgba"),  # the most bytes per pixel a PNG decodes to
 }

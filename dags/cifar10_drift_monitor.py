@@ -5,14 +5,13 @@ Wiring only, like the pipeline's DAG: each task is a lazy import and one call in
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
-from airflow.sdk import Asset, CronTriggerTimetable, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
-# Both import only the standard library: parsing stays fast.
-from training.monitor import DRIFT_ASSET_NAME, DRIFT_ASSET_URI
+# These import only the standard library: parsing stays fast.
 from training.params import MONITOR
+from training.schedule import DagSettings, drift_asset
 
 DOC = """
 ### Is the served CIFAR-10 model still seeing what it was trained on?
@@ -31,14 +30,8 @@ Schedule: `CIFAR10_MONITOR_SCHEDULE` (default every 15 minutes; `none`: off). A 
 answer fails the check (an unreachable service is not drift, and a monitor that sees nothing must say so).
 """
 
-# Airflow needs the schedule when it parses this file, so it is read from the environment here, as
-# the pipeline's CIFAR10_SCHEDULE is.
-SCHEDULE = os.environ.get("CIFAR10_MONITOR_SCHEDULE", "*/15 * * * *").strip() or "*/15 * * * *"
-# Active once loaded, like the pipeline (Airflow would create it paused): CIFAR10_START_PAUSED=true
-# keeps Airflow's default.
-START_PAUSED = os.environ.get("CIFAR10_START_PAUSED", "false").strip().lower() in ("1", "true", "yes")
-
-DRIFT = Asset(DRIFT_ASSET_NAME, uri=DRIFT_ASSET_URI)
+SETTINGS = DagSettings.from_env()
+DRIFT = drift_asset()
 
 
 def _config():
@@ -54,8 +47,8 @@ def _last_event_at():
 
 @dag(
     dag_id="cifar10_drift_monitor",
-    schedule=None if SCHEDULE.lower() == "none" else CronTriggerTimetable(SCHEDULE, timezone="UTC"),
-    is_paused_upon_creation=START_PAUSED,
+    schedule=SETTINGS.monitor_timetable(),
+    is_paused_upon_creation=SETTINGS.start_paused,
     catchup=False,  # a missed check is not worth running late: the next one sees the same service
     max_active_runs=1,
     doc_md=DOC,

@@ -7,16 +7,14 @@ file stays fast and the scheduler never imports TensorFlow, MLflow or BentoML.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 # These import only the standard library: parsing stays fast.
-from training.config import load_config
-from training.monitor import DRIFT_ASSET_NAME, DRIFT_ASSET_URI
 from training.params import PIPELINE
+from training.schedule import DagSettings, run_name
 
 
 DOC = """
@@ -50,45 +48,7 @@ the served model unchanged.
 Rollback: the `cifar10_rollback` DAG, or `make rollback`.
 """
 
-# Scheduled retraining. Airflow needs the schedule when it parses this file, so it is
-# read from the environment here (not from PipelineConfig, which tasks load at run
-# time): a cron expression or preset such as "@daily"; "none": no timed runs (drift events
-# and manual triggers still start runs).
-# The registry gate keeps a scheduled run that does not beat the champion from
-# changing what is served.
-SCHEDULE = os.environ.get("CIFAR10_SCHEDULE", "@weekly").strip() or "@weekly"
-# A schedule that nobody has to switch on: Airflow creates DAGs paused unless told
-# otherwise, and a paused weekly DAG never retrains. CIFAR10_START_PAUSED=true keeps
-# Airflow's default for operators who unpause by hand.
-START_PAUSED = os.environ.get("CIFAR10_START_PAUSED", "false").strip().lower() in ("1", "true", "yes")
-
-
-# Retraining on drift: the monitor DAG emits events on this asset.
-DRIFT = Asset(DRIFT_ASSET_NAME, uri=DRIFT_ASSET_URI)
-
-
-def _timetable(schedule: str) -> CronTriggerTimetable | None:
-    """Runs at the cron times themselves; the first one is the next due time, never a past one.
-
-    Airflow's default for a DAG without start_date runs the most recent past time at once
-    when it is close enough (for a weekly schedule, within 16.8 hours), so switching the
-    stack on could start a surprise training.
-    """
-    if schedule.lower() == "none":
-        return None
-    return CronTriggerTimetable(schedule, timezone="UTC", run_immediately=timedelta(0))
-
-
-def _schedule(schedule: str) -> AssetOrTimeSchedule | Asset:
-    """At the cron times or on a drift event, whichever comes first; with "none", on drift events only."""
-    timetable = _timetable(schedule)
-    return DRIFT if timetable is None else AssetOrTimeSchedule(timetable=timetable, assets=DRIFT)
-
-
-# Retries are needed at parse time too.
-_PARSE_CONFIG = load_config()
-DEFAULT_ARGS = {"retries": _PARSE_CONFIG.task_retries,
-                "retry_delay": timedelta(seconds=_PARSE_CONFIG.retry_delay_seconds)}
+SETTINGS = DagSettings.from_env()
 
 
 def _config():
@@ -96,20 +56,14 @@ def _config():
     return PIPELINE.for_task(get_current_context())
 
 
-def _run_name() -> str:
-    """Which Airflow run moves the alias, as the registry records it."""
-    context = get_current_context()
-    return f"airflow:{context['dag'].dag_id}/{context['run_id']}"
-
-
 @dag(
     dag_id="cifar10_pipeline",
-    schedule=_schedule(SCHEDULE),
+    schedule=SETTINGS.pipeline_schedule(),
     catchup=False,  # a missed week is not worth several back-to-back trainings
-    is_paused_upon_creation=START_PAUSED,
+    is_paused_upon_creation=SETTINGS.start_paused,
     max_active_runs=1,  # scheduled and manual runs share the store and registry
     doc_md=DOC,
-    default_args=DEFAULT_ARGS,
+    default_args=SETTINGS.default_args(),
     tags=["cifar10", "mlops"],
     params=PIPELINE.airflow(),
 )
@@ -179,13 +133,13 @@ def cifar10_pipeline():
     def promote(version_uri: str, bento_tag: str) -> str:
         from training.deploy.champion import promote as run
 
-        return run(_config(), version_uri, bento_tag, by=_run_name())
+        return run(_config(), version_uri, bento_tag, by=run_name(get_current_context()))
 
     @task(execution_timeout=timedelta(minutes=20))
     def publish(version_uri: str, bento_tag: str) -> str:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from training.packaging.publish import publish_bento
+        from training.packaging.bento_store import publish_bento
 
         uri = publish_bento(_config(), version_uri, bento_tag)
         if not uri:

@@ -11,6 +11,7 @@ from airflow.sdk import dag, get_current_context, task
 
 # Standard library only: parsing stays fast.
 from training.params import ROLLBACK
+from training.schedule import run_name
 
 DOC = """
 ### Roll the served CIFAR-10 model back
@@ -44,7 +45,7 @@ def cifar10_rollback():
         context = get_current_context()
         params = context["params"]
         return run(ROLLBACK.for_task(context), params["version"], params["reason"], force=params["force"],
-                   by=f"airflow:{context['dag'].dag_id}/{context['run_id']}").bento_tag
+                   by=run_name(context)).bento_tag
 
     rollback()
 

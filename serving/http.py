@@ -18,10 +18,9 @@ class Upload(PurePosixPath):
     """An uploaded file held in memory: the client's file name, and its bytes in ``data``.
 
     BentoML writes every ``Path`` input to a temporary file (``FileSchema.decode`` in
-    ``_bentoml_sdk/validators.py``) that the handler then reads back: temp-file and
-    path handling were ~11% of a worker's Python time per request here. A ``PurePath``
-    subclass is still a file field to BentoML (multipart part, Swagger file picker); its
-    own pydantic schema below keeps the bytes instead of writing them out.
+    ``_bentoml_sdk/validators.py``) that the handler then reads back, a cost per request
+    (docs/serving.md). A ``PurePath`` subclass is still a file field to BentoML (multipart
+    part, Swagger file picker); its own pydantic schema below keeps the bytes instead.
     """
 
     data: bytes = b""

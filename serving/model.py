@@ -30,8 +30,7 @@ def warm_up(infer: Callable[[np.ndarray], np.ndarray], max_batch_size: int, conc
     """Run ``concurrency`` full batches side by side, as a loaded worker does.
 
     ONNX Runtime's arena then reaches most of its working size before the server says
-    ready rather than under the first load (``python -m bench.ort_arena --warm`` shows how
-    little it grows afterwards).
+    ready rather than under the first load (docs/decisions/onnx-memory.md).
     """
     import numpy as np
 

@@ -9,7 +9,10 @@ from dataclasses import asdict, dataclass, field
 from serving.cpu import cpu_share
 
 SWITCHES = ("access_log", "trace_requests")  # settings that are 0 (off) or 1 (on)
-ZERO_ALLOWED = ("infer_nice", "compute_slots", "drift_window")  # other counts must be positive
+ZERO_ALLOWED = ("drift_window",)  # other counts must be positive
+# Niceness the model and decoding threads add to the process's: when both want a core, a worker's event loop
+# (parse, answer) goes first, so requests reach the batch queue sooner and batches are the larger for it.
+INFER_NICE = 10
 # Routes left out of OpenTelemetry unless CIFAR10_TRACE_REQUESTS=1 (OpenTelemetry's
 # excluded_urls: comma-separated regular expressions searched in the request URL).
 UNTRACED = "/predict,/predict_batch,/metadata"
@@ -33,24 +36,13 @@ class ServingSettings:
     # Requests whose body has arrived and that are being answered, per server (split evenly over
     # its workers); more: 429. A request still sending its body is not counted (serving/http.py).
     max_concurrency: int = 256
+    # The CPUs this server may use: its affinity mask, capped by a cgroup v2 quota (set it where the
+    # quota is not visible, e.g. a cgroup v1 node). Each worker runs up to this many model calls side by
+    # side, and the workers together no more (serving/slots.py), so no two calls time-share a core.
+    cpus: int = field(default_factory=cpu_share)
     # Worker processes, each with its own event loop, model and batcher: one process's
     # request handling holds the GIL and cannot feed two cores, so one per CPU, at most 4.
     workers: int = field(default_factory=lambda: min(cpu_share(), 4))
-    # ONNX Runtime intra-op threads per model call. One: batches run side by side
-    # (model_concurrency), which scales better than threads that synchronise per layer.
-    model_threads: int = 1
-    # Batches one worker runs at once, each in its own thread (ONNX Runtime releases
-    # the GIL): the CPU share, not share/workers, so a worker holding most connections
-    # can still use every core.
-    model_concurrency: int = field(default_factory=lambda: max(1, cpu_share()))
-    # Niceness the model threads add to the process's (0-19). Positive: a worker's event
-    # loop (parse, decode, answer) runs before model compute when both want a core, so
-    # requests reach the queue sooner and batches are the larger for it.
-    infer_nice: int = 10
-    # Model calls running at once across all workers (serving/slots.py): the CPU share,
-    # so no two calls time-share a core. 0: no machine-wide cap (each worker still runs
-    # up to model_concurrency).
-    compute_slots: int = field(default_factory=cpu_share)
     access_log: int = 1  # 1: one log line per request (BentoML access log); 0: off, saves CPU under load
     # 1: OpenTelemetry spans for the API routes (set it with a tracing exporter in BentoML's
     # configuration). 0: the routes are excluded from tracing, because BentoML runs its
@@ -86,8 +78,6 @@ class ServingSettings:
             value = default if raw is None else int(raw)
             if name in SWITCHES and value not in (0, 1):
                 raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be 0 (off) or 1 (on)")
-            if name == "infer_nice" and not 0 <= value <= 19:
-                raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be a niceness from 0 to 19")
             if value < 0 or value == 0 and name not in SWITCHES and name not in ZERO_ALLOWED:
                 kind = "0 or a positive integer" if name in ZERO_ALLOWED else "a positive integer"
                 raise ValueError(f"CIFAR10_{name.upper()}={raw!r}: must be {kind}")

@@ -34,8 +34,7 @@ class ComputeSlots:
 
     def __init__(self, key: str, count: int, folder: Path | None = None) -> None:
         if count < 1:
-            raise ValueError(f"compute slots: count must be at least 1, got {count} "
-                             "(CIFAR10_COMPUTE_SLOTS=0 turns the machine-wide cap off instead)")
+            raise ValueError(f"compute slots: count must be at least 1, got {count} (CIFAR10_CPUS)")
         folder = Path(folder or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()))
         self.count = count
         self._paths = [folder / f"cifar10-compute-{key}-{i}.lock" for i in range(count)]

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import requests
 from PIL import Image
 
-from training.packaging.verify import free_port  # noqa: F401  (re-exported: test servers listen where the pipeline's do)
+# Re-exported: test servers start, wait and stop as the pipeline's do.
+from training.packaging.server import bentoml_serve as serve_command
+from training.packaging.server import free_port, running_server, start_server, stop_server  # noqa: F401
 
 # ---------------------------------------------------------------- generated data
 
@@ -369,20 +370,6 @@ BIN = Path(sys.executable).parent
 
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop a server started with ``start_new_session=True`` and all its children (BentoML workers)."""
-    try:
-        os.killpg(proc.pid, 15)
-    except ProcessLookupError:  # it already exited (a failed start): let the test report why, not this
-        proc.wait()
-        return
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-
-
 def stack_processes(state: Path) -> dict[str, int]:
     """The pid of each running program of the stack on ``state`` as its process manager reports it, and the
     manager's own as ``supervisord``: each leads its own process group. Empty when no manager answers."""
@@ -495,26 +482,8 @@ def last_dag_run(env: dict[str, str], dag_id: str = "cifar10_pipeline") -> tuple
 def bentoml_serve(target: str, env: dict[str, str], log: Path, timeout: float = 120) -> Iterator[str]:
     """Run ``bentoml serve target`` on a free port until /readyz answers; yield the base URL."""
     port = free_port()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", target, "--port", str(port), "--host", "127.0.0.1"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or busy starting up
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"bentoml serve not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with running_server(serve_command(target, port), log, port, timeout, env=env, cwd=ROOT) as url:
         yield url
-    finally:
-        stop_server(proc)
 
 
 def bentoml_cli_json(env: dict[str, str], *args: str):
@@ -835,7 +804,7 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
 
     from serving.drift import reference_statistics
     from serving.model import onnx_session
-    from training.model.export import export_onnx
+    from training.model.export import export_onnx, onnx_probabilities
     from training.model.network import build_model, with_flip_tta
 
     model = build_model(widths, num_classes=len(CLASSES))
@@ -849,7 +818,7 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
         # A drift reference as train computes it, of natural_images: serving those scores low.
         reference_x = natural_images(200, seed=0)
         session = onnx_session(Path(tmp) / "model.onnx")
-        confidences = session.run(None, {session.get_inputs()[0].name: reference_x.astype(np.float32)})[0].max(axis=1)
+        confidences = onnx_probabilities(session, reference_x).max(axis=1)
         metadata = {**FAKE_METADATA, "class_names": CLASSES, "onnx_max_abs_diff": diff,
                     "mlflow_tracking_uri": "sqlite:///nowhere.db",
                     "drift_reference": reference_statistics(reference_x, confidences)}
@@ -877,27 +846,10 @@ def make_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path
 
 def serve_service(serving_model: ServingModel, log: Path, extra_env: dict[str, str]):
     """Start ``bentoml serve service.py`` on a free port with the test model; return (process, base URL)."""
-    import httpx
-
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(serving_model.home), "BENTOML_DO_NOT_TRACK": "True", **extra_env}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:CIFAR10Classifier", "--host", "127.0.0.1",
-             "--port", str(port), "--arg", f"model_tag={serving_model.tag}"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc) if proc.poll() is None else None
-            raise RuntimeError(f"bentoml serve did not get ready:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    argv = serve_command("service:CIFAR10Classifier", port, "--arg", f"model_tag={serving_model.tag}")
+    return start_server(argv, log, port, 180, env=env, cwd=ROOT), f"http://127.0.0.1:{port}"
 
 
 # ---------------------------------------------------------------- small local HTTP servers

@@ -1,9 +1,7 @@
-"""One frozen configuration for the whole pipeline.
+"""One frozen configuration for the whole pipeline: defaults, then the ``recipe`` preset, then
+``CIFAR10_<FIELD>`` environment variables, then explicit overrides (a DAG run's params).
 
-Every default lives here, with a comment saying why. Values are overridden, in
-increasing priority, by environment variables (``CIFAR10_<FIELD>``, upper case)
-and by explicit overrides (the Airflow DAG passes its params). Nothing here reads
-the environment at import time: call :func:`load_config`.
+Nothing reads the environment at import time: call :func:`load_config`.
 """
 
 from __future__ import annotations
@@ -20,201 +18,72 @@ OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 OFFICIAL_SHA256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
 
 ENV_PREFIX = "CIFAR10_"
-# Standard variables of the tools themselves, honoured when the CIFAR10_ one is unset,
-# so a deployment configures MLflow and BentoML the way their docs say.
+# The tools' own variables count when the CIFAR10_ one is unset, so MLflow and BentoML are set up as their docs say.
 ENV_ALIASES = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "bentoml_home": "BENTOML_HOME"}
 
-# Named training presets: field values applied on top of the defaults, below env and
-# overrides. "default" is the dataclass defaults themselves.
+# Training presets, applied over the defaults and under the environment and overrides (docs/results.md: their times).
 RECIPES: dict[str, dict[str, Any]] = {
-    "default": {},
-    # Half the default's widths, and as many epochs as fit a 5-minute budget on 2 CPU cores
-    # with bf16 (docs/results.md has the measured times).
-    "quick": {"widths": "32,64,64", "epochs": 6},
-    # airbench94's full widths and epochs: far too slow for a CPU; meant for the GPU
-    # (KERAS_BACKEND=jax, docs/gpu.md).
-    "airbench94": {"widths": "64,256,256", "epochs": 10, "batch_size": 1024, "learning_rate": 1.5,
-                   "lookahead": True},
-    # Seconds on a few hundred synthetic images: exercises every code path, learns little.
-    "tiny": {"widths": "8,16,16", "epochs": 2, "batch_size": 32, "learning_rate": 0.2},
+    "default": {},  # 20 minutes on 2 CPU cores with bf16
+    "quick": {"widths": "32,64,64", "epochs": 6},  # 5 minutes on 2 CPU cores with bf16
+    "airbench94": {"widths": "64,256,256", "epochs": 10, "batch_size": 1024, "learning_rate": 1.5},  # a GPU
+    "tiny": {"widths": "8,16,16", "epochs": 2, "batch_size": 32, "learning_rate": 0.2},  # tests: every path, seconds
 }
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """All knobs of the pipeline. Pass it explicitly; never read globals."""
+    """Every setting of the pipeline; passed explicitly, never read from globals."""
 
-    # --- where state lives -------------------------------------------------
-    # One folder for everything local: data cache, MLflow store, BentoML home.
-    state_dir: str = ".state"
-    # MLflow tracking URI; empty means SQLite inside state_dir (embedded default).
-    mlflow_tracking_uri: str = ""
-    # Where MLflow artifacts go when we create the experiment; empty means
-    # state_dir/mlflow/artifacts. Set to s3://bucket/prefix for S3.
-    mlflow_artifact_location: str = ""
-    experiment_name: str = "cifar10"
-    # BentoML store (models and Bentos); empty means state_dir/bentoml. The
-    # BENTOML_HOME environment variable, when set, wins (BentoML reads it).
-    bentoml_home: str = ""
+    # --- where state lives
+    state_dir: str = ".state"  # everything local: data cache, MLflow store, BentoML home
+    mlflow_tracking_uri: str = ""  # "": SQLite in state_dir
+    mlflow_artifact_location: str = ""  # of a new experiment, e.g. s3://bucket/prefix; "": state_dir or the server's
+    experiment_name: str = "cifar10"  # MLflow experiment of the training runs (and -champion, -monitoring)
+    bentoml_home: str = ""  # BentoML store; "": state_dir/bentoml (BENTOML_HOME wins)
 
-    # --- data --------------------------------------------------------------
-    data_url: str = OFFICIAL_URL
-    # The only folders a file:// data_url or a plain path may read from, separated like PATH
-    # (os.pathsep); empty means state_dir/data. Whoever triggers a run chooses data_url, so
-    # without this limit a run could copy any file the worker can read into its artifacts.
+    # --- data
+    data_url: str = OFFICIAL_URL  # http(s)://, s3://, file:// or a path
+    # Folders (os.pathsep-separated) a local data_url may be under; "": state_dir/data. Runs choose data_url.
     data_roots: str = ""
-    # Expected checksum "sha256:<hex>" or "md5:<hex>" (bare hex = sha256).
-    # Empty: the official URL's known checksum applies, others are not checked.
-    data_checksum: str = ""
-    # Fractions of all images held out; the rest is training data. When the
-    # archive brings its own test split, test_fraction is not used.
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    # Cap on training images (0 = all), for quick runs; stratified.
-    max_train_images: int = 0
-    # Safety caps for archives: total uncompressed bytes and member count.
-    max_archive_bytes: int = 2 * 1024**3
-    max_archive_members: int = 200_000
-    # Fail when more than this fraction of images cannot be decoded.
-    max_bad_image_fraction: float = 0.01
-    # Processes that decode images in the prepare step; 0 = one per CPU this
-    # process may use (decoding 50,000 JPEGs is CPU-bound; 1 = in-process).
-    decode_workers: int = 0
-    seed: int = 42
+    data_checksum: str = ""  # "sha256:<hex>" or "md5:<hex>"; "": the official release's, others unchecked
+    val_fraction: float = 0.1  # of all images
+    test_fraction: float = 0.2  # of all images, unless the archive brings a test split
+    max_train_images: int = 0  # stratified cap for quick runs; 0: all
+    decode_workers: int = 0  # processes decoding images; 0: one per usable CPU, 1: in-process
+    seed: int = 42  # splits, initialisation, shuffling and augmentation
 
-    # --- model and training ------------------------------------------------
-    # A named preset (see RECIPES) applied before env vars and overrides, which win:
-    # "default" (a 20-minute budget on 2 CPU cores with bf16), "quick" (5 minutes),
-    # "airbench94" (GPUs) or "tiny" (seconds; for tests).
-    recipe: str = "default"
-    # Channel widths of the conv groups (comma separated). airbench94 uses 64,256,256;
-    # half the width in the last two groups buys more epochs within a CPU budget, which
-    # short runs need more than width.
-    widths: str = "64,128,128"
-    # As many epochs as fit the 20-minute budget on 2 CPU cores with native bf16 when the
-    # machine is slow (docs/results.md; recheck with `python -m bench.bench_train`). The
-    # recipe is short of compute, not capacity: each epoch up to here still bought accuracy.
-    # A CPU without native bf16 trains in float32 at a fraction of the speed: there 6 fit.
-    epochs: int = 15
-    # Smaller than airbench's 1024: a short CPU run needs optimizer steps more than a
-    # GPU-sized batch (smaller still was slower per epoch). The GPU preset keeps 1024.
-    batch_size: int = 256
-    # Peak learning rate of Nesterov SGD on the mean loss: airbench's 11.5 per 1024
-    # summed examples is 1.5 at batch 1024; scaled linearly with the batch. The schedule
-    # warms up from 0.2x over 23% of the steps and decays linearly to 0.07x.
-    learning_rate: float = 0.375
-    momentum: float = 0.85
-    # Decoupled weight decay per unit of learning rate (Keras semantics: each step
-    # multiplies the weights by 1 - lr * wd). airbench's coupled decay goes through the
-    # Nesterov momentum, which amplifies it by 1 / (1 - 0.85): its per-step shrink at the
-    # peak rate is 0.0153 * 1024 / kilostep_scale / 0.15 = 0.0133 at batch 1024, i.e.
-    # 0.0133 / 1.5 = 0.0089 per unit of rate here, at any batch size with the linearly
-    # scaled rate.
-    weight_decay: float = 0.0089
-    label_smoothing: float = 0.2
-    # BatchNorm biases learn this many times faster than the weights (airbench's
-    # bias_scaler; its ablation: 94% in 18 instead of 22 epochs).
-    bias_lr_scale: float = 64.0
-    # airbench94's Lookahead (training/model/lookahead.py): every 5 steps the weights are
-    # pulled to a slow copy, which the trained model becomes (both loops). On a short CPU
-    # run its gain is small for its time, so it is on in the airbench94 preset only.
-    lookahead: bool = False
-    # Fit on the training split plus the validation split, less a stratified slice of
-    # validation_holdout images: more distinct images are worth more accuracy than the epochs
-    # the same minutes would buy (docs/training.md). The slice still gives the learning
-    # curve and the drift reference's confidences images the model never fitted; the test
-    # split stays untouched either way.
-    train_on_validation: bool = True
-    validation_holdout: int = 1000
-    # Progressive resizing: the first low_res_epochs epochs train on images scaled down to
-    # low_res pixels; the rest, and everything evaluated or served, at 32. Off: the epochs are
-    # cheaper, but the accuracy lost is more than the saved time buys back (docs/training.md).
-    # loop=fit only.
-    low_res_epochs: int = 0
-    low_res: int = 24
-    # Exponential moving average of the weights, which the trained model becomes (Keras'
-    # optimizer EMA; 0 = off; loop=fit only). Off: it lowered accuracy, the averaged weights
-    # no longer matching the BatchNorm statistics, which are not averaged.
-    ema_momentum: float = 0.0
-    # Random translation by up to this many pixels (reflect padding), plus flips.
-    translate: int = 2
-    # Training loop: "fit" (Keras model.fit, any backend), "jit" (training/model/jax_loop.py:
-    # one jax.jit step with the uint8 data on the device; JAX backend only) or "auto"
-    # (jit under KERAS_BACKEND=jax, else fit). On a GPU the jitted loop is tens of times
-    # faster than fit, which feeds every batch from the host (docs/gpu.md).
-    loop: str = "auto"
-    # Train in mixed_bfloat16: "auto" (on where TensorFlow runs on a CPU with native bf16
-    # instructions, avx512_bf16 or AMX, where a step is markedly faster; off elsewhere: CPUs
-    # with only AVX2 emulate bf16 many times slower, and on a GPU the jitted loop's longer
-    # compile outweighs its faster steps), "true" or "false". Evaluation and the exported
-    # model are float32 either way.
+    # --- model and training
+    recipe: str = "default"  # a preset of RECIPES; fields set in the environment or a run win
+    widths: str = "64,128,128"  # conv groups; half airbench94's last two buys epochs on a CPU budget
+    epochs: int = 15  # what fits 20 minutes on 2 cores with bf16 in a slow hour (6 in float32)
+    batch_size: int = 256  # a short CPU run needs steps more than airbench's GPU-sized 1024
+    learning_rate: float = 0.375  # peak of the triangle schedule: airbench's 1.5 at batch 1024, scaled linearly
+    # mixed_bfloat16: "auto" (only where TensorFlow has a CPU with native bf16), "true" or "false"
     mixed_precision: str = "auto"
-    # Flip test-time augmentation inside the exported model (2x inference cost).
-    tta: bool = True
+    tta: bool = True  # flip test-time augmentation inside the exported model (2x inference)
 
-    # --- failures and retries ------------------------------------------------
-    # Airflow retries of every task and the wait before each retry. Airflow needs them
-    # when it parses the DAG file, so they come from CIFAR10_* variables of the process
-    # that parses it (a DAG param cannot change them).
-    task_retries: int = 1
-    retry_delay_seconds: float = 30.0
-    # How long a task waits for an http(s) MLflow server before failing: MLflow's own
-    # HTTP retries would keep it waiting for minutes before saying anything.
-    mlflow_connect_timeout: float = 10.0
+    # --- failures and retries (read when the DAG file is parsed, so never a run's params)
 
-    # --- registry gate -----------------------------------------------------
-    registered_model_name: str = "cifar10-cnn"
-    # A new version becomes champion only at or above this test accuracy and
-    # min_improvement above the current champion's. The margin is above 0 so that a
-    # retrain that merely ties (the same data and seed give the same model) does not
-    # rebuild and redeploy what is already served.
-    min_accuracy: float = 0.0
-    min_improvement: float = 0.002
-    force_promote: bool = False
-    # The served-artifact gate, after build and before champion moves: the new Bento (and its
-    # image, when one was built) must answer this many test images exactly as the exported
-    # model does, with no error, one request at a time, with a p99 latency within the budget.
-    # The budget is loose enough for a busy 2-core build machine, tight enough to catch a
-    # service that runs the model many times slower than it should (e.g. per-request loads).
-    golden_images: int = 64
-    served_p99_budget_ms: float = 250.0
-    # Longest wait for the Bento or image to answer /readyz.
-    served_start_timeout: float = 300.0
+    # --- registry gate
+    registered_model_name: str = "cifar10-cnn"  # MLflow registered model; its alias "champion" is what is served
+    min_accuracy: float = 0.0  # a new champion's least test accuracy
+    min_improvement: float = 0.002  # over the champion's, above 0 so that a retrain that ties redeploys nothing
+    force_promote: bool = False  # the operator's override of the gate
+    served_p99_budget_ms: float = 250.0  # served-artifact gate: loose for a busy build machine, catches a slow model
 
-    # --- serving and packaging ---------------------------------------------
-    bento_model_name: str = "cifar10-cnn"
-    bento_name: str = "cifar10-classifier"
-    # docker | podman | buildah | auto (first healthy one) | none (skip)
-    container_backend: str = "auto"
-    # Base of the Bento image; "" = by backend (docker: the registry's python:3.11-slim-bookworm,
-    # podman/buildah: the local debootstrap base).
-    base_image: str = ""
-    # Further base images (comma separated) that base_image may name besides those two defaults.
-    # An image pinned by digest (name@sha256:<64 hex digits>) is accepted without being listed:
-    # its content cannot change under the name. Anything else could put any code into the image.
+    # --- serving and packaging
+    container_backend: str = "auto"  # docker | podman | buildah | auto (the first healthy) | none (skip)
+    base_image: str = ""  # of the Bento image; "": by backend (docker: python slim, else the local debootstrap base)
+    # Further base images (comma separated) base_image may name: any other could put any code into the image.
     allowed_base_images: str = ""
-    image_name: str = "cifar10-classifier"
-    # Where the publish task exports the built Bento (models inside), e.g. s3://bucket/bentos/, so a
-    # serving machine imports it into its own store; "" = keep it in the local store only.
-    bento_export_uri: str = ""
+    bento_export_uri: str = ""  # where publish exports the Bento, e.g. s3://bucket/bentos/; "": local store only
 
-    # --- drift monitoring (the cifar10_drift_monitor DAG) -------------------
-    # The service the monitor scrapes (/metrics, /metadata); in compose, the bento container.
-    monitor_url: str = "http://localhost:3000"
-    monitor_timeout: float = 10.0  # seconds for each request to the service
-    # A worker's drift score (0: its recent images look like the training data, 1: nothing
-    # alike) at or above this calls for retraining. On CIFAR-10, windows of held-out images
-    # score up to 0.15 (100 images), strongly blurred, inverted or noisy ones 0.35 and more
-    # (0.29 and more from pixels alone, for a model without confidences) (docs/monitoring.md).
-    drift_threshold: float = 0.25
-    # Below this many images in a worker's window the score is noise, not evidence: in-distribution
-    # windows of 50 score up to 0.2.
-    drift_min_images: int = 100
-    # After a drift event, no other for this long: retraining on data that has not changed
-    # cannot fix drifted inputs, and one episode should not start a training every check.
-    drift_cooldown_hours: float = 24.0
+    # --- drift monitoring (the cifar10_drift_monitor DAG; docs/monitoring.md chose the values)
+    monitor_url: str = "http://localhost:3000"  # the service it scrapes
+    drift_threshold: float = 0.25  # a worker's score that calls for retraining: above any in-distribution window
+    drift_min_images: int = 100  # fewer images in a worker's window are noise, not evidence
+    drift_cooldown_hours: float = 24.0  # retraining on unchanged data cannot fix drifted inputs
 
-    # ----------------------------------------------------------------------
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser().resolve()
@@ -237,12 +106,8 @@ class PipelineConfig:
 
     @property
     def artifact_location(self) -> str | None:
-        """Artifact root for a new experiment; ``None`` lets a tracking server choose.
-
-        A server started with ``--artifacts-destination`` proxies artifacts
-        (``mlflow-artifacts:/``); a client-side ``file://`` root would bypass it and
-        leave the artifacts on the training machine.
-        """
+        """Artifact root for a new experiment; ``None`` lets a tracking server choose (a local
+        ``file://`` root would bypass its ``--artifacts-destination``)."""
         if self.mlflow_artifact_location:
             return self.mlflow_artifact_location
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -277,47 +142,37 @@ def mask_password(value: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+def _to_bool(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in {"1", "true", "yes", "on"}
+
+
+CONVERTERS = {"bool": _to_bool, "int": int, "float": float, "str": str}
+
+
 def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
     types = {f.name: f.type for f in fields(PipelineConfig)}
     out: dict[str, Any] = {}
     for key, value in values.items():
         if key not in types:
-            raise ValueError(
-                f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}"
-            )
-        kind = types[key]
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
         if value is None:
             continue
         try:
-            if kind == "bool":
-                out[key] = value if isinstance(value, bool) else str(value).strip().lower() in {"1", "true", "yes", "on"}
-            elif kind == "int":
-                out[key] = int(value)
-            elif kind == "float":
-                out[key] = float(value)
-            else:
-                out[key] = str(value)
+            out[key] = CONVERTERS[types[key]](value)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"config {key}={value!r} is not a valid {kind}: {exc}") from exc
+            raise ValueError(f"config {key}={value!r} is not a valid {types[key]}: {exc}") from exc
     return out
 
 
-def load_config(
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> PipelineConfig:
-    """Defaults, then the ``recipe`` preset, then ``CIFAR10_*`` environment variables, then ``overrides``.
+def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> PipelineConfig:
+    """Defaults, then the ``recipe`` preset, then ``CIFAR10_*`` variables, then ``overrides``.
 
-    Unknown override keys raise ``ValueError`` naming the valid ones, so a typo in a
-    DAG param cannot silently fall back to a default.
+    An unknown key raises ``ValueError`` naming the valid ones: a typo never falls back to a default.
     """
     env = os.environ if environ is None else environ
     from_env = {name: env[alias] for name, alias in ENV_ALIASES.items() if env.get(alias)}
-    from_env.update({
-        f.name: env[ENV_PREFIX + f.name.upper()]
-        for f in fields(PipelineConfig)
-        if ENV_PREFIX + f.name.upper() in env
-    })
+    from_env |= {f.name: env[ENV_PREFIX + f.name.upper()] for f in fields(PipelineConfig)
+                 if ENV_PREFIX + f.name.upper() in env}
     overrides = dict(overrides or {})
     recipe = str(overrides.get("recipe") or from_env.get("recipe") or PipelineConfig.recipe)
     if recipe not in RECIPES:

@@ -1,15 +1,12 @@
 """``make pipeline``'s console: the progress of a DAG run, not its log.
 
-Two sources. The default (``make pipeline``) triggers an ordinary run through Airflow's REST
-API and follows it: the scheduler runs the tasks, and the console polls their states and
-reads their logs. The other (``make pipeline-debug``) runs a command, ``airflow dags test``,
-and parses its output. Either way everything goes to a log file; the console gets one line
-per task start and end with its duration, the pipeline's own log lines (epochs, the gate
-decision, the Bento tag), and for a failed task its error, its log's last lines and where
-the rest is.
+It triggers an ordinary run through Airflow's REST API and follows it: the scheduler runs the
+tasks, and the console polls their states and reads their logs. Every log line goes to a file;
+the console gets one line per task start and end with its duration, the pipeline's own log
+lines (epochs, the gate decision, the Bento tag), and for a failed task its error, its log's
+last lines and where the rest is.
 
     python -m training.console --log FILE --dag cifar10_pipeline --conf '{...}'
-    python -m training.console --log FILE -- airflow dags test cifar10_pipeline -c '{...}'
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from collections import deque
@@ -27,14 +23,6 @@ from typing import IO, Callable, Iterable
 
 from training.airflow_api import RUN_DONE, TASK_DONE, AirflowAPIError, AirflowClient
 
-# `airflow dags test` marks each task's start and end; the state is in the line before the end.
-TASK_START = re.compile(r"\[DAG TEST\] starting task_id=(\w+)")
-TASK_END = re.compile(r"\[DAG TEST\] end task task_id=(\w+)")
-TASK_STATE = re.compile(r"new_state=(\w+)")
-# A line from the pipeline's own loggers or a task's print(): "<time> [info     ] message [training.x] key=value".
-OWN_LINE = re.compile(r"^\S+ \[(\w+)\s*\] (.*?) \[(?:training(?:\.[\w.]+)?|task\.stdout)\](?: |$)")
-# The exception at the end of a traceback: "pkg.module.SomeError: message".
-EXCEPTION = re.compile(r"^([\w.]+(?:Error|Exception|Exit|Interrupt|Timeout)\w*): (.+)")
 # States of a task that has run (has a try and a log), and how its end reads on the console.
 RAN = frozenset({"running", "success", "failed", "up_for_retry", "skipped"})
 MARKS = {"success": "✓", "skipped": "–", "upstream_failed": "–", "removed": "–", "up_for_retry": "↻"}
@@ -44,56 +32,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PROGRESS_BAR = "━"
 # Log lines of a failed task the console shows; the rest is in the log file.
 TAIL_LINES = 25
-
-
-class Progress:
-    """Turns the command's output lines into console lines (``feed`` returns what to print)."""
-
-    def __init__(self) -> None:
-        self.started: dict[str, float] = {}
-        self.state: dict[str, str] = {}
-        self.error: dict[str, str] = {}
-        self.current: str | None = None
-        self.failed: list[str] = []
-
-    def feed(self, line: str, now: float) -> list[str]:
-        out = []
-        if m := TASK_START.search(line):
-            self.current = task = m.group(1)
-            self.started[task] = now
-            self.state.pop(task, None)
-            out.append(f"▶ {task}")
-        elif m := TASK_END.search(line):
-            task = m.group(1)
-            state = self.state.get(task, "done")
-            took = now - self.started.get(task, now)
-            mark = MARKS.get(state, "✗")
-            text = f"{mark} {task} {state.replace('_', ' ')} in {took:.1f} s"
-            if state not in ("success", "skipped") and task in self.error:
-                text += f": {self.error[task]}"
-            if state == "failed":
-                self.failed.append(task)
-            out.append(text)
-            self.current = None
-        elif self.current and (m := TASK_STATE.search(line)) and "Task instance state updated" in line:
-            self.state[self.current] = m.group(1)
-        elif m := OWN_LINE.match(line):
-            level, message = m.groups()
-            out.append(f"    {message}" if level == "info" else f"    {level}: {message}")
-        elif self.current and (m := EXCEPTION.match(line.strip())):
-            self.error[self.current] = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)[:300]}"
-        return out
-
-
-def follow(lines: Iterable[str], log: IO[str], console: IO[str], clock=time.monotonic) -> Progress:
-    """Copy ``lines`` to ``log`` and print their progress to ``console``."""
-    progress = Progress()
-    for line in lines:
-        log.write(line)
-        log.flush()
-        _stamp(console, progress.feed(line.rstrip("\n"), clock()))
-    return progress
-
 
 
 def _stamp(console: IO[str], texts: Iterable[str]) -> None:
@@ -151,7 +89,7 @@ def _seconds(ti: dict) -> float | None:
         return None
 
 
-class RunProgress:
+class Progress:
     """Turns snapshots of a run's task instances and their log entries into console lines.
 
     ``starts`` and ``ends`` are fed each task instance as the API returns it (``task_id``,
@@ -216,14 +154,14 @@ class RunProgress:
 
 
 def follow_run(client, dag_id: str, run_id: str, log: IO[str], console: IO[str], poll_s: float = 2.0,
-               sleep: Callable[[float], None] = time.sleep, patience: int = 30) -> tuple[dict, RunProgress]:
+               sleep: Callable[[float], None] = time.sleep, patience: int = 30) -> tuple[dict, Progress]:
     """Follow a DAG run until it ends: task lines and own log lines to ``console``, every log line to ``log``.
 
     Returns the run's last state from the API and the progress (failed tasks, their log tails).
     Up to ``patience`` looks in a row may fail (an API server that a busy machine slows past
     the client's timeout) before the error is raised; a failed look is simply taken again.
     """
-    progress = RunProgress()
+    progress = Progress()
     tokens: dict[tuple[str, int], str | None] = {}
     complete: set[tuple[str, int]] = set()
     # Airflow's continuation token does not always hold across a try's end (seen: the log read
@@ -342,44 +280,18 @@ def _trigger_and_follow(args: argparse.Namespace) -> int:
     return 1
 
 
-def _run_command(args: argparse.Namespace, command: list[str]) -> int:
-    start = time.monotonic()
-    with open(args.log, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, bufsize=1, errors="replace") as proc:
-        try:
-            progress = follow(proc.stdout, log, sys.stdout)
-        except KeyboardInterrupt:
-            proc.terminate()
-            raise
-    took = time.monotonic() - start
-    if proc.returncode:
-        where = f"task {', '.join(progress.failed)}" if progress.failed else "the command"
-        print(f"\n✗ pipeline failed in {took:.0f} s ({where}). Last lines of the log:\n", flush=True)
-        print("".join(args.log.read_text(errors="replace").splitlines(keepends=True)[-TAIL_LINES:]))
-        print(f"The whole log: less {args.log}", flush=True)
-    else:
-        print(f"✓ pipeline finished in {took:.0f} s", flush=True)
-    return proc.returncode
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log", type=Path, required=True, help="file that receives the whole output")
-    parser.add_argument("--dag", help="trigger this DAG through Airflow's REST API (AIRFLOW_API_URL, "
-                                      "AIRFLOW_API_USER, AIRFLOW_API_PASSWORD) and follow the run")
-    parser.add_argument("--conf", default="{}", help="the run's params as JSON (with --dag)")
-    parser.add_argument("--dag-timeout", type=float, default=300.0,
-                        help="seconds to wait for Airflow to parse the DAG (with --dag)")
-    parser.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the run (with --dag)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="or: a command to run and parse, after --")
+    parser.add_argument("--dag", required=True, help="trigger this DAG through Airflow's REST API (AIRFLOW_API_URL, "
+                                                     "AIRFLOW_API_USER, AIRFLOW_API_PASSWORD) and follow the run")
+    parser.add_argument("--conf", default="{}", help="the run's params as JSON")
+    parser.add_argument("--dag-timeout", type=float, default=300.0, help="seconds to wait for Airflow to parse the DAG")
+    parser.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the run")
     args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if bool(command) == bool(args.dag):
-        parser.error("no command given, or both: give --dag DAG_ID, or a command after -- "
-                     "(python -m training.console --log FILE -- COMMAND ...)")
     args.log.parent.mkdir(parents=True, exist_ok=True)
     print(f"Full log: {args.log}", flush=True)
-    return _run_command(args, command) if command else _trigger_and_follow(args)
+    return _trigger_and_follow(args)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,9 @@
 """What whoever triggers a DAG run may set: each DAG's params, declared once.
 
-A DAG's ``params=`` are generated from its declaration here (:meth:`RunParams.airflow`), and each
-task checks its run's conf against the same declaration (:meth:`RunParams.config`): Airflow passes
-a conf key that is not a declared param on as a param of its own, so such a key fails the task,
-naming the keys that are allowed. Only the declared config params reach the run's
-:class:`~training.config.PipelineConfig`, and their values are checked (a local data file only under
-the data roots, a base image only allowlisted or pinned by digest). Safety limits (archive caps,
-the bad-image fraction) and where state, the registry and exports live are the operator's
-``CIFAR10_*`` settings, never a run's.
-
-Standard library only: the DAG files import this module when they are parsed.
+The DAG's ``params=`` come from here (:meth:`RunParams.airflow`), and each task checks its run's conf
+against the same declaration (:meth:`RunParams.config`): Airflow passes an undeclared conf key on as a
+param of its own, so it must fail the task. Declared values are checked too (local data only under the
+data roots, a base image allowlisted or pinned). Standard library only: the DAG files import it.
 """
 
 from __future__ import annotations
@@ -87,15 +81,13 @@ class RunParams:
         if unknown:
             raise RunParamError(
                 f"this run's conf sets {', '.join(map(repr, unknown))}, which this DAG does not take; the keys a run "
-                f"may set are: {', '.join(self.names)}. Safety limits and where state, the registry and exports "
-                "live are the operator's CIFAR10_* settings, never a run's: trigger the run again without them")
+                f"may set are: {', '.join(self.names)}. Where state, the registry and exports live are the "
+                "operator's CIFAR10_* settings, never a run's: trigger the run again without them")
 
     def config(self, conf: Mapping[str, Any] | None, params: Mapping[str, Any],
                environ: Mapping[str, str] | None = None) -> PipelineConfig:
-        """The run's config: the environment's, with the declared config params that are set over it.
-
-        Raises :class:`RunParamError` (a ValueError) for an undeclared conf key or a value the checks refuse.
-        """
+        """The environment's config with the declared params that are set over it; :class:`RunParamError`
+        for an undeclared conf key or a refused value."""
         self.check_conf(conf)
         overrides = {p.name: params[p.name] for p in self.config_params if params.get(p.name) not in (None, "")}
         try:

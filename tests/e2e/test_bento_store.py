@@ -120,7 +120,7 @@ PUBLISH = """
 import sys, time
 from training.config import load_config
 from training.packaging.bento_store import export_bento
-from training.packaging.publish import publish_bento
+from training.packaging.bento_store import publish_bento
 from training.registry.promotion import client_for
 champion, newer = sys.argv[1:3]
 config = load_config()

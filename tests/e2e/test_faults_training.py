@@ -22,6 +22,7 @@ import requests
 
 from tests.helpers import BIN, bentoml_cli_json, free_port, run_dag, start_dag, state_env, stop_server
 from tests.helpers import image_folder_zip
+from training.registry.tracking import CONNECT_TIMEOUT_S
 
 MODEL = "cifar10-cnn"
 # Enough tiny epochs that training lasts long enough to be killed in the middle.
@@ -138,11 +139,10 @@ def test_mlflow_outage_fails_fast_and_the_retry_succeeds_once_it_is_back(archive
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     state = tmp_path / "state"
-    connect_timeout = 3
     # `mlflow server` took up to 2.3 minutes to come up on the loaded 2-core machine: enough
     # retries, each failing within seconds, to outlast that.
-    env = state_env(state, MLFLOW_TRACKING_URI=url, CIFAR10_MLFLOW_CONNECT_TIMEOUT=str(connect_timeout),
-                    CIFAR10_TASK_RETRIES="12", CIFAR10_RETRY_DELAY_SECONDS="15", CIFAR10_DATA_ROOTS=str(archive.parent))
+    env = state_env(state, MLFLOW_TRACKING_URI=url, CIFAR10_TASK_RETRIES="12", CIFAR10_RETRY_DELAY_SECONDS="15",
+                    CIFAR10_DATA_ROOTS=str(archive.parent))
     log = tmp_path / "dag-run.log"
     proc = start_dag(env, {**BASE_CONF, "data_url": archive.as_uri()}, log)
     server = None
@@ -168,7 +168,7 @@ def test_mlflow_outage_fails_fast_and_the_retry_succeeds_once_it_is_back(archive
         failed = tries[:-1]
         assert failed and all(state_ in ("failed", "up_for_retry") for _, state_, _ in failed), tries
         # Each failed try ended within seconds, not after MLflow's minutes of HTTP retries.
-        assert all(seconds < connect_timeout + 30 for _, _, seconds in failed), tries
+        assert all(seconds < CONNECT_TIMEOUT_S + 30 for _, _, seconds in failed), tries
 
         client = _client(url)
         [run] = client.search_runs([client.get_experiment_by_name("cifar10").experiment_id])

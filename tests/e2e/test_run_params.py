@@ -41,11 +41,11 @@ def _nothing_fetched(runs) -> None:
 
 
 def test_an_undeclared_conf_key_fails_the_first_task_naming_the_allowed_keys(runs):
-    conf = {**TINY_DAG_CONF, "data_url": runs["archive"].as_uri(), "max_archive_members": 0}
+    conf = {**TINY_DAG_CONF, "data_url": runs["archive"].as_uri(), "state_dir": "/tmp/elsewhere"}
     text, tasks = _refused(runs, "undeclared", conf)
     assert tasks["fetch"] == "failed", tasks
     assert all(tasks[t] == "upstream_failed" for t in DOWNSTREAM), tasks
-    assert ("this run's conf sets 'max_archive_members', which this DAG does not take; the keys a run may set are: "
+    assert ("this run's conf sets 'state_dir', which this DAG does not take; the keys a run may set are: "
             f"{', '.join(PIPELINE.names)}.") in text
     assert "AirflowFailException" in text and "new_state=failed" in text and "new_state=up_for_retry" not in text
     _nothing_fetched(runs)

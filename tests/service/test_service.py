@@ -33,22 +33,16 @@ MAX_FILES = 4
 
 # ---------------------------------------------------------------- unit tests (fast)
 
-def test_model_calls_are_single_threaded_and_run_side_by_side_by_default():
-    s = ServingSettings.from_env({})
-    assert s.model_threads == 1
-    assert s.model_concurrency == cpu_share() >= 1  # every core, whichever worker is busy
-    assert ServingSettings.from_env({"CIFAR10_MODEL_CONCURRENCY": "3"}).model_concurrency == 3
-    # ... but no more calls at once than CPUs across all workers (serving/slots.py)
-    assert s.compute_slots == cpu_share()
-    assert ServingSettings.from_env({"CIFAR10_COMPUTE_SLOTS": "0"}).compute_slots == 0  # 0: no machine-wide cap
-    with pytest.raises(ValueError, match="CIFAR10_COMPUTE_SLOTS='-1': must be 0 or a positive integer"):
-        ServingSettings.from_env({"CIFAR10_COMPUTE_SLOTS": "-1"})
+def test_model_calls_run_side_by_side_one_per_cpu_the_server_may_use():
+    assert ServingSettings.from_env({}).cpus == cpu_share() >= 1
+    assert ServingSettings.from_env({"CIFAR10_CPUS": "3"}).cpus == 3  # where the quota is not visible
+    with pytest.raises(ValueError, match="CIFAR10_CPUS='0': must be a positive integer"):
+        ServingSettings.from_env({"CIFAR10_CPUS": "0"})
 
 
 def test_settings_from_env_overrides_and_rejects_nonpositive():
     s = ServingSettings.from_env({"CIFAR10_MAX_BATCH_SIZE": "8", "CIFAR10_MAX_BODY_BYTES": "1000"})
     assert (s.max_batch_size, s.max_body_bytes, s.max_files) == (8, 1000, ServingSettings().max_files)
-    assert s.model_threads >= 1
     with pytest.raises(ValueError, match="CIFAR10_MAX_FILES='0': must be a positive integer"):
         ServingSettings.from_env({"CIFAR10_MAX_FILES": "0"})
     assert ServingSettings.from_env({"CIFAR10_ACCESS_LOG": "0"}).access_log == 0  # switches may be off
@@ -57,10 +51,6 @@ def test_settings_from_env_overrides_and_rejects_nonpositive():
 
 
 def test_model_threads_run_at_lower_priority():
-    assert ServingSettings.from_env({}).infer_nice == 10
-    assert ServingSettings.from_env({"CIFAR10_INFER_NICE": "0"}).infer_nice == 0  # 0 keeps the process's
-    with pytest.raises(ValueError, match="CIFAR10_INFER_NICE='20': must be a niceness from 0 to 19"):
-        ServingSettings.from_env({"CIFAR10_INFER_NICE": "20"})
     seen = []
 
     def infer(pixels):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
+from tests.helpers import ROOT
 from training.config import OFFICIAL_URL, PipelineConfig, load_config
+from training.params import MONITOR, PIPELINE
 
 
 def test_defaults_point_at_the_official_release_and_are_frozen():
@@ -60,3 +63,13 @@ def test_standard_tool_variables_are_honoured_but_prefixed_ones_win():
     assert str(config.bentoml_home_path) == "/srv/bentoml"
     env["CIFAR10_MLFLOW_TRACKING_URI"] = "http://other:5000"
     assert load_config(environ=env).tracking_uri == "http://other:5000"
+
+
+def test_the_readme_lists_every_setting_once_and_bolds_the_run_params():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Configuration"):readme.index("## Deploy")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    listed = [name for row in rows for name in re.findall(r"`([a-z0-9_]+)`", row.split("|")[2])]
+    bold = {name for row in rows for name in re.findall(r"\*\*`([a-z0-9_]+)`\*\*", row)}
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(PipelineConfig))
+    assert bold == {p.name for p in (*PIPELINE.config_params, *MONITOR.config_params)}

@@ -99,7 +99,8 @@ def test_parsing_imports_no_heavy_library(dag_file):
 def _dag_with_env(monkeypatch, dag_id: str = "cifar10_pipeline", **env: str):
     """The DAG as Airflow parses it with ``env`` (and no other schedule settings) in the environment."""
     monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    for name in ("CIFAR10_SCHEDULE", "CIFAR10_START_PAUSED", "CIFAR10_MONITOR_SCHEDULE"):
+    for name in ("CIFAR10_SCHEDULE", "CIFAR10_START_PAUSED", "CIFAR10_MONITOR_SCHEDULE", "CIFAR10_TASK_RETRIES",
+                 "CIFAR10_RETRY_DELAY_SECONDS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -181,3 +182,20 @@ def test_monitor_observes_on_its_schedule_and_only_emit_produces_the_drift_asset
     assert "drift_threshold" in monitor.doc_md
     off = _dag_with_env(monkeypatch, "cifar10_drift_monitor", CIFAR10_MONITOR_SCHEDULE="none")
     assert type(off.timetable).__name__ == "NullTimetable"
+
+
+def test_parse_time_settings_come_from_the_environment_with_their_documented_defaults():
+    from training.schedule import DagSettings
+
+    assert DagSettings.from_env({}) == DagSettings("@weekly", "*/15 * * * *", False, 1, 30.0)
+    set_ = DagSettings.from_env({"CIFAR10_SCHEDULE": "@daily", "CIFAR10_MONITOR_SCHEDULE": "none",
+                                 "CIFAR10_START_PAUSED": "true", "CIFAR10_TASK_RETRIES": "3",
+                                 "CIFAR10_RETRY_DELAY_SECONDS": "5"})
+    assert set_ == DagSettings("@daily", "none", True, 3, 5.0) and set_.monitor_timetable() is None
+
+
+def test_the_pipeline_retries_as_the_environment_says(monkeypatch):
+    from datetime import timedelta
+
+    dag = _dag_with_env(monkeypatch, CIFAR10_TASK_RETRIES="4", CIFAR10_RETRY_DELAY_SECONDS="7")
+    assert {(t.retries, t.retry_delay) for t in dag.tasks} == {(4, timedelta(seconds=7))}

@@ -224,7 +224,7 @@ def test_k8s_bento_sizes_itself_from_its_cpu_limit(k8s):
     assert resources["requests"] == resources["limits"]  # Guaranteed: it gets the CPUs it sizes for
     assert float(resources["limits"]["cpu"]) >= 1 and resources["limits"]["memory"]
     env = {e["name"]: e for e in container["env"]}
-    for name in ("CIFAR10_MODEL_CONCURRENCY", "CIFAR10_COMPUTE_SLOTS"):
+    for name in ("CIFAR10_CPUS",):
         assert env[name]["valueFrom"]["resourceFieldRef"] == {"resource": "limits.cpu", "divisor": "1"}, name
     assert env["CIFAR10_API_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
 

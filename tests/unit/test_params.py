@@ -12,9 +12,8 @@ from training.params import MONITOR, PIPELINE, ROLLBACK, RunParamError
 
 DECLARED = {"pipeline": PIPELINE, "rollback": ROLLBACK, "monitor": MONITOR}
 # Settings that keep the machine safe or say where state, the registry and exports live: the operator's alone.
-OPERATOR_ONLY = {"max_archive_bytes", "max_archive_members", "max_bad_image_fraction", "mlflow_tracking_uri",
-                 "mlflow_artifact_location", "bento_export_uri", "state_dir", "bentoml_home", "data_roots",
-                 "allowed_base_images", "monitor_url", "registered_model_name", "experiment_name", "task_retries",
+OPERATOR_ONLY = {"mlflow_tracking_uri", "mlflow_artifact_location", "bento_export_uri", "state_dir", "bentoml_home", "data_roots",
+                 "allowed_base_images", "monitor_url", "registered_model_name", "experiment_name",
                  "decode_workers"}
 
 
@@ -51,14 +50,14 @@ def test_no_safety_limit_or_location_is_a_param_and_config_params_are_config_fie
 
 
 def test_only_declared_params_that_are_set_reach_the_config_and_the_environment_fills_the_rest(tmp_path):
-    env = {"CIFAR10_EPOCHS": "9", "CIFAR10_SEED": "5", "CIFAR10_MAX_ARCHIVE_MEMBERS": "77",
+    env = {"CIFAR10_EPOCHS": "9", "CIFAR10_SEED": "5", "CIFAR10_DECODE_WORKERS": "77",
            "CIFAR10_STATE_DIR": str(tmp_path)}
     config = PIPELINE.config({"epochs": 2, "widths": "8,16"}, _params(PIPELINE, epochs=2, widths="8,16"), environ=env)
     assert (config.epochs, config.widths, config.seed) == (2, "8,16", 5)
-    assert config.max_archive_members == 77 and config.state_dir == str(tmp_path)
+    assert config.decode_workers == 77 and config.state_dir == str(tmp_path)
     # An undeclared key that reached the params some other way (not through conf) is ignored.
-    sneaked = PIPELINE.config({}, _params(PIPELINE, max_archive_members=0), environ=env)
-    assert sneaked.max_archive_members == 77
+    sneaked = PIPELINE.config({}, _params(PIPELINE, decode_workers=0), environ=env)
+    assert sneaked.decode_workers == 77
 
 
 @pytest.mark.parametrize("url, message", [

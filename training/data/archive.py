@@ -1,19 +1,10 @@
-"""Open a dataset archive safely and read its members, without extracting anything.
+"""Open a zip or tar archive safely and read its members in memory, never extracting anything.
 
-Zip, tar, tar.gz/tgz (any compression ``tarfile`` reads) are accepted. Nothing is
-ever written to disk: members are read into memory straight from the archive. Before
-any member is read, every entry is checked, and the whole archive is refused when one
-fails:
-
-- names: no absolute or Windows paths, no ``..`` anywhere;
-- types: no symlinks, hard links, device files or fifos;
-- bombs: the member count (read from the zip's end record before the central
-  directory is parsed, counted as we go for tar) and the sum of declared sizes are
-  capped; a zip member that inflates beyond its declared size is refused, so the
-  declared sizes really bound the memory used.
-
-A member whose data is corrupt (CRC mismatch, short) is not an attack: reading it
-raises :class:`~serving.images.InvalidImage` and the caller counts it as unreadable.
+Every entry is checked before any is read, and one bad entry refuses the whole archive: absolute,
+Windows or ``..`` names; links, devices and fifos; more than ``MAX_ARCHIVE_MEMBERS`` members (a zip's
+count read from its end record, before the central directory is parsed); more than ``MAX_ARCHIVE_BYTES``
+declared; a zip member inflating beyond its declared size. Corrupt data in a member is no attack: reading
+it raises :class:`~serving.images.InvalidImage`, which the caller counts as unreadable.
 """
 
 from __future__ import annotations
@@ -32,10 +23,13 @@ from pathlib import Path
 from serving.images import InvalidImage
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, name length, extra length (30 bytes)
+# Bomb caps: CIFAR-10 is 60,000 images and well under 1 GiB in any layout.
+MAX_ARCHIVE_MEMBERS = 200_000
+MAX_ARCHIVE_BYTES = 2 * 1024**3
 
 
 def _is_zip(path: Path) -> bool:
-    """Zip by its first bytes; ``is_zipfile`` alone also says yes for a tar whose last member is a zip."""
+    """Zip by its first bytes: ``is_zipfile`` alone also says yes for a tar whose last member is a zip."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head in (b"PK\x03\x04", b"PK\x05\x06"):
@@ -59,7 +53,7 @@ class Member:
 class SafeArchive:
     """A checked, read-only view of a zip or tar archive. ``members`` lists regular files only."""
 
-    def __init__(self, path: Path, *, max_members: int, max_bytes: int):
+    def __init__(self, path: Path, *, max_members: int = MAX_ARCHIVE_MEMBERS, max_bytes: int = MAX_ARCHIVE_BYTES):
         self.path = Path(path)
         self._zip: zipfile.ZipFile | None = None
         self._tar: tarfile.TarFile | None = None
@@ -81,8 +75,7 @@ class SafeArchive:
     # --- opening and checking ------------------------------------------------
     def _open_zip(self, max_members: int, max_bytes: int) -> list[Member]:
         with open(self.path, "rb") as f:
-            # The end record states the entry count; check it before ZipFile builds one
-            # object per entry, so a central directory of millions of entries costs nothing.
+            # Checked before ZipFile builds one object per entry of a possibly huge central directory.
             end = zipfile._EndRecData(f)  # noqa: SLF001 (stable since Python 2; no public API for it)
         if end and end[zipfile._ECD_ENTRIES_TOTAL] > max_members:  # noqa: SLF001
             self._too_many(max_members)
@@ -137,14 +130,14 @@ class SafeArchive:
         return members
 
     def _too_many(self, max_members: int) -> None:
-        raise ArchiveError(f"{self.path} has more than {max_members:,} members (limit max_archive_members); "
-                           "refusing it as a possible archive bomb. Raise the limit if the archive is trusted")
+        raise ArchiveError(f"{self.path} has more than {max_members:,} members; refusing it as a possible archive "
+                           "bomb (MAX_ARCHIVE_MEMBERS in training/data/archive.py)")
 
     def _add_size(self, total: int, size: int, max_bytes: int) -> int:
         total += size
         if total > max_bytes:
-            raise ArchiveError(f"{self.path} would unpack to more than {max_bytes:,} bytes (limit max_archive_bytes); "
-                               "refusing it as a possible archive bomb. Raise the limit if the archive is trusted")
+            raise ArchiveError(f"{self.path} would unpack to more than {max_bytes:,} bytes; refusing it as a possible "
+                               "archive bomb (MAX_ARCHIVE_BYTES in training/data/archive.py)")
         return total
 
     def _check_name(self, name: str) -> str:
@@ -174,9 +167,8 @@ class SafeArchive:
         return data
 
     def _read_zip(self, info: zipfile.ZipInfo) -> bytes:
-        # Straight from the memory map: several times faster than ZipFile.read for many
-        # small members, safe to share with forked workers (no file position), and the
-        # declared size bounds the output so a deflate bomb cannot expand.
+        # From the memory map: faster than ZipFile.read for small members, no file position to share
+        # with forked workers, and the declared size bounds the output so a deflate bomb cannot expand.
         if info.flag_bits & 0x1:
             raise InvalidImage("member is encrypted; give an unencrypted archive")
         mm, offset = self._mm, info.header_offset

@@ -1,15 +1,9 @@
 """Decode many image files into one uint8 array, in forked worker processes.
 
-Decoding 50,000 small images is CPU-bound Python + libjpeg work, so it is split into
-contiguous slices, one per worker process. Workers are forked: they inherit the
-caller's reader factory and the output array without pickling anything, and write
-pixels straight into an anonymous shared memory map that the caller keeps, so no
-image is copied between processes. Only the list of unreadable files travels back,
-through a pipe.
-
-Each worker calls the factory once to get its own ``read(i) -> bytes``, so a worker
-never shares a file position with another (archives are reopened per process).
-Where ``fork`` is unavailable, or the work is small, everything runs in-process.
+Each worker decodes a contiguous slice straight into anonymous shared memory: forked, it inherits the
+reader factory and the output array without pickling, and only the unreadable files' list travels back
+through a pipe. Each worker calls the factory for its own reader, so no two share a file position.
+Without ``fork``, or for little work, everything runs in-process.
 """
 
 from __future__ import annotations
@@ -85,12 +79,11 @@ def decode_into(out: np.ndarray, lo: int, hi: int, make_read: ReadFactory, worke
                 passthrough: tuple[type[BaseException], ...] = ()) -> list[tuple[int, str]]:
     """Decode items ``lo..hi-1`` into ``out[lo:hi]``; return sorted (index, reason) of unreadable ones.
 
-    ``out`` must come from :func:`shared_images` when ``workers > 1``. An exception of a
-    type in ``passthrough`` raised in a worker (e.g. an unsafe archive member) is raised
-    again here; anything else becomes :class:`WorkerError` with the worker's traceback.
+    ``out`` must come from :func:`shared_images` when ``workers > 1``. A worker's exception of a
+    ``passthrough`` type (e.g. an unsafe archive member) is raised again here; any other becomes
+    :class:`WorkerError` with the worker's traceback.
     """
-    count = hi - lo
-    workers = max(1, min(workers, count // MIN_PER_WORKER))
+    workers = max(1, min(workers, (hi - lo) // MIN_PER_WORKER))
     if workers == 1 or not hasattr(os, "fork"):
         return _decode_range(out, lo, hi, make_read)
     # Plain os.fork rather than multiprocessing: it also works inside daemonic
@@ -98,8 +91,6 @@ def decode_into(out: np.ndarray, lo: int, hi: int, make_read: ReadFactory, worke
     Image.init()  # load Pillow's plugins once, before forking, not in every worker
     bounds = np.linspace(lo, hi, workers + 1).astype(int)
     jobs: list[tuple[int, int, int, int]] = []
-    bad: list[tuple[int, str]] = []
-    errors = []
     try:
         for a, b in zip(bounds[:-1], bounds[1:]):
             read_fd, write_fd = os.pipe()
@@ -109,24 +100,7 @@ def decode_into(out: np.ndarray, lo: int, hi: int, make_read: ReadFactory, worke
                 _run_child(write_fd, out, int(a), int(b), make_read)
             os.close(write_fd)
             jobs.append((pid, read_fd, int(a), int(b)))
-        while jobs:
-            pid, read_fd, a, b = jobs[0]
-            with os.fdopen(read_fd, "rb") as pipe:
-                jobs[0] = (pid, -1, a, b)  # the descriptor now belongs to ``pipe``
-                try:
-                    status, payload = pickle.load(pipe)
-                except (EOFError, pickle.UnpicklingError):
-                    status, payload = "died", None
-            exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-            jobs.pop(0)
-            if status == "ok":
-                bad.extend(payload)
-            elif status == "error":
-                errors.append(payload)
-            else:
-                errors.append((WorkerError(f"decode worker for items {a}..{b - 1} died with exit code "
-                                           f"{exit_code}; rerun with decode_workers=1 to see the error "
-                                           "in-process"), ""))
+        bad, errors = _collect(jobs)
     finally:  # interrupted (task timeout, Ctrl-C) or a failed fork: leave no worker behind
         for pid, read_fd, _, _ in jobs:
             os.kill(pid, signal.SIGKILL)
@@ -138,3 +112,27 @@ def decode_into(out: np.ndarray, lo: int, hi: int, make_read: ReadFactory, worke
             raise exc
         raise WorkerError(f"decode worker failed: {type(exc).__name__}: {exc}\n{trace}".rstrip()) from exc
     return sorted(bad)
+
+
+def _collect(jobs: list[tuple[int, int, int, int]]) -> tuple[list[tuple[int, str]], list]:
+    """Read each worker's result and reap it, removing it from ``jobs``; return (unreadable, errors)."""
+    bad: list[tuple[int, str]] = []
+    errors = []
+    while jobs:
+        pid, read_fd, a, b = jobs[0]
+        with os.fdopen(read_fd, "rb") as pipe:
+            jobs[0] = (pid, -1, a, b)  # the descriptor now belongs to ``pipe``
+            try:
+                status, payload = pickle.load(pipe)
+            except (EOFError, pickle.UnpicklingError):
+                status, payload = "died", None
+        exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        jobs.pop(0)
+        if status == "ok":
+            bad.extend(payload)
+        elif status == "error":
+            errors.append(payload)
+        else:
+            errors.append((WorkerError(f"decode worker for items {a}..{b - 1} died with exit code {exit_code}; "
+                                       "rerun with decode_workers=1 to see the error in-process"), ""))
+    return bad, errors

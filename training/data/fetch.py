@@ -1,16 +1,9 @@
 """Fetch a dataset URL into a local, checksummed cache.
 
-Supported: ``http(s)://``, ``file://``, plain local paths, and ``s3://bucket/key``
-through :mod:`training.storage`: the standard AWS settings (``AWS_ENDPOINT_URL_S3`` for
-MinIO, SeaweedFS and other S3-compatible stores), short timeouts, and errors that name
-the endpoint, bucket or key to fix. Local files are read only under the configured data
-roots (:func:`check_source`): whoever triggers a run chooses the URL.
-
-Downloads go to a temporary ``.partial-*`` file in the cache folder that is renamed
-only when complete and verified, so a partial file is never taken as the dataset.
-The cache is keyed by URL and expected checksum: a rerun costs nothing (a cached file
-is verified again when a checksum is known). Long downloads log progress (bytes and
-percent) every ``PROGRESS_SECONDS``.
+``http(s)://``, ``s3://`` (:mod:`training.storage`: the standard AWS settings, short timeouts, errors
+that name what to fix), ``file://`` and plain paths, local ones only under the data roots
+(:func:`check_source`): whoever triggers a run chooses the URL. A download is renamed into the cache,
+keyed by URL and checksum, only when complete and verified, so a partial file is never taken for data.
 """
 
 from __future__ import annotations
@@ -85,11 +78,8 @@ def local_path(url: str) -> Path | None:
 
 
 def check_source(url: str, roots: tuple[Path, ...]) -> None:
-    """Refuse a ``url`` the pipeline must not read: another scheme, or a local file outside ``roots``.
-
-    Links are followed before the comparison, so a link inside a root cannot point outside it.
-    Raises ValueError saying what to change.
-    """
+    """Raise ValueError, saying what to change, for another scheme or a local file outside ``roots``
+    (links followed first, so a link inside a root cannot point outside it)."""
     parsed = urllib.parse.urlparse(url)
     shown = mask_password(url)
     if parsed.scheme and parsed.scheme.lower() not in SCHEMES:
@@ -165,33 +155,19 @@ def fetch(config: PipelineConfig) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(target.parent)
     stream, size, close = _open_source(url)
-    hasher = hashlib.new(checksum[0]) if checksum else None
     fd, tmp_name = tempfile.mkstemp(prefix=".partial-", dir=target.parent)
     tmp = Path(tmp_name)
     try:
         log.info("downloading %s (%s) -> %s", url, _size_text(size) if size else "size unknown", target)
-        done, start = 0, time.monotonic()
-        last_log = start
+        start = time.monotonic()
         with os.fdopen(fd, "wb") as out:
-            while chunk := _read_chunk(stream, url):
-                out.write(chunk)
-                if hasher:
-                    hasher.update(chunk)
-                done += len(chunk)
-                now = time.monotonic()
-                if now - last_log >= PROGRESS_SECONDS:
-                    pct = f" of {_size_text(size)} ({100 * done / size:.0f}%)" if size else ""
-                    log.info("downloading %s: %d bytes%s, %.1f MB/s", url, done, pct,
-                             done / 2**20 / max(now - start, 1e-9))
-                    last_log = now
-            out.flush()
-            os.fsync(out.fileno())
+            done, digest = _copy(stream, out, url, size, checksum[0] if checksum else None)
         if size is not None and done != size:
             raise FetchError(f"download of {url} is truncated: got {done} of {size} bytes; rerun the task to retry")
-        if hasher and checksum and hasher.hexdigest() != checksum[1]:
+        if checksum and digest != checksum[1]:
             raise FetchError(
                 f"checksum mismatch for {url}: expected {checksum[0]}:{checksum[1]}, "
-                f"got {checksum[0]}:{hasher.hexdigest()}. The file is corrupt or not the one "
+                f"got {checksum[0]}:{digest}. The file is corrupt or not the one "
                 "you meant; fix the URL or the data_checksum param."
             )
         os.replace(tmp, target)
@@ -200,6 +176,26 @@ def fetch(config: PipelineConfig) -> Path:
         close()
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _copy(stream: BinaryIO, out: BinaryIO, url: str, size: int | None, algo: str | None) -> tuple[int, str | None]:
+    """Copy ``stream`` to ``out`` (synced), logging progress; return the bytes copied and their ``algo`` digest."""
+    hasher = hashlib.new(algo) if algo else None
+    done, start = 0, time.monotonic()
+    last_log = start
+    while chunk := _read_chunk(stream, url):
+        out.write(chunk)
+        if hasher:
+            hasher.update(chunk)
+        done += len(chunk)
+        now = time.monotonic()
+        if now - last_log >= PROGRESS_SECONDS:
+            pct = f" of {_size_text(size)} ({100 * done / size:.0f}%)" if size else ""
+            log.info("downloading %s: %d bytes%s, %.1f MB/s", url, done, pct, done / 2**20 / max(now - start, 1e-9))
+            last_log = now
+    out.flush()
+    os.fsync(out.fileno())
+    return done, hasher.hexdigest() if hasher else None
 
 
 def _read_chunk(stream: BinaryIO, url: str) -> bytes:

@@ -1,14 +1,9 @@
-"""Read a dataset from a checked archive into arrays: the two formats we understand.
+"""Read a checked archive into arrays: the CIFAR-10 binary release, or image folders.
 
-- The official CIFAR-10 *binary* release (``data_batch_1..5.bin``, ``test_batch.bin``,
-  ``batches.meta.txt``), parsed with numpy. The pickled "python" release is refused:
-  unpickling downloaded data runs arbitrary code.
-- Image-folder archives laid out as ``<class>/<image>`` or ``<split>/<class>/<image>``
-  (split: train/training or test/testing); one wrapping folder is allowed. Images are
-  decoded by :mod:`serving.images` in worker processes (:mod:`training.data.decode_pool`).
-
-Unreadable images are counted, logged with examples, and fail the run above
-``max_bad_fraction``.
+The binary release (``data_batch_*.bin``, ``test_batch.bin``, ``batches.meta.txt``) is parsed with numpy;
+the pickled python release is refused (unpickling downloaded data runs code). Image folders are
+``<class>/<image>`` or ``<split>/<class>/<image>`` (train/training, test/testing) under at most one
+wrapping folder, decoded by :mod:`serving.images` in workers (:mod:`training.data.decode_pool`).
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from training.data.archive import ArchiveError, Member, SafeArchive
+from training.data.archive import MAX_ARCHIVE_BYTES, MAX_ARCHIVE_MEMBERS, ArchiveError, Member, SafeArchive
 from training.data.decode_pool import WorkerError, decode_into, shared_images
 from serving.images import MAX_IMAGE_BYTES, InvalidImage
 
@@ -30,9 +25,10 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 BINARY_RECORD = 1 + 32 * 32 * 3
-# Tar members are read by the parent (a compressed tar cannot be read at random);
-# they are handed to the decode workers in chunks of about this many bytes.
+# A compressed tar cannot be read at random: the parent reads it and hands workers chunks of this size.
 TAR_CHUNK_BYTES = 256 * 1024**2
+# More unreadable images than this share fails the run: a few broken files are noise, more mean the wrong data.
+MAX_BAD_IMAGE_FRACTION = 0.01
 
 
 @dataclass
@@ -47,8 +43,8 @@ class RawDataset:
     total_files: int = 0
 
 
-def read_dataset(path: Path, *, max_members: int, max_bytes: int, max_bad_fraction: float,
-                 workers: int = 1) -> RawDataset:
+def read_dataset(path: Path, *, max_members: int = MAX_ARCHIVE_MEMBERS, max_bytes: int = MAX_ARCHIVE_BYTES,
+                 max_bad_fraction: float = MAX_BAD_IMAGE_FRACTION, workers: int = 1) -> RawDataset:
     """Read and decode the dataset archive at ``path`` (see the module docstring)."""
     with SafeArchive(Path(path), max_members=max_members, max_bytes=max_bytes) as archive:
         names = {posixpath.basename(m.name) for m in archive.members}
@@ -185,5 +181,5 @@ def _check_bad(path: Path, bad: list[str], total: int, max_fraction: float) -> N
     if total and len(bad) / total > max_fraction:
         raise ArchiveError(
             f"{path}: {len(bad)} of {total} images are unreadable ({100 * len(bad) / total:.2f}% > "
-            f"{100 * max_fraction:.2f}% allowed by max_bad_image_fraction), e.g. {'; '.join(bad[:3])}. "
-            "Fix or remove those files, or raise max_bad_image_fraction")
+            f"{100 * max_fraction:.2f}% allowed, MAX_BAD_IMAGE_FRACTION in training/data/formats.py), e.g. "
+            f"{'; '.join(bad[:3])}. Fix or remove those files")

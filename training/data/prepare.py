@@ -1,21 +1,9 @@
-"""Seeded, stratified train/validation/test splits with a manifest and a digest.
+"""Seeded, stratified train/validation/test splits: ``data.npz`` and ``manifest.json`` with a content digest.
 
-Output, in ``<state>/data/prepared/<key>/``: ``data.npz`` (uint8 images, int64 labels
-per split) and ``manifest.json`` (counts per class per split, shape, dtype, source URL,
-checksum, unreadable files, content digest). The folder is written under a temporary
-name and renamed when complete, and it is keyed by the archive's sha256, the source
-URL and checksum, the split settings and ``PREPARE_VERSION``, so a rerun reuses it and
-a half-written folder is never used; a full disk fails saying so, where, and what
-to do, and leaves no partial files.
-
-The content digest is a sha256 over the class names and every split's arrays: the
-same archive and seed give the same digest, on any machine and with any number of
-decode workers; another seed gives another split and another digest.
-
-The run fails, naming the archive and what to change, when: the split fractions leave
-no training data, there are fewer than 2 classes, a class has no readable image, the
-archive's own train and test splits have different classes, a split lacks a class,
-arrays have the wrong shape, or too many images are unreadable (``formats``).
+The folder is keyed by the archive's sha256, the source, the split settings and ``PREPARE_VERSION``, and
+renamed into place only when complete, so a rerun reuses it and a half-written one is never used. The
+digest (sha256 over class names and every split) is the same for the same archive and seed on any machine.
+Unusable data fails the run naming the archive and what to change.
 """
 
 from __future__ import annotations
@@ -40,8 +28,7 @@ from training.data.formats import RawDataset, read_dataset
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-# Part of the cache key: bump when decoding or splitting changes, so that an
-# existing prepared folder made by older code is not reused.
+# Part of the cache key: bump when decoding or splitting changes, so older prepared folders are not reused.
 PREPARE_VERSION = 2
 
 
@@ -50,10 +37,9 @@ class DatasetError(ValueError):
 
 
 def split_indices(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
-    """Stratified split: within each class, a seeded permutation cut by ``fractions``.
+    """Within each class a seeded permutation cut by ``fractions`` (split name -> share; the rest is "train").
 
-    ``fractions`` maps split name to its share; the remainder goes to "train".
-    Each split's indices are returned sorted, so order depends only on the data.
+    Each split's indices come back sorted, so their order depends only on the data.
     """
     rng = np.random.default_rng(seed)
     out: dict[str, list[np.ndarray]] = {name: [] for name in (*fractions, "train")}
@@ -131,10 +117,7 @@ def validate_raw(raw: RawDataset, archive: Path) -> None:
 
 def validate(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
              source: str = "prepared data") -> None:
-    """Raise :class:`DatasetError` when the splits cannot train and evaluate a model.
-
-    ``source`` (the archive) starts every message, so the operator knows which data failed.
-    """
+    """Raise :class:`DatasetError`, starting with ``source``, when the splits cannot train and evaluate a model."""
     if len(class_names) < 2:
         raise DatasetError(f"{source}: found {len(class_names)} class ({class_names}); a classifier needs at "
                            "least 2 class folders")
@@ -168,6 +151,31 @@ def content_digest(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names
     return h.hexdigest()
 
 
+def _manifest(raw: RawDataset, splits: dict, config: PipelineConfig, archive_sha: str,
+              checksum: tuple[str, str] | None) -> dict:
+    names = raw.class_names
+    return {
+        "source_url": config.data_url,
+        "archive_sha256": archive_sha,
+        "expected_checksum": f"{checksum[0]}:{checksum[1]}" if checksum else None,
+        "prepare_version": PREPARE_VERSION,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "test_fraction": None if archive_has_test_split(raw) else config.test_fraction,
+        "test_split_from_archive": archive_has_test_split(raw),
+        "class_names": names,
+        "image_shape": [32, 32, 3],
+        "dtype": "uint8",
+        "image_files": raw.total_files,
+        "unreadable_images": len(raw.bad_files),
+        "unreadable_examples": raw.bad_files[:10],
+        "counts": {name: {names[i]: int(c) for i, c in enumerate(np.bincount(y, minlength=len(names)))}
+                   for name, (_, y) in splits.items()},
+        "sizes": {name: int(len(y)) for name, (_, y) in splits.items()},
+        "digest": content_digest(splits, names),
+    }
+
+
 def prepare(archive: Path, config: PipelineConfig) -> Path:
     """Read ``archive``, split, validate, and write data.npz + manifest.json; return the folder."""
     archive = Path(archive)
@@ -182,35 +190,14 @@ def prepare(archive: Path, config: PipelineConfig) -> Path:
         return out_dir
     start = time.monotonic()
     workers = config.decode_workers if config.decode_workers > 0 else default_workers()
-    raw = read_dataset(archive, max_members=config.max_archive_members, max_bytes=config.max_archive_bytes,
-                       max_bad_fraction=config.max_bad_image_fraction, workers=workers)
+    raw = read_dataset(archive, workers=workers)
     log.info("decoded %d images of %d classes in %.1f s with %d worker(s)", len(raw.labels),
              len(raw.class_names), time.monotonic() - start, workers)
     validate_raw(raw, archive)
     splits = make_splits(raw, config)
     del raw.images  # the splits hold copies; free the decoded block before writing
     validate(splits, raw.class_names, str(archive))
-    manifest = {
-        "source_url": config.data_url,
-        "archive_sha256": archive_sha,
-        "expected_checksum": f"{checksum[0]}:{checksum[1]}" if checksum else None,
-        "prepare_version": PREPARE_VERSION,
-        "seed": config.seed,
-        "val_fraction": config.val_fraction,
-        "test_fraction": None if archive_has_test_split(raw) else config.test_fraction,
-        "test_split_from_archive": archive_has_test_split(raw),
-        "class_names": raw.class_names,
-        "image_shape": [32, 32, 3],
-        "dtype": "uint8",
-        "image_files": raw.total_files,
-        "unreadable_images": len(raw.bad_files),
-        "unreadable_examples": raw.bad_files[:10],
-        "counts": {name: {raw.class_names[i]: int(c) for i, c in
-                          enumerate(np.bincount(y, minlength=len(raw.class_names)))}
-                   for name, (_, y) in splits.items()},
-        "sizes": {name: int(len(y)) for name, (_, y) in splits.items()},
-        "digest": content_digest(splits, raw.class_names),
-    }
+    manifest = _manifest(raw, splits, config, archive_sha, checksum)
     _write(out_dir, splits, manifest)
     log.info("prepared %s in %.1f s: %s, digest %s", out_dir, time.monotonic() - start, manifest["sizes"],
              manifest["digest"][:16])
@@ -218,12 +205,8 @@ def prepare(archive: Path, config: PipelineConfig) -> Path:
 
 
 def _write(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], manifest: dict) -> None:
-    """Write under a temporary name, then rename: a half-written folder is never used.
-
-    A full disk (or quota) raises ``OSError`` with the same errno and a message that
-    names the folder, the space needed and free, and what to do; the partial files are
-    removed first, so the space is given back and nothing half-written remains.
-    """
+    """Write under a temporary name, then rename. A full disk raises ``OSError`` (same errno) naming the
+    folder, the space needed and free, and what to do, after the partial files are removed."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{k}_{name}": v for name, (x, y) in splits.items() for k, v in (("x", x), ("y", y))}
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir.parent))

@@ -189,7 +189,7 @@ def rollback(config: PipelineConfig, to_version: str | int | None = None, reason
     (its archive and sha256 recorded) before the alias moves; the image, when one exists for it, is
     tagged ``latest``.
     """
-    from training.packaging.publish import publish_bento
+    from training.packaging.bento_store import publish_bento
     from training.registry.promotion import Move, champion_version, client_for, move_alias, previous_champion
 
     client = client_for(config)

@@ -1,7 +1,7 @@
-"""The Keras training loop and what both loops share: input pipeline, schedule, optimizer, epoch records.
+"""The Keras ``fit`` loop and what the jitted loop shares with it: recipe, schedule, optimizer, epoch records.
 
-The model and the loop use ``keras``/``keras.ops`` only, so the same code runs under
-TensorFlow (``fit``, the CPU default) and JAX (:mod:`training.model.jax_loop` on a GPU).
+``keras``/``keras.ops`` only, so the same model trains under TensorFlow (``fit``, the CPU) and JAX
+(:mod:`training.model.jax_loop`, a GPU).
 """
 
 from __future__ import annotations
@@ -19,14 +19,23 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 30  # most seconds between progress lines inside an epoch
 
+# airbench's recipe, which a user of the recipe has no reason to change (docs/training.md says why).
+MOMENTUM = 0.85  # Nesterov
+# Decoupled decay per unit of learning rate (each step multiplies the weights by 1 - lr * wd): airbench's
+# coupled decay, amplified by Nesterov momentum (1 / (1 - 0.85)), shrinks by 0.0133 a step at lr 1.5.
+WEIGHT_DECAY = 0.0089
+LABEL_SMOOTHING = 0.2
+BIAS_LR_SCALE = 64.0  # BatchNorm biases learn this much faster (airbench's bias_scaler)
+TRANSLATE = 2  # random translation by up to this many pixels (reflect padding), plus flips
+
+# /proc/cpuinfo flags of CPUs that compute bf16 dot products natively (oneDNN uses them).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
 
 def prefer_onednn() -> None:
-    """Turn on TensorFlow's oneDNN kernels (``TF_ENABLE_ONEDNN_OPTS=1``) unless the user chose.
-
-    TensorFlow enables them by default only on some Intel CPUs, and on AMD (AVX2) CPUs a
-    training step runs markedly faster with them (docs/training.md). The variable is read
-    when TensorFlow is imported, so this must run first; it is harmless under other backends.
-    """
+    """Set ``TF_ENABLE_ONEDNN_OPTS=1`` unless the user chose: TensorFlow leaves oneDNN off on AMD CPUs,
+    where it trains ~1.4x faster. TensorFlow reads it at import, so this must run first."""
     import sys
 
     if "TF_ENABLE_ONEDNN_OPTS" in os.environ:
@@ -36,11 +45,6 @@ def prefer_onednn() -> None:
                     "in the environment for ~1.4x faster CPU training")
         return
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
-
-
-# /proc/cpuinfo flags of CPUs that compute bf16 dot products natively (oneDNN uses them).
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -54,33 +58,25 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def use_mixed_precision(setting: str, backend: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Resolve ``config.mixed_precision`` ("auto", "true" or "false") for the Keras ``backend``.
-
-    ``auto`` is on only for TensorFlow (CPU-only here) on a CPU with native bf16: there a training
-    step runs markedly faster, while AVX2-only CPUs emulate bf16 many times slower, and under JAX on
-    a GPU the longer compile costs more than the faster steps save (docs/training.md, docs/gpu.md).
-    """
+    """``config.mixed_precision`` for the Keras ``backend``: "auto" is on only for TensorFlow on a CPU with
+    native bf16 (AVX2-only CPUs emulate it many times slower; on a GPU the longer compile costs more)."""
     value = str(setting).strip().lower()
-    if value in TRUE_WORDS:
-        return True
-    if value in FALSE_WORDS:
-        return False
+    if value in TRUE_WORDS | FALSE_WORDS:
+        return value in TRUE_WORDS
     if value != "auto":
         raise ValueError(f"mixed_precision={setting!r}: use auto, true or false")
     return backend == "tensorflow" and cpu_has_native_bf16(cpuinfo)
 
 
 def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
-    """Random horizontal flip and random translation by up to ``pad`` pixels (reflect padding)."""
+    """Random horizontal flips and translations by up to ``pad`` pixels (reflect padding)."""
     n = len(x)
     flip = rng.random(n) < 0.5
     x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-    if pad <= 0:
-        return x
     padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     dx, dy = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
     out = np.empty_like(x)
-    # One vectorised copy per offset, not one per image: (2*pad+1)^2 copies per batch.
+    # One vectorised copy per offset, not one per image.
     for oy in range(2 * pad + 1):
         for ox in range(2 * pad + 1):
             sel = (dy == oy) & (dx == ox)
@@ -89,14 +85,10 @@ def _augment(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
     return out
 
 
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, translate: int, seed: int,
-             size: int = 32):
-    """The training input pipeline: shuffled, augmented, one-hot batches, reshuffled per epoch.
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, translate: int, seed: int):
+    """Shuffled, augmented, one-hot batches, reshuffled each epoch, as a Keras ``PyDataset`` (any backend).
 
-    A Keras ``PyDataset`` over numpy arrays, so it feeds ``fit`` on any backend. Partial
-    last batches are dropped (airbench does the same): a tiny last batch would give
-    BatchNorm noisy statistics. With ``size`` below 32, the augmented images are scaled
-    down (bilinear, antialiased) to ``size`` pixels square.
+    Partial last batches are dropped, as airbench does: a tiny batch gives BatchNorm noisy statistics.
     """
     import keras
 
@@ -112,9 +104,6 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int, tr
         def __getitem__(self, i):
             idx = self.order[i * batch_size:(i + 1) * batch_size]
             xb = _augment(x[idx], self.rng, translate).astype(np.float32)
-            if size != xb.shape[1]:
-                xb = keras.ops.convert_to_numpy(
-                    keras.ops.image.resize(xb, (size, size), interpolation="bilinear", antialias=True))
             return xb, np.eye(num_classes, dtype=np.float32)[y[idx]]
 
         def on_epoch_end(self):
@@ -144,16 +133,14 @@ def _triangle_schedule(peak: float, total_steps: int, warmup_fraction: float = 0
 
 
 def make_optimizer(config: PipelineConfig, total_steps: int):
-    """Nesterov SGD on the triangle schedule, BatchNorm biases at ``bias_lr_scale`` x the rate.
+    """Nesterov SGD on the triangle schedule, BatchNorm biases at ``BIAS_LR_SCALE`` x the rate.
 
-    airbench trains BatchNorm biases 64x faster than the weights, which its ablation
-    shows reaching the same accuracy in fewer epochs. Keras optimizers have no parameter groups, so the scale
-    is applied in ``update_step``; decoupled weight decay stays lr x wd for every
-    variable, as airbench keeps it (it divides the biases' decay by the same factor).
+    Keras optimizers have no parameter groups, so the scale is applied in ``update_step``; weight
+    decay stays lr x wd for every variable, as airbench keeps it.
     """
     import keras
 
-    scale = float(config.bias_lr_scale)
+    scale = BIAS_LR_SCALE
 
     class BiasScaledSGD(keras.optimizers.SGD):
         def update_step(self, gradient, variable, learning_rate):
@@ -163,15 +150,12 @@ def make_optimizer(config: PipelineConfig, total_steps: int):
                 learning_rate = keras.ops.multiply(learning_rate, scale)
             return super().update_step(gradient, variable, learning_rate)
 
-    ema = {"use_ema": True, "ema_momentum": config.ema_momentum} if config.ema_momentum > 0 else {}
     return BiasScaledSGD(learning_rate=_triangle_schedule(config.learning_rate, total_steps),
-                         momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay, **ema)
+                         momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
 
 
 def record_epoch(history: dict[str, list[float]], epoch: int, epochs: int, metrics: dict[str, float]) -> None:
-    """One epoch's bookkeeping, shared by both training loops: append ``metrics`` to
-    ``history`` (for the learning-curve plot), send them to the active MLflow run, if
-    any, and log one progress line (visible in the Airflow task log)."""
+    """Both loops' epoch bookkeeping: ``history`` (the learning curves), the active MLflow run, a log line."""
     try:
         import mlflow
     except ImportError:  # the GPU machine's bare benchmark runs without MLflow
@@ -215,73 +199,36 @@ def _progress_callback(epochs: int, history: dict[str, list[float]]):
     return Progress()
 
 
-def choose_loop(requested: str, backend: str) -> str:
-    """The training loop to use: ``fit`` (Keras ``model.fit``) or ``jit`` (:mod:`training.model.jax_loop`).
-
-    ``auto`` picks ``jit`` under the JAX backend (on a GPU ``fit`` is limited by feeding
-    each batch from the host; docs/gpu.md) and ``fit`` otherwise.
-    """
-    if requested == "auto":
-        return "jit" if backend == "jax" else "fit"
-    if requested not in ("fit", "jit"):
-        raise ValueError(f"unknown loop {requested!r}; use auto, fit or jit")
-    if requested == "jit" and backend != "jax":
-        raise ValueError(f"loop=jit needs the JAX backend (KERAS_BACKEND=jax, set before Keras is imported); "
-                         f"the backend is {backend!r}: use loop=auto or loop=fit")
-    return requested
-
-
 def compile_model(config: PipelineConfig, x_train: np.ndarray, num_classes: int, steps_per_epoch: int):
     """The model (whitening set from ``x_train``), its optimizer and its loss, as both loops use them."""
     import keras
 
     from training.model.network import build_model, set_whitening
 
-    mixed = use_mixed_precision(config.mixed_precision, keras.backend.backend())
-    if not mixed and keras.backend.backend() == "tensorflow" and str(config.mixed_precision).lower() == "auto":
+    backend = keras.backend.backend()
+    mixed = use_mixed_precision(config.mixed_precision, backend)
+    if not mixed and backend == "tensorflow" and str(config.mixed_precision).lower() == "auto":
         log.warning("this CPU has no native bf16 (avx512_bf16/AMX): training in float32, several times slower "
                     "per epoch; the default recipe then takes well over its 20 minutes (epochs=6 fits them)")
-    model = build_model(config.width_tuple, num_classes, config.seed,
-                        dtype="mixed_bfloat16" if mixed else "float32", any_size=config.low_res_epochs > 0)
+    model = build_model(config.width_tuple, num_classes, config.seed, dtype="mixed_bfloat16" if mixed else "float32")
     set_whitening(model, x_train[:5000])
     optimizer = make_optimizer(config, steps_per_epoch * config.epochs)
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     return model, optimizer, loss
 
 
 def fit_keras(config: PipelineConfig, splits: dict, num_classes: int):
-    """Keras ``model.fit`` on the augmented input pipeline; returns (model for export, history)."""
-    from training.model.lookahead import lookahead_callback
+    """Keras ``model.fit`` on the augmented batches; returns (float32 model for export, history)."""
     from training.model.network import float32_copy, with_flip_tta
 
     x_train, y_train = splits["train"]
     x_val, y_val = splits["val"]
-    low = min(max(config.low_res_epochs, 0), config.epochs)
-    if low and (config.lookahead or config.ema_momentum > 0):
-        raise ValueError("low_res_epochs cannot be combined with lookahead or ema_momentum (each fit() phase "
-                         "restarts their averages): set low_res_epochs=0 or turn them off")
-    # One fit() per resolution: Keras fixes a dataset's batch shape from its first batch. The
-    # optimizer, its schedule and the history carry over from the first phase to the second.
-    phases = [(start, end, size) for start, end, size in ((0, low, config.low_res), (low, config.epochs, 32))
-              if end > start]
-    steps = len(x_train) // config.batch_size or 1
-    model, _, _ = compile_model(config, x_train, num_classes, steps)
+    model, _, _ = compile_model(config, x_train, num_classes, len(x_train) // config.batch_size or 1)
     history: dict[str, list[float]] = {}
-    progress = _progress_callback(config.epochs, history)
-    for start, end, size in phases:
-        data = _batches(x_train, y_train, config.batch_size, num_classes, config.translate, config.seed + start,
-                        size)
-        model.fit(
-            data,
-            validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
-            validation_batch_size=512,
-            initial_epoch=start,
-            epochs=end,
-            callbacks=[progress, *([lookahead_callback(steps * config.epochs)] if config.lookahead else [])],
-            verbose=0,
-        )
+    model.fit(_batches(x_train, y_train, config.batch_size, num_classes, TRANSLATE, config.seed),
+              validation_data=(x_val.astype(np.float32), np.eye(num_classes, dtype=np.float32)[y_val]),
+              validation_batch_size=512, epochs=config.epochs, callbacks=[_progress_callback(config.epochs, history)],
+              verbose=0)
     final = float32_copy(model, config.width_tuple, num_classes)
     return (with_flip_tta(final) if config.tta else final), history
-
-

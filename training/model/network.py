@@ -1,14 +1,9 @@
-"""The CIFAR-10 CNN, in Keras 3 layers and ``keras.ops`` only (any backend).
+"""The CIFAR-10 CNN, airbench94's net in Keras 3 layers and ``keras.ops`` only (any backend).
 
-An airbench-style net (Keller Jordan's airbench94, ported): a frozen 2x2 *whitening*
-convolution initialised from the training data's patch statistics, then one
-conv-pool-BN-act-conv-BN-act group per width, a max-pool head and a linear layer whose
-logits are scaled by 1/9. BatchNorm has no trainable scale (only a bias) and short
-memory (PyTorch momentum 0.6).
-
-Preprocessing is part of the model: it takes raw pixels (float32 in 0..255, shape
-(N, 32, 32, 3)) and returns class probabilities (float32, also under mixed
-precision), so the exported model (Keras or ONNX) needs no separate preprocessing.
+A frozen 2x2 whitening convolution set from the training data's patch statistics, one
+conv-pool-BN-act-conv-BN-act group per width, a max-pool head and logits scaled by 1/9. It takes raw
+pixels (float32 0..255, (N, 32, 32, 3)) and returns float32 probabilities, so an export needs no
+preprocessing.
 """
 
 from __future__ import annotations
@@ -42,12 +37,8 @@ def _init():
 
 @keras.saving.register_keras_serializable(package="cifar10")
 class DiracInit(keras.initializers.Initializer):
-    """PyTorch-default uniform kernel whose first ``in_channels`` filters are identities.
-
-    airbench's "dirac" initialisation: each conv starts as an implicit residual
-    connection (output channel i copies input channel i), which its ablations found
-    to cut the epochs needed for 94% noticeably.
-    """
+    """airbench's "dirac" init: a PyTorch-default kernel whose first ``in_channels`` filters are identities,
+    so each conv starts as an implicit residual connection (fewer epochs to the same accuracy)."""
 
     def __call__(self, shape, dtype=None):
         kh, kw, cin, cout = shape
@@ -64,30 +55,29 @@ class DiracInit(keras.initializers.Initializer):
         return {}
 
 
-def _conv_bn(x, filters: int, name: str, dtype, momentum: float, pool: bool):
-    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=DiracInit(),
-                            dtype=dtype, name=f"{name}_conv")(x)
-    if pool:
-        x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"{name}_pool")(x)
-    # Keras momentum is the weight of the old average. airbench's BatchNorm(momentum=0.6)
-    # hands PyTorch 1 - 0.6 = 0.4 as the new batch's weight, so the old average keeps 0.6.
+def _conv(x, filters: int, name: str, dtype):
+    return keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=DiracInit(),
+                               dtype=dtype, name=f"{name}_conv")(x)
+
+
+def _bn_act(x, name: str, dtype, momentum: float):
+    # BatchNorm without a trainable scale. Keras momentum is the old average's weight: airbench's PyTorch
+    # momentum 0.6 hands 0.4 to the new batch, which is Keras' 0.6 too.
     x = keras.layers.BatchNormalization(momentum=momentum, epsilon=1e-5, scale=False, dtype=dtype,
                                         name=f"{name}_bn")(x)
     return keras.layers.Activation(gelu_tanh, dtype=dtype, name=f"{name}_act")(x)
 
 
 def build_model(widths: tuple[int, ...], num_classes: int, seed: int = 0, dtype: str = "float32",
-                batchnorm_momentum: float = 0.6, any_size: bool = False) -> keras.Model:
+                batchnorm_momentum: float = 0.6) -> keras.Model:
     """The network, raw pixels in, probabilities out.
 
     ``dtype`` is a Keras dtype policy for the conv blocks ("float32" or
-    "mixed_bfloat16"); the stem and the output stay float32. ``any_size`` accepts
-    images of any height and width (for training at a lower resolution first; the
-    weights do not depend on it). Call :func:`set_whitening` before training.
+    "mixed_bfloat16"); the stem and the output stay float32. Call :func:`set_whitening`
+    before training.
     """
     keras.utils.set_random_seed(seed)
-    side = None if any_size else 32
-    inputs = keras.Input(shape=(side, side, 3), dtype="float32", name="pixels")
+    inputs = keras.Input(shape=(32, 32, 3), dtype="float32", name="pixels")
     # (x/255 - mean) / std as one affine map; Rescaling keeps these as graph
     # constants (Normalization's variables became extra ONNX inputs).
     scale = [1.0 / (255.0 * s) for s in CIFAR_STD]
@@ -99,8 +89,10 @@ def build_model(widths: tuple[int, ...], num_classes: int, seed: int = 0, dtype:
     whiten.kernel.trainable = False
     x = keras.layers.Activation(gelu_tanh, dtype=dtype, name="whiten_act")(x)
     for i, width in enumerate(widths):
-        x = _conv_bn(x, width, f"block{i}a", dtype, batchnorm_momentum, pool=True)
-        x = _conv_bn(x, width, f"block{i}b", dtype, batchnorm_momentum, pool=False)
+        x = _conv(x, width, f"block{i}a", dtype)
+        x = _bn_act(keras.layers.MaxPooling2D(2, dtype=dtype, name=f"block{i}a_pool")(x), f"block{i}a", dtype,
+                    batchnorm_momentum)
+        x = _bn_act(_conv(x, width, f"block{i}b", dtype), f"block{i}b", dtype, batchnorm_momentum)
     x = keras.layers.GlobalMaxPooling2D(dtype=dtype, name="pool")(x)
     x = keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=_init(), dtype=dtype, name="logits")(x)
     x = keras.layers.Rescaling(LOGIT_SCALE, dtype=dtype, name="logit_scale")(x)
@@ -109,11 +101,8 @@ def build_model(widths: tuple[int, ...], num_classes: int, seed: int = 0, dtype:
 
 
 def whitening_kernel(images: np.ndarray, eps: float = WHITEN_EPS) -> np.ndarray:
-    """Conv kernel (2, 2, 3, 24) that whitens 2x2 patches of standardized ``images`` (uint8 NHWC).
-
-    Eigen-decomposition of the patch covariance: each filter is an eigenvector divided by
-    sqrt(eigenvalue + eps), once with each sign.
-    """
+    """Conv kernel (2, 2, 3, 24) whitening 2x2 patches of standardized ``images`` (uint8 NHWC): each
+    eigenvector of the patch covariance over sqrt(eigenvalue + eps), once with each sign."""
     x = (images.astype(np.float64) / 255.0 - np.array(CIFAR_MEAN)) / np.array(CIFAR_STD)
     k = WHITEN_SIZE
     h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
@@ -142,11 +131,8 @@ def float32_copy(model: keras.Model, widths: tuple[int, ...], num_classes: int) 
 
 
 def with_flip_tta(model: keras.Model) -> keras.Model:
-    """Test-time augmentation inside the model: mean of the probabilities of x and its mirror image.
-
-    Being part of the graph, it travels into the Keras and ONNX artifacts, so serving
-    applies exactly what evaluation measured (at twice the compute per image).
-    """
+    """Flip test-time augmentation in the graph (the mean of x's and its mirror's probabilities), so serving
+    applies exactly what evaluation measured."""
     inputs = keras.Input(shape=(32, 32, 3), dtype="float32", name="pixels")
     mirrored = keras.ops.flip(inputs, axis=2)
     outputs = keras.layers.Average(name="tta_mean")([model(inputs), model(mirrored)])

@@ -1,9 +1,4 @@
-"""Train the CNN in one MLflow run: fit, evaluate, export, log everything.
-
-``train(config, prepared_dir)`` is what the DAG's train task calls; it returns the
-MLflow run id. The loops themselves are in :mod:`training.model.fit` (Keras ``fit``)
-and :mod:`training.model.jax_loop` (a jitted JAX loop for GPUs).
-"""
+"""The DAG's train task: fit, evaluate, export and log everything in one MLflow run."""
 
 from __future__ import annotations
 
@@ -17,28 +12,29 @@ from pathlib import Path
 import numpy as np
 
 from training.config import PipelineConfig
-from training.model.fit import choose_loop, fit_keras, prefer_onednn
+from training.model.fit import fit_keras, prefer_onednn
 from training.registry.attempts import TaskAttempt, end_orphaned_runs
 
 log = logging.getLogger(__name__)
 
 # Logged next to model.onnx; the import into the BentoML store copies it into the model's metadata.
 DRIFT_REFERENCE = "drift_reference.json"
+# Validation images kept out of the fit: enough for the learning curve and the drift reference's
+# confidences; the rest of validation is worth more as training data (docs/training.md).
+VALIDATION_HOLDOUT = 1000
 
 
 def fitting_splits(config: PipelineConfig, splits: dict) -> dict:
-    """The splits the model is fitted on: with ``config.train_on_validation``, the validation
-    images join the training split except a seeded, stratified slice of
-    ``config.validation_holdout`` of them, which becomes the validation split.
+    """The splits the model is fitted on: validation joins training except a seeded, stratified
+    slice of :data:`VALIDATION_HOLDOUT` images, the new validation split; test is never touched.
 
-    The test split is never touched. Without validation images to spare (fewer than the
-    holdout), the splits come back as they are.
+    Without validation images to spare, the splits come back as they are.
     """
     x_val, y_val = splits["val"]
-    if not config.train_on_validation or len(y_val) <= config.validation_holdout:
+    if len(y_val) <= VALIDATION_HOLDOUT:
         return splits
     classes = np.unique(y_val)
-    per_class = max(1, config.validation_holdout // len(classes))
+    per_class = max(1, VALIDATION_HOLDOUT // len(classes))
     order = np.random.default_rng(config.seed).permutation(len(y_val))
     keep = np.sort(np.concatenate([order[y_val[order] == c][:per_class] for c in classes]))
     moved = np.setdiff1d(np.arange(len(y_val)), keep)
@@ -48,15 +44,11 @@ def fitting_splits(config: PipelineConfig, splits: dict) -> dict:
 
 
 def build_and_fit(config: PipelineConfig, splits: dict, num_classes: int):
-    """Build and fit the model on ``splits`` with the loop ``config.loop`` selects.
-
-    Returns the float32 model for evaluation and export (with flip test-time
-    augmentation inside when ``config.tta``) and the per-epoch history.
-    """
+    """The float32 model for export (flip TTA inside with ``config.tta``) and its per-epoch history."""
     prefer_onednn()
     import keras
 
-    if choose_loop(config.loop, keras.backend.backend()) == "jit":
+    if keras.backend.backend() == "jax":  # fit would feed every batch from the host: slow on a GPU
         from training.model.jax_loop import fit_jax
 
         return fit_jax(config, splits, num_classes)
@@ -78,7 +70,7 @@ def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.nda
 
 def drift_reference(model, splits: dict) -> dict:
     """What the service's drift score compares with: the training images' statistics and the model's
-    confidence on held-out images (validation, or test when there is no validation split)."""
+    confidences on held-out images (validation, else test)."""
     from serving.drift import reference_statistics
 
     held = splits["val"][0] if len(splits["val"][0]) else splits["test"][0]
@@ -98,12 +90,8 @@ MODEL_DISTRIBUTIONS = {"tensorflow": ("keras", "tensorflow-cpu", "tensorflow", "
 
 
 def model_requirements(backend: str) -> list[str]:
-    """Exact pins of the distributions the logged model needs, as installed from ``uv.lock``.
-
-    MLflow would otherwise guess them: it runs ``uv export`` over the whole project (the
-    pipeline's Airflow and BentoML too) or, without uv, captures imports in a subprocess
-    and falls back to an unpinned ``keras``.
-    """
+    """Exact pins of what the logged model needs, as installed from ``uv.lock``: MLflow's own guess
+    pins the whole project (Airflow, BentoML) or, without uv, an unpinned ``keras``."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
@@ -115,14 +103,13 @@ def model_requirements(backend: str) -> list[str]:
     return pins
 
 
-# mlflow.keras writes input_example.json before it creates the model folder and fails with
-# FileNotFoundError (https://github.com/mlflow/mlflow/issues/16183); the workaround below applies
-# only up to the MLflow release this project pins, so an upgrade shows whether it is still needed.
+# mlflow.keras writes input_example.json before it creates the model folder (FileNotFoundError): the
+# workaround applies up to the pinned release only, so an upgrade shows whether it is still needed.
 MLFLOW_EXAMPLE_BUG_UNTIL = "3.17.2"
 
 
 def _log_keras_model(model, **kwargs):
-    """``mlflow.keras.log_model(model, name="model", **kwargs)``, on MLflow up to 3.17.2 with the folder made first."""
+    """``mlflow.keras.log_model(model, name="model", **kwargs)``, with the folder made first where needed."""
     import mlflow
     from packaging.version import Version
 
@@ -145,13 +132,8 @@ def _log_keras_model(model, **kwargs):
 
 def log_evaluation(x_test: np.ndarray, y_test: np.ndarray, probs: np.ndarray, class_names: list[str],
                    history: dict[str, list[float]], folder: Path) -> dict[str, float]:
-    """Write and log the evaluation pictures and tables; return the test metrics.
-
-    Artifacts: ``plots/learning_curves.png``, ``plots/confusion_matrix.png``,
-    ``plots/test_samples.png``, ``evaluation/per_class_accuracy.json`` and
-    ``evaluation/confusion_matrix.json``; metrics ``test_accuracy`` and
-    ``test_accuracy_<class>`` for every class.
-    """
+    """Log ``plots/`` (learning curves, confusion matrix, samples) and ``evaluation/`` (per-class accuracy,
+    confusion matrix); return and log ``test_accuracy`` and ``test_accuracy_<class>``."""
     import mlflow
 
     from training.model import plots
@@ -177,19 +159,50 @@ def log_evaluation(x_test: np.ndarray, y_test: np.ndarray, probs: np.ndarray, cl
     return metrics
 
 
-def train(config: PipelineConfig, prepared_dir: Path, attempt: TaskAttempt | None = None) -> str:
-    """Train on the prepared data in one MLflow run; return the run id.
+def _log_inputs(config: PipelineConfig, splits: dict, manifest: dict) -> dict:
+    """Log the config, the data and its manifest; return the splits the model is fitted on."""
+    import mlflow
 
-    ``attempt`` (the Airflow task try, from the DAG) tags the run; runs that earlier,
-    killed tries of the task left RUNNING are marked KILLED first (see ``training.registry.attempts``).
+    from training.registry.tracking import git_commit
+
+    mlflow.set_tags({"git_commit": git_commit(), "dataset_digest": manifest["digest"],
+                     "source_url": manifest["source_url"]})
+    mlflow.log_params(config.as_params() | {"num_classes": len(manifest["class_names"]),
+                                            **{f"n_{k}": v for k, v in manifest["sizes"].items()}})
+    splits = fitting_splits(config, splits)
+    mlflow.log_params({"n_fit_train": len(splits["train"][1]), "n_fit_val": len(splits["val"][1])})
+    x_train, y_train = splits["train"]
+    mlflow.log_input(mlflow.data.from_numpy(x_train, targets=y_train, source=manifest["source_url"],
+                                            name="cifar10-train", digest=manifest["digest"][:32]), context="training")
+    mlflow.log_dict(manifest, "data/manifest.json")
+    return splits
+
+
+def _log_onnx(model, splits: dict, class_names: list[str]) -> None:
+    """Export ``onnx/model.onnx`` (parity checked), its classes and the drift reference."""
+    import mlflow
+
+    from training.model.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        diff = export_onnx(model, Path(tmp) / "model.onnx", splits["test"][0][:64])
+        (Path(tmp) / "classes.json").write_text(json.dumps(class_names))
+        (Path(tmp) / DRIFT_REFERENCE).write_text(json.dumps(drift_reference(model, splits)))
+        mlflow.log_metric("onnx_max_abs_diff", diff)
+        mlflow.log_artifacts(tmp, "onnx")
+
+
+def train(config: PipelineConfig, prepared_dir: Path, attempt: TaskAttempt | None = None) -> str:
+    """Train on the prepared data in one MLflow run; return its id.
+
+    ``attempt`` (the Airflow task try) tags the run, after the runs dead tries left RUNNING are marked KILLED.
     """
     prefer_onednn()
     import mlflow
     from mlflow.models import infer_signature
 
-    from training.model.export import export_onnx
     from training.data.prepare import load_prepared
-    from training.registry.tracking import configure_mlflow, git_commit
+    from training.registry.tracking import configure_mlflow
 
     splits, manifest = load_prepared(Path(prepared_dir))
     class_names = manifest["class_names"]
@@ -197,37 +210,17 @@ def train(config: PipelineConfig, prepared_dir: Path, attempt: TaskAttempt | Non
     if attempt is not None:
         end_orphaned_runs(mlflow.MlflowClient(), experiment_id, attempt)
     with mlflow.start_run(log_system_metrics=True, tags=attempt.tags() if attempt else None) as run:
-        mlflow.set_tags({"git_commit": git_commit(), "dataset_digest": manifest["digest"],
-                         "source_url": manifest["source_url"]})
-        mlflow.log_params(config.as_params() | {"num_classes": len(class_names),
-                                                **{f"n_{k}": v for k, v in manifest["sizes"].items()}})
-        splits = fitting_splits(config, splits)
-        mlflow.log_params({"n_fit_train": len(splits["train"][1]), "n_fit_val": len(splits["val"][1])})
-        x_train, y_train = splits["train"]
-        mlflow.log_input(mlflow.data.from_numpy(x_train, targets=y_train, source=manifest["source_url"],
-                                                name="cifar10-train", digest=manifest["digest"][:32]),
-                         context="training")
-        mlflow.log_dict(manifest, "data/manifest.json")
-
+        splits = _log_inputs(config, splits, manifest)
         start = time.monotonic()
         model, history = build_and_fit(config, splits, len(class_names))
         train_seconds = time.monotonic() - start
         mlflow.log_metric("train_seconds", train_seconds)
-
         x_test, y_test = splits["test"]
         probs = predict_probabilities(model, x_test)
         with tempfile.TemporaryDirectory() as tmp:
             metrics = log_evaluation(x_test, y_test, probs, class_names, history, Path(tmp))
         log.info("test accuracy %.4f after %.1f s of training", metrics["test_accuracy"], train_seconds)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            onnx_path = Path(tmp) / "model.onnx"
-            diff = export_onnx(model, onnx_path, x_test[:64])
-            (Path(tmp) / "classes.json").write_text(json.dumps(class_names))
-            (Path(tmp) / DRIFT_REFERENCE).write_text(json.dumps(drift_reference(model, splits)))
-            mlflow.log_metric("onnx_max_abs_diff", diff)
-            mlflow.log_artifacts(tmp, "onnx")
-
+        _log_onnx(model, splits, class_names)
         example = x_test[:2].astype(np.float32)
         info = _log_keras_model(model, signature=infer_signature(example, probs[:2]), input_example=example,
                                 pip_requirements=model_requirements(keras_backend()))

@@ -1,8 +1,5 @@
-"""What the service reports: its ``/metrics`` (Prometheus text) and ``/metadata``, read into one record.
-
-Metric names are the service's (``serving/drift.py`` and ``service.py``): ``cifar10_drift_score`` and
-``cifar10_drift_window_images`` are gauges with one series per worker (each worker keeps its own
-window), ``cifar10_predictions_total{class}`` a counter, ``cifar10_prediction_confidence`` a histogram.
+"""The service's ``/metrics`` (Prometheus text) and ``/metadata``, read into one record. The drift gauges
+have one series per worker (each keeps its own window); the names are ``serving/drift.py``'s and service.py's.
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ PREDICTIONS = "cifar10_predictions_total"
 CONFIDENCE = "cifar10_prediction_confidence"
 # Answers at or below this top-class probability count as unsure (a bucket bound of the histogram).
 LOW_CONFIDENCE = 0.5
+TIMEOUT_S = 10.0  # for each request to the service
 
 
 class MonitorError(RuntimeError):
@@ -82,7 +80,7 @@ def parse(text: str) -> Observation:
     return Observation(workers, predictions, count, total, low)
 
 
-def scrape(url: str, timeout: float) -> Observation:
+def scrape(url: str, timeout: float = TIMEOUT_S) -> Observation:
     """GET ``url``/metrics and POST ``url``/metadata; :class:`MonitorError` saying what to fix otherwise."""
     import dataclasses
 

@@ -1,9 +1,7 @@
-"""One check of the served model: scrape, record in MLflow, decide whether drift calls for retraining.
+"""One check of the served model: scrape, decide whether drift calls for retraining, record it.
 
-Each check is a point in one MLflow run per served Bento, in the ``<experiment_name>-monitoring``
-experiment: the drift score, the window sizes, the class mix and the mean confidence of the answers
-since the previous check, and whether it called for retraining. MLflow's charts show them over time;
-``drift.png`` in the run draws score and class mix together, redrawn at each check.
+Each check is a step of one MLflow run per served Bento in ``<experiment_name>-monitoring``: drift score,
+window sizes, the class mix and confidence since the previous check, the decision; ``drift.png`` redrawn.
 """
 
 from __future__ import annotations
@@ -129,7 +127,7 @@ def observe(config: PipelineConfig, last_event_at: datetime | None = None) -> st
 
     ``last_event_at`` is when the last drift event was emitted (for ``drift_cooldown_hours``).
     """
-    observation = scrape(config.monitor_url.rstrip("/"), config.monitor_timeout)
+    observation = scrape(config.monitor_url.rstrip("/"))
     decision = decide(config, observation, last_event_at, datetime.now(timezone.utc))
     run_id = record(config, observation, decision)
     log.info("%s is served; %s", observation.bento_tag or "an unnamed Bento", decision.reason)

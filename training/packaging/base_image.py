@@ -1,18 +1,9 @@
 """The Bento image's base for podman/buildah, made locally: there is no registry to pull one from.
 
-Docker builds pull the registry's slim Python instead (:func:`training.packaging.container.choose_base_image`).
-
-Recipe: ``debootstrap --variant=minbase`` of Debian bookworm with Python 3.11 (the
-version the Bento is built with, so no Python is downloaded into the image) and the
-CA bundle, upgraded to bookworm-updates and bookworm-security (debootstrap installs the
-release as it shipped; the image's apt sources name those suites too), trimmed of docs,
-man pages, locales and apt lists, then imported as an image. No compiler: the Bento's
-packages are all wheels.
-
-The image carries the recipe's hash and its build time as labels; :func:`ensure_base_image`
-rebuilds when the recipe changed, the image is missing, or it is older than
-:data:`MAX_AGE_DAYS` (so security fixes reach the next image); otherwise every containerize
-run that shares the container storage reuses it.
+``debootstrap --variant=minbase`` of Debian bookworm with Python 3.11 (the Bento's, so none is
+downloaded into the image) and the CA bundle, upgraded to bookworm-updates and -security, trimmed,
+imported as an image. It is rebuilt when its recipe changed or it is older than :data:`MAX_AGE_DAYS`
+(so security fixes reach the next image), else reused.
 """
 
 from __future__ import annotations
@@ -30,11 +21,10 @@ from training.packaging.commands import run_with_network_retry
 
 log = logging.getLogger(__name__)
 
-# training/packaging/container.py builds FROM this image with podman/buildah (the BASE_IMAGE build argument).
 BASE_IMAGE = "localhost/cifar10-bento-base:bookworm"
 RECIPE_LABEL = "org.cifar10-mlops.base-recipe"
 BUILT_LABEL = "org.cifar10-mlops.base-built"
-# Debian publishes security fixes every few days: a base older than this is rebuilt (upgraded).
+# Debian publishes security fixes every few days.
 MAX_AGE_DAYS = 7
 # The archives a Debian mirror serves, and deb.debian.org's, when the host's apt sources name none.
 DEFAULT_MIRRORS = {"debian": "http://deb.debian.org/debian", "debian-security": "http://deb.debian.org/debian-security"}
@@ -118,12 +108,11 @@ def rebuild_reason(stored: tuple[str, str] | None, want: str, now: datetime.date
 
 def ensure_base_image(importer: list[str], env: dict[str, str], work_dir: Path,
                       image: str = BASE_IMAGE) -> str:
-    """Build ``image`` unless the stored one has this recipe's hash; return ``image``.
+    """Build ``image`` unless the stored one is this recipe's and recent; return ``image``.
 
-    ``importer`` is the CLI that owns the image store (``["podman"]`` or
-    ``["docker"]``); ``env`` points podman at the pipeline's private storage.
+    ``importer`` is the CLI that owns the image store (``["podman"]`` or ``["docker"]``); ``env``
+    points podman at the pipeline's private storage.
     """
-
     want = recipe_hash()
     now = datetime.datetime.now(datetime.timezone.utc)
     reason = rebuild_reason(current_recipe(importer, env, image), want, now)
@@ -147,17 +136,21 @@ def ensure_base_image(importer: list[str], env: dict[str, str], work_dir: Path,
                                before_retry=clean_partial)
         _upgrade(rootfs, env, work_dir)
         _trim(rootfs)
-        changes = [f"ENV {k}={v}" for k, v in RECIPE["env"].items()]
-        changes += [f"LABEL {RECIPE_LABEL}={want}", f"LABEL {BUILT_LABEL}={now.isoformat(timespec='seconds')}",
-                    'CMD ["/bin/bash"]']
-        tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run([*importer, "import", *sum((["--change", c] for c in changes), []), "-", image],
-                                  stdin=tar.stdout, capture_output=True, text=True, env=env)
-        tar.stdout.close()
-        if tar.wait() != 0 or imported.returncode != 0:
-            raise RuntimeError(f"importing the base image failed: {imported.stderr.strip()[-1000:]}")
+        _import(rootfs, importer, env, image, [f"LABEL {RECIPE_LABEL}={want}",
+                                              f"LABEL {BUILT_LABEL}={now.isoformat(timespec='seconds')}"])
     log.info("built base image %s (recipe %s)", image, want)
     return image
+
+
+def _import(rootfs: Path, importer: list[str], env: dict[str, str], image: str, labels: list[str]) -> None:
+    """Import ``rootfs`` as ``image`` with the recipe's environment and ``labels``."""
+    changes = [f"ENV {k}={v}" for k, v in RECIPE["env"].items()] + labels + ['CMD ["/bin/bash"]']
+    tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    imported = subprocess.run([*importer, "import", *sum((["--change", c] for c in changes), []), "-", image],
+                              stdin=tar.stdout, capture_output=True, text=True, env=env)
+    tar.stdout.close()
+    if tar.wait() != 0 or imported.returncode != 0:
+        raise RuntimeError(f"importing the base image failed: {imported.stderr.strip()[-1000:]}")
 
 
 def _upgrade(rootfs: Path, env: dict[str, str], work_dir: Path) -> None:

@@ -19,6 +19,9 @@ import numpy as np
 from training.config import PipelineConfig, mask_password
 
 log = logging.getLogger(__name__)
+# The BentoML model's name (service.py's default tag) and the Bento's (bentofile.yaml's ``name``).
+BENTO_MODEL_NAME = "cifar10-cnn"
+BENTO_NAME = "cifar10-classifier"
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -47,28 +50,16 @@ def use_bentoml_home(config: PipelineConfig):
     return bentoml
 
 
-def _parity_batch(seed: int = 0, n: int = 16) -> np.ndarray:
-    """A fixed batch of raw pixels for the Keras-vs-ONNX check at import time."""
-    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3)).astype(np.float32)
-
-
 def import_version(config: PipelineConfig, version_uri: str) -> str:
     """Import MLflow model version ``version_uri`` (``models:/<name>/<version>``) into the BentoML store.
 
     Returns the BentoML model tag. Idempotent: when the store already has a model from
-    the same MLflow run, its tag is returned. The ONNX file is checked against the Keras
-    model on a fixed batch and the import fails if they disagree.
+    the same MLflow run, its tag is returned. The ONNX file must answer a fixed batch of random
+    pixels as the Keras model does (:func:`~training.model.export.check_parity`), or the import fails.
     """
     import mlflow
     from mlflow import MlflowClient
 
-    from serving.model import onnx_session
-
-    from training.model.export import check_parity
-    from training.model.train import DRIFT_REFERENCE
-    # The saved model names the network's custom layers and activations; under a scheduler
-    # this task runs in its own process, where nothing else has registered them.
-    import training.model.network  # noqa: F401
     from training.registry.promotion import split_uri
     from training.registry.tracking import configure_mlflow
 
@@ -77,38 +68,63 @@ def import_version(config: PipelineConfig, version_uri: str) -> str:
     name, version = split_uri(version_uri)
     mv = client.get_model_version(name, version)
     bentoml = use_bentoml_home(config)
-    try:
-        existing_models = bentoml.models.list(config.bento_model_name)
-    except bentoml.exceptions.NotFound:
-        existing_models = []
-    for existing in existing_models:
-        if existing.info.labels.get("mlflow_run_id") == mv.run_id:
-            log.info("BentoML store already holds %s for run %s", existing.tag, mv.run_id)
-            return str(existing.tag)
-    run = client.get_run(mv.run_id)
+    existing = _model_of_run(bentoml, BENTO_MODEL_NAME, mv.run_id)
+    if existing:
+        log.info("BentoML store already holds %s for run %s", existing, mv.run_id)
+        return existing
+    labels = {"mlflow_model": name, "mlflow_version": str(mv.version), "mlflow_run_id": mv.run_id}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="onnx", dst_path=tmp))
-        keras_model = mlflow.keras.load_model(f"models:/{name}/{mv.version}")
-        pixels = _parity_batch()
-        diff = check_parity(onnx_session(src / "model.onnx"), np.asarray(keras_model(pixels, training=False)),
-                            pixels)
-        labels = {"mlflow_model": name, "mlflow_version": str(mv.version), "mlflow_run_id": mv.run_id}
-        metadata = {
-            "test_accuracy": float(run.data.metrics.get("test_accuracy", float("nan"))),
-            "dataset_digest": run.data.tags.get("dataset_digest", ""),
-            "git_commit": run.data.tags.get("git_commit", ""),
-            "class_names": json.loads((src / "classes.json").read_text()),
-            "onnx_max_abs_diff": diff,
-            "mlflow_tracking_uri": mask_password(config.tracking_uri),  # never bake a password into a Bento
-        }
-        reference = src / DRIFT_REFERENCE
-        if reference.exists():  # versions trained before drift monitoring have none; they serve without a score
-            metadata["drift_reference"] = json.loads(reference.read_text())
-        with bentoml.models.create(config.bento_model_name, labels=labels, metadata=metadata) as model:
-            shutil.copy(src / "model.onnx", Path(model.path) / "model.onnx")
-            shutil.copy(src / "classes.json", Path(model.path) / "classes.json")
+        diff = _keras_parity(f"models:/{name}/{mv.version}", src / "model.onnx")
+        metadata = _metadata(config, client.get_run(mv.run_id), src, diff)
+        with bentoml.models.create(BENTO_MODEL_NAME, labels=labels, metadata=metadata) as model:
+            for file in ("model.onnx", "classes.json"):
+                shutil.copy(src / file, Path(model.path) / file)
     log.info("imported %s version %s (run %s) as BentoML model %s", name, mv.version, mv.run_id, model.tag)
     return str(model.tag)
+
+
+def _model_of_run(bentoml, model_name: str, run_id: str) -> str | None:
+    """The tag of a BentoML model ``model_name`` imported from MLflow run ``run_id``, if the store has one."""
+    try:
+        models = bentoml.models.list(model_name)
+    except bentoml.exceptions.NotFound:
+        return None
+    return next((str(m.tag) for m in models if m.info.labels.get("mlflow_run_id") == run_id), None)
+
+
+def _keras_parity(model_uri: str, onnx_path: Path) -> float:
+    """Max difference between the ONNX file's and the logged Keras model's answers to 16 random images."""
+    import mlflow
+
+    from serving.model import onnx_session
+    from training.model.export import check_parity, onnx_probabilities
+    # The saved model names the network's custom layers and activations; under a scheduler
+    # this task runs in its own process, where nothing else has registered them.
+    import training.model.network  # noqa: F401
+
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
+    keras_answers = np.asarray(mlflow.keras.load_model(model_uri)(pixels, training=False))
+    return check_parity(onnx_probabilities(onnx_session(onnx_path), pixels), keras_answers,
+                        f"{model_uri}: its ONNX file vs its Keras model")
+
+
+def _metadata(config: PipelineConfig, run, src: Path, onnx_max_abs_diff: float) -> dict:
+    """What the BentoML model carries for /metadata, the image's labels and the drift score."""
+    from training.model.train import DRIFT_REFERENCE
+
+    metadata = {
+        "test_accuracy": float(run.data.metrics.get("test_accuracy", float("nan"))),
+        "dataset_digest": run.data.tags.get("dataset_digest", ""),
+        "git_commit": run.data.tags.get("git_commit", ""),
+        "class_names": json.loads((src / "classes.json").read_text()),
+        "onnx_max_abs_diff": onnx_max_abs_diff,
+        "mlflow_tracking_uri": mask_password(config.tracking_uri),  # never bake a password into a Bento
+    }
+    reference = src / DRIFT_REFERENCE
+    if reference.exists():  # versions trained before drift monitoring have none; they serve without a score
+        metadata["drift_reference"] = json.loads(reference.read_text())
+    return metadata
 
 
 def build_bento(config: PipelineConfig, model_tag: str) -> str:
@@ -125,11 +141,22 @@ def build_bento(config: PipelineConfig, model_tag: str) -> str:
     return str(bento.tag)
 
 
+def bento_model_tag(bento) -> str:
+    """The BentoML model the Bento serves: its ``bentoml_model`` label, else the one model packed in it."""
+    tag = bento.info.labels.get("bentoml_model")
+    if tag:
+        return tag
+    if len(bento.info.models) != 1:
+        raise ValueError(f"Bento {bento.tag} has no bentoml_model label and {len(bento.info.models)} models: "
+                         "build it with training.packaging.bento.build_bento, which names its model")
+    return str(bento.info.models[0].tag)
+
+
 def bento_of_run(config: PipelineConfig, run_id: str) -> str | None:
     """The newest Bento in the store built from MLflow run ``run_id``'s model, or None."""
     bentoml = use_bentoml_home(config)
     try:
-        bentos = bentoml.bentos.list(config.bento_name)
+        bentos = bentoml.bentos.list(BENTO_NAME)
     except bentoml.exceptions.NotFound:
         return None
     mine = [b for b in bentos if b.info.labels.get("mlflow_run_id") == run_id]

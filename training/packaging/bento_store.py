@@ -1,22 +1,10 @@
-"""Move BentoML models and Bentos between a local store and S3, so the image can be
-built, or the Bento served, on another machine.
+"""Move Bentos and BentoML models between a local store and S3, so the image can be built, or the
+Bento served, on another machine (endpoint and credentials from the environment, as
+:mod:`training.storage` reads them).
 
-``bentoml.export_bento``/``bentoml.models.export_model`` write one archive (a Bento
-archive holds its models too); it goes to S3 through :mod:`training.storage`, whose
-endpoint and credentials come from the environment only: the standard ``AWS_*``
-variables (``AWS_ENDPOINT_URL_S3`` for MinIO, SeaweedFS and other S3-compatible
-stores), an instance role, or a profile. Nothing here logs them. The bucket is checked
-before the archive is written, so a wrong endpoint, bucket or credentials fail in
-seconds with a :class:`training.storage.StorageError` that says what to fix.
-
-Serving imports exactly the champion's Bento (:func:`import_champion`): the registry
-(``MLFLOW_TRACKING_URI``) names the version holding ``champion``, and publish recorded on
-it the Bento's tag and its archive's URI and sha256. An archive whose sha256 differs (the
-bucket's object was replaced after publish) is refused, and nothing ever picks an archive
-by being the newest in the bucket: whoever can write to the bucket does not choose what
-the server runs.
-
-CLI (the store is ``BENTOML_HOME``, or the pipeline's ``state_dir/bentoml``)::
+Serving imports exactly the champion's Bento (:func:`import_champion`): the archive that publish
+recorded on the version holding ``champion``, refused when its sha256 differs. Nothing picks the newest
+archive in the bucket: whoever can write to the bucket does not choose what the server runs.
 
     python -m training.packaging.bento_store export cifar10-classifier:latest s3://bucket/bentos/
     python -m training.packaging.bento_store import      # the champion's Bento, its sha256 checked
@@ -24,9 +12,7 @@ CLI (the store is ``BENTOML_HOME``, or the pipeline's ``state_dir/bentoml``)::
     python -m training.packaging.bento_store import-model s3://bucket/models/cifar10-cnn-<version>.bentomodel \
         [--sha256 HEX]
 
-``export`` prints the archive's URI (its sha256 goes to the log); ``import`` prints the
-imported Bento's tag. Exit status 2: refused or failed, with what to fix; 3: nothing to
-import yet (no champion, or its Bento was never published).
+Exit status 2: refused or failed, with what to fix; 3: nothing to import yet.
 """
 
 from __future__ import annotations
@@ -42,6 +28,7 @@ from urllib.parse import urlsplit
 
 from training import storage
 from training.config import PipelineConfig, load_config
+from training.data.fetch import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +63,13 @@ def _target_key(uri: str, tag, suffix: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _sha256(path: Path) -> str:
-    from training.data.fetch import file_digest
-
-    return file_digest(path, "sha256")
-
-
 def _export(item, exporter, uri: str, suffix: str) -> Archive:
     """Write ``item`` (a Bento or model) with ``exporter`` to a temporary archive and upload it; return the archive."""
     bucket, key = _target_key(uri, item.tag, suffix)
     storage.check_bucket(bucket)  # before the export, which takes a while for a large Bento
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(exporter(item.tag, str(Path(tmp) / f"archive{suffix}")))
-        digest = _sha256(archive)
+        digest = file_digest(archive, "sha256")
         with storage.explained(bucket, key):
             storage.client().upload_file(str(archive), bucket, key)
     log.info("exported %s to s3://%s/%s (sha256 %s)", item.tag, bucket, key, digest)
@@ -107,7 +88,7 @@ def _import(bentoml, importer, uri: str, suffix: str, sha256: str = "") -> str:
         local = Path(tmp) / f"archive{suffix}"
         with storage.explained(bucket, key):
             storage.client().download_file(bucket, key, str(local))
-        got = _sha256(local)
+        got = file_digest(local, "sha256")
         if sha256 and got != sha256.lower():
             raise ArchiveRefused(f"refusing {uri}: its sha256 is {got}, not the {sha256} on record; the object was "
                                  "replaced after it was published. Nothing was imported: find out what wrote to the "
@@ -160,6 +141,21 @@ def import_model(config: PipelineConfig, uri: str, sha256: str = "") -> str:
 
     bentoml = use_bentoml_home(config)
     return _import(bentoml, bentoml.models.import_model, uri, MODEL_SUFFIX, sha256)
+
+
+def publish_bento(config: PipelineConfig, version_uri: str, bento_tag: str) -> str:
+    """Export ``bento_tag`` to ``config.bento_export_uri`` and record the archive (URI, sha256) on model version
+    ``version_uri``, where :func:`import_champion` finds it; return its URI ("" without an export URI).
+
+    Safe to repeat: the archive and its record are rewritten.
+    """
+    if not config.bento_export_uri:
+        return ""
+    from training.registry.promotion import record_published
+
+    archive = export_bento(config, bento_tag, config.bento_export_uri)
+    record_published(config, version_uri, archive.uri, archive.sha256)
+    return archive.uri
 
 
 def _existing_tag(exc: Exception) -> str:

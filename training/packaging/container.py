@@ -1,35 +1,12 @@
-"""Build the Bento's container image when a container builder is available.
+"""The Bento's container image: build it with docker, podman or buildah, label, tag and run it.
 
-Backends, in the order ``auto`` tries them: docker (only when its daemon answers),
-podman, buildah. With none present the stage is skipped with a clear reason; the
-pipeline is still complete up to the Bento, which ``bentoml serve`` can run.
+With no builder the stage is skipped with the reason; the Bento can still be served. Podman and
+buildah use a private configuration and image store under ``<state_dir>/containers``. We run the
+builder ourselves, not ``bentoml containerize``, so that its log is kept, a network failure is
+retried once and named, and a failed build is an error (``bentoml.container.build`` returns None).
+How the base is chosen: docs/deploy.md; the labels and tags: docs/serving.md.
 
-Podman and buildah use a private configuration and image store under
-``<state_dir>/containers`` (``CONTAINERS_CONF``/``CONTAINERS_STORAGE_CONF``, rendered
-from ``deploy/containers/``), never the machine-wide one.
-
-The image's base follows the backend (:func:`choose_base_image`): docker, which runs where a
-daemon and a registry are the norm, pulls the slim Python image; podman and buildah build on
-the local debootstrap base (:mod:`training.packaging.base_image`), which needs no registry. The
-``base_image`` setting (``CIFAR10_BASE_IMAGE``) overrides either, with a base that is one of those
-two, listed in ``allowed_base_images`` or pinned by digest (:func:`check_base_image`); the
-Dockerfile takes the base as the ``BASE_IMAGE`` build argument.
-
-BentoML generates the Dockerfile when it builds the Bento (``bentofile.yaml`` ->
-``deploy/containers/Dockerfile.template``); we run the builder ourselves so that its log is kept, a
-network failure is retried once and named as such, and a failed build is an error
-(``bentoml.container.build`` logs failures and returns None).
-
-The image is tagged ``<image_name>:<Bento version>`` and labelled with what it serves
-(:func:`image_labels`: OCI revision and version, the MLflow model, version and run, the dataset
-digest). ``latest`` is not set by the build: :func:`tag_image` moves it once the model is
-promoted, after :func:`serve_image` has shown the image answering.
-
-CLI (the Makefile's ``base-image`` and ``image`` targets)::
-
-    python -m training.packaging.container base-image
-    python -m training.packaging.container image [--bento TAG] [--output IMAGE.oci.tar]
-    eval "$(python -m training.packaging.container env)"   # then podman images, podman run ...
+    python -m training.packaging.container base-image | image [--bento TAG] [--output IMAGE.oci.tar] | env
 """
 
 from __future__ import annotations
@@ -48,16 +25,16 @@ from pathlib import Path
 
 from training.config import PipelineConfig
 from training.packaging.commands import NetworkBuildError, run_with_network_retry
+from training.packaging.server import wait_ready
 
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 TEMPLATES = PROJECT_DIR / "deploy" / "containers"
 BACKENDS = ("docker", "podman", "buildah")
-# Docker hosts pull this base from the registry: the same Debian release and Python as the local
-# base, so the Bento's wheels fit either. Fully qualified, so that podman or buildah given it as an
-# override need no short-name lookup, and pinned by digest (bentofile.yaml's docker.base_image), so
-# a build gets the image it was tested on rather than whatever the tag points to that day.
+IMAGE_NAME = "cifar10-classifier"
+# Docker hosts pull this base: the local base's Debian release and Python, so the Bento's wheels fit
+# either; fully qualified (no short-name lookup) and pinned by digest, as bentofile.yaml names it.
 REGISTRY_BASE_IMAGE = ("docker.io/library/python:3.11-slim-bookworm"
                        "@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b")
 # deploy/containers/Dockerfile.template builds FROM this build argument.
@@ -66,10 +43,10 @@ BASE_IMAGE_ARG = "BASE_IMAGE"
 # build works behind a TLS-inspecting proxy without baking that CA into the image.
 BUILD_CA_MOUNT = "/tmp/build-ca.pem"
 HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
-# What the service writes, the only paths writable where the image is deployed (deploy/k8s/bento.yaml's
-# emptyDir volumes, deploy/compose.yaml's tmpfs): temporary files, and the Prometheus client's
-# per-worker metric files under BENTOML_HOME. Everything else is read-only there.
+# The only paths writable where the image is deployed (deploy/k8s/bento.yaml, deploy/compose.yaml):
+# temporary files and the Prometheus client's per-worker metric files.
 WRITABLE_PATHS = ("/tmp", "/home/bentoml/prometheus_multiproc_dir")
+
 
 def container_dir(config: PipelineConfig) -> Path:
     """The pipeline's private container folder: config, image store, logs."""
@@ -98,13 +75,12 @@ def _healthy(backend: str, env: dict[str, str] | None = None) -> tuple[bool, str
     exe = shutil.which(backend)
     if exe is None:
         return False, f"{backend}: not installed"
-    probe = {"docker": [exe, "info"], "podman": [exe, "info"], "buildah": [exe, "info"]}[backend]
     try:
-        result = subprocess.run(probe, capture_output=True, text=True, timeout=30, env=env)
+        result = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=30, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"{backend}: {exc}"
     if result.returncode != 0:
-        return False, f"{backend}: `{' '.join(probe[1:])}` failed: {result.stderr.strip()[:200]}"
+        return False, f"{backend}: `info` failed: {result.stderr.strip()[:200]}"
     return True, f"{backend}: ok"
 
 
@@ -126,11 +102,9 @@ def find_backend(config: PipelineConfig, env: dict[str, str] | None = None) -> t
 
 
 def choose_base_image(backend: str, override: str = "") -> str:
-    """The image the Bento's image is built on: ``override`` when set, else the backend's default.
-
-    docker (chosen only when its daemon answers) pulls :data:`REGISTRY_BASE_IMAGE`; podman and
-    buildah use the local debootstrap base, since the machines they serve here have no registry.
-    """
+    """The image the Bento's image is built on: ``override`` when set, else the backend's default: docker,
+    found only where a daemon answers, pulls :data:`REGISTRY_BASE_IMAGE`; podman and buildah, used here
+    without a registry, build on the local debootstrap base."""
     from training.packaging.base_image import BASE_IMAGE
 
     if override.strip():
@@ -143,11 +117,8 @@ def choose_base_image(backend: str, override: str = "") -> str:
 
 
 def check_base_image(image: str, config: PipelineConfig) -> None:
-    """Refuse a base image that is neither a default, nor listed in ``allowed_base_images``, nor pinned by digest.
-
-    The base is code the image runs: a name alone may point at other content tomorrow, a digest
-    cannot. Raises ValueError saying what to do.
-    """
+    """Raise ValueError, saying what to do, for a base image that is neither a default, nor listed in
+    ``allowed_base_images``, nor pinned by digest: a name may point at other content tomorrow."""
     from training.packaging.base_image import BASE_IMAGE
 
     image = image.strip()
@@ -177,11 +148,8 @@ def build_command(backend: str, dockerfile: str, context: str, tags: list[str],
 
 
 def image_labels(bento, model) -> dict[str, str]:
-    """The image's labels: what it serves, from the Bento's labels and its BentoML model's metadata.
-
-    The OCI keys are the standard ones registries and scanners show; the ``ai.cifar10.*`` keys
-    carry the MLflow lineage, so ``podman image inspect`` tells which run an image serves.
-    """
+    """The image's labels: the OCI keys registries show, and the MLflow lineage (``ai.cifar10.*``) of what
+    it serves, from the Bento's labels and its BentoML model's metadata."""
     labels, meta = bento.info.labels, model.info.metadata
     return {
         "org.opencontainers.image.title": bento.tag.name,
@@ -196,17 +164,6 @@ def image_labels(bento, model) -> dict[str, str]:
     }
 
 
-def _bento_model(bentoml, bento):
-    """The BentoML model the Bento serves: its ``bentoml_model`` label, else the one model packed in it."""
-    tag = bento.info.labels.get("bentoml_model")
-    if not tag:
-        if len(bento.info.models) != 1:
-            raise ValueError(f"Bento {bento.tag} has no bentoml_model label and {len(bento.info.models)} models: "
-                             "build it with training.packaging.bento.build_bento, which names its model")
-        tag = str(bento.info.models[0].tag)
-    return bentoml.models.get(tag)
-
-
 def _image_cli(backend: str) -> str:
     """The tool that manages images in ``backend``'s store: podman reads buildah's store, so it wins there."""
     return "podman" if backend == "buildah" and shutil.which("podman") else backend
@@ -214,10 +171,8 @@ def _image_cli(backend: str) -> str:
 
 def image_size(backend: str, image: str, env: dict[str, str]) -> int:
     """Size of ``image`` in bytes, as the store reports it."""
-    cli = _image_cli(backend)
-    fmt = "{{.Size}}"
-    out = subprocess.run([cli, "image", "inspect", "--format", fmt, image], capture_output=True, text=True, env=env,
-                         check=True)
+    out = subprocess.run([_image_cli(backend), "image", "inspect", "--format", "{{.Size}}", image], env=env,
+                         capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[0])
 
 
@@ -237,7 +192,7 @@ def containerize(config: PipelineConfig, bento_tag: str, base_image: str | None 
 
     ``base_image`` overrides the base (None: ``config.base_image``, then the backend's default).
     """
-    from training.packaging.bento import use_bentoml_home
+    from training.packaging.bento import bento_model_tag, use_bentoml_home
 
     env = container_env(config)
     backend, reason = find_backend(config, env)
@@ -247,34 +202,43 @@ def containerize(config: PipelineConfig, bento_tag: str, base_image: str | None 
         return None
     bentoml = use_bentoml_home(config)
     bento = bentoml.bentos.get(bento_tag)
-    labels = image_labels(bento, _bento_model(bentoml, bento))
+    labels = image_labels(bento, bentoml.models.get(bento_model_tag(bento)))
     base = prepare_base_image(config, backend, env, base_image)
     # Only the version tag: `latest` moves (tag_image) when a served-artifact check has passed.
-    image = f"{config.image_name}:{bento.tag.version}"
+    image = f"{IMAGE_NAME}:{bento.tag.version}"
     log.info("containerizing %s with %s as %s on %s", bento.tag, backend, image, base)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=container_dir(config) / "tmp", prefix="context-") as tmp:
-        # The exported folder is the build context: the Bento with its models copied in, and
-        # the Dockerfile BentoML generated from bentofile.yaml at build time.
+        # The build context: the Bento with its models copied in, and the Dockerfile BentoML generated.
         context = Path(tmp) / "bento"
         bentoml.bentos.export_bento(bento.tag, str(context), output_format="folder")
         cmd = build_command(backend, str(context / "env" / "docker" / "Dockerfile"), str(context), [image],
                             build_args={BASE_IMAGE_ARG: base}, labels=labels)
-        try:
-            run_with_network_retry(cmd, env=env,
-                                   log_path=container_dir(config) / "logs" / f"build-{bento.tag.version}.log",
-                                   what=f"building image {image} with {backend} on {base}")
-        except NetworkBuildError as exc:
-            if base != REGISTRY_BASE_IMAGE:
-                raise
-            from training.packaging.base_image import BASE_IMAGE
-
-            raise NetworkBuildError(
-                f"{exc}\nIf this machine cannot reach the registry for {base}, build on the local debootstrap base "
-                f"instead: set CIFAR10_BASE_IMAGE={BASE_IMAGE} (base_image).") from exc
+        _build(cmd, env, container_dir(config) / "logs" / f"build-{bento.tag.version}.log", base,
+               f"building image {image} with {backend} on {base}")
     size = image_size(backend, image, env)
     log.info("built %s in %.0f s: %.0f MB", image, time.monotonic() - started, size / 1e6)
     return image
+
+
+def _build(cmd: list[str], env: dict[str, str], log_path: Path, base: str, what: str) -> None:
+    """Run the build; a network failure on the registry's base says how to build without the registry."""
+    try:
+        run_with_network_retry(cmd, env=env, log_path=log_path, what=what)
+    except NetworkBuildError as exc:
+        if base != REGISTRY_BASE_IMAGE:
+            raise
+        from training.packaging.base_image import BASE_IMAGE
+
+        raise NetworkBuildError(f"{exc}\nIf this machine cannot reach the registry for {base}, build on the local "
+                                f"debootstrap base instead: set CIFAR10_BASE_IMAGE={BASE_IMAGE} (base_image).") from exc
+
+
+def _image_store(config: PipelineConfig) -> tuple[str | None, str, dict[str, str]]:
+    """The CLI that manages the pipeline's image store (None, and why, without a builder), and its environment."""
+    env = container_env(config)
+    backend, reason = find_backend(config, env)
+    return (_image_cli(backend) if backend else None), reason, env
 
 
 def _exists(cli: str, image: str, env: dict[str, str]) -> bool:
@@ -285,29 +249,26 @@ def _exists(cli: str, image: str, env: dict[str, str]) -> bool:
 
 def image_exists(config: PipelineConfig, image: str) -> bool:
     """Whether ``image`` is in the store the pipeline builds into; False when no builder is available."""
-    env = container_env(config)
-    backend, _ = find_backend(config, env)
-    return backend is not None and _exists(_image_cli(backend), image, env)
+    cli, _, env = _image_store(config)
+    return cli is not None and _exists(cli, image, env)
 
 
 def tag_image(config: PipelineConfig, bento_tag: str, tag: str = "latest") -> str | None:
-    """Tag the built image ``<image_name>:<bento version>`` as ``<image_name>:<tag>``; return the new tag.
+    """Tag the built image ``<IMAGE_NAME>:<bento version>`` as ``<IMAGE_NAME>:<tag>``; return the new tag.
 
     None, with a log line saying why, when no builder is available or that image was never built
     (containerize skipped). ``bento_tag`` without a version (or ``:latest``) is resolved in the Bento store.
     """
-    env = container_env(config)
-    backend, reason = find_backend(config, env)
-    if backend is None:
+    cli, reason, env = _image_store(config)
+    if cli is None:
         log.warning("not tagging an image for %s as %s: %s", bento_tag, tag, reason)
         return None
-    name, _, version = bento_tag.partition(":")
+    _, _, version = bento_tag.partition(":")
     if not version or version == "latest":
         from training.packaging.bento import use_bentoml_home
 
         version = use_bentoml_home(config).bentos.get(bento_tag).tag.version
-    source, target = f"{config.image_name}:{version}", f"{config.image_name}:{tag}"
-    cli = _image_cli(backend)
+    source, target = f"{IMAGE_NAME}:{version}", f"{IMAGE_NAME}:{tag}"
     if not _exists(cli, source, env):
         log.warning("not tagging %s as %s: %s has no image %s (containerize skipped or failed for it)",
                     bento_tag, target, cli, source)
@@ -323,8 +284,8 @@ def serve_image(config: PipelineConfig, image: str, port: int, timeout: float = 
     """Run ``image`` on ``127.0.0.1:port``, confined as where it is deployed (:func:`locked_down`), until it
     answers /readyz; yield its base URL; always remove it.
 
-    Raises TimeoutError with the container's log tail when /readyz is not 200 within ``timeout``
-    seconds, RuntimeError when the container stops first or no runtime (podman, docker) is available.
+    Raises :class:`~training.packaging.server.NotReady` with the container's log tail when it stops or
+    is not ready within ``timeout`` seconds, RuntimeError when no runtime (podman, docker) is available.
     """
     env = container_env(config)
     backend, reason = find_backend(config, env)
@@ -334,14 +295,19 @@ def serve_image(config: PipelineConfig, image: str, port: int, timeout: float = 
     cli = "docker" if backend == "docker" else "podman"
     name = name or f"cifar10-serve-{port}-{os.getpid()}"
     url = f"http://127.0.0.1:{port}"
+
+    def ask(*args: str) -> str:
+        done = subprocess.run([cli, *args], env=env, capture_output=True, text=True)
+        return (done.stdout + done.stderr).strip()
+
     subprocess.run([cli, "run", "-d", "--name", name, *locked_down(cli), "-p", f"127.0.0.1:{port}:3000", image],
                    env=env, check=True, capture_output=True, text=True)
     try:
-        _wait_ready(cli, name, url, timeout, env)
+        wait_ready(url, timeout, alive=lambda: ask("inspect", "--format", "{{.State.Running}}", name) == "true",
+                   log=lambda: ask("logs", "--tail", "40", name))
         yield url
     finally:
-        subprocess.run([cli, "rm", "-f", *(["-t", "0"] if cli == "podman" else []), name], env=env,
-                       capture_output=True)
+        ask("rm", "-f", *(["-t", "0"] if cli == "podman" else []), name)
 
 
 def locked_down(cli: str) -> list[str]:
@@ -354,33 +320,6 @@ def locked_down(cli: str) -> list[str]:
     for path in WRITABLE_PATHS:
         options += ["--tmpfs", f"{path}:rw,nosuid,nodev,mode=1777"]
     return options
-
-
-def _wait_ready(cli: str, name: str, url: str, timeout: float, env: dict[str, str]) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):  # not listening yet, or still loading the model
-            pass
-        running = subprocess.run([cli, "inspect", "--format", "{{.State.Running}}", name], env=env,
-                                 capture_output=True, text=True).stdout.strip()
-        if running != "true":
-            raise RuntimeError(f"container {name} stopped before {url}/readyz answered; its log:\n"
-                               f"{_log_tail(cli, name, env)}")
-        time.sleep(0.5)
-    raise TimeoutError(f"container {name} did not answer {url}/readyz with 200 within {timeout:.0f} s; raise the "
-                       f"timeout if the machine is busy. Its log:\n{_log_tail(cli, name, env)}")
-
-
-def _log_tail(cli: str, name: str, env: dict[str, str], lines: int = 40) -> str:
-    out = subprocess.run([cli, "logs", "--tail", str(lines), name], env=env, capture_output=True, text=True)
-    return (out.stdout + out.stderr).strip() or "(empty)"
 
 
 def export_image(config: PipelineConfig, image: str, output: Path) -> Path:
@@ -396,10 +335,7 @@ def export_image(config: PipelineConfig, image: str, output: Path) -> Path:
     return output
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``base-image``, ``image`` (containerize + export) and ``env`` for the Makefile."""
-    from training.config import load_config
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.packaging.container", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print export lines for podman/buildah with the private store")
@@ -412,25 +348,28 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--base-image", default=None,
                              help="base of the Bento image (default: base_image setting, CIFAR10_BASE_IMAGE, "
                                   f"else {REGISTRY_BASE_IMAGE} with docker, the local base with podman/buildah)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``base-image``, ``image`` (containerize + export) and ``env`` for the Makefile."""
+    from training.config import load_config
+
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = load_config()
+    if config.container_backend == "none":  # asked for by name here: find a builder
+        config = config.replace(container_backend="auto")
+    env = container_env(config)
     if args.command == "env":
-        env = container_env(config)
         for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
             print(f"export {key}={env[key]}")
     elif args.command == "base-image":
-        if config.container_backend == "none":
-            config = config.replace(container_backend="auto")
-        env = container_env(config)
         backend, reason = find_backend(config, env)
         if backend is None:
             raise SystemExit(f"{reason}: install docker, podman or buildah (.ci/setup-container-tools.sh)")
-        base = prepare_base_image(config, backend, env, args.base_image)
-        print(f"{backend} builds the image on {base}")
+        print(f"{backend} builds the image on {prepare_base_image(config, backend, env, args.base_image)}")
     else:
-        if config.container_backend == "none":
-            config = config.replace(container_backend="auto")
         image = containerize(config, args.bento, args.base_image)
         if image is None:
             raise SystemExit("no container builder: run .ci/setup-container-tools.sh")

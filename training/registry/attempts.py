@@ -1,11 +1,8 @@
 """Which Airflow task try an MLflow run belongs to, and closing the runs of tries that died.
 
-A training try that is killed (SIGKILL, the OOM killer, a lost worker) never leaves its
-``with mlflow.start_run()`` block, so its run stays RUNNING for ever, with the metrics of
-the epochs it finished and no model. Every training run is therefore tagged with the
-Airflow task try that made it, and the next try of the task marks such orphans KILLED
-before it starts its own run. They are never registered: the register task takes the run
-id that a *successful* train try returned.
+A killed try (SIGKILL, the OOM killer, a lost worker) leaves its run RUNNING for ever, so every training
+run is tagged with its try and the next try marks such orphans KILLED. They are never registered: register
+takes the run id a successful try returned.
 """
 
 from __future__ import annotations
@@ -39,12 +36,8 @@ class TaskAttempt:
 
 
 def end_orphaned_runs(client, experiment_id: str, attempt: TaskAttempt) -> list[str]:
-    """Mark KILLED every RUNNING run that another try of this DAG's task left; return their ids.
-
-    Such a run belongs to an earlier try of the same task instance (it died, then Airflow
-    retried it or an operator cleared it) or to a DAG run that was abandoned: the DAG allows
-    one active run at a time (``max_active_runs=1``), so no other try of the task is alive.
-    """
+    """Mark KILLED every RUNNING run that another try of this DAG's task left; return their ids. With one
+    active DAG run at a time (``max_active_runs=1``) no other try of the task is alive."""
     query = (f"tags.airflow_dag_id = '{attempt.dag_id}' and tags.airflow_task_id = '{attempt.task_id}' "
              "and attributes.status = 'RUNNING'")
     ended = []

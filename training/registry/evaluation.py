@@ -1,9 +1,5 @@
-"""Fair scoring for the gate: challenger and champion on the same test split, as they are served.
-
-Both models are scored with ONNX Runtime on their exported ``onnx/model.onnx`` (what a Bento
-runs), on the challenger's test split, in one call. Comparing the challenger's fresh test
-accuracy with the champion's stored one would compare numbers measured on different images
-whenever the dataset changed.
+"""Fair scoring for the gate: both models' exported ONNX (what a Bento runs) on the challenger's test
+split. The champion's stored accuracy was measured on other images whenever the data changed.
 """
 
 from __future__ import annotations
@@ -36,8 +32,6 @@ class Comparison:
     challenger: Score
     champion: Score | None = None
     champion_version: str | None = None
-    # The champion's own training data: when it differs from dataset_digest, its stored test
-    # accuracy was measured on other images and only the rescored one is comparable.
     champion_dataset_digest: str | None = None
     notes: list[str] = field(default_factory=list)
 

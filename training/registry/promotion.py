@@ -1,18 +1,11 @@
 """Registry: each trained model becomes a version; the ``champion`` alias moves last.
 
-1. :func:`register` adds the version and applies the quality gate: the challenger and the
-   current champion are scored on the same test split (:mod:`training.registry.evaluation`),
-   and the challenger must reach ``min_accuracy`` and beat the champion by
-   ``min_improvement`` (or ``force_promote`` is set). A version that passes is a
-   ``candidate``; nothing has moved yet.
-2. The DAG packages a candidate and checks the served artifact
-   (:mod:`training.packaging.verify`).
-3. :mod:`training.deploy.champion` moves ``champion`` to it (or back, in a rollback). Every move
-   is recorded first (:func:`record_move`: ``champion_*`` tags on the version, a run in the
-   ``<experiment>-champion`` MLflow experiment), so the registry says what is served, since when,
-   why and by whom; the alias moves last (:func:`move_alias`), and only if the champion is still
-   the one the move was planned from. The alias is the truth: a move that was recorded but never
-   made leaves no ``champion_until`` on anything, so it does not count as having held the alias.
+:func:`register` adds the version and applies the quality gate (both models scored on the same test
+split, :mod:`training.registry.evaluation`): a version that passes is a ``candidate``. The DAG then
+packages and checks it (:mod:`training.packaging.verify`), and :mod:`training.deploy.champion` moves the
+alias: every move is recorded first (:func:`record_move`), and the alias moves last (:func:`move_alias`),
+only if the champion is still the one the move was planned from. The alias is the truth: a recorded
+move that never happened leaves no ``champion_until`` anywhere.
 """
 
 from __future__ import annotations
@@ -133,34 +126,21 @@ def _set_tags(client, name: str, version: str, run_id: str | None, tags: dict[st
 def register(config: PipelineConfig, run_id: str, prepared_dir: Path) -> str:
     """Register the run's model as a new version and apply the quality gate; return ``models:/<name>/<version>``.
 
-    The challenger and the champion are scored on the challenger's test split in
-    ``prepared_dir``; both accuracies, per class, and the data digest are logged to the
-    run (``gate_*`` metrics, ``gate/comparison.json``) and tagged on the version.
+    Both models are scored on the challenger's test split in ``prepared_dir``.
     """
     import mlflow
-    from mlflow.entities import Metric
 
     from training.registry.evaluation import compare
 
     client = client_for(config)
     run = client.get_run(run_id)
     name = config.registered_model_name
-    champion = current_champion(client, name)
-    comparison = compare(client, run_id, champion, Path(prepared_dir))
+    comparison = compare(client, run_id, current_champion(client, name), Path(prepared_dir))
     version = mlflow.register_model(run.data.tags["logged_model_uri"], name,
                                     tags={"run_id": run_id, "test_accuracy": f"{comparison.challenger.accuracy:.6f}"})
     champion_accuracy = comparison.champion.accuracy if comparison.champion else None
     decision = decide(comparison.challenger.accuracy, champion_accuracy, config)
-    metrics = {"gate_challenger_accuracy": comparison.challenger.accuracy}
-    metrics |= {f"gate_challenger_accuracy_{c}": a for c, a in comparison.challenger.per_class.items()}
-    if comparison.champion:
-        metrics["gate_champion_accuracy"] = comparison.champion.accuracy
-        metrics |= {f"gate_champion_accuracy_{c}": a for c, a in comparison.champion.per_class.items()}
-    now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()
-                                      if v == v])  # NaN: a class absent from the split
-    client.log_dict(run_id, {**comparison.as_dict(), "decision": decision.reason, "version": str(version.version)},
-                    "gate/comparison.json")
+    _log_gate(client, run_id, comparison, decision, str(version.version))
     tags = {"gate_decision": CANDIDATE if decision.promote else REJECTED, "gate_reason": decision.reason,
             "gate_dataset_digest": comparison.dataset_digest,
             "gate_challenger_accuracy": f"{comparison.challenger.accuracy:.6f}",
@@ -174,6 +154,22 @@ def register(config: PipelineConfig, run_id: str, prepared_dir: Path) -> str:
     log.info("%s version %s: %s (%s)", name, version.version,
              "candidate for champion" if decision.promote else "not promoted", decision.reason)
     return f"models:/{name}/{version.version}"
+
+
+def _log_gate(client, run_id: str, comparison, decision: GateDecision, version: str) -> None:
+    """Both accuracies, overall and per class, as ``gate_*`` metrics and ``gate/comparison.json`` on the run."""
+    from mlflow.entities import Metric
+
+    metrics = {}
+    for role, score in (("challenger", comparison.challenger), ("champion", comparison.champion)):
+        if score is not None:
+            metrics[f"gate_{role}_accuracy"] = score.accuracy
+            metrics |= {f"gate_{role}_accuracy_{c}": a for c, a in score.per_class.items()}
+    now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()
+                                      if v == v])  # NaN: a class absent from the split
+    client.log_dict(run_id, {**comparison.as_dict(), "decision": decision.reason, "version": version},
+                    "gate/comparison.json")
 
 
 def is_candidate(config: PipelineConfig, version_uri: str) -> tuple[bool, str]:
@@ -212,12 +208,9 @@ def previous_champion(client, name: str, current: str | None):
 
 
 def record_move(client, config: PipelineConfig, move: Move) -> str:
-    """Record ``move`` before it is made; return the id of its run in the ``<experiment>-champion`` experiment.
-
-    Writes the version's ``champion_*`` and ``bento_tag`` tags, ``champion_until`` on the previous
-    champion, and the move's run. Safe to repeat: a retry of the same move (the newest run records
-    the same action, versions and mover) reuses that run instead of recording the move twice.
-    """
+    """Record ``move`` before it is made (``champion_*`` and ``bento_tag`` tags, ``champion_until`` on the
+    previous champion, a run in ``<experiment>-champion``); return that run's id. A retry of the same move
+    reuses the newest run when it records the same action, versions and mover."""
     from training.registry.tracking import side_experiment
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -249,12 +242,9 @@ def mark_promoted(client, move: Move) -> None:
 
 
 def move_alias(client, move: Move, record_run_id: str) -> None:
-    """Point ``champion`` at ``move.version``, only if it still is ``move.previous`` (or already the version).
-
-    MLflow has no compare-and-set on aliases: the champion is read again right before the move,
-    which leaves a window of one request. Otherwise :class:`ChampionChanged` is raised, nothing
-    moves, and the move's recorded run is marked FAILED with the reason.
-    """
+    """Point ``champion`` at ``move.version`` only if it still is ``move.previous`` (or already the version);
+    otherwise mark the move's run FAILED and raise :class:`ChampionChanged`. MLflow has no compare-and-set
+    on aliases: reading the champion right before the move leaves a window of one request."""
     now = champion_version(client, move.name)
     if now not in (move.previous, move.version):
         why = (f"the champion of {move.name} moved from version {move.previous or 'none'} to {now or 'none'} while "

@@ -12,18 +12,17 @@ from training.config import PipelineConfig, mask_password
 
 log = logging.getLogger(__name__)
 
+# How long a task waits for an http(s) MLflow server: MLflow's own HTTP retries would keep it
+# waiting for minutes before saying anything.
+CONNECT_TIMEOUT_S = 10.0
+
 
 def configure_mlflow(config: PipelineConfig) -> str:
-    """Point MLflow at ``config``'s store and return the experiment id.
-
-    With a local store the experiment gets an explicit artifact location, because
-    MLflow would otherwise write to ``./mlruns`` relative to whatever directory the
-    task runs in; with a tracking server (``http(s)://``) the server decides, so its
-    ``--artifacts-destination`` (e.g. S3) is used (see ``PipelineConfig.artifact_location``).
-    """
+    """Point MLflow at ``config``'s store and return the experiment id. A local store's experiment gets an
+    explicit artifact location (MLflow would write to ``./mlruns`` wherever the task runs); a server decides."""
     import mlflow
 
-    check_reachable(config.tracking_uri, config.mlflow_connect_timeout)
+    check_reachable(config.tracking_uri, CONNECT_TIMEOUT_S)
     if config.tracking_uri.startswith("sqlite:///"):
         Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(config.tracking_uri)
@@ -63,13 +62,9 @@ class TrackingServerUnreachable(RuntimeError):
 
 
 def check_reachable(uri: str, timeout: float) -> None:
-    """Raise :class:`TrackingServerUnreachable` unless the http(s) tracking server answers within ``timeout`` s.
-
-    Without this check a task waits minutes inside MLflow's HTTP retries (exponential
-    backoff) before failing with a long urllib3 traceback. Any answer below 500 counts
-    as reachable (an auth proxy may answer 401); a 5xx from a proxy means MLflow behind
-    it is down. Other URIs (SQLite, databases) are not checked here.
-    """
+    """Raise :class:`TrackingServerUnreachable` unless an http(s) tracking server answers within ``timeout`` s,
+    rather than wait minutes in MLflow's own retries. Any answer below 500 counts (an auth proxy may say
+    401); a 5xx from a proxy means MLflow behind it is down. Other URIs are not checked."""
     if not uri.startswith(("http://", "https://")):
         return
     import requests
@@ -90,16 +85,12 @@ def check_reachable(uri: str, timeout: float) -> None:
     raise TrackingServerUnreachable(
         f"MLflow tracking server {mask_password(uri)} is unreachable: {mask_password(health)} gave no usable "
         f"answer within {timeout:g} s (last: {problem}). Start the server, or point "
-        "MLFLOW_TRACKING_URI (or CIFAR10_MLFLOW_TRACKING_URI) at a running one; Airflow retries this task, "
-        "and CIFAR10_MLFLOW_CONNECT_TIMEOUT sets how long to wait.")
+        "MLFLOW_TRACKING_URI (or CIFAR10_MLFLOW_TRACKING_URI) at a running one; Airflow retries this task.")
 
 
 def git_commit(repo: Path | None = None) -> str:
-    """The current git commit (with ``-dirty`` when the tree has changes), or "unknown".
-
-    Without a working git checkout (the deployment's Airflow image has no .git), the commit the
-    image was built from: ``CIFAR10_GIT_COMMIT`` (deploy/airflow.Dockerfile sets it), read at each call.
-    """
+    """The git commit (``-dirty`` with changes); without a checkout (the Airflow image has no .git) the
+    ``CIFAR10_GIT_COMMIT`` the image was built with, or "unknown"."""
     cwd = repo or Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,

@@ -167,14 +167,14 @@ def test_hostile_archives_are_refused_and_nothing_is_written(tmp_path, monkeypat
 def test_bomb_by_size_is_refused_from_declared_sizes(tmp_path, fmt):
     path = syn.bomb_by_size(tmp_path / f"bomb.{fmt}", megabytes=8, fmt=fmt)
     assert path.stat().st_size < 200_000  # small on disk, large unpacked
-    with pytest.raises(ArchiveError, match=r"bomb\.\w+ would unpack to more than 4,194,304 bytes.*max_archive_bytes"):
+    with pytest.raises(ArchiveError, match=r"bomb\.\w+ would unpack to more than 4,194,304 bytes.*MAX_ARCHIVE_BYTES"):
         read(path, max_bytes=4 * 2**20)
 
 
 @pytest.mark.parametrize("fmt", ["zip", "tar"])
 def test_bomb_by_count_is_refused(tmp_path, fmt):
     path = syn.bomb_by_count(tmp_path / f"many.{fmt}", members=300, fmt=fmt)
-    with pytest.raises(ArchiveError, match=r"many\.\w+ has more than 100 members.*max_archive_members"):
+    with pytest.raises(ArchiveError, match=r"many\.\w+ has more than 100 members.*MAX_ARCHIVE_MEMBERS"):
         read(path, max_members=100)
 
 
@@ -218,7 +218,7 @@ def test_too_many_unreadable_images_fail_naming_examples(tmp_path):
         read(_with_corrupt(tmp_path, corrupt=3), max_bad_fraction=0.1)
     message = str(info.value)
     assert "some_bad.zip: 3 of 23 images are unreadable" in message
-    assert "cat/broken0.jpg" in message and "max_bad_image_fraction" in message
+    assert "cat/broken0.jpg" in message and "MAX_BAD_IMAGE_FRACTION" in message
 
 
 def test_corrupt_zip_member_crc_counts_as_unreadable(tmp_path):

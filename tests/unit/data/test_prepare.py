@@ -136,13 +136,13 @@ def _files(layout: dict[str, int], broken: tuple[str, ...] = ()) -> dict[str, by
 
 @pytest.mark.parametrize("files, overrides, error, pattern", [
     (_files({"cat": 10}), {}, DatasetError, r": found 1 class \(\['cat'\]\); .* at least 2 class folders"),
-    (_files({"cat": 5, "dog": 5}, broken=("bird/0.png",)), {"max_bad_image_fraction": 0.5}, DatasetError,
+    (_files({"cat": 50, "dog": 55}, broken=("bird/0.png",)), {}, DatasetError,
      r": class folder\(s\) \['bird'\] have no readable images; add images or remove"),
     (_files({"train/cat": 5, "train/dog": 5, "train/frog": 5, "test/cat": 2, "test/dog": 2}), {}, DatasetError,
      r": label sets differ .* only in train \['frog'\], only in test \[\]; give both splits"),
     (_files({"test/a": 3, "test/b": 3}), {}, DatasetError, r": the archive has a test/ folder but no train/ folder"),
-    (_files({"cat": 10, "dog": 10}, broken=("cat/bad.png",)), {"max_bad_image_fraction": 0.01}, ArchiveError,
-     r": 1 of 21 images are unreadable .* e\.g\. cat/bad\.png: .*raise max_bad_image_fraction"),
+    (_files({"cat": 10, "dog": 10}, broken=("cat/bad.png",)), {}, ArchiveError,
+     r": 1 of 21 images are unreadable .* e\.g\. cat/bad\.png: .*Fix or remove those files"),
 ], ids=["one-class", "empty-class", "label-sets-differ", "test-without-train", "too-many-unreadable"])
 def test_unusable_archives_fail_naming_the_file_and_the_fix(tmp_path, files, overrides, error, pattern):
     archive = syn.folder_zip(tmp_path / "bad_data.zip", files)
@@ -151,9 +151,9 @@ def test_unusable_archives_fail_naming_the_file_and_the_fix(tmp_path, files, ove
 
 
 def test_unreadable_images_below_the_threshold_are_recorded(tmp_path):
-    archive = syn.folder_zip(tmp_path / "bad.zip", _files({"cat": 10, "dog": 10}, broken=("cat/bad.png",)))
-    _, manifest = load_prepared(prepare(archive, config_for(tmp_path, archive, max_bad_image_fraction=0.1)))
-    assert manifest["unreadable_images"] == 1 and manifest["image_files"] == 21
+    archive = syn.folder_zip(tmp_path / "bad.zip", _files({"cat": 60, "dog": 60}, broken=("cat/bad.png",)))
+    _, manifest = load_prepared(prepare(archive, config_for(tmp_path, archive)))
+    assert manifest["unreadable_images"] == 1 and manifest["image_files"] == 121
     assert manifest["unreadable_examples"][0].startswith("cat/bad.png: ")
 
 

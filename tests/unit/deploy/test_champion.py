@@ -12,7 +12,7 @@ from training.config import load_config
 from training.deploy import champion
 from training.deploy.champion import RollbackRefused, promote, rollback
 from training.packaging import bento_store
-from training.packaging.publish import publish_bento
+from training.packaging.bento_store import publish_bento
 from training.registry.promotion import (PROMOTED, ChampionChanged, mark_failed_serving, previous_champion,
                                          published_champion, register)
 

@@ -8,7 +8,7 @@ from tests.helpers import make_images
 
 from serving.model import onnx_session
 
-from training.model.export import ParityError, check_parity, export_onnx
+from training.model.export import ParityError, check_parity, export_onnx, onnx_probabilities
 from training.model.network import build_model, set_whitening, with_flip_tta
 
 
@@ -30,14 +30,26 @@ def test_export_matches_keras(exported):
     # Batch sizes vary per call: no per-shape memory pattern (it made a server's memory grow).
     options = session.get_session_options()
     assert options.enable_mem_pattern is False and options.intra_op_num_threads == 1
-    assert check_parity(session, np.asarray(model(x)), x) == pytest.approx(diff, abs=1e-7)
+    assert check_parity(onnx_probabilities(session, x), np.asarray(model(x)), "export") == pytest.approx(diff, abs=1e-7)
 
 
 def test_broken_parity_raises(exported):
     model, path, _, x = exported
     wrong = np.asarray(model(x)) + 1e-3  # what a lossy conversion would look like
-    with pytest.raises(ParityError, match="differs from Keras by 0.001"):
-        check_parity(onnx_session(path), wrong, x)
+    with pytest.raises(ParityError, match=r"^ONNX vs Keras: probabilities differ by up to 0.001 \(> 0.0001\)$"):
+        check_parity(onnx_probabilities(onnx_session(path), x), wrong, "ONNX vs Keras")
+
+
+def test_parity_compares_classes_beyond_a_tie_within_the_tolerance():
+    expected = np.array([[0.5, 0.49985], [0.5, 0.49995]])
+    # Each probability within 1e-4; the first image's class flips though its reference leads by 1.5e-4.
+    with pytest.raises(ParityError, match=r"served: 1 of 2 images get another class \(image 0: class 1, expected 0\)"):
+        check_parity(np.array([[0.49993, 0.49994], [0.49998, 0.49999]]), expected, "served")
+    # The second alone flips too, but its reference leads by 5e-5: a tie within the noise.
+    assert check_parity(np.array([[0.5, 0.49985], [0.49998, 0.49999]]), expected, "served") <= 1e-4
+    # The class answered counts, not only the probabilities' top one.
+    with pytest.raises(ParityError, match="image 0: class 1, expected 0"):
+        check_parity(expected, expected, "served", classes=[1, 0])
 
 
 def test_export_fuses_each_gelu_into_one_node(exported):

@@ -1,10 +1,9 @@
-"""The Keras loop (training/model/fit.py): progress lines, mixed precision by CPU, progressive resizing, EMA."""
+"""The Keras loop (training/model/fit.py): progress lines, mixed precision by CPU."""
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 from tests.helpers import CLASSES, make_images
 from training.config import load_config
@@ -45,25 +44,3 @@ def test_mixed_precision_auto_follows_the_cpu_and_backend(tmp_path):
     with pytest.raises(ValueError, match="auto, true or false"):
         fit.use_mixed_precision("bf16", "tensorflow", bf16)
 
-
-def test_progressive_resizing_trains_small_images_first_and_exports_a_32_pixel_model(tmp_path):
-    x, y = make_images(20, CLASSES)
-    assert fit._batches(x, y, 50, len(CLASSES), translate=2, seed=0, size=24)[0][0].shape == (50, 24, 24, 3)
-    assert fit._batches(x, y, 50, len(CLASSES), translate=2, seed=0)[0][0].shape == (50, 32, 32, 3)
-    config = load_config({"recipe": "tiny", "epochs": 2, "low_res_epochs": 1, "tta": False,
-                          "state_dir": str(tmp_path)}, environ={})
-    model, history = fit.fit_keras(config, {"train": (x, y), "val": (x[:20], y[:20])}, len(CLASSES))
-    assert len(history["loss"]) == 2 and len(history["val_accuracy"]) == 2
-    with pytest.raises(ValueError, match="low_res_epochs cannot be combined"):
-        fit.fit_keras(config.replace(ema_momentum=0.9), {"train": (x, y), "val": (x[:20], y[:20])}, len(CLASSES))
-    assert model.input_shape == (None, 32, 32, 3)  # what export and serving see
-
-
-def test_weight_ema_becomes_the_trained_model(tmp_path):
-    x, y = make_images(20, CLASSES)
-    splits = {"train": (x, y), "val": (x[:20], y[:20])}
-    config = load_config({"recipe": "tiny", "epochs": 1, "tta": False, "state_dir": str(tmp_path)}, environ={})
-    plain, _ = fit.fit_keras(config, splits, len(CLASSES))
-    averaged, _ = fit.fit_keras(config.replace(ema_momentum=0.9), splits, len(CLASSES))
-    # Same seed, same steps: only the final averaging differs.
-    assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(plain.get_weights(), averaged.get_weights()))

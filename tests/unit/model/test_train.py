@@ -82,7 +82,7 @@ def test_onnx_artifact_matches_keras_model(trained, tmp_path):
 
     from serving.model import onnx_session
 
-    from training.model.export import check_parity
+    from training.model.export import check_parity, onnx_probabilities
     from training.data.prepare import load_prepared
 
     config, run_id, prepared = trained
@@ -94,7 +94,7 @@ def test_onnx_artifact_matches_keras_model(trained, tmp_path):
     pixels = load_prepared(prepared)[0]["test"][0][:16].astype(np.float32)
     reference = np.asarray(model(pixels, training=False))
     assert np.allclose(reference.sum(axis=1), 1.0, atol=1e-4)
-    assert check_parity(onnx_session(f"{folder}/model.onnx"), reference, pixels) <= 1e-4
+    assert check_parity(onnx_probabilities(onnx_session(f"{folder}/model.onnx"), pixels), reference, "run") <= 1e-4
 
 
 def test_drift_reference_describes_the_training_split(trained, tmp_path):
@@ -133,18 +133,18 @@ def test_logged_model_requirements_are_the_locked_versions(trained):
 
 
 @pytest.mark.parametrize("scale", [1.0, 64.0])
-def test_batchnorm_biases_learn_bias_lr_scale_times_faster(scale):
-    """One SGD step moves BatchNorm biases ``bias_lr_scale`` x further than scale 1 would,
+def test_batchnorm_biases_learn_bias_lr_scale_times_faster(scale, monkeypatch):
+    """One SGD step moves BatchNorm biases ``BIAS_LR_SCALE`` x further than scale 1 would,
     and conv kernels exactly as far either way."""
     import keras
 
+    from training.model import fit
     from training.model.network import build_model
-    from training.model.fit import make_optimizer
 
     def step(bias_lr_scale):
+        monkeypatch.setattr(fit, "BIAS_LR_SCALE", bias_lr_scale)
         model = build_model((8, 16, 16), 10, seed=0)
-        model.compile(optimizer=make_optimizer(load_config({"recipe": "tiny", "bias_lr_scale": bias_lr_scale},
-                                                           environ={}), total_steps=10),
+        model.compile(optimizer=fit.make_optimizer(load_config({"recipe": "tiny"}, environ={}), total_steps=10),
                       loss="categorical_crossentropy")
         before = [np.array(v) for v in (model.get_layer("block0a_bn").beta, model.get_layer("block0a_conv").kernel)]
         x = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3)).astype(np.float32)
@@ -182,14 +182,16 @@ def test_prefer_onednn_sets_the_flag_only_before_tensorflow_and_never_over_the_u
     assert "set TF_ENABLE_ONEDNN_OPTS=1 in the environment" in caplog.text
 
 
-def test_fitting_splits_move_validation_into_training_but_a_stratified_holdout():
+def test_fitting_splits_move_validation_into_training_but_a_stratified_holdout(monkeypatch):
+    from training.model import train
     from training.model.train import fitting_splits
 
     rng = np.random.default_rng(0)
     x = lambda n: rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
     y_val = np.repeat(np.arange(10), 50)  # archive (class) order, as prepare stores it
     splits = {"train": (x(300), np.arange(300) % 10), "val": (x(500), y_val), "test": (x(40), np.arange(40) % 10)}
-    config = load_config({"train_on_validation": True, "validation_holdout": 100}, environ={})
+    monkeypatch.setattr(train, "VALIDATION_HOLDOUT", 100)
+    config = load_config(environ={})
     fitted = fitting_splits(config, splits)
     assert len(fitted["train"][1]) == 300 + 400 and len(fitted["val"][1]) == 100
     assert np.bincount(fitted["val"][1]).tolist() == [10] * 10
@@ -199,5 +201,5 @@ def test_fitting_splits_move_validation_into_training_but_a_stratified_holdout()
     assert not held & {img.tobytes() for img in fitted["train"][0]}
     assert len(held | {img.tobytes() for img in fitted["train"][0][300:]}) == 500
     assert fitting_splits(config, splits)["val"][1].tolist() == fitted["val"][1].tolist()  # seeded
-    assert fitting_splits(config.replace(train_on_validation=False), splits) is splits
-    assert fitting_splits(config.replace(validation_holdout=500), splits) is splits
+    monkeypatch.setattr(train, "VALIDATION_HOLDOUT", 500)
+    assert fitting_splits(config, splits) is splits  # no validation images to spare

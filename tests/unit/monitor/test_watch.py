@@ -126,7 +126,7 @@ def test_each_check_is_a_point_of_the_served_bentos_run_with_a_plot(service, tmp
 
 
 def test_a_service_that_does_not_answer_fails_the_check_naming_the_setting():
-    config = load_config({"monitor_url": f"http://127.0.0.1:{free_port()}", "monitor_timeout": 2}, environ={})
+    config = load_config({"monitor_url": f"http://127.0.0.1:{free_port()}"}, environ={})
     with pytest.raises(MonitorError, match="CIFAR10_MONITOR_URL"):
         observe(config)
 

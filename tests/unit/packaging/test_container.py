@@ -18,6 +18,7 @@ import yaml
 from tests.helpers import ROOT
 from training.config import PipelineConfig, load_config
 from training.packaging import base_image, commands, container
+from training.packaging.server import NotReady
 
 
 
@@ -170,13 +171,12 @@ def test_labels_without_a_known_commit_say_unknown():
 
 
 def test_the_bentos_model_comes_from_its_label_else_its_one_packed_model():
-    got = []
-    fake = SimpleNamespace(models=SimpleNamespace(get=lambda tag: got.append(tag) or _model(tag)))
-    container._bento_model(fake, _bento())
-    container._bento_model(fake, _bento(labels={}, models=[SimpleNamespace(tag="cifar10-cnn:packed")]))
-    assert got == ["cifar10-cnn:m1", "cifar10-cnn:packed"]
+    from training.packaging.bento import bento_model_tag
+
+    assert bento_model_tag(_bento()) == "cifar10-cnn:m1"
+    assert bento_model_tag(_bento(labels={}, models=[SimpleNamespace(tag="cifar10-cnn:packed")])) == "cifar10-cnn:packed"
     with pytest.raises(ValueError, match="no bentoml_model label and 0 models"):
-        container._bento_model(fake, _bento(labels={}))
+        bento_model_tag(_bento(labels={}))
 
 
 def test_containerize_takes_the_base_from_the_environment(monkeypatch, tmp_path):
@@ -547,7 +547,7 @@ def test_serve_image_timeout_names_the_url_and_shows_the_log_tail(fake_podman):
 
     config, calls = fake_podman
     port = free_port()
-    with pytest.raises(TimeoutError, match=f"did not answer http://127.0.0.1:{port}/readyz with 200 within 1 s") as err:
+    with pytest.raises(NotReady, match=f"http://127.0.0.1:{port}/readyz did not answer 200 within 1 s") as err:
         with container.serve_image(config, "cifar10-classifier:v1", port, timeout=1, name="c2"):
             pytest.fail("yielded without /readyz")
     assert "Traceback: the model failed to load" in str(err.value)
@@ -559,7 +559,7 @@ def test_serve_image_stops_waiting_when_the_container_exits(fake_podman, monkeyp
 
     config, calls = fake_podman
     monkeypatch.setenv("FAKE_RUNNING", "false")
-    with pytest.raises(RuntimeError, match="container c3 stopped before .* answered; its log:\nTraceback"):
+    with pytest.raises(NotReady, match="the service exited before it was ready; its log ends:\nTraceback"):
         with container.serve_image(config, "cifar10-classifier:v1", free_port(), timeout=60, name="c3"):
             pass
     assert calls()[-1] == "rm -f -t 0 c3"

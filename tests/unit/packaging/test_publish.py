@@ -1,5 +1,5 @@
-"""publish_bento: nothing without a URI; with one, the store's export there, recorded (URI and sha256) on the
-version, which is what serving later imports and checks."""
+"""bento_store.publish_bento: nothing without a URI; with one, the store's export there, recorded (URI and
+sha256) on the version, which is what serving later imports and checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from tests.helpers import registry_client
 
 from training.config import PipelineConfig, load_config
 from training.packaging import bento_store
-from training.packaging.publish import publish_bento
 from training.registry.promotion import NotPublished, published_champion
 
 
@@ -25,7 +24,7 @@ def test_no_export_uri_publishes_nothing(monkeypatch):
         raise AssertionError("exported although bento_export_uri is empty")
 
     monkeypatch.setattr(bento_store, "export_bento", fail)
-    assert publish_bento(PipelineConfig(), "models:/cifar10-cnn/1", "cifar10-classifier:abc") == ""
+    assert bento_store.publish_bento(PipelineConfig(), "models:/cifar10-cnn/1", "cifar10-classifier:abc") == ""
 
 
 def test_export_uri_exports_the_built_bento_and_records_the_archive_on_the_version(monkeypatch, store):
@@ -38,7 +37,7 @@ def test_export_uri_exports_the_built_bento_and_records_the_archive_on_the_versi
     monkeypatch.setattr(bento_store, "export_bento", export)
     config = load_config({**store, "bento_export_uri": "s3://cifar10/bentos/"}, environ={})
     uri = _version(config)
-    assert publish_bento(config, uri, "cifar10-classifier:abc") == "s3://cifar10/bentos/cifar10-classifier-abc.bento"
+    assert bento_store.publish_bento(config, uri, "cifar10-classifier:abc") == "s3://cifar10/bentos/cifar10-classifier-abc.bento"
     assert calls == [("cifar10-classifier:abc", "s3://cifar10/bentos/")]
     tags = registry_client(config).get_model_version(config.registered_model_name, "1").tags
     assert tags["bento_archive_uri"] == "s3://cifar10/bentos/cifar10-classifier-abc.bento"
@@ -58,7 +57,7 @@ def test_serving_has_nothing_to_import_without_a_champion_or_its_published_archi
         published_champion(config)
     monkeypatch.setattr(bento_store, "export_bento",
                         lambda config, tag, uri: bento_store.Archive(f"{uri}x.bento", "cd" * 32))
-    publish_bento(config.replace(bento_export_uri="s3://cifar10/bentos/"), uri, "cifar10-classifier:abc")
+    bento_store.publish_bento(config.replace(bento_export_uri="s3://cifar10/bentos/"), uri, "cifar10-classifier:abc")
     published = published_champion(config)
     assert (published.version, published.bento_tag, published.uri, published.sha256) == (
         "1", "cifar10-classifier:abc", "s3://cifar10/bentos/x.bento", "cd" * 32)
