@@ -434,11 +434,14 @@ def down(run: Path, parts: list[str]) -> None:
             if part in {p["group"] for p in _running(rpc)} and rpc.supervisor.stopProcessGroup(part):
                 print(f"{part}: stopped")
         if not parts or not _running(rpc):
+            import psutil
+
+            manager_pid = rpc.supervisor.getPID()
             rpc.supervisor.shutdown()  # stops each part, last started first, then itself
-            for _ in range(1200):  # its socket goes when it exits
-                if not (run / "supervisor.sock").exists():
-                    break
-                time.sleep(0.5)
+            try:  # its socket goes before it has exited: wait for the process, so a new `up` finds the state free
+                psutil.Process(manager_pid).wait(600)
+            except psutil.NoSuchProcess:
+                pass
             print(f"stack: stopped ({run})")
     if left := sweep(run, parts):
         print(f"stack: stopped {left} processes left by a supervisord that had died")
