@@ -18,8 +18,13 @@ PORT ?= 3000
 ifneq ($(origin HOST),command line)
 HOST := 127.0.0.1
 endif
-# scripts/stack.sh binds every part of either stack to it.
+# The stacks (make up) bind every part to it.
 export STACK_HOST := $(HOST)
+# make up/down: the local stack, or STACK=distributed, under supervisord; PARTS: some of its parts.
+STACK_CTL = $(VENV)/bin/python -m training.deploy.stack
+PARTS ?=
+# What runs: supervisord's own view; `$(SUPERVISORCTL) status PART:*` fails unless all of PART runs.
+SUPERVISORCTL = $(VENV)/bin/supervisorctl -s unix://$(abspath $(STATE))/stack/supervisor.sock
 # Unset: `make serve` serves the champion's Bento (the registry names it); or a Bento tag.
 BENTO_TAG ?=
 # Ports of the local stack (`make up`); the Bento server uses PORT.
@@ -90,18 +95,18 @@ run: pipeline serve
 
 ## make pipeline: one ordinary run of the DAG in Airflow's scheduler, triggered through its REST API and
 ## followed on the console; Airflow is started for it unless it runs already. Whole output: $(STATE)/logs/
-pipeline: $(VENV)/.synced $(STATE)/airflow/.migrated
+pipeline: $(VENV)/.synced
 	@if [ -n "$$AIRFLOW_API_URL" ]; then echo "Using the Airflow at $$AIRFLOW_API_URL"; \
-	elif scripts/stack.sh status | grep -qE '^airflow(-api-server)?: running'; then \
+	elif $(SUPERVISORCTL) status 'airflow:*' >/dev/null; then \
 		echo "Using the Airflow that is already running on this state (make down stops it)"; \
 		[ -z "$(DATA_FILE)" ] || echo "It reads local archives only under the CIFAR10_DATA_ROOTS it started with;" \
 			"to add $(abspath $(dir $(DATA_FILE))): make down, then run this again"; \
 	else \
-		if [ -z "$(KEEP_STACK)" ]; then trap 'scripts/stack.sh down airflow' EXIT; trap 'exit 130' INT TERM; \
+		if [ -z "$(KEEP_STACK)" ]; then trap '$(STACK_CTL) down airflow' EXIT; trap 'exit 130' INT TERM; \
 			export CIFAR10_MONITOR_SCHEDULE=none; fi; \
 		echo "Starting Airflow (scheduler, DAG processor, API server: UI on http://localhost:$(AIRFLOW_PORT)/);" \
-		     "log: $(STATE)/stack/airflow.log"; \
-		scripts/stack.sh up airflow || exit 1; \
+		     "logs: $(STATE)/stack/airflow-*.log"; \
+		$(STACK_CTL) up airflow || exit 1; \
 		[ -z "$(KEEP_STACK)" ] || echo "KEEP_STACK=1: Airflow keeps running after the run; make down stops it"; \
 	fi; \
 	$(VENV)/bin/python -m training.console --log $(STATE)/logs/pipeline-$$(date +%Y%m%d-%H%M%S).log \
@@ -130,28 +135,29 @@ FORCE ?=
 rollback: $(VENV)/.synced
 	$(VENV)/bin/python -m training.deploy.champion rollback $(if $(VERSION),--to $(VERSION)) \
 		$(if $(REASON),--reason "$(REASON)") $(if $(filter 1 true yes,$(FORCE)),--force)
-	@if scripts/stack.sh status | grep -q '^bento: running'; then \
+	@if $(SUPERVISORCTL) status 'bento:*' >/dev/null; then \
 		echo "Restarting the Bento server of make up on the new champion"; \
-		scripts/stack.sh down bento && BENTO_PORT=$(PORT) scripts/stack.sh up bento; fi
+		$(STACK_CTL) down bento && BENTO_PORT=$(PORT) $(STACK_CTL) up bento; fi
 
 ## make up: Airflow (UI on AIRFLOW_PORT), the MLflow server (MLFLOW_PORT) and the champion's Bento (PORT) in the
-## background on the same state, all on HOST; logs and pid files in $(STATE)/stack. make down stops them.
-up: $(VENV)/.synced $(STATE)/airflow/.migrated
-	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) BENTO_PORT=$(PORT) scripts/stack.sh up
+## background on the same state, all on HOST, run by supervisord (training/deploy/stack.py); logs in $(STATE)/stack.
+## STACK=distributed: compose's parts as processes (docs/deploy.md). make status: what runs; make down stops it.
+up: $(VENV)/.synced
+	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) BENTO_PORT=$(PORT) $(STACK_CTL) up $(PARTS)
 
 down:
-	scripts/stack.sh down
+	@test ! -x $(VENV)/bin/python || $(STACK_CTL) down $(PARTS)
 
-status:
-	scripts/stack.sh status
+status: $(VENV)/.synced
+	@$(SUPERVISORCTL) status $(PARTS:%='%:*') || echo "(make up starts what is not running; logs in $(STATE)/stack)"
 
 ## make airflow-ui: Airflow (scheduler, DAG processor, triggerer, API server, UI on HOST:$(AIRFLOW_PORT)) on the
 ## same state, until Ctrl-C; password in $(STATE)/airflow/simple_auth_manager_passwords.json.generated
-airflow-ui: $(VENV)/.synced $(STATE)/airflow/.migrated
-	@if scripts/stack.sh status | grep -q '^airflow-api-server: running'; then \
+airflow-ui: $(VENV)/.synced
+	@if $(SUPERVISORCTL) status 'airflow:*' >/dev/null; then \
 		echo "Airflow already runs on this state (make down stops it): http://localhost:$(AIRFLOW_PORT)/"; exit 0; fi; \
-	trap 'scripts/stack.sh down airflow' EXIT; trap 'exit 130' INT TERM; \
-	scripts/stack.sh up airflow || exit 1; \
+	trap '$(STACK_CTL) down airflow' EXIT; trap 'exit 130' INT TERM; \
+	$(STACK_CTL) up airflow || exit 1; \
 	echo "Airflow UI: http://localhost:$(AIRFLOW_PORT)/ (Ctrl-C stops it); its logs follow"; \
 	tail -qn 0 -F $(STATE)/stack/airflow-*.log
 

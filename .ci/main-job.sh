@@ -80,8 +80,8 @@ if [(r[1], r[2], r[3]) for r in rows] != [("manual", "success", "REST_API")]:
 PY
 ) || fail "Airflow's record of the run: $runs"
 say "Airflow recorded the run (run_id/run_type/state/triggered_by): $runs"
-! compgen -G "$STATE/stack/airflow*.pid" >/dev/null ||
-  fail "make run left $(echo "$STATE"/stack/airflow*.pid): it did not stop the Airflow it started"
+! supervisorctl -s "unix://$STATE/stack/supervisor.sock" status 'airflow:*' >/dev/null ||
+  fail "make run left Airflow running (make status STATE=$STATE): it did not stop the Airflow it started"
 grep -q "Swagger UI: http://localhost:$PORT/" "$RUN_LOG" || fail "the console does not show the Swagger URL"
 if grep -nE "Falling back|uv is not available|Failed to install uv|No module named pip" "$WORK"/state/logs/*.log; then
   fail "a library fell back (above): a tool it needs is missing from the project's environment"

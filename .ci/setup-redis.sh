@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Debian's redis-server when it is missing: the Celery broker of the distributed
-# stack (scripts/stack.sh, STACK=distributed) and its end-to-end test. Nothing is started
+# stack (make up STACK=distributed) and its end-to-end test. Nothing is started
 # here: the stack runs its own redis-server on a private port in its state folder, and
 # Debian's own service is left stopped so it holds no port.
 set -euo pipefail

@@ -409,10 +409,22 @@ BIN = Path(sys.executable).parent
 
 
 
-def process_groups(run_dir: Path) -> dict[str, int]:
-    """The process group of each part a stack started: ``scripts/stack.sh`` records one pid file per part,
-    each the leader of its own session."""
-    return {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
+def stack_processes(state: Path) -> dict[str, int]:
+    """The pid of each running program of the stack on ``state`` as its process manager reports it, and the
+    manager's own as ``supervisord``: each leads its own process group. Empty when no manager answers."""
+    from training.deploy.stack import answering, manager
+
+    rpc = manager(state.resolve() / "stack")
+    if not answering(rpc):
+        return {}
+    running = {p["name"]: p["pid"] for p in rpc.supervisor.getAllProcessInfo() if p["statename"] == "RUNNING"}
+    return {"supervisord": rpc.supervisor.getPID(), **running}
+
+
+def stack(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python -m training.deploy.stack ARGS`` (make up/down/status) in ``env``."""
+    return subprocess.run([str(BIN / "python"), "-m", "training.deploy.stack", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def listeners(groups: set[int]) -> list[tuple[str, str, int]]:

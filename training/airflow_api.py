@@ -168,7 +168,7 @@ class AirflowClient:
             return self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.RequestException as error:
             raise AirflowAPIError(f"cannot reach Airflow at {self.base_url} ({type(error).__name__}: {error}); "
-                                  "start it (make up, or scripts/stack.sh up airflow) or set AIRFLOW_API_URL "
+                                  "start it (make up, or make up PARTS=airflow) or set AIRFLOW_API_URL "
                                   "to where it runs") from None
 
     def _call(self, method: str, path: str, *, missing_ok: bool = False, **kwargs) -> Any:

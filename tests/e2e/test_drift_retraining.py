@@ -1,7 +1,7 @@
 """Drift-triggered retraining under Airflow's real scheduler, with nobody triggering anything.
 
 A real ``bentoml serve`` of a model that carries its training data's drift reference, and the
-local stack's Airflow (``scripts/stack.sh up airflow``: scheduler, DAG processor, API server) with
+local stack's Airflow (``make up PARTS=airflow``: scheduler, DAG processor, API server) with
 the drift monitor on a ten-second schedule and the pipeline on the drift asset alone. In order:
 
 1. images like the training data: the monitor's checks pass, emit nothing, and no pipeline run starts;
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import (BIN, ROOT, ServingModel, encode, free_port, make_serving_model, natural_images,
-                           serve_service, state_env, stop_server)
+from tests.helpers import (ServingModel, encode, free_port, make_serving_model, natural_images, serve_service, stack,
+                           state_env, stop_server)
 from training.config import PipelineConfig
 
 MONITOR, PIPELINE = "cifar10_drift_monitor", "cifar10_pipeline"
@@ -104,7 +103,6 @@ def scenario(tmp_path_factory) -> Scenario:
     env = state_env(
         state,
         AIRFLOW_PORT=str(free_port()),
-        VENV_BIN=str(BIN),
         CIFAR10_SCHEDULE="none",  # the pipeline runs on drift events alone here
         CIFAR10_MONITOR_SCHEDULE="* * * * * */10",
         CIFAR10_MONITOR_URL=url,
@@ -116,12 +114,10 @@ def scenario(tmp_path_factory) -> Scenario:
         AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="60",
     )
     like_training = natural_images(WINDOW + 20, seed=11)  # the model's reference is natural_images too
-    stack = lambda command: subprocess.run([str(ROOT / "scripts" / "stack.sh"), command, "airflow"],  # noqa: E731
-                                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     try:
         _send(url, like_training)
-        started = stack("up")
-        assert started.returncode == 0, f"stack.sh up airflow failed:\n{started.stdout}\n{started.stderr}"
+        started = stack(env, "up", "airflow")
+        assert started.returncode == 0, f"up airflow failed:\n{started.stdout}\n{started.stderr}"
         deadline = time.monotonic() + SCENARIO_TIMEOUT_S
         # Two checks that saw the calm window (the first may have run while the DAGs were loading).
         calm = _wait("two checks of the calm service", lambda: (r := _monitor_runs(state))[1:] and r, deadline,
@@ -134,7 +130,7 @@ def scenario(tmp_path_factory) -> Scenario:
         after = _wait("two more checks after the event", lambda: (r := _monitor_runs(state))[seen + 1:] and r[seen:],
                       deadline, state)
     finally:
-        stopped = stack("down")
+        stopped = stack(env, "down", "airflow")
         stop_server(server)
     assert stopped.returncode == 0, stopped.stderr
     return Scenario(env, state, calm, pipeline_runs_when_calm, after)

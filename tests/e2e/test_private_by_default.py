@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import (ROOT, free_port, listeners, make_serving_model, not_loopback, process_groups, state_env,
+from tests.helpers import (ROOT, free_port, listeners, make_serving_model, not_loopback, stack_processes, state_env,
                            stop_server)
 
 START_TIMEOUT_S = 600
@@ -114,7 +114,7 @@ def test_make_airflow_ui_listens_on_loopback_only_and_stops_with_ctrl_c(state):
                      stderr=subprocess.STDOUT)
     try:
         _wait_http(f"http://127.0.0.1:{port}/api/v2/monitor/health", proc)
-        groups = process_groups(state / "stack")
+        groups = stack_processes(state)
         assert {"airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"} <= set(groups)
         found = listeners({proc.pid, *groups.values()})
     finally:
@@ -122,7 +122,7 @@ def test_make_airflow_ui_listens_on_loopback_only_and_stops_with_ctrl_c(state):
         proc.wait(120)
     assert port in {p for _, _, p in found}, (found, log.read_text()[-2000:])
     assert not not_loopback(found), found
-    assert not process_groups(state / "stack"), "make airflow-ui left Airflow running after Ctrl-C"
+    assert not stack_processes(state), "make airflow-ui left Airflow (or its process manager) running after Ctrl-C"
 
 
 def test_make_up_listens_on_loopback_only_and_keeps_its_secrets_private(state, bento):
@@ -133,9 +133,9 @@ def test_make_up_listens_on_loopback_only_and_keeps_its_secrets_private(state, b
         up = subprocess.run(["make", "--no-print-directory", "up", *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=1200)
         assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
-        groups = process_groups(state / "stack")
-        assert {"airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "mlflow",
-                "bento"} <= set(groups), groups
+        groups = stack_processes(state)  # with the process manager itself: it must not listen either
+        assert {"supervisord", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+                "mlflow", "bento"} <= set(groups), groups
         found = listeners(set(groups.values()))
     finally:
         down = subprocess.run(["make", "--no-print-directory", "down", *args], cwd=ROOT, env=env,

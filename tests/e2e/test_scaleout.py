@@ -1,4 +1,4 @@
-"""The deployed shape, on one machine: ``STACK=distributed scripts/stack.sh``.
+"""The deployed shape, on one machine: ``make up STACK=distributed`` (``python -m training.deploy.stack``).
 
 The end-to-end test starts the distributed stack in a temporary state folder on free ports:
 Airflow on PostgreSQL with the CeleryExecutor (Redis as the broker, ``airflow celery worker``
@@ -7,7 +7,7 @@ tracking server on PostgreSQL with its artifacts in SeaweedFS's S3. It triggers 
 Airflow's REST API, as ``make run`` does, and checks where everything went: the tasks through the
 Celery worker, the run's artifacts in the bucket, the registry in PostgreSQL, the Bento exported
 to S3. Then the stack's serving step imports the Bento into an empty store and serves it, and
-``down`` leaves no process behind.
+``down`` leaves no process behind (its process manager included).
 
 PostgreSQL comes from ``.ci/setup-postgres.sh``, redis-server from ``.ci/setup-redis.sh``. The
 connection is read from ``CIFAR10_TEST_PG_URL`` or ``CIFAR10_TEST_PG_{HOST,PORT,USER,PASSWORD}``
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -29,14 +28,14 @@ from urllib.parse import quote, unquote, urlsplit
 import pytest
 import requests
 
-from tests.helpers import (CLASSES, ROOT, encode, free_port, image_folder_zip, listeners, make_images, not_loopback,
-                           process_groups, require, state_env)
+from tests.helpers import (CLASSES, encode, free_port, image_folder_zip, listeners, make_images, not_loopback,
+                           require, stack_processes, state_env)
+from tests.helpers import stack as _stack
 from tests.helpers import TINY_DAG_CONF as CONF
 
 BUCKET = "cifar10"
 MODEL = "cifar10-cnn"
 DAG = "cifar10_pipeline"
-STACK = ROOT / "scripts" / "stack.sh"
 # Every task of a run whose model became champion; containerize skips itself (no builder here).
 TASKS = ["fetch", "prepare", "train", "register", "gate", "import_model", "build", "containerize", "verify", "promote",
          "publish"]
@@ -104,10 +103,6 @@ def _free_range(count: int, twins: int) -> int:
                 and all(_free(base + 10000 + i) for i in range(twins)):
             return base
     raise RuntimeError("no free port range on 127.0.0.1 for SeaweedFS; free some ports")
-
-
-def _stack(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([str(STACK), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def _secrets(state: Path) -> dict[str, str]:
@@ -276,7 +271,7 @@ def test_mlflow_lets_nobody_in_without_the_admin_login_the_tasks_used(stack):
         assert cur.fetchall() == [("admin", True)]
 
 
-def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
+def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack, monkeypatch):
     """The stack's serving step is another machine's: it imports the Bento from S3, then serves it."""
     published = stack["client"].task_instances(DAG, stack["run_id"])
     assert {t["task_id"]: t["state"] for t in published}["publish"] == "success"
@@ -289,6 +284,8 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
     from mlflow import MlflowClient
 
     registry = f"http://127.0.0.1:{stack['env']['MLFLOW_PORT']}"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # the stack's MLflow lets nobody in without a login
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", _secrets(stack["state"])["STACK_MLFLOW_ADMIN_PASSWORD"])
     champion = MlflowClient(tracking_uri=registry, registry_uri=registry).get_model_version_by_alias(MODEL, "champion")
     body = stack["s3"].get_object(Bucket=BUCKET, Key=bentos[0])["Body"].read()
     assert champion.tags["bento_archive_uri"] == f"s3://{BUCKET}/{bentos[0]}"
@@ -311,8 +308,9 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack):
 def test_every_part_listens_on_loopback_only(stack):
     """Runs after the Bento started: redis, every SeaweedFS listener, MLflow, Airflow's components (their
     log servers are not started: they cannot be bound to an address) and the Bento, read from the kernel."""
-    groups = process_groups(stack["state"] / "stack")
-    assert {"redis", "s3", "mlflow", "airflow-api-server", "airflow-worker", "airflow-triggerer", "bento"} <= set(groups)
+    groups = stack_processes(stack["state"])  # and the process manager, which must listen on no port
+    assert {"supervisord", "redis", "s3", "mlflow", "airflow-api-server", "airflow-worker", "airflow-triggerer",
+            "bento"} <= set(groups), groups
     found = listeners(set(groups.values()))
     env = stack["env"]
     expected = {int(env[name]) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT")}
@@ -360,8 +358,8 @@ def test_no_password_appears_in_a_log(stack):
 def test_down_leaves_no_process(stack):
     """Runs last: it stops the stack that the tests above used."""
     run_dir = stack["state"] / "stack"
-    groups = {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
-    assert {"redis", "s3", "mlflow", "airflow-scheduler", "airflow-api-server", "airflow-dag-processor",
+    groups = stack_processes(stack["state"])
+    assert {"supervisord", "redis", "s3", "mlflow", "airflow-scheduler", "airflow-api-server", "airflow-dag-processor",
             "airflow-triggerer", "airflow-worker", "bento"} <= groups.keys(), groups
     down = _stack(stack["env"], "down", timeout=600)
     assert down.returncode == 0, down.stderr
@@ -373,7 +371,7 @@ def test_down_leaves_no_process(stack):
         except ProcessLookupError:
             pass
     assert not left, f"still running after down: {left}"
-    assert not list(run_dir.glob("*.pid"))
+    assert not stack_processes(stack["state"]) and not list(run_dir.glob("*.pid"))
     for port in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT"):
         assert not _listening(int(stack["env"][port])), f"{port} {stack['env'][port]} still served"
 
@@ -390,4 +388,5 @@ def test_a_wrong_broker_url_stops_the_stack_before_any_airflow_component_starts(
     assert time.monotonic() - started < 60
     assert f"the Celery broker redis://127.0.0.1:{closed}/0 does not answer" in out.stderr, out.stderr
     assert "fix AIRFLOW__CELERY__BROKER_URL" in out.stderr
-    assert not list((tmp_path / "state" / "stack").glob("airflow*.pid"))
+    assert not stack_processes(tmp_path / "state")
+    assert not list((tmp_path / "state" / "stack").glob("airflow*.log"))  # not even migrated

@@ -1,6 +1,6 @@
 """Scheduled retraining under Airflow's real scheduler, with nobody triggering anything.
 
-The local stack's Airflow (``scripts/stack.sh up airflow``: its components as processes, LocalExecutor
+The local stack's Airflow (``make up PARTS=airflow``: its components as processes, LocalExecutor
 on SQLite) loads the DAG with a ten-second schedule from ``CIFAR10_SCHEDULE`` (cron with a
 seconds field); the DAG is active on creation, so the scheduler starts runs by itself. Each run
 takes much longer than ten seconds, so runs fall due while one is running. The scenario waits for two scheduled runs to finish, then
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import BIN, ROOT, bentoml_cli_json, bentoml_serve, free_port, image_folder_zip, state_env
+from tests.helpers import bentoml_cli_json, bentoml_serve, free_port, image_folder_zip, stack, state_env
 
 DAG_ID = "cifar10_pipeline"
 MODEL = "cifar10-cnn"
@@ -83,8 +83,7 @@ class Scenario:
 
 
 def _stack(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ROOT / "scripts" / "stack.sh"), command, "airflow"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    return stack(env, command, "airflow")
 
 
 def _bento_tags(env: dict[str, str]) -> list[str]:
@@ -99,7 +98,6 @@ def scenario(tmp_path_factory) -> Scenario:
     env = state_env(
         state,
         AIRFLOW_PORT=str(free_port()),
-        VENV_BIN=str(BIN),
         CIFAR10_SCHEDULE="* * * * * */10",
         # The scheduler's next due time is as fresh as the DAG file's last parse (30 s by default).
         AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
@@ -116,7 +114,7 @@ def scenario(tmp_path_factory) -> Scenario:
     started = _stack("up", env)
     bentos_after_first: list[str] = []
     try:
-        assert started.returncode == 0, f"stack.sh up airflow failed:\n{started.stdout}\n{started.stderr}"
+        assert started.returncode == 0, f"up airflow failed:\n{started.stdout}\n{started.stderr}"
         deadline = time.monotonic() + SCENARIO_TIMEOUT_S
         while True:
             runs = _runs(db)

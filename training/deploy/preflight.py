@@ -60,7 +60,7 @@ def check_broker(url: str, setting: str = "AIRFLOW__CELERY__BROKER_URL", timeout
                                  f"in {setting} (redis://:PASSWORD@HOST:PORT/0)") from exc
         except redis.exceptions.RedisError as exc:
             raise PreflightError(f"the Celery broker {shown} does not answer ({exc}): start Redis there "
-                                 f"(scripts/stack.sh up redis, with STACK=distributed) or fix {setting}") from exc
+                                 f"(make up STACK=distributed PARTS=redis) or fix {setting}") from exc
         return
     default_port = 5671 if parts.scheme == "amqps" else 5672
     try:
@@ -90,7 +90,7 @@ def check_postgres(url: str, setting: str, timeout: float = TIMEOUT_S) -> None:
     except psycopg2.OperationalError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "does not exist" in reason and "database" in reason:
-            hint = "create that database (scripts/stack.sh up postgres does) or fix the name"
+            hint = "create that database (make up STACK=distributed PARTS=postgres does) or fix the name"
         elif "password" in reason or "authentication" in reason:
             hint = "fix the user or password"
         else:
@@ -110,12 +110,13 @@ def check_mlflow(uri: str, setting: str = "MLFLOW_TRACKING_URI", timeout: float 
     base = uri.rstrip("/")
     try:
         response = requests.get(base + "/health", timeout=timeout)
-        # /health needs no login; reading the experiments does, where the server has users.
-        api = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=timeout,
-                           auth=(username, password or "") if username else None)
+        # /health needs no login; reading the experiments does, where the server has users. The server answered:
+        # give its answer time, as checking a password hash took 4-5 s on a busy 2-core machine.
+        api = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                           timeout=(timeout, 10 * timeout), auth=(username, password or "") if username else None)
     except requests.RequestException as exc:
         raise PreflightError(f"the MLflow server {shown} does not answer ({type(exc).__name__}): start it "
-                             f"(scripts/stack.sh up mlflow) or fix {setting}") from exc
+                             f"(make up STACK=distributed PARTS=mlflow) or fix {setting}") from exc
     if response.status_code != 200:
         raise PreflightError(f"{shown}/health answered {response.status_code}, not 200: is {setting} the "
                              "MLflow tracking server's URL?")
