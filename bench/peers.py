@@ -361,6 +361,9 @@ def print_table(results: dict) -> None:
     """Markdown: a row per server and concurrency; a failed server's row names its error."""
     print(f"\n{results['cpus']} CPUs ({results['cpu_model']}); load before {results['load_before']}, "
           f"after {results['load_after']}; {results['wall_s']} s in all; {results['duration_s']} s per wrk run")
+    answers = ", ".join(f"{name} {data['answer']['class_id']} (max |p - here| {data['answer']['max_abs_diff']:.1g})"
+                        for name, data in results["peers"].items() if "answer" in data)
+    print(f"class of the test image: {results['expected_class']} here; answered: {answers}")
     print("| server | conc | req/s | p50 ms | p99 ms | errors | non-2xx | client CPU | server CPU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for data in results["peers"].values():
