@@ -11,6 +11,7 @@ instance is free, as in service.py. Every listener is bound to 127.0.0.1 (Triton
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -35,6 +36,11 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    # Triton starts the Python backend's instances side by side, and PyTriton's second one connects to
+    # the first's handshake socket once the file exists, which can be before it listens (refused) or
+    # after the 1 s it waits (under load): one at a time, as Triton's own override allows
+    # (https://github.com/triton-inference-server/pytriton/issues/109).
+    os.environ["TRITON_PARALLEL_INSTANCE_LOADING"] = "0"
     config = TritonConfig(http_address="127.0.0.1", http_port=http_port, grpc_address="127.0.0.1",
                           grpc_port=grpc_port, metrics_address="127.0.0.1", metrics_port=metrics_port)
     with Triton(config=config) as triton:
