@@ -39,6 +39,16 @@ CONCURRENCY = (1, 8, 32, 64)
 # Longest wait for a server's /readyz: the seed baseline loads Keras, a busy machine is slow.
 START_TIMEOUT_S = 300
 
+# wrk's summary as one JSON line, whatever the request: every script in bench/ ends with it.
+WRK_DONE = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests": %d, "duration_us": %d, "errors": %d, "status_errors": %d, '
+    .. '"timeouts": %d, "p50_us": %d, "p99_us": %d}\n', summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
 LUA = r"""
 wrk.method = "POST"
 local f = assert(io.open(os.getenv("BENCH_IMAGE"), "rb"))
@@ -48,13 +58,7 @@ local boundary = "----cifar10benchboundary"
 wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. boundary
 wrk.body = "--" .. boundary .. "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"img.jpg\"\r\n"
   .. "Content-Type: image/jpeg\r\n\r\n" .. data .. "\r\n--" .. boundary .. "--\r\n"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('RESULT {"requests": %d, "duration_us": %d, "errors": %d, "status_errors": %d, '
-    .. '"timeouts": %d, "p50_us": %d, "p99_us": %d}\n', summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.timeout, e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-"""
+""" + WRK_DONE
 
 
 def wrk_inputs(state: Path) -> tuple[Path, Path]:
@@ -127,15 +131,16 @@ def run_wrk(url: str, concurrency: int, duration: int, script: Path, image: Path
 
 
 def load_levels(name: str, proc: subprocess.Popen, log: Path, url: str, duration: int, script: Path,
-                image: Path) -> list[dict]:
-    """wrk at every concurrency against the server at ``url`` (process ``proc``, log ``log``)."""
-    run_wrk(f"{url}/predict", 8, 2, script, image, proc.pid)  # warm-up, not reported
+                image: Path, route: str = "/predict", ready: str = "/readyz",
+                concurrency: tuple[int, ...] = CONCURRENCY) -> list[dict]:
+    """wrk at every concurrency against ``route`` of the server at ``url`` (process ``proc``, log ``log``)."""
+    run_wrk(f"{url}{route}", 8, 2, script, image, proc.pid)  # warm-up, not reported
     rows = []
-    for c in CONCURRENCY:
+    for c in concurrency:
         # A server still busy with the previous run's abandoned requests would be measured
         # unfairly: wait until it answers a probe again.
-        wait_ready(url, START_TIMEOUT_S, lambda: proc.poll() is None, lambda: read_log(log))
-        rows.append(run_wrk(f"{url}/predict", c, duration, script, image, proc.pid))
+        wait_ready(url, START_TIMEOUT_S, lambda: proc.poll() is None, lambda: read_log(log), path=ready)
+        rows.append(run_wrk(f"{url}{route}", c, duration, script, image, proc.pid))
         print(f"{name} c={c}: {rows[-1]}", flush=True)
     return rows
 

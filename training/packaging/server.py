@@ -48,17 +48,17 @@ def read_log(path: Path) -> str:
         return ""
 
 
-def _ready(url: str) -> bool:
+def _ready(url: str, path: str = "/readyz") -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
+        with urllib.request.urlopen(f"{url}{path}", timeout=5) as resp:
             return resp.status == 200
     except (OSError, http.client.HTTPException):  # not listening yet, or still loading the model
         return False
 
 
 def wait_ready(url: str, timeout: float, alive: Callable[[], bool], log: Callable[[], str],
-               every: float = 0.5) -> None:
-    """Return once ``url``/readyz answers 200, polling every ``every`` seconds.
+               every: float = 0.5, path: str = "/readyz") -> None:
+    """Return once ``url`` + ``path`` answers 200, polling every ``every`` seconds.
 
     Raises :class:`NotReady` with the end of ``log()`` as soon as ``alive()`` is false or the log says
     the application failed to start (a server with one broken worker is not ready), or after ``timeout``.
@@ -69,10 +69,10 @@ def wait_ready(url: str, timeout: float, alive: Callable[[], bool], log: Callabl
         text = log()
         if exited or STARTUP_FAILED in text:
             raise NotReady(f"{url}: the service exited before it was ready; its log ends:\n{text[-3000:]}")
-        if _ready(url):
+        if _ready(url, path):
             return
         if time.monotonic() > deadline:
-            raise NotReady(f"{url}/readyz did not answer 200 within {timeout:g} s (the pipeline's "
+            raise NotReady(f"{url}{path} did not answer 200 within {timeout:g} s (the pipeline's "
                            f"served_start_timeout); its log ends:\n{text[-3000:]}")
         time.sleep(every)
 
@@ -85,15 +85,16 @@ def bentoml_serve(target: str, port: int, *options: str) -> list[str]:
 
 
 def start_server(argv: list[str], log_path: Path, port: int, timeout: float, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> subprocess.Popen:
+                 cwd: Path | None = None, ready: str = "/readyz") -> subprocess.Popen:
     """Start ``argv`` in a session of its own, its output to ``log_path``; return it once
-    ``http://127.0.0.1:port`` is ready (:func:`wait_ready`), or stop it and raise."""
+    ``http://127.0.0.1:port`` + ``ready`` answers 200 (:func:`wait_ready`), or stop it and raise."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", timeout, lambda: proc.poll() is None, lambda: read_log(log_path))
+        wait_ready(f"http://127.0.0.1:{port}", timeout, lambda: proc.poll() is None, lambda: read_log(log_path),
+                   path=ready)
     except BaseException:
         stop_server(proc)
         raise
