@@ -46,7 +46,8 @@ def test_mlflow_has_the_run_its_metrics_and_version_1_as_champion(promoted_pipel
     assert run.data.params["epochs"] == str(epochs) and run.data.params["recipe"] == "tiny"
     assert [m.step for m in client.get_metric_history(v1.run_id, "val_accuracy")] == list(range(1, epochs + 1))
     assert {a.path for a in client.list_artifacts(v1.run_id, "onnx")} == {
-        "onnx/model.onnx", "onnx/classes.json", "onnx/drift_reference.json"}  # what the Bento serves
+        "onnx/model.onnx", "onnx/classes.json", "onnx/drift_reference.json",  # what the Bento serves
+        "onnx/model.int8.onnx", "onnx/precision.json"}  # and the int8 candidate, with how it compares
 
 
 def test_bentoml_store_has_the_champion_with_lineage_labels_and_drift_reference(promoted_pipeline):

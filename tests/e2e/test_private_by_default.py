@@ -26,8 +26,11 @@ START_TIMEOUT_S = 600
 
 
 def _make(target: str, env: dict[str, str], *args: str, **popen) -> subprocess.Popen:
+    """``make TARGET`` as from a terminal: its own process group, and Ctrl-C's SIGINT handled by default even
+    where this test runs as a background job (which starts with SIGINT ignored, and passes that on)."""
     return subprocess.Popen(["make", "--no-print-directory", target, *args], cwd=ROOT, env=env,
-                            start_new_session=True, **popen)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            **popen)
 
 
 def _wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = START_TIMEOUT_S) -> None:
