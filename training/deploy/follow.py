@@ -18,42 +18,22 @@ STACK_RUN/bento-<slot>.tag, which the slot's program reads when supervisord star
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from training.deploy.slots import SLOTS, Served, assign, load, other, save, slot_port  # noqa: F401 (re-exported)
 
 log = logging.getLogger("follow")
 
-SLOTS = ("blue", "green")
 # Seconds between two looks at the alias. A look on the local SQLite store is one indexed query, a few
 # milliseconds of CPU; the switch itself (a Bento's start until /readyz) takes far longer than this.
 DEFAULT_INTERVAL_S = 5.0
 # After a version's Bento failed to start, it is tried again only after this many seconds.
 RETRY_AFTER_S = 300.0
-
-
-@dataclass
-class Served:
-    """What the front door forwards to: the slot (None: nothing yet), its Bento tag and the version it serves."""
-
-    slot: str | None = None
-    tag: str = ""
-    version: str = ""
-
-
-def other(slot: str | None) -> str:
-    """The slot a new Bento starts in: the idle one (blue when nothing is served yet)."""
-    return "green" if slot == "blue" else "blue"
-
-
-def slot_port(env: dict[str, str], slot: str) -> int:
-    """Each slot's loopback port: BENTO_PORT for blue, the next one for green."""
-    return int(env["BENTO_PORT"]) + SLOTS.index(slot)
 
 
 def decide(served: Served, champion: str, failed: dict[str, float], now: float, pinned: str = "") -> str:
@@ -70,24 +50,6 @@ def decide(served: Served, champion: str, failed: dict[str, float], now: float, 
     if now - failed.get(champion, -RETRY_AFTER_S) < RETRY_AFTER_S:
         return "wait"
     return "switch"
-
-
-def load(run: Path) -> Served:
-    try:
-        return Served(**json.loads((run / "serving.json").read_text()))
-    except (OSError, ValueError, TypeError):
-        return Served()
-
-
-def save(run: Path, served: Served) -> None:
-    tmp = run / "serving.json.tmp"
-    tmp.write_text(json.dumps(asdict(served)))
-    tmp.replace(run / "serving.json")
-
-
-def assign(run: Path, slot: str, tag: str) -> None:
-    """Name the Bento that ``slot``'s program serves the next time it starts."""
-    (run / f"bento-{slot}.tag").write_text(tag + "\n")
 
 
 def serve_slot(slot: str) -> None:

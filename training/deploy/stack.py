@@ -376,22 +376,22 @@ def _prepare(env: dict[str, str], part: str) -> list | None:
             waits[-1] = ("airflow-worker", lambda: "ready." in (run / "airflow-worker.log").read_text(errors="replace"))
         return waits
     elif part == "bento":
-        from training.deploy import follow
+        from training.deploy import slots
 
         # A fresh start serves from the blue slot; the follower then keeps it on the champion.
-        follow.save(run, follow.Served())
+        slots.save(run, slots.Served())
         if not (tag := _bento(env)):
             print("bento: the follower starts the champion's Bento once a run promotes one")
             return [("follow", lambda: True)]
-        follow.assign(run, "blue", tag)
-        follow.save(run, follow.Served("blue", tag, ""))
-        return [("bento-blue", _http(f"http://127.0.0.1:{follow.slot_port(env, 'blue')}/readyz")), ("follow", lambda: True)]
+        slots.assign(run, "blue", tag)
+        slots.save(run, slots.Served("blue", tag, ""))
+        return [("bento-blue", _http(f"http://127.0.0.1:{slots.slot_port(env, 'blue')}/readyz")), ("follow", lambda: True)]
     elif part == "proxy":
-        from training.deploy import follow, proxy
+        from training.deploy import proxy, slots
 
         if not proxy.nginx_binary(env["PATH"]):
             raise SystemExit("proxy: no nginx: run .ci/setup-nginx.sh (Debian: apt-get install nginx)")
-        proxy.write(env, follow.slot_port(env, follow.load(run).slot or "blue"))
+        proxy.write(env, slots.slot_port(env, slots.load(run).slot or "blue"))
         return [("proxy", _answers(env))]
     return None
 
