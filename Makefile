@@ -127,7 +127,8 @@ serve: $(VENV)/.synced
 	exec $(VENV)/bin/bentoml serve "$$bento" --host $(HOST) --port $(PORT)
 
 ## make rollback: champion back to the previous champion (VERSION=N: to version N), with REASON="..."
-## recorded; its Bento is rebuilt only if gone, and a Bento served by `make up` is restarted on it.
+## recorded; its Bento is rebuilt only if gone. The server of `make up` follows the alias by itself, with
+## no request dropped (training/deploy/follow.py); a `make serve` is restarted by hand.
 ## A version that failed verify or lost the quality gate needs FORCE=1 and a REASON.
 VERSION ?=
 REASON ?=
@@ -135,15 +136,15 @@ FORCE ?=
 rollback: $(VENV)/.synced
 	$(VENV)/bin/python -m training.deploy.champion rollback $(if $(VERSION),--to $(VERSION)) \
 		$(if $(REASON),--reason "$(REASON)") $(if $(filter 1 true yes,$(FORCE)),--force)
-	@if $(SUPERVISORCTL) status 'bento:*' >/dev/null; then \
-		echo "Restarting the Bento server of make up on the new champion"; \
-		$(STACK_CTL) down bento && BENTO_PORT=$(PORT) $(STACK_CTL) up bento; fi
+	@if $(SUPERVISORCTL) status bento:follow >/dev/null; then \
+		echo "The server of make up switches to it within CIFAR10_FOLLOW_INTERVAL seconds (log: $(STATE)/stack/follow.log)"; fi
 
-## make up: Airflow (UI on AIRFLOW_PORT), the MLflow server (MLFLOW_PORT) and the champion's Bento (PORT) in the
-## background on the same state, all on HOST, run by supervisord (training/deploy/stack.py); logs in $(STATE)/stack.
+## make up: Airflow (UI on AIRFLOW_PORT), the MLflow server (MLFLOW_PORT) and the champion's Bento behind nginx (PORT;
+## the Bento itself on loopback, BENTO_PORT) in the background on the same state, all on HOST, run by supervisord
+## (training/deploy/stack.py); the Bento follows the champion alias (training/deploy/follow.py). Logs in $(STATE)/stack.
 ## STACK=distributed: compose's parts as processes (docs/deploy.md). make status: what runs; make down stops it.
 up: $(VENV)/.synced
-	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) BENTO_PORT=$(PORT) $(STACK_CTL) up $(PARTS)
+	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) PROXY_PORT=$(PORT) $(STACK_CTL) up $(PARTS)
 
 down:
 	@test ! -x $(VENV)/bin/python || $(STACK_CTL) down $(PARTS)

@@ -138,7 +138,7 @@ def test_make_up_listens_on_loopback_only_and_keeps_its_secrets_private(state, b
         assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
         groups = stack_processes(state)  # with the process manager itself: it must not listen either
         assert {"supervisord", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
-                "mlflow", "bento"} <= set(groups), groups
+                "mlflow", "bento-blue", "follow", "proxy"} <= set(groups), groups
         found = listeners(set(groups.values()))
     finally:
         down = subprocess.run(["make", "--no-print-directory", "down", *args], cwd=ROOT, env=env,

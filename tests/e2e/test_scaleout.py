@@ -158,7 +158,7 @@ def stack(tmp_path_factory, postgres):
     tmp = tmp_path_factory.mktemp("distributed")
     state = tmp / "state"
     admin = urlsplit(postgres["admin"])
-    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT")}
+    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT", "REDIS_PORT")}
     s3_port = _free_range(1, 1)
     env = state_env(state, STACK="distributed", CIFAR10_SCHEDULE="none", **ports,
                     S3_PORT=str(s3_port), WEED_PORTS=str(_free_range(6, 4)),
@@ -291,7 +291,7 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack, monke
     assert champion.tags["bento_archive_uri"] == f"s3://{BUCKET}/{bentos[0]}"
     assert champion.tags["bento_archive_sha256"] == hashlib.sha256(body).hexdigest()
 
-    up = _stack(stack["env"], "up", "bento", timeout=600)
+    up = _stack(stack["env"], "up", "bento", "proxy", timeout=600)
     assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
     version = bentos[0].removeprefix("bentos/cifar10-classifier-").removesuffix(".bento")
     assert f"imported cifar10-classifier:{version} (the champion's, sha256 checked)" in up.stdout, up.stdout
@@ -299,7 +299,7 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack, monke
     assert any(p.name == MODEL for p in (serving_home / "models").iterdir())  # the model came inside
 
     x, _ = make_images(1, seed=3)
-    resp = requests.post(f"http://127.0.0.1:{stack['env']['BENTO_PORT']}/predict",
+    resp = requests.post(f"http://127.0.0.1:{stack['env']['PROXY_PORT']}/predict",  # through the front door
                          files={"file": ("x.png", encode(x[0], "PNG"), "image/png")}, timeout=60)
     assert resp.status_code == 200, resp.text
     assert resp.json()["label"] in CLASSES
@@ -310,10 +310,11 @@ def test_every_part_listens_on_loopback_only(stack):
     log servers are not started: they cannot be bound to an address) and the Bento, read from the kernel."""
     groups = stack_processes(stack["state"])  # and the process manager, which must listen on no port
     assert {"supervisord", "redis", "s3", "mlflow", "airflow-api-server", "airflow-worker", "airflow-triggerer",
-            "bento"} <= set(groups), groups
+            "bento-blue", "follow", "proxy"} <= set(groups), groups
     found = listeners(set(groups.values()))
     env = stack["env"]
-    expected = {int(env[name]) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT")}
+    expected = {int(env[name]) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT", "REDIS_PORT",
+                                            "S3_PORT")}
     weed = int(env["WEED_PORTS"])
     expected |= {weed, weed + 1, weed + 2, weed + 10000, weed + 10001, weed + 10002}  # master, volume, filer
     assert expected <= {port for _, _, port in found}, (sorted(expected), found)
@@ -360,7 +361,7 @@ def test_down_leaves_no_process(stack):
     run_dir = stack["state"] / "stack"
     groups = stack_processes(stack["state"])
     assert {"supervisord", "redis", "s3", "mlflow", "airflow-scheduler", "airflow-api-server", "airflow-dag-processor",
-            "airflow-triggerer", "airflow-worker", "bento"} <= groups.keys(), groups
+            "airflow-triggerer", "airflow-worker", "bento-blue", "follow", "proxy"} <= groups.keys(), groups
     down = _stack(stack["env"], "down", timeout=600)
     assert down.returncode == 0, down.stderr
     left = []
@@ -372,7 +373,7 @@ def test_down_leaves_no_process(stack):
             pass
     assert not left, f"still running after down: {left}"
     assert not stack_processes(stack["state"]) and not list(run_dir.glob("*.pid"))
-    for port in ("AIRFLOW_PORT", "MLFLOW_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT"):
+    for port in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT"):
         assert not _listening(int(stack["env"][port])), f"{port} {stack['env'][port]} still served"
 
 

@@ -50,7 +50,7 @@ def test_a_crash_shows_in_make_status_and_down_after_a_dead_manager_stops_only_i
         assert up.returncode == 0, (up.stdout + up.stderr)[-3000:]
         status = _make(state, "status")
         assert re.search(r"^mlflow +RUNNING +pid \d+", status.stdout, re.M), status.stdout
-        assert re.search(r"^bento +STOPPED", status.stdout, re.M), status.stdout
+        assert re.search(r"^bento:bento-blue +STOPPED", status.stdout, re.M), status.stdout
         assert not [p.name for p in (state / "stack").glob("*.pid") if p.name != "supervisord.pid"]
 
         # A crash of the program, workers and all: the manager restarts it and says so.

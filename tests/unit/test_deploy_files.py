@@ -146,18 +146,37 @@ def test_bento_container_has_a_readiness_check(compose):
     assert any("/readyz" in part for part in check)
 
 
-def test_only_the_bento_publishes_a_port_and_on_loopback_unless_told(compose):
+def test_only_the_front_door_publishes_a_port_and_on_loopback_unless_told(compose):
     published = {name: service["ports"] for name, service in compose["services"].items() if service.get("ports")}
-    assert published == {"bento": ["${BENTO_BIND:-127.0.0.1}:3000:3000"]}
+    assert published == {"proxy": ["${PROXY_BIND:-127.0.0.1}:3000:3000"]}
+
+
+def test_the_front_door_runs_the_configuration_the_stacks_render(compose, k8s):
+    """compose's nginx.conf is training/deploy/proxy.py's, in front of the `bento` service; the Ingress sets
+    the same limits as ingress-nginx annotations."""
+    from training.deploy import proxy
+
+    assert (DEPLOY / "nginx" / "nginx.conf").read_text() == proxy.compose_conf(), \
+        "deploy/nginx/nginx.conf is stale: python -m training.deploy.proxy > deploy/nginx/nginx.conf"
+    assert "COPY deploy/nginx/nginx.conf" in (DEPLOY / "proxy.Dockerfile").read_text()
+    assert compose["services"]["proxy"]["build"]["dockerfile"] == "deploy/proxy.Dockerfile"
+    notes = k8s["Ingress"]["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert notes[prefix + "proxy-body-size"] == f"{proxy.body_limit({}) // 2**20}m"
+    assert notes[prefix + "client-header-timeout"] == notes[prefix + "client-body-timeout"] == str(proxy.CLIENT_TIMEOUT_S)
+    assert notes[prefix + "limit-connections"] == str(proxy.CONN_PER_ADDRESS)
+    assert notes[prefix + "proxy-next-upstream"] == "off"
+    backend = k8s["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == k8s["Service"]["metadata"]["name"]
 
 
 def test_the_bento_shares_no_network_with_the_backend(compose):
     services = compose["services"]
     networks = {name: set(service.get("networks") or ["default"]) for name, service in services.items()}
-    assert networks["bento"] == {"serving"}
-    # Only the Celery workers, whose drift monitor reads the Bento's /metrics, are on its network too.
-    assert {name for name, nets in networks.items() if "serving" in nets} == {"bento", "airflow-worker"}
-    assert all(nets == {"backend"} for name, nets in networks.items() if name not in ("bento", "airflow-worker"))
+    assert networks["bento"] == networks["proxy"] == {"serving"}
+    # Only its front door and the Celery workers, whose drift monitor reads the Bento's /metrics, are on its network.
+    assert {name for name, nets in networks.items() if "serving" in nets} == {"bento", "proxy", "airflow-worker"}
+    assert all(nets == {"backend"} for name, nets in networks.items() if name not in ("bento", "proxy", "airflow-worker"))
     assert set(compose["networks"]) == {"backend", "serving"}
 
 

@@ -27,7 +27,9 @@ from urllib.parse import quote
 
 BIN = Path(sys.executable).parent
 # In start order; supervisord stops them the other way round.
-PARTS = {"local": ("airflow", "mlflow", "bento"), "distributed": ("postgres", "redis", "s3", "mlflow", "airflow", "bento")}
+# The proxy (nginx, the front door clients reach) comes last: it forwards to the Bento slot that serves.
+PARTS = {"local": ("airflow", "mlflow", "bento", "proxy"),
+         "distributed": ("postgres", "redis", "s3", "mlflow", "airflow", "bento", "proxy")}
 SECRETS = ("FERNET_KEY", "JWT_SECRET", "API_SECRET", "S3_ACCESS_KEY", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD",
            "MLFLOW_FLASK_SECRET", "WEED_JWT_KEY", "WEED_FILER_JWT_KEY", "WEED_FILER_READ_JWT_KEY")
 UP = ("STARTING", "RUNNING", "BACKOFF")
@@ -54,7 +56,10 @@ def settings(stack: str, environ: dict[str, str]) -> dict[str, str]:
     over the parts they would be made of (a SQLite URL, the local stack's, is replaced)."""
     env, state = dict(environ), Path(environ["CIFAR10_STATE_DIR"]).resolve()
     host = env.setdefault("STACK_HOST", "127.0.0.1")
-    for name, value in [("AIRFLOW_PORT", "8080"), ("MLFLOW_PORT", "5000"), ("BENTO_PORT", "3000"),
+    # PROXY_PORT is the port clients use (nginx); the Bento's two slots listen on loopback at BENTO_PORT and the
+    # port after it (training/deploy/follow.py).
+    proxy_port = env.setdefault("PROXY_PORT", "3000")
+    for name, value in [("AIRFLOW_PORT", "8080"), ("MLFLOW_PORT", "5000"), ("BENTO_PORT", str(int(proxy_port) + 1)),
                         ("AIRFLOW_HOME", f"{state}/airflow"), ("BENTOML_HOME", f"{state}/bentoml"),
                         ("MLFLOW_TRACKING_URI", f"sqlite:///{state}/mlflow/mlflow.db"),
                         ("AIRFLOW__CORE__LOAD_EXAMPLES", "False"),
@@ -62,7 +67,9 @@ def settings(stack: str, environ: dict[str, str]) -> dict[str, str]:
                         # Task processes call the execution API; 5 s timed out on a busy 2-core machine.
                         ("AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT", "60")]:
         env.setdefault(name, value)
-    env.setdefault("CIFAR10_MONITOR_URL", f"http://{host}:{env['BENTO_PORT']}")  # the drift monitor's Bento
+    # The drift monitor reads the served Bento's /metrics through the front door, whichever slot serves.
+    scheme = "https" if env.get("CIFAR10_TLS_CERT") else "http"
+    env.setdefault("CIFAR10_MONITOR_URL", f"{scheme}://{host}:{proxy_port}")
     env.update(STACK=stack, STACK_RUN=f"{state}/stack", STACK_SERVING_HOME=env["BENTOML_HOME"],
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", AIRFLOW__API__HOST=host,
                AIRFLOW__API__PORT=env["AIRFLOW_PORT"], AIRFLOW__API__BASE_URL=f"http://localhost:{env['AIRFLOW_PORT']}",
@@ -119,8 +126,9 @@ def settings(stack: str, environ: dict[str, str]) -> dict[str, str]:
 
 
 def programs(env: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Each part of ``env``'s stack, in start order: its programs' command lines (the Bento's is the one in
-    STACK_BENTO). Every listener binds STACK_HOST."""
+    """Each part of ``env``'s stack, in start order: its programs' command lines. Every listener clients or
+    other parts reach binds STACK_HOST; the Bento's slots (each serving the Bento named in its tag file) bind
+    loopback, behind the proxy."""
     q = {name: shlex.quote(value) for name, value in env.items()}
     host, run, state = q["STACK_HOST"], q["STACK_RUN"], q["CIFAR10_STATE_DIR"]
     # Each component its own process. --skip-serve-logs: Airflow has no setting for the address of the log
@@ -129,12 +137,17 @@ def programs(env: dict[str, str]) -> dict[str, dict[str, str]]:
     airflow = {"airflow-api-server": f"airflow api-server --host {host} --port {q['AIRFLOW_PORT']}",
                "airflow-scheduler": "airflow scheduler --skip-serve-logs", "airflow-dag-processor": "airflow dag-processor",
                "airflow-triggerer": "airflow triggerer --skip-serve-logs"}
-    bento = {"bento": f"bentoml serve {q.get('STACK_BENTO', '-')} --host {host} --port {q['BENTO_PORT']}"}
+    bento = {**{f"bento-{slot}": f"python -m training.deploy.follow slot {slot}" for slot in ("blue", "green")},
+             "follow": "python -m training.deploy.follow"}
+    from training.deploy.proxy import nginx_binary
+
+    nginx = shlex.quote(nginx_binary(env.get("PATH")) or "nginx")
+    proxy = {"proxy": f"{nginx} -c {run}/nginx.conf -e stderr -p {run}/nginx/"}
     if env["STACK"] == "local":
         return {"airflow": airflow, "mlflow": {"mlflow": f"mlflow server --backend-store-uri {q['MLFLOW_TRACKING_URI']} "
                                                          f"--default-artifact-root file://{state}/mlflow/artifacts "
                                                          f"--host {host} --port {q['MLFLOW_PORT']} --workers 1"},
-                "bento": bento}
+                "bento": bento, "proxy": proxy}
     weed, s3 = int(env["WEED_PORTS"]), int(env["S3_PORT"])
     ports = " ".join(f"-{name}.port={weed + i} -{name}.port.grpc={weed + 10000 + i}"
                      for i, name in enumerate(("master", "volume", "filer", "admin")))
@@ -158,7 +171,11 @@ def programs(env: dict[str, str]) -> dict[str, dict[str, str]]:
         # The worker's own name tells it apart in the task instances, as on a worker machine.
         "airflow": {**airflow, "airflow-worker": "airflow celery worker --celery-hostname cifar10-worker@%h "
                                                  f"--concurrency {q['AIRFLOW__CELERY__WORKER_CONCURRENCY']} --skip-serve-logs"},
-        "bento": bento}
+        "bento": bento, "proxy": proxy}
+
+
+# nginx stops gracefully on QUIT (requests in flight are answered first); TERM would cut them off.
+STOP_SIGNAL = {"proxy": "QUIT"}
 
 
 def render(env: dict[str, str]) -> Path:
@@ -173,8 +190,8 @@ def render(env: dict[str, str]) -> Path:
     for priority, (part, members) in enumerate(programs(env).items(), 1):
         sections.append(f"[group:{part}]\nprograms={','.join(members)}\npriority={priority}")
         sections += [f"[program:{name}]\ncommand={command}\nautostart=false\nautorestart=true\nstopasgroup=true\n"
-                     f"stopwaitsecs=30\nredirect_stderr=true\nstdout_logfile={run}/{name}.log"
-                     for name, command in members.items()]
+                     f"stopwaitsecs=30\nstopsignal={STOP_SIGNAL.get(name, 'TERM')}\nredirect_stderr=true\n"
+                     f"stdout_logfile={run}/{name}.log" for name, command in members.items()]
     path = Path(run) / "supervisord.conf"
     path.write_text("\n\n".join(sections).replace("%", "%%") + "\n")
     return path
@@ -272,6 +289,25 @@ def _http(url: str):
     return ready
 
 
+def _answers(env: dict[str, str]):
+    """A readiness check of the front door: it answers HTTP at all (502 while no Bento serves yet)."""
+    import http.client
+    import ssl
+
+    def ready() -> bool:
+        host, port = env["STACK_HOST"], int(env["PROXY_PORT"])
+        conn = (http.client.HTTPSConnection(host, port, timeout=3, context=ssl._create_unverified_context())
+                if env.get("CIFAR10_TLS_CERT") else http.client.HTTPConnection(host, port, timeout=3))
+        try:
+            conn.request("GET", "/readyz")
+            return conn.getresponse().status > 0
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+    return ready
+
+
 def _tail(path: Path) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-20:]) if path.exists() else ""
 
@@ -339,9 +375,24 @@ def _prepare(env: dict[str, str], part: str) -> list | None:
         if distributed:
             waits[-1] = ("airflow-worker", lambda: "ready." in (run / "airflow-worker.log").read_text(errors="replace"))
         return waits
-    elif tag := _bento(env):
-        env["STACK_BENTO"] = tag
-        return [("bento", _http(f"http://{host}:{env['BENTO_PORT']}/readyz"))]
+    elif part == "bento":
+        from training.deploy import slots
+
+        # A fresh start serves from the blue slot; the follower then keeps it on the champion.
+        slots.save(run, slots.Served())
+        if not (tag := _bento(env)):
+            print("bento: the follower starts the champion's Bento once a run promotes one")
+            return [("follow", lambda: True)]
+        slots.assign(run, "blue", tag)
+        slots.save(run, slots.Served("blue", tag, ""))
+        return [("bento-blue", _http(f"http://127.0.0.1:{slots.slot_port(env, 'blue')}/readyz")), ("follow", lambda: True)]
+    elif part == "proxy":
+        from training.deploy import proxy, slots
+
+        if not proxy.nginx_binary(env["PATH"]):
+            raise SystemExit("proxy: no nginx: run .ci/setup-nginx.sh (Debian: apt-get install nginx)")
+        proxy.write(env, slots.slot_port(env, slots.load(run).slot or "blue"))
+        return [("proxy", _answers(env))]
     return None
 
 
@@ -391,7 +442,8 @@ def up(env: dict[str, str], parts: list[str]) -> None:
                     rpc.supervisor.removeProcessGroup(part)
                 if part in added + changed:
                     rpc.supervisor.addProcessGroup(part)
-                rpc.supervisor.startProcessGroup(part, False)
+                for program, _ in waits:  # only these: the Bento's idle slot stays stopped
+                    rpc.supervisor.startProcess(f"{part}:{program}", False)
                 pending += [(part, *wait) for wait in waits]
             while pending and (env["STACK"] == "distributed" or part == parts[-1]):
                 _wait(rpc, run, *pending.pop(0), limit)
@@ -402,7 +454,7 @@ def up(env: dict[str, str], parts: list[str]) -> None:
         login = "STACK_MLFLOW_ADMIN_PASSWORD in secrets.env" if "PGUSER" in env else "no login"
         print(f"\nAirflow http://localhost:{env['AIRFLOW_PORT']} (admin, {env['AIRFLOW_HOME']}/simple_auth_manager_"
               f"passwords.json.generated)\nMLflow http://localhost:{env['MLFLOW_PORT']} (admin, {login})  Bento "
-              f"http://localhost:{env['BENTO_PORT']} (Swagger UI)\nLogs {run}/*.log  make status  make down")
+              f"http{'s' if env.get('CIFAR10_TLS_CERT') else ''}://localhost:{env['PROXY_PORT']} (Swagger UI, through nginx)\nLogs {run}/*.log  make status  make down")
 
 
 def sweep(run: Path, parts: list[str]) -> int:

@@ -43,7 +43,8 @@ def described(tmp_path_factory):
 
 def test_each_stack_runs_its_parts_as_programs(described):
     assert set(described["local"]) == {"airflow:airflow-api-server", "airflow:airflow-scheduler", "mlflow:mlflow",
-                                       "airflow:airflow-dag-processor", "airflow:airflow-triggerer", "bento:bento"}
+                                       "airflow:airflow-dag-processor", "airflow:airflow-triggerer", "bento:bento-blue",
+                                       "bento:bento-green", "bento:follow", "proxy:proxy"}
     assert set(described["distributed"]) == set(described["local"]) | {"redis:redis", "s3:s3",
                                                                      "airflow:airflow-worker"}
     # `up PART` starts supervisord's group of that name; postgres is databases only, no process.
@@ -57,11 +58,14 @@ def test_programs_start_only_when_asked_restart_and_stop_with_their_process_grou
             assert not program.autostart and program.autorestart, name
             assert program.stopasgroup and program.killasgroup, name  # workers and task processes too
             assert program.redirect_stderr and program.stdout_logfile.endswith(f"/stack/{program.name}.log"), name
-    # Stopped last started first: the Bento, then Airflow, then what they use.
+    # Stopped last started first: the front door, the Bento, then Airflow, then what they use.
     distributed = described["distributed"]
-    order = [distributed[name].group_priority for name in ("bento:bento", "airflow:airflow-worker", "mlflow:mlflow",
-                                                           "s3:s3", "redis:redis")]
+    order = [distributed[name].group_priority for name in ("proxy:proxy", "bento:bento-blue", "airflow:airflow-worker",
+                                                           "mlflow:mlflow", "s3:s3", "redis:redis")]
     assert order == sorted(order, reverse=True) and len(set(order)) == len(order)
+    # nginx stops gracefully (QUIT: requests in flight are answered), every other program on TERM.
+    for stack, programs in described.items():
+        assert {name: p.stopsignal for name, p in programs.items() if p.stopsignal != 15} == {"proxy:proxy": 3}
 
 
 def test_every_listener_binds_stack_host_and_no_log_server_starts(described):
@@ -69,7 +73,9 @@ def test_every_listener_binds_stack_host_and_no_log_server_starts(described):
         commands = {name.split(":")[1]: program.command for name, program in programs.items()}
         assert "0.0.0.0" not in " ".join(commands.values())
         assert f"--host {HOST}" in commands["airflow-api-server"] and f"--host {HOST}" in commands["mlflow"]
-        assert commands["bento"] == f"bentoml serve cifar10-classifier:abc --host {HOST} --port 3000"
+        # The Bento's slots are behind the proxy: they bind loopback (follow.serve_slot), nginx STACK_HOST.
+        assert commands["bento-blue"] == "python -m training.deploy.follow slot blue"
+        assert re.fullmatch(r"\S*nginx -c \S+/stack/nginx.conf -e stderr -p \S+/stack/nginx/", commands["proxy"])
         for name in ("airflow-scheduler", "airflow-triggerer", "airflow-worker"):
             assert name not in commands or "--skip-serve-logs" in commands[name], name
     distributed = {name.split(":")[1]: p.command for name, p in described["distributed"].items()}
@@ -92,7 +98,9 @@ def test_compose_and_kubernetes_name_the_same_parts_as_the_stack(described):
     named = _stack_comments(compose)
     assert set(named) == set(services), f"services without a `# stack:` comment: {set(services) - set(named)}"
     described = {name.split(":")[1] for name in described["distributed"]}
-    assert set(named.values()) - {"none"} == described
+    # One host keeps two Bento slots and a follower that switches between them; compose runs one Bento
+    # container (its `# stack:` names the slot a fresh start serves), Kubernetes rolls out a Deployment.
+    assert set(named.values()) - {"none"} == described - {"bento-green", "follow"}
     k8s = re.findall(r"^# stack: ([\w-]+)", (ROOT / "deploy" / "k8s" / "bento.yaml").read_text(), re.M)
     assert k8s and set(k8s) <= described
 
