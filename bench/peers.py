@@ -31,7 +31,7 @@ started or answered is reported with its error instead of numbers.
     .venv/bin/python -m bench.bench_serving --only d --widths 64,128,128 --tta   # the model, once
     .venv/bin/python -m bench.peers [--duration 10] [--only triton,ours] [--setup] [--state DIR]
 
-Prints a Markdown table and writes ``STATE/peers/results.json``.
+Prints a Markdown table and writes ``STATE/peers/results.json`` (``results-int8.json`` with ``--int8``).
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def expected_probabilities(model_dir: Path, jpeg: bytes) -> np.ndarray:
     from serving.images import decode_image
     from serving.model import onnx_session
 
-    session = onnx_session(model_dir / "model.onnx", threads=1)
+    session = onnx_session(model_dir / os.environ.get("PEER_MODEL_FILE", "model.onnx"), threads=1)
     return session.run(None, {session.get_inputs()[0].name: decode_image(jpeg)[None].astype("float32")})[0][0]
 
 
@@ -305,6 +305,9 @@ def main() -> None:
                         help="bench_serving's state folder: its model; the peers' venvs, logs and results go to peers/")
     parser.add_argument("--only", default=",".join(PEERS), help="comma-separated subset of " + ", ".join(PEERS))
     parser.add_argument("--setup", action="store_true", help="only make the virtual environments")
+    parser.add_argument("--int8", action="store_true",
+                        help="every peer runs the model's int8 file, and ours the model that carries it "
+                             "(bench_serving --precision auto), as it serves where int8 pays")
     args = parser.parse_args()
     args.concurrency = tuple(int(c) for c in args.concurrency.split(","))
     names = args.only.split(",")
@@ -312,10 +315,12 @@ def main() -> None:
         sys.exit(f"unknown peers: {', '.join(sorted(unknown))}; known: {', '.join(PEERS)}")
     if not shutil.which("wrk") and not args.setup:
         sys.exit("wrk not found: apt-get install -y wrk")
-    tag_file = args.state / "model_tag_64_128_128_tta"
+    tag_file = args.state / f"model_tag_64_128_128_tta{'_auto' if args.int8 else ''}"
+    if args.int8:  # the servers inherit it
+        os.environ["PEER_MODEL_FILE"] = "model.int8.onnx"
     if not tag_file.exists():
         sys.exit(f"{tag_file} missing: run `.venv/bin/python -m bench.bench_serving --only d --widths 64,128,128 "
-                 "--tta` first (it makes the model)")
+                 f"--tta{' --precision auto' if args.int8 else ''}` first (it makes the model)")
     tag = tag_file.read_text().strip()
     model_dir = args.state / "bentoml" / "models" / tag.replace(":", "/")
     (args.state / "peers").mkdir(parents=True, exist_ok=True)
@@ -323,9 +328,10 @@ def main() -> None:
     jpeg = image.read_bytes()
     expected = expected_probabilities(model_dir, jpeg)
     results = {"load_before": os.getloadavg(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
-               "model": "build_model((64, 128, 128)) untrained, tta=True", "tag": tag, "duration_s": args.duration,
+               "model": f"build_model((64, 128, 128)) untrained, tta=True, {'int8' if args.int8 else 'float'}",
+               "tag": tag, "duration_s": args.duration,
                "expected_class": int(np.argmax(expected)), "peers": {}}
-    out = args.state / "peers" / "results.json"
+    out = args.state / "peers" / f"results{'-int8' if args.int8 else ''}.json"
     t_start = time.monotonic()
     for name in names:
         peer = PEERS[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,13 @@ CALLS = 2
 
 
 class Model:
-    """The model in ``model_dir`` (a BentoML model folder: ``model.onnx``, ``classes.json``), warmed up."""
+    """The model in ``model_dir`` (a BentoML model folder: ``model.onnx``, ``classes.json``), warmed up.
+    ``PEER_MODEL_FILE`` names another file of it (``model.int8.onnx``): every peer then runs that one."""
 
     def __init__(self, model_dir: str | Path, calls: int = CALLS) -> None:
         folder = Path(model_dir)
         self.class_names = json.loads((folder / "classes.json").read_text())
-        self.session = onnx_session(folder / "model.onnx", threads=1)
+        self.session = onnx_session(folder / os.environ.get("PEER_MODEL_FILE", "model.onnx"), threads=1)
         self.input_name = self.session.get_inputs()[0].name
         # Full batches first, as service.py does, so the arena has its working size before any request.
         warm_up(self.probabilities, MAX_BATCH_SIZE, calls)
