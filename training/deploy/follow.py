@@ -147,14 +147,17 @@ class Follower:
         finish the requests they hold) have exited. Returns whether a running nginx was reloaded."""
         from training.deploy import proxy
 
-        path = proxy.write(self.env, slot_port(self.env, slot))
+        binary = proxy.nginx_binary(self.env.get("PATH")) or "nginx"
+
+        def check(candidate: Path) -> None:
+            done = subprocess.run([binary, "-t", "-q", "-c", str(candidate), "-e", "stderr", "-p", f"{self.run}/nginx/"],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"nginx refuses its new configuration: {done.stderr.strip()[-500:]}")
+
+        proxy.write(self.env, slot_port(self.env, slot), check=check)
         if self._state("proxy:proxy") != "RUNNING":
             return False
-        binary = proxy.nginx_binary(self.env.get("PATH")) or "nginx"
-        check = subprocess.run([binary, "-t", "-q", "-c", str(path), "-e", "stderr", "-p", f"{self.run}/nginx/"],
-                               capture_output=True, text=True)
-        if check.returncode:
-            raise RuntimeError(f"nginx refuses its new configuration: {check.stderr.strip()[-500:]}")
         old = self._nginx_workers()
         self.rpc.supervisor.signalProcess("proxy:proxy", "HUP")
         deadline = time.monotonic() + proxy.UPSTREAM_READ_S + 10
@@ -199,7 +202,13 @@ class Follower:
             self.failed[self.pinned or champion] = time.monotonic()
             return served
         ready = time.monotonic()
-        reloaded = self.point_proxy(new)
+        try:
+            reloaded = self.point_proxy(new)
+        except Exception:  # nginx still has the old configuration, which points at the old slot
+            log.exception("could not point nginx at slot %s; %s keeps serving", new, served.tag or "nothing")
+            self._stop(new)
+            self.failed[self.pinned or champion] = time.monotonic()
+            return served
         save(self.run, after := Served(new, tag, champion))
         if served.slot:
             self._stop(served.slot)

@@ -23,11 +23,15 @@ KEEPALIVE_S = 30
 KEEPALIVE_REQUESTS = 1000
 # Connections nginx holds at once, idle ones included (each proxied request takes a second one to the Bento).
 WORKER_CONNECTIONS = 4096
-# Requests past their header that one client address may have in nginx at once; more: 429. Idle and
-# slow-header connections are not counted (nginx counts a request once its header is in).
-CONN_PER_ADDRESS = 256
+# Requests past their header that one client address may have in nginx at once, and all addresses together;
+# more: 429. Idle and slow-header connections are not counted (nginx counts a request once its header is in).
+# The total keeps requests that trickle their bodies (each below the read timeout) from holding every
+# connection, whatever the number of addresses they come from.
+CONN_PER_ADDRESS = 64
+CONN_TOTAL = 1024
 # Longer than the Bento's 30-second request timeout, so the Bento's own 504 reaches the client first.
 UPSTREAM_READ_S = 60
+TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 # Where nginx is when it is not on PATH: Debian installs it in sbin, which a user's PATH may leave out.
 SBIN = ("/usr/sbin", "/sbin")
 
@@ -60,14 +64,18 @@ def render(env: dict[str, str], upstream: str, access_log: str | None = None, as
     tls = tls_files(env)
     # Started by root (CI), nginx would hand its workers to `nobody`, which may not enter the private state folder.
     user = "user root;\n" if (os.geteuid() == 0 if as_root is None else as_root) else ""
-    temp = "\n".join(f"    {kind}_temp_path {run}/nginx/{kind};" for kind in
-                     ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    # One level under STACK_RUN: nginx makes a temp folder's last component only (compose's is an empty tmpfs).
+    temp = "\n".join(f"    {kind}_temp_path {run}/nginx-{kind};" for kind in TEMP_KINDS)
     listen = f"{host}:{port} ssl" if tls else f"{host}:{port}"
     ssl = (f"\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
            "        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:tls:1m;") if tls else ""
     return f"""# Rendered by training/deploy/proxy.py; training/deploy/follow.py rewrites the upstream and reloads nginx.
 daemon off;
 {user}worker_processes 1;
+# Two descriptors per proxied request: the limit a desktop's shell gives (often 1024) would cut it short.
+worker_rlimit_nofile {2 * WORKER_CONNECTIONS + 64};
+# A reload's old worker stops holding a client (one trickling its body, say) after this, so a switch ends.
+worker_shutdown_timeout {UPSTREAM_READ_S}s;
 pid {run}/nginx.pid;
 error_log stderr warn;
 
@@ -92,12 +100,17 @@ http {{
     client_max_body_size {body_limit(env)};
     client_body_buffer_size 128k;
     limit_conn_zone $binary_remote_addr zone=per_address:10m;
+    limit_conn_zone $server_name zone=all:1m;
     limit_conn per_address {CONN_PER_ADDRESS};
+    limit_conn all {CONN_TOTAL};
     limit_conn_status 429;
 
     upstream bento {{
         server {upstream} max_fails=0;
         keepalive 32;
+        # Shorter than the Bento's own idle timeout: nginx never sends a request on a connection the Bento
+        # is closing, which (with no retries) would fail it.
+        keepalive_timeout 4s;
     }}
 
     server {{
@@ -107,10 +120,11 @@ http {{
             proxy_pass http://bento;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
+            proxy_set_header Host $host;
             # The Bento checks the bearer token itself (CIFAR10_API_TOKEN): nginx passes it on untouched.
             proxy_set_header Authorization $http_authorization;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            # The client as nginx saw it; whatever chain a client sends is not passed on as if it were true.
+            proxy_set_header X-Forwarded-For $remote_addr;
             proxy_set_header X-Forwarded-Proto $scheme;
             # A prediction is never sent twice: there is one upstream, and a request that failed there fails.
             proxy_next_upstream off;
@@ -123,16 +137,19 @@ http {{
 """
 
 
-def write(env: dict[str, str], upstream_port: int | str) -> Path:
-    """Write the configuration to STACK_RUN/nginx.conf (and nginx's temp folders); return its path."""
+def write(env: dict[str, str], upstream_port: int | str, check=None) -> Path:
+    """Write the configuration to STACK_RUN/nginx.conf (and nginx's temp folders); return its path. ``check``
+    (a callable) gets the new file first and may raise: the configuration in place then stays as it was."""
     run = Path(env["STACK_RUN"])
-    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (run / "nginx" / kind).mkdir(parents=True, exist_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "nginx").mkdir(exist_ok=True)  # its prefix (-p): where `nginx -t` looks for what it does not name
     path = run / "nginx.conf"
     text = render(env, f"127.0.0.1:{upstream_port}")
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
+        if check:
+            check(tmp)
         tmp.replace(path)  # nginx never reads a half-written file
     return path
 

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from tests.helpers import require
 from training.deploy import follow, proxy
 from training.deploy.follow import Served, decide
 
@@ -31,14 +32,18 @@ def test_every_limit_is_set_and_the_upstream_is_the_loopback_slot(tmp_path):
     assert conf["server"] == ["127.0.0.1:3001 max_fails=0"]
     for name in ("client_header_timeout", "client_body_timeout"):
         assert conf[name] == [f"{proxy.CLIENT_TIMEOUT_S}s"], name
-    assert conf["keepalive_timeout"] == [f"{proxy.KEEPALIVE_S}s"]
+    assert conf["keepalive_timeout"] == [f"{proxy.KEEPALIVE_S}s", "4s"]  # clients', then the Bento connections'
+    assert conf["worker_rlimit_nofile"] == [str(2 * proxy.WORKER_CONNECTIONS + 64)]
+    assert conf["worker_shutdown_timeout"] == [f"{proxy.UPSTREAM_READ_S}s"]  # a reload's drain ends
     assert conf["keepalive_requests"] == [str(proxy.KEEPALIVE_REQUESTS)]
     assert conf["worker_connections"] == [str(proxy.WORKER_CONNECTIONS)]
-    assert conf["limit_conn"] == [f"per_address {proxy.CONN_PER_ADDRESS}"] and conf["limit_conn_status"] == ["429"]
+    assert conf["limit_conn"] == [f"per_address {proxy.CONN_PER_ADDRESS}", f"all {proxy.CONN_TOTAL}"]
+    assert conf["limit_conn_status"] == ["429"]
     assert conf["client_max_body_size"] == [str(10 * 1024 * 1024)]  # the service's own default
     assert conf["proxy_next_upstream"] == ["off"]  # a POST is never sent twice
     assert conf["access_log"] == [f"{tmp_path}/proxy-access.log front"]
-    assert conf["proxy_set_header"][:3] == ['Connection ""', "Host $http_host", "Authorization $http_authorization"]
+    assert conf["proxy_set_header"][:4] == ['Connection ""', "Host $host", "Authorization $http_authorization",
+                                            "X-Forwarded-For $remote_addr"]
     assert "ssl_certificate" not in conf
 
 
@@ -62,9 +67,8 @@ def test_workers_run_as_root_only_when_nginx_is_started_by_root(tmp_path):
 
 
 def test_nginx_itself_accepts_the_configuration(tmp_path):
+    require(proxy.nginx_binary() is not None, "no nginx: run .ci/setup-nginx.sh (Debian's nginx)")
     binary = proxy.nginx_binary()
-    if binary is None:
-        pytest.skip("no nginx (.ci/setup-nginx.sh installs it; the e2e test requires it)")
     path = proxy.write(_env(tmp_path, STACK_HOST="127.0.0.1"), 3001)
     done = subprocess.run([binary, "-t", "-c", str(path), "-e", "stderr", "-p", f"{tmp_path}/nginx/"],
                           capture_output=True, text=True)
@@ -154,3 +158,16 @@ def test_an_alias_moved_to_a_version_with_the_served_bento_only_updates_the_reco
     sup.states["bento:bento-blue"] = "RUNNING"
     assert f.step(Served("blue", "b:1", "")) == Served("blue", "b:1", "3")
     assert sup.calls == []
+
+
+def test_a_configuration_nginx_refuses_is_never_put_in_place_and_the_old_slot_keeps_serving(tmp_path, monkeypatch):
+    f, sup = _follower(tmp_path, monkeypatch, "2", "b:2")
+    sup.states.update({"bento:bento-blue": "RUNNING", "proxy:proxy": "RUNNING"})
+    proxy.write(f.env, 3001)  # what nginx runs now: the blue slot
+    before = (tmp_path / "nginx.conf").read_text()
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: "/bin/false")  # `nginx -t`: refused
+    served = Served("blue", "b:1", "1")
+    assert f.step(served) == served
+    assert (tmp_path / "nginx.conf").read_text() == before
+    assert sup.calls[:2] == [("start", "bento:bento-green"), ("stop", "bento:bento-green")]
+    assert ("signal", "proxy:proxy", "HUP") not in sup.calls and sup.states["bento:bento-blue"] == "RUNNING"
