@@ -8,7 +8,7 @@ import onnx
 from serving.model import onnx_session
 from training.model.export import export_onnx, onnx_probabilities
 from training.model.network import build_model, with_flip_tta
-from training.model.quantize import CALIBRATION_IMAGES, calibration_sample, compare, quantize
+from training.model.quantize import CALIBRATION_IMAGES, calibration_sample, compare, edge_layers, quantize
 from tests.helpers import CLASSES, natural_images
 
 
@@ -34,3 +34,23 @@ def test_calibration_is_a_seeded_sample_of_the_training_images():
     assert len(first) == CALIBRATION_IMAGES and np.array_equal(first, again)
     assert not np.array_equal(first, calibration_sample(x, seed=2))
     assert len(calibration_sample(x[:100], seed=1)) == 100
+
+
+def test_the_layers_that_see_pixels_and_make_the_logits_stay_float(tmp_path):
+    """Each test-time view's first convolution and every logits product are left out of quantization: kept in
+    float they keep float's class for more test images."""
+    float_path = tmp_path / "model.onnx"
+    export_onnx(with_flip_tta(build_model((8, 16), num_classes=10)), float_path, natural_images(4).astype(np.float32))
+    graph = onnx.load(float_path).graph
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    kept = edge_layers(float_path)
+    assert sum(n.op_type == "Conv" for n in graph.node if n.name in kept) == 2  # one per view (flip TTA)
+    assert {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")} <= set(kept)
+    assert len(convs) > 2 and set(convs) - set(kept)  # the rest is quantized
+    quantize(float_path, natural_images(128, seed=1), tmp_path / "model.int8.onnx")
+    quantized = onnx.load(tmp_path / "model.int8.onnx").graph
+    first = [n for n in quantized.node if n.name in kept and n.op_type == "Conv"]
+    producers = {out: node for node in quantized.node for out in node.output}
+    # A kept layer's weights reach it unquantized: no DequantizeLinear feeds its weight input.
+    assert first and all(producers.get(n.input[1]) is None or producers[n.input[1]].op_type != "DequantizeLinear"
+                         for n in first)
