@@ -150,8 +150,8 @@ class Follower:
         binary = proxy.nginx_binary(self.env.get("PATH")) or "nginx"
 
         def check(candidate: Path) -> None:
-            done = subprocess.run([binary, "-t", "-q", "-c", str(candidate), "-e", "stderr", "-p", f"{self.run}/nginx/"],
-                                  capture_output=True, text=True)
+            done = subprocess.run([binary, "-t", "-q", "-c", str(candidate), "-e", "stderr",
+                                   "-p", f"{self.run}/nginx/"], capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"nginx refuses its new configuration: {done.stderr.strip()[-500:]}")
 

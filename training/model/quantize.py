@@ -57,7 +57,10 @@ def quantize(float_path: Path, calibration: np.ndarray, int8_path: Path) -> Path
     from serving.model import onnx_session
 
     name = onnx_session(float_path).get_inputs()[0].name
-    batches = iter([{name: calibration[i:i + 64].astype(np.float32)} for i in range(0, len(calibration), 64)])
+    # The percentile calibrator stacks every batch's outputs into one array, so the batches must be of one size.
+    size = min(64, len(calibration))
+    calibration = calibration[:len(calibration) // size * size]
+    batches = iter([{name: calibration[i:i + size].astype(np.float32)} for i in range(0, len(calibration), size)])
 
     class Reader(CalibrationDataReader):
         def get_next(self):

@@ -47,7 +47,8 @@ def test_the_layers_that_see_pixels_and_make_the_logits_stay_float(tmp_path):
     assert sum(n.op_type == "Conv" for n in graph.node if n.name in kept) == 2  # one per view (flip TTA)
     assert {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")} <= set(kept)
     assert len(convs) > 2 and set(convs) - set(kept)  # the rest is quantized
-    quantize(float_path, natural_images(128, seed=1), tmp_path / "model.int8.onnx")
+    # 100 images: batches of 64 and 36, which the percentile calibrator cannot stack; quantize keeps 64.
+    quantize(float_path, natural_images(100, seed=1), tmp_path / "model.int8.onnx")
     quantized = onnx.load(tmp_path / "model.int8.onnx").graph
     first = [n for n in quantized.node if n.name in kept and n.op_type == "Conv"]
     producers = {out: node for node in quantized.node for out in node.output}
