@@ -409,6 +409,15 @@ BIN = Path(sys.executable).parent
 
 
 
+def wait_until(what: str, check, timeout: float, every: float = 1.0):
+    """``check()``'s first true value, asked every ``every`` seconds; fails naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+    return found
+
+
 def stack_processes(state: Path) -> dict[str, int]:
     """The pid of each running program of the stack on ``state`` as its process manager reports it, and the
     manager's own as ``supervisord``: each leads its own process group. Empty when no manager answers."""

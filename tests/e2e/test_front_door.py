@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import ROOT, free_port, image_bytes, make_serving_model, require, stack, stack_processes, state_env
+from tests.helpers import (ROOT, free_port, image_bytes, make_serving_model, require, stack, stack_processes, state_env,
+                           wait_until)
 from training.deploy.proxy import nginx_binary
 
 NAME = "cifar10-cnn"  # the pipeline's default registered model, which the follower looks up
@@ -114,14 +115,6 @@ class Load:
             return self.answers[-1][3] if self.answers else None
 
 
-def _until(what: str, check, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return found
-
-
 def _collapse(tags: list) -> list:
     return [tag for i, tag in enumerate(tags) if i == 0 or tags[i - 1] != tag]
 
@@ -133,16 +126,17 @@ def test_the_alias_moves_and_back_under_load_with_no_failed_request(front_door):
     assert requests.get(f"{url}/", timeout=10).status_code == 200  # Swagger UI through the front door
     switches = []
     with Load(url) as load:
-        _until("answers from version 1", lambda: load.newest_tag() == bentos["1"], 60)
+        wait_until("answers from version 1", lambda: load.newest_tag() == bentos["1"], 60, every=0.1)
         for version in ("2", "1"):
             time.sleep(3)  # answers from the Bento before the move
             moved = time.monotonic()
             client.set_registered_model_alias(NAME, "champion", version)
-            _until(f"answers from version {version}", lambda: load.newest_tag() == bentos[version], 300)
+            wait_until(f"answers from version {version}", lambda: load.newest_tag() == bentos[version], 300,
+                       every=0.1)
             switches.append(time.monotonic() - moved)
             # The follower stops the old slot once nginx's old workers have finished their requests.
-            _until("the old slot stopped", lambda: len([p for p in stack_processes(run.parent)
-                                                          if p.startswith("bento-")]) == 1, 120)
+            wait_until("the old slot stopped", lambda: len([p for p in stack_processes(run.parent)
+                                                             if p.startswith("bento-")]) == 1, 120, every=0.1)
         time.sleep(3)
     answers = load.answers
     failed = [a for a in answers if a[2] != 200]

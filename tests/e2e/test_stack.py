@@ -17,7 +17,7 @@ import time
 
 import requests
 
-from tests.helpers import ROOT, free_port, stack_processes, state_env
+from tests.helpers import ROOT, free_port, stack_processes, state_env, wait_until
 
 
 def _make(state, *args: str) -> subprocess.CompletedProcess:
@@ -25,14 +25,6 @@ def _make(state, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in state_env(state).items() if not k.startswith(("AIRFLOW", "MLFLOW_", "BENTOML_", "CIFAR10_STATE"))}
     return subprocess.run(["make", "--no-print-directory", *args, f"STATE={state}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
-
-
-def _until(what: str, check, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-    return found
 
 
 def _serves(port: int) -> bool:
@@ -56,23 +48,24 @@ def test_a_crash_shows_in_make_status_and_down_after_a_dead_manager_stops_only_i
         # A crash of the program, workers and all: the manager restarts it and says so.
         first = stack_processes(state)["mlflow"]
         os.killpg(first, signal.SIGKILL)
-        again = _until("mlflow restarted", lambda: (pid := stack_processes(state).get("mlflow", first)) != first and pid)
+        again = wait_until("mlflow restarted",
+                           lambda: (pid := stack_processes(state).get("mlflow", first)) != first and pid, 120)
         status = _make(state, "status", "PARTS=mlflow")
         assert status.returncode == 0 and f"RUNNING   pid {again}," in status.stdout, status.stdout
         assert "exited: mlflow (terminated by SIGKILL; not expected)" in (state / "stack" / "supervisord.log").read_text()
-        _until("the restarted server", lambda: _serves(port))
+        wait_until("the restarted server", lambda: _serves(port), 120)
 
         # The manager dies; its pid file now names an unrelated process, as after a reboot.
         manager = stack_processes(state)["supervisord"]
         os.kill(manager, signal.SIGKILL)
-        _until("the manager gone", lambda: not stack_processes(state))
+        wait_until("the manager gone", lambda: not stack_processes(state), 120)
         (state / "stack" / "supervisord.pid").write_text(f"{unrelated.pid}\n")
         assert "RUNNING" not in _make(state, "status").stdout  # supervisorctl: its socket refuses connections
         assert _serves(port)  # its program outlived it
         down = _make(state, "down")
         assert down.returncode == 0, down.stderr
         assert "left by a supervisord that had died" in down.stdout, down.stdout
-        _until("the orphaned server stopped", lambda: not _serves(port), 60)
+        wait_until("the orphaned server stopped", lambda: not _serves(port), 60)
         assert unrelated.poll() is None, "down signalled a process it had not started"
 
         # A fresh manager starts over the stale socket, and a clean down leaves nothing.
