@@ -24,7 +24,7 @@ from serving.batcher import MicroBatcher, Overloaded
 from serving.decoding import MAX_REQUEST_PIXELS, Decoder, Refused
 from serving.http import RequestGuard, Upload
 from serving.images import MAX_PIXELS
-from serving.lineage import lineage_headers
+from serving.lineage import answer_headers, lineage_headers
 from serving.metrics import ServiceMetrics, drift_window
 from serving.model import onnx_session, prediction, warm_up
 from serving.precision import choose as choose_precision
@@ -53,7 +53,8 @@ deer, dog, frog, horse, ship, truck) with a CNN trained by the cifar10-mlops pip
 
 Every prediction answer names what produced it in headers: `X-Bento-Tag` (the Bento's name:version, or
 `not a bento` when served from source), `X-BentoML-Model`, `X-MLflow-Model`, `X-MLflow-Model-Version`,
-`X-MLflow-Run-Id` and `X-Model-Precision` (float or int8), the values `/metadata` gives.
+`X-MLflow-Run-Id` and `X-Model-Precision` (float or int8), the values `/metadata` gives. `/predict`'s answer
+also gives its label and confidence in `X-Predicted-Class` and `X-Confidence`.
 
 Pixel limits: {MAX_PIXELS:,} decoded pixels per image (a JPEG decodes at down to 1/8 of its width and height)
 and {MAX_REQUEST_PIXELS:,} per request.
@@ -156,7 +157,9 @@ class CIFAR10Classifier:
                       file: Upload = Field(description="An image: PNG, JPEG, BMP, GIF or WebP")) -> Prediction:
         """Classify one uploaded image (multipart field `file`)."""
         ctx.response.headers.update(self.lineage)
-        return (await self._classify([file]))[0]
+        answer = (await self._classify([file]))[0]
+        ctx.response.headers.update(answer_headers(answer.label, answer.confidence))
+        return answer
 
     # maxItems only documents the file limit: the guard enforces it before BentoML parses the form.
     @bentoml.api(route="/predict_batch")

@@ -14,6 +14,17 @@ HEADERS = {
     "X-MLflow-Run-Id": "The MLflow run that trained it",
     "X-Model-Precision": "The model file this server runs: float or int8 (/metadata says why)",
 }
+# /predict's answer in headers too: the front door logs them, to compare a shadowed challenger with the champion
+# request by request (training/deploy/shadow.py) without reading bodies.
+ANSWER_HEADERS = {
+    "X-Predicted-Class": "The predicted class name (the body's label)",
+    "X-Confidence": "The predicted class's probability (the body's confidence)",
+}
+
+
+def answer_headers(label: str, confidence: float) -> dict[str, str]:
+    """The :data:`ANSWER_HEADERS` values for one answer."""
+    return {"X-Predicted-Class": label, "X-Confidence": f"{confidence:.6f}"}
 
 
 def lineage_headers(labels: dict[str, str], model_tag: str, bento_tag: str | None, precision: str) -> dict[str, str]:

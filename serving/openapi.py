@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from serving.lineage import HEADERS as LINEAGE_HEADERS
+from serving.lineage import ANSWER_HEADERS, HEADERS as LINEAGE_HEADERS
 
 ERROR_SCHEMA = {"type": "object", "title": "Error", "required": ["error"], "additionalProperties": False,
                 "properties": {"error": {"type": "string", "description": "What was wrong and what to do"}}}
@@ -38,7 +38,8 @@ def amend_spec(spec: dict, fields: dict[str, dict[str, int]], description: str |
     - A route with file fields needs a multipart body with no other fields (the guard
       refuses unknown ones), and its file parts are images (:data:`IMAGE_TYPES`).
     - A route with file fields runs the model, and its 200 answers carry the lineage headers
-      (:data:`serving.lineage.HEADERS`); BentoML's spec lists no response headers.
+      (:data:`serving.lineage.HEADERS`), a one-image route's also its answer
+      (:data:`serving.lineage.ANSWER_HEADERS`); BentoML's spec lists no response headers.
     """
     for path, allowed in fields.items():
         for operation in spec.get("paths", {}).get(path, {}).values():
@@ -50,8 +51,9 @@ def amend_spec(spec: dict, fields: dict[str, dict[str, int]], description: str |
             responses = {code: answer for code, answer in operation.get("responses", {}).items()
                          if int(code) < 400}
             if allowed and "200" in responses:
+                named = {**LINEAGE_HEADERS, **(ANSWER_HEADERS if "file" in allowed else {})}
                 responses["200"]["headers"] = {name: {"description": what, "schema": {"type": "string"}}
-                                               for name, what in LINEAGE_HEADERS.items()}
+                                               for name, what in named.items()}
             for status, what in ERROR_STATUSES.items():
                 if status != 401 or token:
                     responses[str(status)] = {"description": what, "content": {

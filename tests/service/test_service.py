@@ -701,16 +701,23 @@ def test_prediction_answers_name_the_bento_and_models_behind_them(server, servin
     assert [resp.headers[name] for name in lineage.HEADERS] == [
         *(meta[key] for key in ("bento_tag", "bentoml_model_tag", "mlflow_model", "mlflow_version", "mlflow_run_id")),
         meta["precision"]["served"]]
+    # A one-image answer also gives its label and confidence in headers (what the front door's shadow compares).
+    if field == "file":
+        body = resp.json()
+        assert resp.headers["X-Predicted-Class"] == body["label"]
+        assert abs(float(resp.headers["X-Confidence"]) - body["confidence"]) < 1e-6
+    else:
+        assert "X-Predicted-Class" not in resp.headers and "X-Confidence" not in resp.headers
 
 
 def test_spec_and_page_text_document_the_lineage_headers(server):
     spec = httpx.get(f"{server}/docs.json", timeout=30).json()
-    for path in ("/predict", "/predict_batch"):
+    for path, named in (("/predict", {**lineage.HEADERS, **lineage.ANSWER_HEADERS}), ("/predict_batch", lineage.HEADERS)):
         headers = spec["paths"][path]["post"]["responses"]["200"]["headers"]
-        assert list(headers) == list(lineage.HEADERS), path
+        assert list(headers) == list(named), path
         assert all(h["schema"] == {"type": "string"} and h["description"] for h in headers.values()), path
     assert "headers" not in spec["paths"]["/metadata"]["post"]["responses"]["200"]
-    assert all(f"`{name}`" in spec["info"]["description"] for name in lineage.HEADERS)
+    assert all(f"`{name}`" in spec["info"]["description"] for name in {**lineage.HEADERS, **lineage.ANSWER_HEADERS})
 
 
 def test_swagger_health_and_metrics(server):

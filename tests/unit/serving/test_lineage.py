@@ -29,5 +29,10 @@ def test_spec_documents_the_headers_on_model_routes_only():
     headers = amended["paths"]["/predict"]["post"]["responses"]["200"]["headers"]
     assert headers["X-MLflow-Run-Id"] == {"description": lineage.HEADERS["X-MLflow-Run-Id"],
                                           "schema": {"type": "string"}}
-    assert list(headers) == list(lineage.HEADERS)
+    assert list(headers) == [*lineage.HEADERS, *lineage.ANSWER_HEADERS]  # a one-image route gives its answer too
     assert "headers" not in amended["paths"]["/metadata"]["post"]["responses"]["200"]
+
+
+def test_answer_headers_carry_label_and_confidence():
+    assert lineage.answer_headers("cat", 0.91234567) == {"X-Predicted-Class": "cat", "X-Confidence": "0.912346"}
+    assert list(lineage.answer_headers("cat", 1.0)) == list(lineage.ANSWER_HEADERS)
