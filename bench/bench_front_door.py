@@ -1,7 +1,8 @@
 """The front door's cost: the same Bento served directly and through nginx with the stacks' configuration.
 
 One ``bentoml serve`` of the service (an untrained ``build_model(widths)``, as bench/bench_serving.py builds
-it) and one nginx rendered by training/deploy/proxy.py in front of it, both on loopback; ``wrk`` (one
+it) and the stacks' two nginx rendered by training/deploy/proxy.py in front of it (the front, then the switch),
+all on loopback; ``wrk`` (one
 thread, bench_serving's Lua multipart body, one 32x32 JPEG per request) at concurrency 32, alternating
 Bento alone and through nginx for ``--rounds`` rounds in one sitting, so machine noise falls on both.
 
@@ -19,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.bench_serving import WIDTHS, run_wrk, serving_model, tree_cpu, wrk_inputs
@@ -54,9 +56,16 @@ def main() -> None:
     bento = start_server(bentoml_serve("service:CIFAR10Classifier", bento_port, "--arg", f"model_tag={tag}"),
                          state / "bento.log", bento_port, 300, env=env, cwd=ROOT)
     run = state / "stack"
-    conf = proxy.write({"STACK_RUN": str(run), "STACK_HOST": "127.0.0.1", "PROXY_PORT": str(proxy_port)}, bento_port)
-    nginx = start_server([binary, "-c", str(conf), "-e", "stderr", "-p", f"{run}/nginx/"], state / "nginx.log",
-                         proxy_port, 30, ready="/readyz")
+    stack_env = {"STACK_RUN": str(run), "STACK_HOST": "127.0.0.1", "PROXY_PORT": str(proxy_port)}
+    # The stacks' two nginx: the switch in front of the Bento, the front that clients reach in front of it.
+    (run / "switch.sock").unlink(missing_ok=True)
+    switch = subprocess.Popen([binary, "-c", str(proxy.write(stack_env, bento_port)), "-e", "stderr", "-p",
+                               f"{run}/switch/"], stdout=subprocess.DEVNULL, stderr=(state / "switch.log").open("w"))
+    deadline = time.monotonic() + 30
+    while not (run / "switch.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    nginx = start_server([binary, "-c", str(proxy.write_front(stack_env)), "-e", "stderr", "-p", f"{run}/nginx/"],
+                         state / "nginx.log", proxy_port, 30, ready="/readyz")
     rows = {"bento": [], "nginx": []}
     try:
         urls = {"bento": f"http://127.0.0.1:{bento_port}/predict", "nginx": f"http://127.0.0.1:{proxy_port}/predict"}
@@ -64,14 +73,17 @@ def main() -> None:
             run_wrk(url, 8, 3, script, image, bento.pid)
         for i in range(args.rounds):
             for name, url in urls.items():
-                nginx_cpu0 = tree_cpu(nginx.pid)
+                nginx_cpu0 = tree_cpu(nginx.pid) + tree_cpu(switch.pid)
                 r = run_wrk(url, args.concurrency, args.duration, script, image, bento.pid)
-                r["nginx_cpu_share"] = (tree_cpu(nginx.pid) - nginx_cpu0) / args.duration / os.cpu_count()
+                r["nginx_cpu_share"] = ((tree_cpu(nginx.pid) + tree_cpu(switch.pid) - nginx_cpu0) / args.duration
+                                        / os.cpu_count())
                 r["load"] = os.getloadavg()
                 rows[name].append(r)
                 print(name, i, json.dumps(r), flush=True)
     finally:
         stop_server(nginx)
+        switch.terminate()
+        switch.wait(30)
         stop_server(bento)
     print(f"\nCPU: {cpu_model()} ({os.cpu_count()} CPUs); load average at the end: "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()))

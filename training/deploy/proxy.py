@@ -1,11 +1,18 @@
-"""The front door of the local stacks: nginx's configuration, rendered into the state folder.
+"""The front door of the local stacks: nginx's configurations, rendered into the state folder.
 
-nginx (Debian's package, .ci/setup-nginx.sh) is the only listener clients reach, on STACK_HOST:PROXY_PORT; the
-Bento it forwards to listens on a loopback port of its own (training/deploy/follow.py switches that port when
-the champion moves). nginx reads a request's header and whole body before the Bento sees it, so slow or idle
-clients cost nginx a connection, not a Bento worker; what it bounds is in docs/security.md.
+Two nginx servers (Debian's package, .ci/setup-nginx.sh), each a supervisord program of the ``proxy`` part:
 
-    python -m training.deploy.proxy > deploy/nginx/nginx.conf     # compose's copy of the configuration
+- **the front** (``proxy``, STACK_RUN/nginx.conf) is the only listener clients reach, on STACK_HOST:PROXY_PORT.
+  It holds the client side: timeouts, connection limits, the size limit, TLS, the access log. nginx reads a
+  request's header and whole body before the Bento sees it, so slow or idle clients cost nginx a connection,
+  not a Bento worker; what it bounds is in docs/security.md. Its configuration never changes while it runs.
+- **the switch** (``switch``, STACK_RUN/switch.conf) listens on a socket in STACK_RUN and forwards to the Bento
+  slot that serves (training/deploy/follow.py rewrites it and reloads it when the champion moves, and adds the
+  shadow's mirror). A reload's old worker closes its kept-alive connections; a client that sent a request on
+  one as it closed would get no answer, so clients never hold connections to the switch: the front does, and
+  sends such a request again (:data:`RETRY_STALE`).
+
+    python -m training.deploy.proxy > deploy/nginx/nginx.conf     # compose's front: one nginx, no switching
 """
 
 from __future__ import annotations
@@ -57,34 +64,143 @@ def tls_files(env: dict[str, str]) -> tuple[str, str] | None:
     return (str(Path(cert).resolve()), str(Path(key).resolve())) if cert else None
 
 
-def render(env: dict[str, str], upstream: str, access_log: str | None = None, as_root: bool | None = None) -> str:
-    """nginx's configuration for STACK_HOST:PROXY_PORT in front of ``upstream`` (host:port); its files under
-    STACK_RUN, its access log there unless ``access_log`` names another file."""
-    run, host, port = env["STACK_RUN"], env["STACK_HOST"], env["PROXY_PORT"]
-    tls = tls_files(env)
+# The front's retry of a request its kept-alive connection to the switch lost: a reload's old worker closes
+# idle connections at once, and one may close as the front sends on it. nginx gives a stale kept-alive
+# connection one more try; `non_idempotent` lets that include POST. The old worker never began such a request,
+# and a prediction changes nothing that running it twice would.
+RETRY_STALE = "error non_idempotent"
+
+
+def _proxied(read_timeout_s: int, front: bool = True, next_upstream: str = "off") -> str:
+    """The directives of a location that forwards to an upstream; behind the ``front``, the client is the one the
+    front names."""
+    client, scheme = ("$remote_addr", "$scheme") if front else ("$http_x_forwarded_for", "$http_x_forwarded_proto")
+    return f"""            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            # The Bento checks the bearer token itself (CIFAR10_API_TOKEN): nginx passes it on untouched.
+            proxy_set_header Authorization $http_authorization;
+            # The client as the front saw it; whatever chain a client sends is not passed on as if it were true.
+            proxy_set_header X-Forwarded-For {client};
+            proxy_set_header X-Forwarded-Proto {scheme};
+            proxy_next_upstream {next_upstream};
+            proxy_connect_timeout 5s;
+            proxy_send_timeout {read_timeout_s}s;
+            proxy_read_timeout {read_timeout_s}s;"""
+
+
+def _shadow(run: str, upstream: str, share: float) -> tuple[str, str]:
+    """The http-level and server-level parts that mirror ``share`` of /predict requests to ``upstream`` (a
+    challenger) and log both answers of each mirrored one to STACK_RUN/shadow.log (training/deploy/shadow.py).
+
+    nginx's ``mirror`` holds a client's connection until the mirrored request is answered: a kept-alive client's
+    next request then waits for the challenger, and a reload in that time drops it. So the mirror goes to a relay
+    (a second server of the same nginx, on a socket in STACK_RUN) that answers at once and mirrors the request
+    on to the challenger itself: clients wait for nothing the challenger does.
+    """
+    from training.deploy.shadow import MIRROR_TIMEOUT_S
+
+    sample = "* 1;" if share >= 1 else f"{share * 100:.2f}% 1;\n        * \"\";"
+    fields = ('"status":"$status","class":"$upstream_http_x_predicted_class",'
+              '"confidence":"$upstream_http_x_confidence","time":"$upstream_response_time"')
+    http = f"""
+    # Shadow: a share of /predict requests is also sent to the challenger, whose answer is logged, not returned.
+    split_clients "$request_id" $shadow_sample {{
+        {sample}
+    }}
+    log_format shadow_champion escape=json '{{"side":"champion","id":"$request_id",{fields}}}';
+    log_format shadow_challenger escape=json '{{"side":"challenger","id":"$http_x_request_id",{fields}}}';
+    upstream challenger {{
+        server {upstream} max_fails=0;
+        keepalive 8;
+        keepalive_timeout 4s;
+    }}
+
+    # The relay: takes the mirrored copy, answers at once (stub_status's 405), and sends the copy on.
+    server {{
+        listen unix:{run}/shadow.sock;
+        access_log off;
+
+        location / {{
+            mirror /_challenger;
+            mirror_request_body on;
+            stub_status;
+        }}
+
+        location = /_challenger {{
+            internal;
+            log_subrequest on;
+            access_log {run}/shadow.log shadow_challenger;
+            proxy_pass http://challenger$request_uri;
+{_proxied(MIRROR_TIMEOUT_S, front=False)}
+            proxy_set_header X-Request-Id $http_x_request_id;
+            # The relay's own client (the front door) has gone by the time the challenger answers.
+            proxy_ignore_client_abort on;
+        }}
+    }}
+"""
+    server = f"""
+        location ~ ^/predict/?$ {{
+            proxy_pass http://bento;
+{_proxied(UPSTREAM_READ_S, front=False)}
+            mirror /_shadow;
+            mirror_request_body on;
+            access_log {run}/shadow.log shadow_champion if=$shadow_sample;
+        }}
+
+        location = /_shadow {{
+            internal;
+            access_log off;
+            if ($shadow_sample = "") {{
+                return 204;
+            }}
+            proxy_pass http://unix:{run}/shadow.sock:$request_uri;
+{_proxied(5, front=False)}
+            proxy_set_header X-Request-Id $request_id;
+        }}
+"""
+    return http, server
+
+
+def _main(run: str, pid: str, as_root: bool | None) -> str:
     # Started by root (CI), nginx would hand its workers to `nobody`, which may not enter the private state folder.
     user = "user root;\n" if (os.geteuid() == 0 if as_root is None else as_root) else ""
-    # One level under STACK_RUN: nginx makes a temp folder's last component only (compose's is an empty tmpfs).
-    temp = "\n".join(f"    {kind}_temp_path {run}/nginx-{kind};" for kind in TEMP_KINDS)
-    listen = f"{host}:{port} ssl" if tls else f"{host}:{port}"
-    ssl = (f"\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
-           "        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:tls:1m;") if tls else ""
-    return f"""# Rendered by training/deploy/proxy.py; training/deploy/follow.py rewrites the upstream and reloads nginx.
-daemon off;
+    return f"""daemon off;
 {user}worker_processes 1;
 # Two descriptors per proxied request: the limit a desktop's shell gives (often 1024) would cut it short.
 worker_rlimit_nofile {2 * WORKER_CONNECTIONS + 64};
 # A reload's old worker stops holding a client (one trickling its body, say) after this, so a switch ends.
 worker_shutdown_timeout {UPSTREAM_READ_S}s;
-pid {run}/nginx.pid;
+pid {pid};
 error_log stderr warn;
 
 events {{
     worker_connections {WORKER_CONNECTIONS};
 }}
+"""
 
+
+def _temp(run: str, prefix: str) -> str:
+    # One level under STACK_RUN: nginx makes a temp folder's last component only (compose's is an empty tmpfs).
+    return "\n".join(f"    {kind}_temp_path {run}/{prefix}-{kind};" for kind in TEMP_KINDS)
+
+
+def render(env: dict[str, str], upstream: str | None = None, access_log: str | None = None,
+           as_root: bool | None = None) -> str:
+    """The front's configuration: STACK_HOST:PROXY_PORT, forwarding to ``upstream`` (host:port; by default the
+    switch's socket in STACK_RUN, one connection per request); its access log in STACK_RUN unless ``access_log``
+    names another file."""
+    run, host, port = env["STACK_RUN"], env["STACK_HOST"], env["PROXY_PORT"]
+    tls = tls_files(env)
+    listen = f"{host}:{port} ssl" if tls else f"{host}:{port}"
+    ssl = (f"\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
+           "        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:tls:1m;") if tls else ""
+    # compose: one Bento that never switches, and a request that failed there fails. Here: the switch.
+    backend, retry = (upstream, "off") if upstream else (f"unix:{run}/switch.sock", RETRY_STALE)
+    return f"""# Rendered by training/deploy/proxy.py: the front door.
+{_main(run, f"{run}/nginx.pid", as_root)}
 http {{
-{temp}
+{_temp(run, "nginx")}
     server_tokens off;
     log_format front '$remote_addr [$time_local] "$request" $status $body_bytes_sent $request_time '
                      'upstream=$upstream_addr $upstream_status $upstream_response_time';
@@ -106,7 +222,7 @@ http {{
     limit_conn_status 429;
 
     upstream bento {{
-        server {upstream} max_fails=0;
+        server {backend} max_fails=0;
         keepalive 32;
         # Shorter than the Bento's own idle timeout: nginx never sends a request on a connection the Bento
         # is closing, which (with no retries) would fail it.
@@ -118,33 +234,57 @@ http {{
 
         location / {{
             proxy_pass http://bento;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            # The Bento checks the bearer token itself (CIFAR10_API_TOKEN): nginx passes it on untouched.
-            proxy_set_header Authorization $http_authorization;
-            # The client as nginx saw it; whatever chain a client sends is not passed on as if it were true.
-            proxy_set_header X-Forwarded-For $remote_addr;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            # A prediction is never sent twice: there is one upstream, and a request that failed there fails.
-            proxy_next_upstream off;
-            proxy_connect_timeout 5s;
-            proxy_send_timeout {UPSTREAM_READ_S}s;
-            proxy_read_timeout {UPSTREAM_READ_S}s;
+{_proxied(UPSTREAM_READ_S, next_upstream=retry)}
         }}
     }}
 }}
 """
 
 
-def write(env: dict[str, str], upstream_port: int | str, check=None) -> Path:
-    """Write the configuration to STACK_RUN/nginx.conf (and nginx's temp folders); return its path. ``check``
-    (a callable) gets the new file first and may raise: the configuration in place then stays as it was."""
-    run = Path(env["STACK_RUN"])
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "nginx").mkdir(exist_ok=True)  # its prefix (-p): where `nginx -t` looks for what it does not name
-    path = run / "nginx.conf"
-    text = render(env, f"127.0.0.1:{upstream_port}")
+def render_switch(env: dict[str, str], upstream: str, shadow: str | None = None, share: float = 0.0,
+                  as_root: bool | None = None) -> str:
+    """The switch's configuration: STACK_RUN/switch.sock forwarding to ``upstream`` (host:port, a Bento slot).
+    With ``shadow`` (host:port) and a ``share`` above 0, that share of /predict requests is mirrored there. With
+    FOLLOW_PORT, the follower's /metrics is served at /shadow/metrics."""
+    run = env["STACK_RUN"]
+    shadow_http, shadow_server = _shadow(run, shadow, share) if shadow and share > 0 else ("", "")
+    follower = (f"""
+        # The follower's figures of the challenger in shadow (it checks the bearer token itself).
+        location = /shadow/metrics {{
+            proxy_pass http://127.0.0.1:{env["FOLLOW_PORT"]}/metrics;
+{_proxied(10, front=False)}
+        }}
+""" if env.get("FOLLOW_PORT") else "")
+    return f"""# Rendered by training/deploy/proxy.py; training/deploy/follow.py rewrites the upstream and reloads it.
+{_main(run, f"{run}/switch.pid", as_root)}
+http {{
+{_temp(run, "switch")}
+    server_tokens off;
+    access_log off;  # the front logs every request
+    client_max_body_size {body_limit(env)};
+    client_body_buffer_size 128k;
+
+    upstream bento {{
+        server {upstream} max_fails=0;
+        keepalive 32;
+        # Shorter than the Bento's own idle timeout: nginx never sends a request on a connection the Bento
+        # is closing, which (with no retries) would fail it.
+        keepalive_timeout 4s;
+    }}
+{shadow_http}
+    server {{
+        listen unix:{run}/switch.sock;
+
+        location / {{
+            proxy_pass http://bento;
+{_proxied(UPSTREAM_READ_S, front=False)}
+        }}
+{shadow_server}{follower}    }}
+}}
+"""
+
+
+def _replace(path: Path, text: str, check=None) -> Path:
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
@@ -152,6 +292,26 @@ def write(env: dict[str, str], upstream_port: int | str, check=None) -> Path:
             check(tmp)
         tmp.replace(path)  # nginx never reads a half-written file
     return path
+
+
+def write_front(env: dict[str, str]) -> Path:
+    """Write the front's configuration to STACK_RUN/nginx.conf; return its path."""
+    run = Path(env["STACK_RUN"])
+    for prefix in ("nginx", "switch"):  # each one's prefix (-p): where `nginx -t` looks for what it does not name
+        (run / prefix).mkdir(parents=True, exist_ok=True)
+    return _replace(run / "nginx.conf", render(env))
+
+
+def write(env: dict[str, str], upstream_port: int | str, check=None, shadow_port: int | None = None,
+          share: float = 0.0) -> Path:
+    """Write the switch's configuration to STACK_RUN/switch.conf; return its path. ``check`` (a callable) gets
+    the new file first and may raise: the configuration in place then stays as it was. With ``shadow_port``,
+    ``share`` of /predict requests is mirrored to that loopback port."""
+    run = Path(env["STACK_RUN"])
+    (run / "switch").mkdir(parents=True, exist_ok=True)
+    text = render_switch(env, f"127.0.0.1:{upstream_port}",
+                         shadow=f"127.0.0.1:{shadow_port}" if shadow_port else None, share=share)
+    return _replace(run / "switch.conf", text, check)
 
 
 # deploy/nginx/nginx.conf, compose's front door: the same configuration, in front of the `bento` service.

@@ -57,9 +57,10 @@ def settings(stack: str, environ: dict[str, str]) -> dict[str, str]:
     env, state = dict(environ), Path(environ["CIFAR10_STATE_DIR"]).resolve()
     host = env.setdefault("STACK_HOST", "127.0.0.1")
     # PROXY_PORT is the port clients use (nginx); the Bento's two slots listen on loopback at BENTO_PORT and the
-    # port after it (training/deploy/follow.py).
+    # port after it, the follower's /metrics at FOLLOW_PORT (training/deploy/follow.py).
     proxy_port = env.setdefault("PROXY_PORT", "3000")
     for name, value in [("AIRFLOW_PORT", "8080"), ("MLFLOW_PORT", "5000"), ("BENTO_PORT", str(int(proxy_port) + 1)),
+                        ("FOLLOW_PORT", str(int(proxy_port) + 3)),
                         ("AIRFLOW_HOME", f"{state}/airflow"), ("BENTOML_HOME", f"{state}/bentoml"),
                         ("MLFLOW_TRACKING_URI", f"sqlite:///{state}/mlflow/mlflow.db"),
                         ("AIRFLOW__CORE__LOAD_EXAMPLES", "False"),
@@ -142,7 +143,9 @@ def programs(env: dict[str, str]) -> dict[str, dict[str, str]]:
     from training.deploy.proxy import nginx_binary
 
     nginx = shlex.quote(nginx_binary(env.get("PATH")) or "nginx")
-    proxy = {"proxy": f"{nginx} -c {run}/nginx.conf -e stderr -p {run}/nginx/"}
+    # The front clients reach, and the switch behind it that the follower reloads (training/deploy/proxy.py).
+    proxy = {"switch": f"{nginx} -c {run}/switch.conf -e stderr -p {run}/switch/",
+             "proxy": f"{nginx} -c {run}/nginx.conf -e stderr -p {run}/nginx/"}
     if env["STACK"] == "local":
         return {"airflow": airflow, "mlflow": {"mlflow": f"mlflow server --backend-store-uri {q['MLFLOW_TRACKING_URI']} "
                                                          f"--default-artifact-root file://{state}/mlflow/artifacts "
@@ -175,7 +178,7 @@ def programs(env: dict[str, str]) -> dict[str, dict[str, str]]:
 
 
 # nginx stops gracefully on QUIT (requests in flight are answered first); TERM would cut them off.
-STOP_SIGNAL = {"proxy": "QUIT"}
+STOP_SIGNAL = {"proxy": "QUIT", "switch": "QUIT"}
 
 
 def render(env: dict[str, str]) -> Path:
@@ -336,6 +339,19 @@ def _bento(env: dict[str, str]) -> str | None:
     return None
 
 
+def _unlink_stale_socket(path: Path) -> None:
+    """Remove a socket file no server listens on (one left by an nginx that was killed): binding it would fail."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except FileNotFoundError:
+            pass
+        except ConnectionRefusedError:
+            path.unlink()
+
+
 def _prepare(env: dict[str, str], part: str) -> list | None:
     """Do what ``part`` needs before it starts; return its programs, each with its readiness check, or None
     when there is nothing to start (postgres is databases only; the Bento only once there is one)."""
@@ -392,7 +408,9 @@ def _prepare(env: dict[str, str], part: str) -> list | None:
         if not proxy.nginx_binary(env["PATH"]):
             raise SystemExit("proxy: no nginx: run .ci/setup-nginx.sh (Debian: apt-get install nginx)")
         proxy.write(env, slots.slot_port(env, slots.load(run).slot or "blue"))
-        return [("proxy", _answers(env))]
+        proxy.write_front(env)
+        _unlink_stale_socket(run / "switch.sock")
+        return [("switch", lambda: (run / "switch.sock").exists()), ("proxy", _answers(env))]
     return None
 
 

@@ -44,7 +44,7 @@ def described(tmp_path_factory):
 def test_each_stack_runs_its_parts_as_programs(described):
     assert set(described["local"]) == {"airflow:airflow-api-server", "airflow:airflow-scheduler", "mlflow:mlflow",
                                        "airflow:airflow-dag-processor", "airflow:airflow-triggerer", "bento:bento-blue",
-                                       "bento:bento-green", "bento:follow", "proxy:proxy"}
+                                       "bento:bento-green", "bento:follow", "proxy:proxy", "proxy:switch"}
     assert set(described["distributed"]) == set(described["local"]) | {"redis:redis", "s3:s3",
                                                                      "airflow:airflow-worker"}
     # `up PART` starts supervisord's group of that name; postgres is databases only, no process.
@@ -65,7 +65,7 @@ def test_programs_start_only_when_asked_restart_and_stop_with_their_process_grou
     assert order == sorted(order, reverse=True) and len(set(order)) == len(order)
     # nginx stops gracefully (QUIT: requests in flight are answered), every other program on TERM.
     for stack, programs in described.items():
-        assert {name: p.stopsignal for name, p in programs.items() if p.stopsignal != 15} == {"proxy:proxy": 3}
+        assert {name: p.stopsignal for name, p in programs.items() if p.stopsignal != 15} == {"proxy:proxy": 3, "proxy:switch": 3}
 
 
 def test_every_listener_binds_stack_host_and_no_log_server_starts(described):
@@ -98,9 +98,9 @@ def test_compose_and_kubernetes_name_the_same_parts_as_the_stack(described):
     named = _stack_comments(compose)
     assert set(named) == set(services), f"services without a `# stack:` comment: {set(services) - set(named)}"
     described = {name.split(":")[1] for name in described["distributed"]}
-    # One host keeps two Bento slots and a follower that switches between them; compose runs one Bento
-    # container (its `# stack:` names the slot a fresh start serves), Kubernetes rolls out a Deployment.
-    assert set(named.values()) - {"none"} == described - {"bento-green", "follow"}
+    # One host keeps two Bento slots, a follower and a switch nginx that moves between them; compose runs one
+    # Bento container (its `# stack:` names the slot a fresh start serves), Kubernetes rolls out a Deployment.
+    assert set(named.values()) - {"none"} == described - {"bento-green", "follow", "switch"}
     k8s = re.findall(r"^# stack: ([\w-]+)", (ROOT / "deploy" / "k8s" / "bento.yaml").read_text(), re.M)
     assert k8s and set(k8s) <= described
 
