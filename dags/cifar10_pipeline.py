@@ -33,7 +33,9 @@ DOC = """
    model does, with no error and p99 within `served_p99_budget_ms`; a failure fails the run, nothing moves
 10. **promote**: the move is recorded (on the version, in MLflow) and the image tagged `latest`, then the
     `champion` alias moves, only if the champion is still the one the version was scored against; a
-    retry after a partial failure finishes the step
+    retry after a partial failure finishes the step. Where a front door serves (`make up`), the version is
+    named `challenger` instead and `champion` moves only after its shadow on live traffic passes
+    (`shadow_*` params; docs/deploy.md)
 11. **publish** the Bento to `bento_export_uri` (e.g. S3) for serving machines, recording the archive's URI
     and sha256 on the version: serving imports exactly that archive (skipped when the URI is empty)
 

@@ -871,7 +871,8 @@ class ServingModel:
 
 
 def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path: str | None = None,
-                        name: str = "cifar10-cnn", tta: bool = False, precision: str | None = None) -> str:
+                        name: str = "cifar10-cnn", tta: bool = False, precision: str | None = None,
+                        shift_classes: int = 0) -> str:
     """Build an untrained ``build_model(widths)``, export it to ONNX, store it under ``home``; return its tag.
 
     With ``tta``, flip test-time augmentation is inside, as in the models training exports. With
@@ -879,6 +880,8 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
     images and recorded as keeping float's answers, as training does for one that passed.
 
     With ``keras_path``, the Keras model is also saved there (the seed-style benchmark baseline loads it).
+    With ``shift_classes``, it answers class (c + shift) % 10 wherever the plain model (the same weights: the
+    initialisation is seeded) answers c: as fast and as confident, and never of the same opinion.
 
     Must run in a process whose ``BENTOML_HOME`` is ``home`` before bentoml is imported
     (bentoml reads it once): :func:`make_serving_model` does that in a subprocess.
@@ -894,6 +897,9 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
     from training.model.network import build_model, with_flip_tta
 
     model = build_model(widths, num_classes=len(CLASSES))
+    if shift_classes:
+        logits = model.get_layer("logits")
+        logits.kernel.assign(np.roll(np.asarray(logits.kernel), shift_classes, axis=1))
     if tta:
         model = with_flip_tta(model)
     if keras_path:
@@ -922,12 +928,12 @@ def build_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_pat
 
 
 def make_serving_model(home: Path, widths: tuple[int, ...] = (8, 16), keras_path: str | None = None,
-                       tta: bool = False, precision: str | None = None) -> str:
+                       tta: bool = False, precision: str | None = None, shift_classes: int = 0) -> str:
     """Run :func:`build_serving_model` in a fresh interpreter with ``BENTOML_HOME=home``; return the tag."""
     home.mkdir(parents=True, exist_ok=True)
     code = ("from pathlib import Path; from tests.helpers import build_serving_model; "
             f"print('TAG=' + build_serving_model(Path({str(home)!r}), {tuple(widths)!r}, {keras_path!r}, "
-            f"tta={tta!r}, precision={precision!r}))")
+            f"tta={tta!r}, precision={precision!r}, shift_classes={shift_classes!r}))")
     env = {**os.environ, "BENTOML_HOME": str(home), "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
            "BENTOML_DO_NOT_TRACK": "True"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)

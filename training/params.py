@@ -131,6 +131,14 @@ PIPELINE = RunParams(config_params=(
     RunParam("force_promote", "boolean", "Operator override of the gate"),
     RunParam("served_p99_budget_ms", "number", "Served-artifact gate: p99 latency budget of the golden set",
              exclusive_minimum=0),
+    RunParam("shadow_share", "number", "Share of live /predict requests mirrored to a new version before it becomes "
+                                       "champion, where a front door serves (0: no shadow)", minimum=0, maximum=1),
+    RunParam("shadow_requests", "integer", "Shadow window: mirrored answers judged", minimum=1),
+    RunParam("shadow_minutes", "number", "Shadow window: longest duration in minutes", exclusive_minimum=0),
+    RunParam("shadow_min_agreement", "number", "Shadow: least share of answers with the champion's class",
+             minimum=0, maximum=1),
+    RunParam("shadow_max_p99_ratio", "number", "Shadow: most its p99 latency may be over the champion's",
+             exclusive_minimum=0),
     RunParam("precision", "string", "Served precision: auto (int8 only where it keeps float's answers and is faster "
                                     "where the Bento runs), float or int8", enum=PRECISIONS),
     RunParam("container_backend", "string", "auto | docker | podman | buildah | none",

@@ -4,6 +4,10 @@ The champion's Bento is recorded on its model version (tag ``bento_tag``) when i
 so serving starts what the registry says rather than the newest Bento in the store, which may
 be one that failed the served-artifact check.
 
+Where a front door follows the aliases (its heartbeat on the registered model is fresh), :func:`promote`
+names the version ``challenger`` instead, and the follower's shadow ends in :func:`conclude_shadow`, which
+moves ``champion`` only if the challenger passed (training/deploy/shadow.py).
+
 :func:`promote` (the DAG's step after ``verify``) and :func:`rollback` both write their records
 first (the version's tags, the ``<experiment>-champion`` run, the image tagged ``latest``) and move
 the alias last, and only if the champion is still the one they started from. A promotion that is
@@ -25,6 +29,7 @@ import getpass
 import logging
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 from training.config import PipelineConfig
@@ -56,13 +61,19 @@ def operator() -> str:
 
 def champion_bento(config: PipelineConfig) -> str:
     """The Bento tag of the champion, present in this machine's store; raises :class:`NoChampion` otherwise."""
-    from training.packaging.bento import bento_of_run, use_bentoml_home
     from training.registry.promotion import client_for, current_champion
 
     mv = current_champion(client_for(config), config.registered_model_name)
     if mv is None:
         raise NoChampion(f"no {config.registered_model_name} version holds the champion alias yet: run the "
                          "pipeline (make pipeline) first")
+    return version_bento(config, mv)
+
+
+def version_bento(config: PipelineConfig, mv) -> str:
+    """The Bento tag of model version ``mv``, present in this machine's store; raises :class:`NoChampion` otherwise."""
+    from training.packaging.bento import bento_of_run, use_bentoml_home
+
     tag = mv.tags.get("bento_tag")
     bentoml = use_bentoml_home(config)
     if tag:
@@ -72,7 +83,7 @@ def champion_bento(config: PipelineConfig) -> str:
             pass
     found = bento_of_run(config, mv.run_id)
     if found is None:
-        raise NoChampion(f"the champion ({config.registered_model_name} version {mv.version}) has no Bento in "
+        raise NoChampion(f"{config.registered_model_name} version {mv.version} has no Bento in "
                          f"{config.bentoml_home_path}: `make rollback VERSION={mv.version}` rebuilds it")
     return found
 
@@ -116,7 +127,8 @@ def promote(config: PipelineConfig, version_uri: str, bento_tag: str, *, by: str
     then stale) unless ``force_promote`` is set. Idempotent: when an earlier try of this step
     (the same ``by``) already moved the alias, its records came first, so the step is complete.
     """
-    from training.registry.promotion import Move, champion_version, client_for, mark_promoted, move_alias, split_uri
+    from training.registry.promotion import (Move, champion_version, client_for, front_door_watching, mark_promoted,
+                                             move_alias, split_uri)
 
     name, version = split_uri(version_uri)
     client = client_for(config)
@@ -136,15 +148,76 @@ def promote(config: PipelineConfig, version_uri: str, bento_tag: str, *, by: str
                            f"against version {scored or 'none'}: the comparison is stale; rerun this DAG run to score "
                            "it against the current champion")
     move = Move(name, version, mv.run_id, "promote", before, bento_tag, mv.tags.get("gate_reason", ""), by)
+    if before and config.shadow_share > 0 and front_door_watching(client, name, time.time()):
+        return _name_challenger(config, client, move, version_uri)
     mark_promoted(client, move)
     run_id, _ = _record(config, client, move)
     move_alias(client, move, run_id)
     return version_uri
 
 
+def _name_challenger(config: PipelineConfig, client, move, version_uri: str) -> str:
+    """Where a front door serves the champion: name the version ``challenger``, its thresholds recorded on it;
+    the follower shadows it and moves ``champion`` only if it passes (:func:`conclude_shadow`)."""
+    from training.deploy.shadow import Thresholds
+    from training.registry.promotion import CHALLENGER, SHADOWED, _set_tags
+
+    thresholds = Thresholds.from_config(config)
+    for key, value in {**thresholds.as_tags(), "bento_tag": move.bento_tag, "challenger_by": move.by,
+                       "shadow_champion": move.previous}.items():
+        client.set_model_version_tag(move.name, move.version, key, value)
+    _set_tags(client, move.name, move.version, move.run_id, {"gate_decision": SHADOWED})
+    client.set_registered_model_alias(move.name, CHALLENGER, move.version)
+    log.info("a front door serves %s version %s: version %s is now %s; it becomes champion only if %.0f%% of live "
+             "/predict requests mirrored to it (%d, or %g minutes) agree with the champion's answers on at least "
+             "%.0f%% (training/deploy/shadow.py)", move.name, move.previous, move.version, CHALLENGER,
+             100 * thresholds.share, thresholds.requests, thresholds.minutes, 100 * thresholds.min_agreement)
+    return version_uri
+
+
+def conclude_shadow(config: PipelineConfig, version: str, passed: bool, reason: str, figures: dict,
+                    by: str = "front door") -> bool:
+    """The end of ``version``'s shadow: its figures logged to its run, its record, and ``champion`` moved to it
+    when it ``passed`` and the champion is still the one it was compared with. ``challenger`` is removed either
+    way. Returns whether the champion moved."""
+    from training.registry.promotion import (CHALLENGER, FAILED_SHADOW, ChampionChanged, Move, _set_tags, challenger,
+                                             champion_version, client_for, mark_promoted, move_alias)
+
+    client, name = client_for(config), config.registered_model_name
+    mv = client.get_model_version(name, version)
+    at = int(time.time() * 1000)
+    for key, value in figures.items():
+        if value is not None:
+            client.log_metric(mv.run_id, f"shadow_{key}", float(value), timestamp=at)
+    moved = False
+    compared = mv.tags.get("shadow_champion", "")
+    if passed and champion_version(client, name) != compared:
+        passed, reason = False, (f"the champion moved from version {compared} while version {version} was shadowed "
+                                 f"beside it; its {reason} no longer applies")
+    if passed:
+        move = Move(name, version, mv.run_id, "promote", compared, mv.tags["bento_tag"], reason, by)
+        _set_tags(client, name, version, mv.run_id, {"shadow_decision": "passed", "shadow_reason": reason[:5000]})
+        mark_promoted(client, move)
+        run_id, _ = _record(config, client, move)
+        try:
+            move_alias(client, move, run_id)
+            moved = True
+        except ChampionChanged as exc:
+            reason = str(exc)
+    if not moved:
+        _set_tags(client, name, version, mv.run_id, {"gate_decision": FAILED_SHADOW, "shadow_decision": "failed",
+                                                     "shadow_reason": reason[:5000]})
+        log.warning("%s version %s stays off: %s; the champion stays version %s", name, version, reason,
+                    champion_version(client, name) or "none")
+    held = challenger(client, name)
+    if held is not None and str(held.version) == str(version):  # a newer challenger named meanwhile stays
+        client.delete_registered_model_alias(name, CHALLENGER)
+    return moved
+
+
 def _check_target(mv, force: bool, reason: str) -> None:
     """Refuse a rollback to a version that did not pass both gates, unless forced with a reason."""
-    from training.registry.promotion import FAILED_SERVING, PROMOTED, REJECTED
+    from training.registry.promotion import FAILED_SERVING, FAILED_SHADOW, PROMOTED, REJECTED
 
     decision = mv.tags.get("gate_decision", "")
     if force:
@@ -159,7 +232,8 @@ def _check_target(mv, force: bool, reason: str) -> None:
         return
     why = mv.tags.get("gate_reason", "")
     what = {FAILED_SERVING: f"failed the served-artifact check (gate_decision=failed_serving: {why})",
-            REJECTED: f"lost the quality gate (gate_decision=rejected: {why})"}.get(
+            REJECTED: f"lost the quality gate (gate_decision=rejected: {why})",
+            FAILED_SHADOW: f"failed its shadow (gate_decision=failed_shadow: {mv.tags.get('shadow_reason', '')})"}.get(
         decision, f"was never promoted (gate_decision={decision or 'none'}): its Bento never passed the "
                   "served-artifact check")
     raise RollbackRefused(f"version {mv.version} {what}. Roll back to a version that was promoted, or force it with a "

@@ -1,13 +1,20 @@
 """The served Bento follows the registry's ``champion`` alias, with no request dropped: blue/green on one host.
 
 Two supervisord programs are the Bento's slots, ``bento:bento-blue`` on BENTO_PORT and ``bento:bento-green``
-on the port after it, both on loopback; nginx (training/deploy/proxy.py) forwards to one of them. The
-follower (``bento:follow``) polls the alias every CIFAR10_FOLLOW_INTERVAL seconds. When it names another
-version than the one served, the follower takes that version's Bento (the lookup ``make serve`` uses), starts
-it in the idle slot, waits for its /readyz, rewrites nginx's upstream and reloads nginx (SIGHUP: new workers
-take new requests, the old ones finish theirs), waits for the old workers to exit, then stops the old slot.
+on the port after it, both on loopback; the switch nginx behind the front door (training/deploy/proxy.py)
+forwards to one of them. The follower (``bento:follow``) polls the alias every CIFAR10_FOLLOW_INTERVAL seconds.
+When it names another version than the one served, the follower takes that version's Bento (the lookup
+``make serve`` uses), starts it in the idle slot, waits for its /readyz, rewrites the switch's upstream and
+reloads it (SIGHUP: new workers take new requests, the old ones finish theirs), waits for the old workers to
+exit, then stops the old slot.
 A promotion by any run, ``make rollback`` and the rollback DAG are followed alike. A Bento that does not
 become ready is stopped and the old one keeps serving; the same version is tried again after a back-off.
+
+Where a run names a version ``challenger`` instead (the promote step does so while this follower's heartbeat on
+the registered model is fresh), that version's Bento starts in the idle slot and nginx mirrors a share of /predict
+requests to it; the champion keeps answering every client. At the window's end the figures
+(training/deploy/shadow.py) are logged to MLflow and exported on the follower's /metrics (FOLLOW_PORT, and
+/shadow/metrics through the front door); ``champion`` moves only if they pass, and the switch above follows.
 
 Where it stands is kept in STACK_RUN/serving.json (slot, Bento tag, version) and each slot's Bento tag in
 STACK_RUN/bento-<slot>.tag, which the slot's program reads when supervisord starts it.
@@ -22,6 +29,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,31 +73,53 @@ def serve_slot(slot: str) -> None:
 class Follower:
     """One look at a time (:meth:`step`); supervisord's RPC starts and stops the slots and signals nginx."""
 
-    def __init__(self, env: dict[str, str], rpc=None) -> None:
+    def __init__(self, env: dict[str, str], rpc=None, interval: float = DEFAULT_INTERVAL_S, gauges=None) -> None:
         from training.deploy.stack import manager
 
-        self.env, self.run = env, Path(env["STACK_RUN"])
+        self.env, self.run, self.interval = env, Path(env["STACK_RUN"]), interval
         self.rpc = rpc or manager(self.run)
         self.failed: dict[str, float] = {}
         self.pinned = env.get("BENTO_TAG", "").strip()
-        self._client = self._name = None
+        self.gauges = gauges
+        self._client = self._name = self._config = None
 
     # ------------------------------------------------------------- the registry
 
+    def _registry(self):
+        if self._client is None:
+            from training.config import load_config
+            from training.registry.promotion import client_for
+
+            self._config = load_config()
+            self._client, self._name = client_for(self._config), self._config.registered_model_name
+        return self._client
+
     def champion(self) -> str:
-        """The version the alias names now ("" when none does or the registry does not answer)."""
-        from training.registry.promotion import champion_version, client_for
+        """The version the alias names now ("" when none does or the registry does not answer); each look
+        leaves the heartbeat that tells the promote step a front door follows the aliases."""
+        from training.registry.promotion import champion_version, front_door_beat
 
         try:
-            if self._client is None:
-                from training.config import load_config
-
-                config = load_config()
-                self._client, self._name = client_for(config), config.registered_model_name
-            return champion_version(self._client, self._name)
+            version = champion_version(self._registry(), self._name)
         except Exception as exc:  # an MLflow server restarting: the served Bento stays, the next look retries
             log.warning("the registry did not answer (%s): looking again later", exc)
             return ""
+        if version and not self.pinned:
+            try:
+                front_door_beat(self._client, self._name, self.interval, time.time())
+            except Exception as exc:
+                log.warning("could not leave the heartbeat on %s (%s): runs promote without a shadow", self._name, exc)
+        return version
+
+    def challenger(self):
+        """The model version ``challenger`` names while it waits for its shadow, or None."""
+        from training.registry.promotion import SHADOWED, challenger
+
+        try:
+            mv = challenger(self._registry(), self._name)
+        except Exception:
+            return None
+        return mv if mv is not None and mv.tags.get("gate_decision") == SHADOWED else None
 
     def champion_tag(self) -> str | None:
         """The champion's Bento tag in the serving store (the distributed stack imports its archive first)."""
@@ -137,29 +167,31 @@ class Follower:
         import psutil
 
         try:
-            pid = self.rpc.supervisor.getProcessInfo("proxy:proxy")["pid"]
+            pid = self.rpc.supervisor.getProcessInfo("proxy:switch")["pid"]
             return {child.pid for child in psutil.Process(pid).children()} if pid else set()
         except Exception:
             return set()
 
-    def point_proxy(self, slot: str) -> bool:
-        """Rewrite nginx's upstream to ``slot`` and reload it when it runs; wait until its old workers (which
-        finish the requests they hold) have exited. Returns whether a running nginx was reloaded."""
+    def point_proxy(self, slot: str, shadow: str | None = None, share: float = 0.0) -> bool:
+        """Rewrite the switch's upstream (training/deploy/proxy.py) to ``slot`` (mirroring ``share`` of /predict requests to slot ``shadow``) and
+        reload it when it runs; wait until its old workers (which finish the requests they hold) have exited.
+        Returns whether a running nginx was reloaded."""
         from training.deploy import proxy
 
         binary = proxy.nginx_binary(self.env.get("PATH")) or "nginx"
 
         def check(candidate: Path) -> None:
             done = subprocess.run([binary, "-t", "-q", "-c", str(candidate), "-e", "stderr",
-                                   "-p", f"{self.run}/nginx/"], capture_output=True, text=True)
+                                   "-p", f"{self.run}/switch/"], capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"nginx refuses its new configuration: {done.stderr.strip()[-500:]}")
 
-        proxy.write(self.env, slot_port(self.env, slot), check=check)
-        if self._state("proxy:proxy") != "RUNNING":
+        proxy.write(self.env, slot_port(self.env, slot), check=check,
+                    shadow_port=slot_port(self.env, shadow) if shadow else None, share=share)
+        if self._state("proxy:switch") != "RUNNING":
             return False
         old = self._nginx_workers()
-        self.rpc.supervisor.signalProcess("proxy:proxy", "HUP")
+        self.rpc.supervisor.signalProcess("proxy:switch", "HUP")
         deadline = time.monotonic() + proxy.UPSTREAM_READ_S + 10
         while old & self._nginx_workers() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -176,8 +208,13 @@ class Follower:
         return served
 
     def step(self, served: Served) -> Served:
-        """One look at the alias, and the switch it calls for; returns what is served afterwards."""
+        """One look at the aliases, and the shadow or switch they call for; returns what is served afterwards."""
         champion = "" if self.pinned else self.champion()
+        if champion and served.slot and champion == served.version:
+            mv = self.challenger()
+            if mv is not None and str(mv.version) != champion and \
+                    time.monotonic() - self.failed.get(f"shadow {mv.version}", -RETRY_AFTER_S) >= RETRY_AFTER_S:
+                return self.shadow(served, mv)
         if decide(served, champion, self.failed, time.monotonic(), self.pinned) != "switch":
             return served
         started = time.monotonic()
@@ -218,6 +255,139 @@ class Follower:
         return after
 
 
+    # ------------------------------------------------------------- shadow
+
+    def _start(self, slot: str, tag: str) -> bool:
+        self._stop(slot)
+        assign(self.run, slot, tag)
+        self.rpc.supervisor.startProcess(f"bento:bento-{slot}", False)
+        return self._ready(slot, float(self.env.get("STACK_START_TIMEOUT", "600")))
+
+    def challenger_tag(self, mv) -> str | None:
+        """The challenger's Bento in the serving store (the distributed stack imports its published archive,
+        sha256 checked); None while it is not published yet."""
+        if self.env.get("STACK") == "distributed":
+            done = subprocess.run([sys.executable, "-m", "training.packaging.bento_store", "import", "--alias",
+                                   "challenger"], text=True, capture_output=True,
+                                  env={**self.env, "BENTOML_HOME": self.env["STACK_SERVING_HOME"]})
+            if done.returncode == 3:
+                return None
+            if done.returncode or not done.stdout.strip():
+                raise RuntimeError(f"its Bento could not be imported: {done.stderr.strip()[-500:]}")
+            return done.stdout.split()[-1]
+        from training.deploy.champion import version_bento
+
+        return version_bento(self._config, mv)
+
+    def shadow(self, served: Served, mv) -> Served:
+        """Shadow model version ``mv`` beside the champion in ``served``, judge it, and switch to it if it passed
+        (its promotion moved ``champion``); returns what is served afterwards."""
+        from training.deploy.champion import conclude_shadow
+        from training.deploy.shadow import Figures, Thresholds, Window, judge
+
+        version, new = str(mv.version), other(served.slot)
+        try:
+            thresholds = Thresholds.from_tags(mv.tags)
+            tag = self.challenger_tag(mv)
+        except Exception as exc:
+            conclude_shadow(self._config, version, False, f"not shadowed: {exc}", {})
+            return served
+        if tag is None:
+            log.info("challenger version %s: waiting for its published Bento", version)
+            return served
+        log.info("challenger version %s (%s): starting it in slot %s beside the champion's %s", version, tag, new,
+                 served.tag)
+        if not self._start(new, tag):
+            self._stop(new)
+            conclude_shadow(self._config, version, False, f"its Bento {tag} did not become ready (see "
+                                                          f"{self.run}/bento-{new}.log)", {})
+            return served
+        window = Window.starting_now(self.run / "shadow.log")
+        # The relay's socket (training/deploy/proxy.py): one left by an nginx that was killed would keep the new
+        # configuration from loading, and no other shadow runs now.
+        (self.run / "shadow.sock").unlink(missing_ok=True)
+        try:
+            self.point_proxy(served.slot, shadow=new, share=thresholds.share)
+            log.info("mirroring %.0f%% of /predict requests to version %s until %d are answered or %g minutes pass",
+                     100 * thresholds.share, version, thresholds.requests, thresholds.minutes)
+            reason, deadline, looked = "", time.monotonic() + 60 * thresholds.minutes, time.monotonic()
+            while window.read() < thresholds.requests and time.monotonic() < deadline:
+                self._export(version, Figures.of(window.pairs))
+                if time.monotonic() - looked >= self.interval:
+                    looked, now = time.monotonic(), self.champion()
+                    if now and now != served.version:
+                        reason = f"the champion moved to version {now} during the shadow"
+                        break
+                time.sleep(0.5)
+            figures = Figures.of(window.pairs)
+            passed, why = (False, reason) if reason else judge(figures, thresholds)
+            self._export(version, figures, passed)
+            log.info("challenger version %s: %s", version, why)
+            moved = conclude_shadow(self._config, version, passed, why, figures.as_dict())
+        except Exception:
+            log.exception("the shadow of version %s broke off; the champion's %s keeps serving", version, served.tag)
+            self.failed[f"shadow {version}"] = time.monotonic()
+            moved = False
+        if not moved:
+            self.point_proxy(served.slot)
+            self._stop(new)
+            return served
+        self.point_proxy(new)
+        save(self.run, after := Served(new, tag, version))
+        self._stop(served.slot)
+        log.info("switched to %s in slot %s after its shadow; %s stopped", tag, new, served.tag)
+        return after
+
+    def _export(self, version: str, figures, passed: bool | None = None) -> None:
+        if self.gauges is not None:
+            self.gauges.update(version, figures.as_dict(), passed)
+
+
+class ShadowGauges:
+    """The shadow's figures on the follower's /metrics: ``cifar10_shadow_<figure>{version}`` for each of
+    :data:`training.deploy.shadow.FIGURES`, and ``cifar10_shadow_passed{version}`` (1 or 0) once judged."""
+
+    def __init__(self, registry=None) -> None:
+        import prometheus_client as prom
+        from training.deploy.shadow import FIGURES
+
+        self.registry = registry or prom.CollectorRegistry()
+        self.figures = {name: prom.Gauge(f"cifar10_shadow_{name}", what, ["version"], registry=self.registry)
+                        for name, what in FIGURES.items()}
+        self.passed = prom.Gauge("cifar10_shadow_passed", "1: the challenger's shadow passed, 0: it failed",
+                                 ["version"], registry=self.registry)
+
+    def update(self, version: str, figures: dict, passed: bool | None) -> None:
+        for name, value in figures.items():
+            if value is not None:
+                self.figures[name].labels(version).set(value)
+        if passed is not None:
+            self.passed.labels(version).set(int(passed))
+
+    def serve(self, port: int, token: str = "") -> None:
+        """Serve /metrics on loopback ``port`` in a thread; with ``token``, only to ``Authorization: Bearer token``."""
+        import hmac
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        import prometheus_client as prom
+
+        metrics = prom.make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            given = environ.get("HTTP_AUTHORIZATION", "")
+            if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer"), ("Content-Length", "0")])
+                return [b""]
+            return metrics(environ, start_response)
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+        server = make_server("127.0.0.1", port, app, handler_class=Quiet)
+        threading.Thread(target=server.serve_forever, name="shadow-metrics", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["slot"] and len(argv) == 2 and argv[1] in SLOTS:
@@ -229,7 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     interval = float(os.environ.get("CIFAR10_FOLLOW_INTERVAL", DEFAULT_INTERVAL_S))
     if interval <= 0:
         raise SystemExit(f"CIFAR10_FOLLOW_INTERVAL={interval:g}: must be a positive number of seconds")
-    follower = Follower(dict(os.environ))
+    gauges = ShadowGauges()
+    if os.environ.get("FOLLOW_PORT"):
+        gauges.serve(int(os.environ["FOLLOW_PORT"]), os.environ.get("CIFAR10_API_TOKEN", ""))
+    follower = Follower(dict(os.environ), interval=interval, gauges=gauges)
     served = follower.reconcile()
     log.info("following the champion every %g s; serving %s", interval, served.tag or "nothing yet")
     while True:

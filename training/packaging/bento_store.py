@@ -109,8 +109,9 @@ def export_bento(config: PipelineConfig, bento_tag: str, uri: str) -> Archive:
     return _export(bentoml.get(bento_tag), bentoml.export_bento, uri, BENTO_SUFFIX)
 
 
-def import_champion(config: PipelineConfig) -> str:
-    """Import the champion's Bento: the archive publish recorded on its version, only if its sha256 matches.
+def import_champion(config: PipelineConfig, alias: str = "champion") -> str:
+    """Import the champion's (or the version ``alias`` names) Bento: the archive publish recorded on its version,
+    only if its sha256 matches.
 
     Raises :class:`training.registry.promotion.NotPublished` when there is nothing to import yet and
     :class:`ArchiveRefused` when the archive is not the one on record. Returns the Bento tag.
@@ -118,11 +119,11 @@ def import_champion(config: PipelineConfig) -> str:
     from training.packaging.bento import use_bentoml_home
     from training.registry.promotion import published_champion
 
-    published = published_champion(config)
+    published = published_champion(config, alias)
     bentoml = use_bentoml_home(config)
     tag = _import(bentoml, bentoml.import_bento, published.uri, BENTO_SUFFIX, published.sha256)
     if tag != published.bento_tag:
-        raise ArchiveRefused(f"{published.uri} holds the Bento {tag}, but the champion ({published.model} version "
+        raise ArchiveRefused(f"{published.uri} holds the Bento {tag}, but the {alias} ({published.model} version "
                              f"{published.version}) is served from {published.bento_tag}: publish its Bento again")
     return tag
 
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("tag")
         p.add_argument("uri", help="s3://bucket/prefix/ (archive named <name>-<version>) or a full key")
-    sub.add_parser("import", help="the champion's Bento, as the registry records it -> Bento store")
+    p = sub.add_parser("import", help="the champion's Bento, as the registry records it -> Bento store")
+    p.add_argument("--alias", default="champion", choices=("champion", "challenger"), help="whose Bento")
     p = sub.add_parser("import-model", help="S3 -> model store")
     p.add_argument("uri", help=f"s3://bucket/key{MODEL_SUFFIX}")
     p.add_argument("--sha256", default="", help="refuse the archive unless its sha256 is this")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export-model":
             print(export_model(config, args.tag, args.uri).uri)
         elif args.command == "import":
-            print(import_champion(config))
+            print(import_champion(config, args.alias))
         else:
             print(import_model(config, args.uri, args.sha256))
     except NotPublished as exc:

@@ -21,10 +21,17 @@ from training.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+# The version a front door shadows before it may become champion (training/deploy/shadow.py).
+CHALLENGER = "challenger"
+# The front door's heartbeat on the registered model: a JSON {"at": epoch seconds, "every": seconds}, written by
+# the follower each time it looks at the aliases. Fresh, it tells the promote step that a server follows them.
+FRONT_DOOR_TAG = "front_door"
 # Where publish put a version's Bento archive and the archive's sha256: serving imports exactly that.
 ARCHIVE_URI_TAG, ARCHIVE_SHA256_TAG = "bento_archive_uri", "bento_archive_sha256"
 # gate_decision tag values, in the order a version can pass through them.
 CANDIDATE, REJECTED, FAILED_SERVING, PROMOTED = "candidate", "rejected", "failed_serving", "promoted"
+# ... and where a front door shadows it first: in shadow between the last two, failed_shadow when it did not pass.
+SHADOWED, FAILED_SHADOW = "shadowed", "failed_shadow"
 
 
 class ChampionChanged(RuntimeError):
@@ -114,6 +121,32 @@ def champion_version(client, name: str) -> str:
     """The version number holding ``champion``, or "" when none does."""
     mv = current_champion(client, name)
     return str(mv.version) if mv is not None else ""
+
+
+def challenger(client, name: str):
+    """The model version holding ``challenger``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHALLENGER)
+    except MlflowException:
+        return None
+
+
+def front_door_beat(client, name: str, every_s: float, now: float) -> None:
+    """The follower's heartbeat: a server follows ``name``'s aliases, looking every ``every_s`` seconds."""
+    client.set_registered_model_tag(name, FRONT_DOOR_TAG, json.dumps({"at": round(now, 1), "every": every_s}))
+
+
+def front_door_watching(client, name: str, now: float) -> bool:
+    """Whether a front door's follower looked at ``name``'s aliases lately (three of its intervals, at least 30 s)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        beat = json.loads(client.get_registered_model(name).tags.get(FRONT_DOOR_TAG) or "{}")
+        return now - float(beat["at"]) < max(3 * float(beat["every"]), 30.0)
+    except (MlflowException, ValueError, KeyError, TypeError):
+        return False
 
 
 def _set_tags(client, name: str, version: str, run_id: str | None, tags: dict[str, str]) -> None:
@@ -267,15 +300,17 @@ def record_published(config: PipelineConfig, version_uri: str, uri: str, sha256:
         client.set_model_version_tag(name, version, key, value)
 
 
-def published_champion(config: PipelineConfig) -> PublishedBento:
-    """The champion's Bento archive as publish recorded it; :class:`NotPublished` when there is none yet."""
+def published_champion(config: PipelineConfig, alias: str = CHAMPION) -> PublishedBento:
+    """The Bento archive of the version ``alias`` names, as publish recorded it; :class:`NotPublished` when there
+    is none yet."""
     name = config.registered_model_name
-    mv = current_champion(client_for(config), name)
+    client = client_for(config)
+    mv = current_champion(client, name) if alias == CHAMPION else challenger(client, name)
     if mv is None:
-        raise NotPublished(f"no {name} version holds the {CHAMPION} alias yet: run the pipeline first")
+        raise NotPublished(f"no {name} version holds the {alias} alias yet: run the pipeline first")
     tags = mv.tags
     if not all(tags.get(key) for key in ("bento_tag", ARCHIVE_URI_TAG, ARCHIVE_SHA256_TAG)):
-        raise NotPublished(f"the champion ({name} version {mv.version}) has no published Bento on record (tags "
+        raise NotPublished(f"the {alias} ({name} version {mv.version}) has no published Bento on record (tags "
                            f"bento_tag, {ARCHIVE_URI_TAG}, {ARCHIVE_SHA256_TAG}): its publish task has not run yet, "
                            "failed, or ran without bento_export_uri; rerun that task with CIFAR10_BENTO_EXPORT_URI set")
     return PublishedBento(name, str(mv.version), tags["bento_tag"], tags[ARCHIVE_URI_TAG], tags[ARCHIVE_SHA256_TAG])

@@ -256,3 +256,81 @@ def test_the_cli_says_why_a_rollback_was_refused(history, monkeypatch, capsys):
     assert "error: version 3 failed the served-artifact check" in capsys.readouterr().err
     assert champion.main(["rollback", "--to", "3", "--reason", "x", "--force"]) == 0
     assert "champion: version 2 -> 3" in capsys.readouterr().out
+
+
+# --- challenger: where a front door follows the aliases ---------------------------------
+
+def _front_door_looks(config, at: float | None = None) -> None:
+    import time
+
+    from training.registry.promotion import client_for, front_door_beat
+
+    front_door_beat(client_for(config), config.registered_model_name, 5.0, time.time() if at is None else at)
+
+
+def test_with_a_front_door_watching_promote_names_a_challenger_and_champion_waits(store, tmp_path, prepared):
+    config = _config(store, shadow_requests=50, shadow_min_agreement=0.9)
+    _promoted(config, tmp_path, prepared, answers=1)
+    client = registry_client(config)
+    _front_door_looks(config)
+    uri = _candidate(config, tmp_path, prepared, answers=0)
+    promote(config, uri, "cifar10-classifier:v2", by="airflow:cifar10_pipeline/run-2")
+    assert champion_number(config) == "1"  # champion moves only after the shadow
+    mv = client.get_model_version_by_alias(config.registered_model_name, "challenger")
+    assert str(mv.version) == "2" and mv.tags["gate_decision"] == "shadowed" and mv.tags["shadow_champion"] == "1"
+    assert (mv.tags["shadow_requests"], mv.tags["shadow_min_agreement"]) == ("50", "0.9")  # the run's thresholds
+    assert _moves(config) == [("promote", "", "1", "FINISHED")]
+
+    # It passed: champion moves, recorded as a promotion by the front door, and challenger is gone.
+    figures = {"requests": 50, "agreement": 0.96}
+    assert champion.conclude_shadow(config, "2", True, "shadow passed on 50 requests", figures)
+    assert champion_number(config) == "2"
+    mv = model_version(config, f"models:/{config.registered_model_name}/2")
+    assert (mv.tags["gate_decision"], mv.tags["shadow_decision"]) == ("promoted", "passed")
+    assert "challenger" not in client.get_registered_model(config.registered_model_name).aliases
+    assert client.get_run(mv.run_id).data.metrics["shadow_agreement"] == 0.96
+    assert _moves(config)[-1] == ("promote", "1", "2", "FINISHED")
+
+
+def test_a_failed_shadow_leaves_champion_and_records_why(store, tmp_path, prepared):
+    config = _config(store)
+    _promoted(config, tmp_path, prepared, answers=1)
+    _front_door_looks(config)
+    promote(config, _candidate(config, tmp_path, prepared, answers=0), "cifar10-classifier:v2", by="run-2")
+    reason = "shadow failed (agreement 0.100 < 0.75) on 200 requests"
+    assert not champion.conclude_shadow(config, "2", False, reason, {"agreement": 0.1, "p99_s": None})
+    assert champion_number(config) == "1"
+    mv = model_version(config, f"models:/{config.registered_model_name}/2")
+    assert (mv.tags["gate_decision"], mv.tags["shadow_decision"], mv.tags["shadow_reason"]) == (
+        "failed_shadow", "failed", reason)
+    assert "challenger" not in registry_client(config).get_registered_model(config.registered_model_name).aliases
+    # A rollback to it is refused, saying why.
+    with pytest.raises(RollbackRefused, match="failed its shadow.*agreement 0.100"):
+        rollback(config, "2")
+
+
+def test_a_shadow_that_passed_moves_nothing_when_the_champion_moved_meanwhile(store, tmp_path, prepared):
+    config = _config(store)
+    _promoted(config, tmp_path, prepared, answers=1)
+    _front_door_looks(config)
+    promote(config, _candidate(config, tmp_path, prepared, answers=0), "cifar10-classifier:v2", by="run-2")
+    meanwhile = _candidate(config, tmp_path, prepared, answers=2)  # moved there by hand while version 2 is shadowed
+    registry_client(config).set_registered_model_alias(config.registered_model_name, "champion", meanwhile.rsplit("/", 1)[1])
+    assert not champion.conclude_shadow(config, "2", True, "shadow passed on 200 requests", {})
+    assert champion_number(config) == "3"
+    assert "champion moved from version 1" in model_version(config, f"models:/{config.registered_model_name}/2").tags["shadow_reason"]
+
+
+@pytest.mark.parametrize("beat, share", [(None, 0.25), (-3600.0, 0.25), (0.0, 0.0)],
+                         ids=["no front door", "its heartbeat is stale", "shadow_share=0"])
+def test_promote_moves_champion_at_once_without_a_watching_front_door_or_with_shadow_off(
+        store, tmp_path, prepared, beat, share):
+    import time
+
+    config = _config(store, shadow_share=share)
+    _promoted(config, tmp_path, prepared, answers=1)
+    if beat is not None:
+        _front_door_looks(config, time.time() + beat)
+    promote(config, _candidate(config, tmp_path, prepared, answers=0), "cifar10-classifier:v2", by="run-2")
+    assert champion_number(config) == "2"
+    assert "challenger" not in registry_client(config).get_registered_model(config.registered_model_name).aliases

@@ -135,18 +135,18 @@ def _follower(tmp_path, monkeypatch, champion: str, tag: str, ready: bool = True
 
 def test_a_switch_starts_the_new_slot_before_the_proxy_moves_and_stops_the_old_one_last(tmp_path, monkeypatch):
     f, sup = _follower(tmp_path, monkeypatch, "2", "b:2")
-    sup.states.update({"bento:bento-blue": "RUNNING", "proxy:proxy": "RUNNING"})
+    sup.states.update({"bento:bento-blue": "RUNNING", "proxy:switch": "RUNNING"})
     monkeypatch.setattr(shutil, "which", lambda *a, **k: "/bin/true")  # `nginx -t`: accepted
     after = f.step(Served("blue", "b:1", "1"))
     assert after == Served("green", "b:2", "2") == follow.load(tmp_path)
     assert (tmp_path / "bento-green.tag").read_text().strip() == "b:2"
-    assert sup.calls == [("start", "bento:bento-green"), ("signal", "proxy:proxy", "HUP"), ("stop", "bento:bento-blue")]
-    assert "server 127.0.0.1:3002 " in (tmp_path / "nginx.conf").read_text()
+    assert sup.calls == [("start", "bento:bento-green"), ("signal", "proxy:switch", "HUP"), ("stop", "bento:bento-blue")]
+    assert "server 127.0.0.1:3002 " in (tmp_path / "switch.conf").read_text()
 
 
 def test_a_bento_that_never_gets_ready_is_stopped_and_the_old_one_keeps_serving(tmp_path, monkeypatch):
     f, sup = _follower(tmp_path, monkeypatch, "2", "b:2", ready=False)
-    sup.states.update({"bento:bento-blue": "RUNNING", "proxy:proxy": "RUNNING"})
+    sup.states.update({"bento:bento-blue": "RUNNING", "proxy:switch": "RUNNING"})
     served = Served("blue", "b:1", "1")
     assert f.step(served) == served
     assert sup.calls == [("start", "bento:bento-green"), ("stop", "bento:bento-green")]
@@ -162,12 +162,12 @@ def test_an_alias_moved_to_a_version_with_the_served_bento_only_updates_the_reco
 
 def test_a_configuration_nginx_refuses_is_never_put_in_place_and_the_old_slot_keeps_serving(tmp_path, monkeypatch):
     f, sup = _follower(tmp_path, monkeypatch, "2", "b:2")
-    sup.states.update({"bento:bento-blue": "RUNNING", "proxy:proxy": "RUNNING"})
+    sup.states.update({"bento:bento-blue": "RUNNING", "proxy:switch": "RUNNING"})
     proxy.write(f.env, 3001)  # what nginx runs now: the blue slot
-    before = (tmp_path / "nginx.conf").read_text()
+    before = (tmp_path / "switch.conf").read_text()
     monkeypatch.setattr(shutil, "which", lambda *a, **k: "/bin/false")  # `nginx -t`: refused
     served = Served("blue", "b:1", "1")
     assert f.step(served) == served
-    assert (tmp_path / "nginx.conf").read_text() == before
+    assert (tmp_path / "switch.conf").read_text() == before
     assert sup.calls[:2] == [("start", "bento:bento-green"), ("stop", "bento:bento-green")]
-    assert ("signal", "proxy:proxy", "HUP") not in sup.calls and sup.states["bento:bento-blue"] == "RUNNING"
+    assert ("signal", "proxy:switch", "HUP") not in sup.calls and sup.states["bento:bento-blue"] == "RUNNING"
