@@ -1,13 +1,19 @@
 """The deploy files parse, wire what they must and are locked down as a security review expects.
 Nothing here runs them: the build machine has no Docker daemon and no Kubernetes cluster (the Bento
-image itself runs the k8s way in tests/e2e/test_container_image.py)."""
+image itself runs the k8s way in tests/e2e/test_container_image.py); the Kubernetes manifests are checked
+against their API schemas offline."""
 
 from __future__ import annotations
 
 import configparser
+import copy
+import functools
+import json
 import re
 import subprocess
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -15,6 +21,11 @@ from tests.helpers import ROOT
 from training.packaging.container import WRITABLE_PATHS
 
 DEPLOY = ROOT / "deploy"
+# The Kubernetes release the manifests are validated against, from those kubernetes-validate bundles: an older
+# minor that clusters still run, so a field only newer releases know fails here rather than on apply.
+K8S_VERSION = "1.31"
+# The Gateway API's CRD schemas, vendored (their README names the release): kubernetes-validate has core kinds only.
+GATEWAY_API = "gateway.networking.k8s.io/v1"
 SECRET_NAMES = re.compile(r"PASSWORD|SECRET|FERNET|ACCESS_KEY|_KEY$|TOKEN", re.I)
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 # Each image's requirement file (deploy/requirements/) and what installs it.
@@ -27,9 +38,19 @@ def compose():
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 
 
+def _manifest(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if d]
+
+
 @pytest.fixture(scope="module")
 def k8s():
-    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "bento.yaml").read_text()) if d]
+    return {d["kind"]: d for d in _manifest("bento.yaml")}
+
+
+@pytest.fixture(scope="module")
+def shadow():
+    docs = _manifest("shadow.yaml")
+    assert len({d["kind"] for d in docs}) == len(docs), "deploy/k8s/shadow.yaml: one document of each kind"
     return {d["kind"]: d for d in docs}
 
 
@@ -282,6 +303,159 @@ def test_k8s_deployment_and_service_for_the_bento(k8s):
     assert service["spec"]["selector"].items() <= labels.items()
     port_names = {p["name"] for p in container["ports"]}
     assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
+
+
+def _strict(schema):
+    """A CRD schema that refuses unknown fields, as `kubectl apply` (strict field validation) does: the API
+    server would otherwise drop them silently, and a misspelled filter would just not be there."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {k: (v if k in ("default", "enum") else _strict(v)) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        strict["additionalProperties"] = False
+    return strict
+
+
+@functools.cache
+def _gateway_validator(kind: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((DEPLOY / "k8s" / "schemas" / f"{kind.lower()}-v1.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(_strict(schema))
+
+
+def _schema_errors(doc: dict) -> list[str]:
+    """What the API server's schema check would refuse in ``doc`` (its CEL rules aside), offline."""
+    if doc["apiVersion"].startswith("gateway.networking.k8s.io/"):
+        if doc["apiVersion"] != GATEWAY_API:
+            return [f"apiVersion {doc['apiVersion']}: use {GATEWAY_API}, the version deploy/k8s/schemas/ holds"]
+        return [f"{'.'.join(map(str, e.absolute_path)) or '/'}: {e.message}"
+                for e in _gateway_validator(doc["kind"]).iter_errors(doc)]
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{'.'.join(map(str, e.absolute_path)) or '/'}: {e.message}"]
+    return []
+
+
+@pytest.mark.parametrize("name", ["bento.yaml", "shadow.yaml"])
+def test_k8s_manifests_validate_against_the_api_schemas(name):
+    for doc in _manifest(name):
+        errors = _schema_errors(doc)
+        assert not errors, (f"deploy/k8s/{name}: {doc['kind']} {doc['metadata']['name']} is not valid for Kubernetes "
+                            f"{K8S_VERSION} / Gateway API (deploy/k8s/schemas/): fix {errors}")
+
+
+def test_the_schema_check_can_fail(k8s, shadow):
+    """Misspelled fields and out-of-range values are refused: the validation above is not vacuous."""
+    deployment = copy.deepcopy(k8s["Deployment"])
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")
+    assert any("readinesProbe" in e for e in _schema_errors(deployment))
+    deployment = copy.deepcopy(k8s["Deployment"])
+    deployment["spec"]["replicas"] = "two"
+    assert _schema_errors(deployment)
+    route = copy.deepcopy(shadow["HTTPRoute"])
+    mirror = next(f for rule in route["spec"]["rules"] for f in rule.get("filters", []) if f["type"] == "RequestMirror")
+    mirror["requestMirror"]["percent"] = 250
+    assert any("250" in e for e in _schema_errors(route))
+    route = copy.deepcopy(shadow["HTTPRoute"])
+    first = route["spec"]["rules"][0]["filters"][0]
+    first["requestMiror"] = first.pop("requestMirror")
+    assert any("requestMiror" in e for e in _schema_errors(route))
+    gateway = copy.deepcopy(shadow["Gateway"])
+    del gateway["spec"]["listeners"][0]["protocol"]
+    assert any("protocol" in e for e in _schema_errors(gateway))
+    assert _schema_errors({**gateway, "apiVersion": "gateway.networking.k8s.io/v1beta1"})
+
+
+def test_the_vendored_gateway_schemas_are_the_release_the_manifest_names():
+    header = (DEPLOY / "k8s" / "shadow.yaml").read_text().split("\napiVersion:")[0]
+    [release] = set(re.findall(r"Gateway API (v\d+\.\d+\.\d+)", header))
+    for kind in ("gateway", "httproute"):
+        comment = json.loads((DEPLOY / "k8s" / "schemas" / f"{kind}-v1.json").read_text())["$comment"]
+        assert f"gateway-api {release} " in comment and "(standard channel)" in comment, \
+            f"deploy/k8s/schemas/{kind}-v1.json is not Gateway API {release}'s standard schema: re-vendor it (README)"
+    assert release in (DEPLOY / "k8s" / "schemas" / "README.md").read_text()
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_the_gateway_mirrors_the_shadow_share_of_predictions_to_the_challenger(k8s, shadow):
+    """As on one host (training/deploy/proxy.py): clients get the champion's answers, a shadow_share of /predict
+    requests (only those) is copied to the challenger."""
+    from training.config import PipelineConfig
+
+    champion, challenger = k8s["Service"], shadow["Service"]
+    gateway, route = shadow["Gateway"], shadow["HTTPRoute"]
+    [listener] = gateway["spec"]["listeners"]
+    assert (listener["protocol"], listener["port"]) == ("HTTP", 3000)
+    assert [p["name"] for p in route["spec"]["parentRefs"]] == [gateway["metadata"]["name"]]
+
+    def ports(service):
+        return {p["port"] for p in service["spec"]["ports"]}
+
+    rules = route["spec"]["rules"]
+    mirrored = [rule for rule in rules if any(f["type"] == "RequestMirror" for f in rule.get("filters", []))]
+    assert len(mirrored) == 1, "deploy/k8s/shadow.yaml: one HTTPRoute rule (the /predict one) mirrors"
+    [rule] = mirrored
+    assert {(m["path"]["type"], m["path"]["value"]) for m in rule["matches"]} in (
+        {("Exact", "/predict"), ("Exact", "/predict/")}, {("PathPrefix", "/predict")}), \
+        "the mirrored rule must match /predict and /predict/ only, the paths nginx mirrors"
+    [mirror] = [f["requestMirror"] for f in rule["filters"]]
+    share = PipelineConfig().shadow_share
+    sent = mirror["percent"] / 100 if "percent" in mirror else mirror["fraction"]["numerator"] / mirror["fraction"].get(
+        "denominator", 100)
+    assert sent == pytest.approx(share), f"the HTTPRoute mirrors {sent:.0%}, PipelineConfig.shadow_share is {share:.0%}"
+    assert mirror["backendRef"]["name"] == challenger["metadata"]["name"], "mirror to the challenger's Service"
+    assert mirror["backendRef"]["port"] in ports(challenger)
+    # Every rule, the mirrored one too, answers from the champion's Service (bento.yaml's) alone.
+    for each in rules:
+        assert [(b["name"], b["port"] in ports(champion)) for b in each["backendRefs"]] == \
+            [(champion["metadata"]["name"], True)], "every HTTPRoute rule answers from bento.yaml's Service alone"
+    assert any(m["path"] == {"type": "PathPrefix", "value": "/"} for each in rules
+               for m in each["matches"] if not each.get("filters")), "every other path must go to the champion"
+
+
+def test_the_challenger_runs_like_the_champion_behind_its_own_service(k8s, shadow):
+    """The challenger's pods are the champion's (security, probes, resources: a latency comparison compares
+    models) but for their image and labels, and neither Service selects the other track's pods."""
+    champion, challenger = k8s["Deployment"]["spec"]["template"], shadow["Deployment"]["spec"]["template"]
+    assert challenger["metadata"]["labels"]["track"] == "challenger"
+    assert {shadow[kind]["metadata"]["labels"]["track"] for kind in ("Deployment", "Service")} == {"challenger"}
+    assert _selects(shadow["Deployment"]["spec"]["selector"]["matchLabels"], challenger["metadata"]["labels"])
+    assert _selects(shadow["Service"]["spec"]["selector"], challenger["metadata"]["labels"])
+    assert not _selects(k8s["Service"]["spec"]["selector"], challenger["metadata"]["labels"]), \
+        "the champion's Service would send clients to the challenger: give its pods another app.kubernetes.io/name"
+    assert not _selects(shadow["Service"]["spec"]["selector"], champion["metadata"]["labels"])
+    assert not _selects(shadow["Deployment"]["spec"]["selector"]["matchLabels"], champion["metadata"]["labels"])
+    image = challenger["spec"]["containers"][0]["image"]
+    assert re.fullmatch(r"[\w./-]+:[\w][\w.-]*", image) and not image.endswith(":latest") \
+        and image != champion["spec"]["containers"][0]["image"], image
+
+    def unversioned(pod):
+        pod = copy.deepcopy(pod["spec"])
+        pod["containers"][0].pop("image")
+        return pod
+
+    assert unversioned(challenger) == unversioned(champion), \
+        "deploy/k8s/shadow.yaml's challenger pod differs from bento.yaml's beyond its image: keep them the same"
+    assert shadow["Service"]["spec"]["ports"] == k8s["Service"]["spec"]["ports"]
+
+
+def test_the_shadow_manifest_names_the_stack_programs_it_stands_for(tmp_path):
+    from training.deploy.stack import programs, settings
+
+    described = {name for part in programs(settings("distributed", {"CIFAR10_STATE_DIR": str(tmp_path)})).values()
+                 for name in part}
+    text = (DEPLOY / "k8s" / "shadow.yaml").read_text()
+    named = re.findall(r"^# stack: ([\w-]+)", text, re.M)
+    assert len(named) == len(_manifest("shadow.yaml")), "deploy/k8s/shadow.yaml: a `# stack:` comment for each document"
+    assert set(named) <= described, f"not programs of the one-host stack: {set(named) - described}"
 
 
 def test_the_airflow_image_carries_the_git_commit(compose):
