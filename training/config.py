@@ -80,7 +80,9 @@ class PipelineConfig:
     # Its class equals the champion's on this share: the quick recipe's model agrees with the default one's on 87%
     # (81.5% in the worst 1% of 200-request windows); an untrained one on about 10%.
     shadow_min_agreement: float = 0.75
-    shadow_max_p99_ratio: float = 2.0  # its p99 latency over the champion's, both measured by nginx in the window
+    # Its p99 latency over the champion's, both timed by nginx in the window: the champion's own model as
+    # challenger on 2 shared cores measured 1.00-2.00 in ~150-request windows, a slow one is several times that.
+    shadow_max_p99_ratio: float = 3.0
 
     # --- serving and packaging
     container_backend: str = "auto"  # docker | podman | buildah | auto (the first healthy) | none (skip)

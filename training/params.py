@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 from serving.precision import PRECISIONS
 from training.config import RECIPES, PipelineConfig, load_config
+from training.deploy.shadow import MIN_JUDGED
 
 
 class RunParamError(ValueError):
@@ -133,8 +134,9 @@ PIPELINE = RunParams(config_params=(
              exclusive_minimum=0),
     RunParam("shadow_share", "number", "Share of live /predict requests mirrored to a new version before it becomes "
                                        "champion, where a front door serves (0: no shadow)", minimum=0, maximum=1),
-    RunParam("shadow_requests", "integer", "Shadow window: mirrored answers judged", minimum=1),
-    RunParam("shadow_minutes", "number", "Shadow window: longest duration in minutes", exclusive_minimum=0),
+    RunParam("shadow_requests", "integer", "Shadow window: mirrored answers judged", minimum=MIN_JUDGED),
+    RunParam("shadow_minutes", "number", "Shadow window: longest duration in minutes (the follower waits on it)",
+             exclusive_minimum=0, maximum=24 * 60),
     RunParam("shadow_min_agreement", "number", "Shadow: least share of answers with the champion's class",
              minimum=0, maximum=1),
     RunParam("shadow_max_p99_ratio", "number", "Shadow: most its p99 latency may be over the champion's",

@@ -184,7 +184,8 @@ def test_a_run_that_does_not_beat_the_champion_changes_nothing_served(scenario):
     _, second = _first_two(scenario)
     assert {t: second.tasks[t] for t in BENTO_TASKS} == {t: "skipped" for t in BENTO_TASKS}, second.tasks
 
-    client = MlflowClient(tracking_uri=scenario.env["MLFLOW_TRACKING_URI"])
+    uri = scenario.env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not another test's process-wide registry URI
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{MODEL}'")}
     assert set(versions) >= {"1", "2"}
     accuracies = [float(client.get_run(versions[v].run_id).data.metrics["test_accuracy"]) for v in ("1", "2")]

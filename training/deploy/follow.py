@@ -16,6 +16,9 @@ requests to it; the champion keeps answering every client. At the window's end t
 (training/deploy/shadow.py) are logged to MLflow and exported on the follower's /metrics (FOLLOW_PORT, and
 /shadow/metrics through the front door); ``champion`` moves only if they pass, and the switch above follows.
 
+Where an MLflow tracking server runs, its registry webhook (signed with CIFAR10_WEBHOOK_SECRET) wakes the
+follower as soon as an alias moves; it still polls, and polling is all there is on the local SQLite store.
+
 Where it stands is kept in STACK_RUN/serving.json (slot, Bento tag, version) and each slot's Bento tag in
 STACK_RUN/bento-<slot>.tag, which the slot's program reads when supervisord starts it.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -85,6 +89,11 @@ class Follower:
 
     # ------------------------------------------------------------- the registry
 
+    def config(self):
+        """The pipeline's configuration, as this follower's environment gives it."""
+        self._registry()
+        return self._config
+
     def _registry(self):
         if self._client is None:
             from training.config import load_config
@@ -95,31 +104,44 @@ class Follower:
         return self._client
 
     def champion(self) -> str:
-        """The version the alias names now ("" when none does or the registry does not answer); each look
-        leaves the heartbeat that tells the promote step a front door follows the aliases."""
-        from training.registry.promotion import champion_version, front_door_beat
+        """The version the alias names now ("" when none does or the registry does not answer)."""
+        from training.registry.promotion import champion_version
 
         try:
-            version = champion_version(self._registry(), self._name)
+            return champion_version(self._registry(), self._name)
         except Exception as exc:  # an MLflow server restarting: the served Bento stays, the next look retries
             log.warning("the registry did not answer (%s): looking again later", exc)
             return ""
-        if version and not self.pinned:
+
+    def beat(self, stop: threading.Event) -> None:
+        """Until ``stop``: every interval, the heartbeat that tells the promote step this front door shadows new
+        versions (a thread of its own: a Bento's start or a shadow window takes far longer than the heartbeat
+        stays fresh). It goes with the follower, so promotions move ``champion`` at once again."""
+        from training.registry.promotion import FRONT_DOOR_TAG, front_door_beat
+
+        while not stop.is_set():
             try:
-                front_door_beat(self._client, self._name, self.interval, time.time())
+                front_door_beat(self._registry(), self._name, self.interval, time.time())
             except Exception as exc:
                 log.warning("could not leave the heartbeat on %s (%s): runs promote without a shadow", self._name, exc)
-        return version
+            stop.wait(self.interval)
+        try:
+            self._registry().delete_registered_model_tag(self._name, FRONT_DOOR_TAG)
+        except Exception as exc:
+            log.warning("could not remove the heartbeat from %s (%s): it goes stale by itself", self._name, exc)
 
     def challenger(self):
-        """The model version ``challenger`` names while it waits for its shadow, or None."""
+        """The model version ``challenger`` names while it waits for its shadow, or once its shadow passed but
+        the promotion did not finish (a registry error mid-way); None otherwise."""
         from training.registry.promotion import SHADOWED, challenger
 
         try:
             mv = challenger(self._registry(), self._name)
         except Exception:
             return None
-        return mv if mv is not None and mv.tags.get("gate_decision") == SHADOWED else None
+        if mv is None:
+            return None
+        return mv if mv.tags.get("gate_decision") == SHADOWED or mv.tags.get("shadow_decision") == "passed" else None
 
     def champion_tag(self) -> str | None:
         """The champion's Bento tag in the serving store (the distributed stack imports its archive first)."""
@@ -214,7 +236,10 @@ class Follower:
             mv = self.challenger()
             if mv is not None and str(mv.version) != champion and \
                     time.monotonic() - self.failed.get(f"shadow {mv.version}", -RETRY_AFTER_S) >= RETRY_AFTER_S:
-                return self.shadow(served, mv)
+                if mv.tags.get("shadow_decision") != "passed":
+                    return self.shadow(served, mv)
+                self._finish(mv)  # its shadow passed: the move it began, then the switch below
+                champion = self.champion()
         if decide(served, champion, self.failed, time.monotonic(), self.pinned) != "switch":
             return served
         started = time.monotonic()
@@ -284,23 +309,30 @@ class Follower:
         (its promotion moved ``champion``); returns what is served afterwards."""
         from training.deploy.champion import conclude_shadow
         from training.deploy.shadow import Figures, Thresholds, Window, judge
+        from training.registry.promotion import challenger
 
         version, new = str(mv.version), other(served.slot)
+        if mv.tags.get("shadow_champion") != served.version:
+            self._conclude(version, False, f"it was named challenger beside version {mv.tags.get('shadow_champion')},"
+                                           f" but version {served.version} is served: promote it again", {})
+            return served
         try:
             thresholds = Thresholds.from_tags(mv.tags)
             tag = self.challenger_tag(mv)
         except Exception as exc:
-            conclude_shadow(self._config, version, False, f"not shadowed: {exc}", {})
+            self._conclude(version, False, f"not shadowed: {exc}", {})
             return served
         if tag is None:
+            self.failed[f"shadow {version}"] = time.monotonic() - RETRY_AFTER_S + 30  # look again in 30 s
             log.info("challenger version %s: waiting for its published Bento", version)
             return served
         log.info("challenger version %s (%s): starting it in slot %s beside the champion's %s", version, tag, new,
                  served.tag)
         if not self._start(new, tag):
             self._stop(new)
-            conclude_shadow(self._config, version, False, f"its Bento {tag} did not become ready (see "
-                                                          f"{self.run}/bento-{new}.log)", {})
+            self.failed[f"shadow {version}"] = time.monotonic()  # tried again after the back-off
+            log.error("challenger version %s: its Bento %s did not become ready (see %s/bento-%s.log); trying again "
+                      "in %.0f s", version, tag, self.run, new, RETRY_AFTER_S)
             return served
         window = Window.starting_now(self.run / "shadow.log")
         # The relay's socket (training/deploy/proxy.py): one left by an nginx that was killed would keep the new
@@ -311,12 +343,24 @@ class Follower:
             log.info("mirroring %.0f%% of /predict requests to version %s until %d are answered or %g minutes pass",
                      100 * thresholds.share, version, thresholds.requests, thresholds.minutes)
             reason, deadline, looked = "", time.monotonic() + 60 * thresholds.minutes, time.monotonic()
-            while window.read() < thresholds.requests and time.monotonic() < deadline:
+            # The window counts judged requests (ones the champion answered 200), so answers to requests without
+            # a token or with a broken image cannot end it early.
+            while time.monotonic() < deadline:
+                window.read()
+                if Figures.of(window.pairs).requests >= thresholds.requests:
+                    break
                 self._export(version, Figures.of(window.pairs))
                 if time.monotonic() - looked >= self.interval:
                     looked, now = time.monotonic(), self.champion()
+                    try:
+                        still = challenger(self._client, self._name)
+                    except Exception:  # the registry not answering: look again at the next interval
+                        still = mv
                     if now and now != served.version:
                         reason = f"the champion moved to version {now} during the shadow"
+                    elif still is None or str(still.version) != version:
+                        reason = "the challenger alias was moved or removed during the shadow"
+                    if reason:
                         break
                 time.sleep(0.5)
             figures = Figures.of(window.pairs)
@@ -337,6 +381,23 @@ class Follower:
         self._stop(served.slot)
         log.info("switched to %s in slot %s after its shadow; %s stopped", tag, new, served.tag)
         return after
+
+    def _conclude(self, version: str, passed: bool, why: str, figures: dict) -> bool:
+        """:func:`conclude_shadow`, or (the registry not answering) a retry of the version after the back-off."""
+        from training.deploy.champion import conclude_shadow
+
+        try:
+            return conclude_shadow(self._config, version, passed, why, figures)
+        except Exception:
+            log.exception("could not record the end of version %s's shadow; trying again later", version)
+            self.failed[f"shadow {version}"] = time.monotonic()
+            return False
+
+    def _finish(self, mv) -> None:
+        """A challenger whose shadow passed but whose promotion stopped part-way: finish it (each step of the
+        move is idempotent), with the figures and reason recorded then."""
+        log.info("challenger version %s passed its shadow; finishing its promotion", mv.version)
+        self._conclude(str(mv.version), True, mv.tags.get("shadow_reason", "shadow passed"), {})
 
     def _export(self, version: str, figures, passed: bool | None = None) -> None:
         if self.gauges is not None:
@@ -364,28 +425,86 @@ class ShadowGauges:
         if passed is not None:
             self.passed.labels(version).set(int(passed))
 
-    def serve(self, port: int, token: str = "") -> None:
-        """Serve /metrics on loopback ``port`` in a thread; with ``token``, only to ``Authorization: Bearer token``."""
-        import hmac
-        from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-        import prometheus_client as prom
+# MLflow's registry webhook, where a tracking server runs: an alias set or removed wakes the follower at once
+# (the look that follows reads the aliases; a delivery's payload is never trusted for what to serve).
+WEBHOOK_NAME = "cifar10-front-door"
+WEBHOOK_EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
+# A delivery whose signed timestamp is further than this from now is refused (a replay could only wake us).
+WEBHOOK_MAX_AGE_S = 300
+WEBHOOK_MAX_BYTES = 1 << 20
 
-        metrics = prom.make_wsgi_app(self.registry)
 
-        def app(environ, start_response):
-            given = environ.get("HTTP_AUTHORIZATION", "")
-            if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer"), ("Content-Length", "0")])
-                return [b""]
-            return metrics(environ, start_response)
+def signed(secret: str, headers: dict[str, str], body: bytes, now: float) -> bool:
+    """Whether an MLflow webhook delivery carries ``secret``'s HMAC-SHA256 signature (``v1,<base64>`` of
+    ``<delivery id>.<timestamp>.<body>``) and a timestamp within :data:`WEBHOOK_MAX_AGE_S` of ``now``."""
+    import base64
+    import hashlib
+    import hmac
 
-        class Quiet(WSGIRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
+    stamp, delivery = headers.get("X-MLflow-Timestamp", ""), headers.get("X-MLflow-Delivery-Id", "")
+    try:
+        fresh = abs(now - int(stamp)) <= WEBHOOK_MAX_AGE_S
+    except ValueError:
+        return False
+    digest = hmac.new(secret.encode(), f"{delivery}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    expected = f"v1,{base64.b64encode(digest).decode()}"
+    return fresh and hmac.compare_digest(headers.get("X-MLflow-Signature", "").encode(), expected.encode())
 
-        server = make_server("127.0.0.1", port, app, handler_class=Quiet)
-        threading.Thread(target=server.serve_forever, name="shadow-metrics", daemon=True).start()
+
+def serve(port: int, gauges: ShadowGauges, wake: threading.Event, token: str = "", secret: str = ""):
+    """The follower's HTTP server on loopback ``port``, in a thread: ``GET /metrics`` (the shadow's figures; with
+    ``token``, only to ``Authorization: Bearer token``) and, with ``secret``, ``POST /webhook`` for MLflow's
+    signed deliveries, each of which sets ``wake``. Returns the server."""
+    import hmac
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    import prometheus_client as prom
+
+    metrics = prom.make_wsgi_app(gauges.registry)
+
+    def answer(start_response, status: str, extra=()) -> list[bytes]:
+        start_response(status, [("Content-Length", "0"), *extra])
+        return [b""]
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/webhook" and secret:
+            if environ.get("REQUEST_METHOD") != "POST":
+                return answer(start_response, "405 Method Not Allowed", [("Allow", "POST")])
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            if length > WEBHOOK_MAX_BYTES:
+                return answer(start_response, "413 Content Too Large")
+            body = environ["wsgi.input"].read(length)
+            headers = {name: environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+                       for name in ("X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id")}
+            if not signed(secret, headers, body, time.time()):
+                return answer(start_response, "401 Unauthorized")
+            wake.set()
+            return answer(start_response, "204 No Content")
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return answer(start_response, "401 Unauthorized", [("WWW-Authenticate", "Bearer")])
+        return metrics(environ, start_response)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = make_server("127.0.0.1", port, app, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name="follower-http", daemon=True).start()
+    return server
+
+
+def register_webhook(client, url: str, secret: str) -> None:
+    """Have the MLflow tracking server behind ``client`` deliver alias events to ``url``, signed with ``secret``
+    (the webhook named :data:`WEBHOOK_NAME` is created, or updated to these)."""
+    found = [hook for hook in client.list_webhooks() if hook.name == WEBHOOK_NAME]
+    if found:
+        client.update_webhook(found[0].webhook_id, url=url, events=list(WEBHOOK_EVENTS), secret=secret,
+                              status="ACTIVE")
+    else:
+        client.create_webhook(WEBHOOK_NAME, url, list(WEBHOOK_EVENTS), secret=secret,
+                              description="The front door's follower: look at the aliases now")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -399,15 +518,34 @@ def main(argv: list[str] | None = None) -> None:
     interval = float(os.environ.get("CIFAR10_FOLLOW_INTERVAL", DEFAULT_INTERVAL_S))
     if interval <= 0:
         raise SystemExit(f"CIFAR10_FOLLOW_INTERVAL={interval:g}: must be a positive number of seconds")
-    gauges = ShadowGauges()
-    if os.environ.get("FOLLOW_PORT"):
-        gauges.serve(int(os.environ["FOLLOW_PORT"]), os.environ.get("CIFAR10_API_TOKEN", ""))
+    gauges, wake = ShadowGauges(), threading.Event()
+    secret = os.environ.get("CIFAR10_WEBHOOK_SECRET", "")
     follower = Follower(dict(os.environ), interval=interval, gauges=gauges)
+    if os.environ.get("FOLLOW_PORT"):
+        port = int(os.environ["FOLLOW_PORT"])
+        serve(port, gauges, wake, os.environ.get("CIFAR10_API_TOKEN", ""), secret)
+        if secret and follower.config().tracking_uri.startswith(("http://", "https://")):
+            try:
+                register_webhook(follower._registry(), f"http://127.0.0.1:{port}/webhook", secret)
+                log.info("MLflow delivers alias events to this follower; it also looks every %g s", interval)
+            except Exception as exc:  # an MLflow without webhooks, or a login that may not create them
+                log.warning("could not register the registry webhook (%s): looking every %g s only", exc, interval)
+    stop = threading.Event()
+    beat = threading.Thread(target=follower.beat, args=(stop,), name="heartbeat")
+    beat.start()
+
+    def leave(*_) -> None:  # supervisord stops the follower with SIGTERM: the heartbeat goes first
+        stop.set()
+        beat.join(30)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
     served = follower.reconcile()
     log.info("following the champion every %g s; serving %s", interval, served.tag or "nothing yet")
     while True:
         served = follower.step(served)
-        time.sleep(interval)
+        wake.wait(interval)  # a webhook delivery ends the wait early
+        wake.clear()
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def _shadow(run: str, upstream: str, share: float) -> tuple[str, str]:
     """
     from training.deploy.shadow import MIRROR_TIMEOUT_S
 
-    sample = "* 1;" if share >= 1 else f"{share * 100:.2f}% 1;\n        * \"\";"
+    # split_clients takes percents with two decimals: the smallest share above 0 is 0.01%.
+    sample = "* 1;" if share >= 1 else f"{max(share * 100, 0.01):.2f}% 1;\n        * \"\";"
     fields = ('"status":"$status","class":"$upstream_http_x_predicted_class",'
               '"confidence":"$upstream_http_x_confidence","time":"$upstream_response_time"')
     http = f"""
@@ -188,8 +189,8 @@ def _temp(run: str, prefix: str) -> str:
 def render(env: dict[str, str], upstream: str | None = None, access_log: str | None = None,
            as_root: bool | None = None) -> str:
     """The front's configuration: STACK_HOST:PROXY_PORT, forwarding to ``upstream`` (host:port; by default the
-    switch's socket in STACK_RUN, one connection per request); its access log in STACK_RUN unless ``access_log``
-    names another file."""
+    switch's socket in STACK_RUN, retrying what a stale kept-alive connection lost); its access log in STACK_RUN
+    unless ``access_log`` names another file."""
     run, host, port = env["STACK_RUN"], env["STACK_HOST"], env["PROXY_PORT"]
     tls = tls_files(env)
     listen = f"{host}:{port} ssl" if tls else f"{host}:{port}"

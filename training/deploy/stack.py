@@ -31,7 +31,8 @@ BIN = Path(sys.executable).parent
 PARTS = {"local": ("airflow", "mlflow", "bento", "proxy"),
          "distributed": ("postgres", "redis", "s3", "mlflow", "airflow", "bento", "proxy")}
 SECRETS = ("FERNET_KEY", "JWT_SECRET", "API_SECRET", "S3_ACCESS_KEY", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD",
-           "MLFLOW_FLASK_SECRET", "WEED_JWT_KEY", "WEED_FILER_JWT_KEY", "WEED_FILER_READ_JWT_KEY")
+           "MLFLOW_FLASK_SECRET", "WEED_JWT_KEY", "WEED_FILER_JWT_KEY", "WEED_FILER_READ_JWT_KEY", "WEBHOOK_SECRET",
+           "MLFLOW_WEBHOOK_KEY")
 UP = ("STARTING", "RUNNING", "BACKOFF")
 
 
@@ -42,7 +43,8 @@ def stack_secrets(run: Path) -> dict[str, str]:
     run.mkdir(parents=True, exist_ok=True)
     (path := run / "secrets.env").touch(0o600)
     have = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    make = {"FERNET_KEY": lambda: Fernet.generate_key().decode(), "S3_ACCESS_KEY": lambda: f"cifar10-{secrets.token_hex(4)}"}
+    fernet = lambda: Fernet.generate_key().decode()  # noqa: E731
+    make = {"FERNET_KEY": fernet, "MLFLOW_WEBHOOK_KEY": fernet, "S3_ACCESS_KEY": lambda: f"cifar10-{secrets.token_hex(4)}"}
     new = {f"STACK_{name}": make.get(name, lambda: secrets.token_urlsafe(32))() for name in SECRETS
            if f"STACK_{name}" not in have}
     with path.open("a") as out:
@@ -111,7 +113,13 @@ def settings(stack: str, environ: dict[str, str]) -> dict[str, str]:
                         # Workers have no container engine when deployed: the image is built from the Bento in S3.
                         ("CIFAR10_CONTAINER_BACKEND", "none"), ("AIRFLOW__CORE__FERNET_KEY", keys["STACK_FERNET_KEY"]),
                         ("AIRFLOW__API_AUTH__JWT_SECRET", keys["STACK_JWT_SECRET"]),
-                        ("AIRFLOW__API__SECRET_KEY", keys["STACK_API_SECRET"])]:
+                        ("AIRFLOW__API__SECRET_KEY", keys["STACK_API_SECRET"]),
+                        # The registry webhook that wakes the follower when an alias moves: the follower
+                        # listens on loopback over plain HTTP, which MLflow refuses unless allowed; the
+                        # deliveries are signed with the shared secret, stored encrypted by MLflow.
+                        ("CIFAR10_WEBHOOK_SECRET", keys["STACK_WEBHOOK_SECRET"]),
+                        ("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", keys["STACK_MLFLOW_WEBHOOK_KEY"]),
+                        ("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https"), ("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")]:
         d(name, value)
     tls = f"{state}/stack/seaweedfs-tls"
     env.update({f"WEED_GRPC_{part}_{kind.upper()}": f"{tls}/{kind}.pem"
@@ -179,12 +187,14 @@ def programs(env: dict[str, str]) -> dict[str, dict[str, str]]:
 
 # nginx stops gracefully on QUIT (requests in flight are answered first); TERM would cut them off.
 STOP_SIGNAL = {"proxy": "QUIT", "switch": "QUIT"}
+# ... and may take its worker_shutdown_timeout to answer them: supervisord waits that long before killing it.
+STOP_WAIT_S = {"proxy": 70, "switch": 70}
 
 
 def render(env: dict[str, str]) -> Path:
     """supervisord's configuration of the stack, written to the state folder: XML-RPC on a socket only this
     user may open (no TCP port); each program starts only when `up` asks, restarts when it dies, is stopped
-    with its process group (servers' workers, task processes; killed after 30 s) and logs to <name>.log."""
+    with its process group (servers' workers, task processes; killed after 30 s, nginx after 70 s) and logs to <name>.log."""
     run = env["STACK_RUN"]
     sections = [f"[supervisord]\nidentifier=cifar10-{env['STACK']}\nlogfile={run}/supervisord.log\n"
                 f"pidfile={run}/supervisord.pid\nchildlogdir={run}",
@@ -193,7 +203,7 @@ def render(env: dict[str, str]) -> Path:
     for priority, (part, members) in enumerate(programs(env).items(), 1):
         sections.append(f"[group:{part}]\nprograms={','.join(members)}\npriority={priority}")
         sections += [f"[program:{name}]\ncommand={command}\nautostart=false\nautorestart=true\nstopasgroup=true\n"
-                     f"stopwaitsecs=30\nstopsignal={STOP_SIGNAL.get(name, 'TERM')}\nredirect_stderr=true\n"
+                     f"stopwaitsecs={STOP_WAIT_S.get(name, 30)}\nstopsignal={STOP_SIGNAL.get(name, 'TERM')}\nredirect_stderr=true\n"
                      f"stdout_logfile={run}/{name}.log" for name, command in members.items()]
     path = Path(run) / "supervisord.conf"
     path.write_text("\n\n".join(sections).replace("%", "%%") + "\n")

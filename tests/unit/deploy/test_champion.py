@@ -334,3 +334,27 @@ def test_promote_moves_champion_at_once_without_a_watching_front_door_or_with_sh
     promote(config, _candidate(config, tmp_path, prepared, answers=0), "cifar10-classifier:v2", by="run-2")
     assert champion_number(config) == "2"
     assert "challenger" not in registry_client(config).get_registered_model(config.registered_model_name).aliases
+
+
+def test_a_passed_shadow_whose_promotion_stopped_part_way_is_finished_by_concluding_again(
+        store, tmp_path, prepared, monkeypatch):
+    config = _config(store)
+    _promoted(config, tmp_path, prepared, answers=1)
+    _front_door_looks(config)
+    promote(config, _candidate(config, tmp_path, prepared, answers=0), "cifar10-classifier:v2", by="run-2")
+    real = champion._record
+
+    def lost(*args, **kwargs):
+        monkeypatch.setattr(champion, "_record", real)
+        raise ConnectionError("injected: the registry went away while the move was recorded")
+
+    monkeypatch.setattr(champion, "_record", lost)
+    with pytest.raises(ConnectionError):
+        champion.conclude_shadow(config, "2", True, "shadow passed on 200 requests", {})
+    mv = model_version(config, f"models:/{config.registered_model_name}/2")
+    assert champion_number(config) == "1" and mv.tags["shadow_decision"] == "passed"
+    assert "challenger" in registry_client(config).get_registered_model(config.registered_model_name).aliases
+    # What the follower does at its next look (Follower._finish): conclude again.
+    assert champion.conclude_shadow(config, "2", True, mv.tags["shadow_reason"], {})
+    assert champion_number(config) == "2"
+    assert [m for m in _moves(config) if m[2] == "2"] == [("promote", "1", "2", "FINISHED")]
