@@ -158,7 +158,8 @@ def stack(tmp_path_factory, postgres):
     tmp = tmp_path_factory.mktemp("distributed")
     state = tmp / "state"
     admin = urlsplit(postgres["admin"])
-    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT", "REDIS_PORT")}
+    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT",
+                                                 "FOLLOW_PORT", "REDIS_PORT")}
     s3_port = _free_range(1, 1)
     env = state_env(state, STACK="distributed", CIFAR10_SCHEDULE="none", **ports,
                     S3_PORT=str(s3_port), WEED_PORTS=str(_free_range(6, 4)),
@@ -304,6 +305,15 @@ def test_the_bento_is_exported_to_s3_and_served_from_an_empty_store(stack, monke
     assert resp.status_code == 200, resp.text
     assert resp.json()["label"] in CLASSES
 
+    # The follower registered MLflow's registry webhook; the server's signed test delivery reaches it.
+    from training.deploy.follow import WEBHOOK_NAME
+
+    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
+    [hook] = [h for h in client.list_webhooks() if h.name == WEBHOOK_NAME]
+    assert hook.url == f"http://127.0.0.1:{stack['env']['FOLLOW_PORT']}/webhook", hook.url
+    delivered = client.test_webhook(hook.webhook_id)
+    assert delivered.success and delivered.response_status == 204, delivered
+
 
 def test_every_part_listens_on_loopback_only(stack):
     """Runs after the Bento started: redis, every SeaweedFS listener, MLflow, Airflow's components (their
@@ -313,8 +323,8 @@ def test_every_part_listens_on_loopback_only(stack):
             "bento-blue", "follow", "proxy"} <= set(groups), groups
     found = listeners(set(groups.values()))
     env = stack["env"]
-    expected = {int(env[name]) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT", "REDIS_PORT",
-                                            "S3_PORT")}
+    expected = {int(env[name]) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT", "FOLLOW_PORT",
+                                            "REDIS_PORT", "S3_PORT")}
     weed = int(env["WEED_PORTS"])
     expected |= {weed, weed + 1, weed + 2, weed + 10000, weed + 10001, weed + 10002}  # master, volume, filer
     assert expected <= {port for _, _, port in found}, (sorted(expected), found)
@@ -373,7 +383,7 @@ def test_down_leaves_no_process(stack):
             pass
     assert not left, f"still running after down: {left}"
     assert not stack_processes(stack["state"]) and not list(run_dir.glob("*.pid"))
-    for port in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT", "REDIS_PORT", "S3_PORT"):
+    for port in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT", "FOLLOW_PORT", "REDIS_PORT", "S3_PORT"):
         assert not _listening(int(stack["env"][port])), f"{port} {stack['env'][port]} still served"
 
 
