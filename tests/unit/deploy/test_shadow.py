@@ -30,7 +30,7 @@ def test_a_line_is_parsed_and_what_is_not_one_is_skipped():
 def test_the_window_pairs_both_answers_of_a_request_in_any_order_and_waits_for_a_torn_line(tmp_path):
     log = tmp_path / "shadow.log"
     log.write_text(_line("champion", "old"))  # an earlier window's
-    window = Window.starting_now(log)
+    window = Window.starting_now(log, warmup=0)
     with log.open("a") as f:
         f.write(_line("challenger", "a", label="dog") + _line("champion", "a") + _line("champion", "b"))
         torn = _line("challenger", "b")
@@ -85,3 +85,11 @@ def test_thresholds_travel_on_the_version_as_tags():
     assert Thresholds.from_tags(thresholds.as_tags()) == thresholds
     with pytest.raises(ValueError, match="lacks the tags"):
         Thresholds.from_tags({"shadow_share": "0.5"})
+
+
+def test_the_first_pairs_of_a_window_warm_the_challenger_up_and_are_not_judged(tmp_path):
+    log = tmp_path / "shadow.log"
+    window = Window.starting_now(log, warmup=2)
+    log.write_text("".join(_line("champion", str(i)) + _line("challenger", str(i), time=str(t))
+                           for i, t in enumerate(["0.900", "0.800", "0.030"])))
+    assert window.read() == 1 and window.pairs[0][1].seconds == 0.03
