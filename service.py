@@ -193,5 +193,5 @@ def _finite(value) -> float | None:
 # (not BentoML's README with remote badges).
 CIFAR10Classifier.add_asgi_middleware(
     RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, max_concurrency=SETTINGS.per_worker(SETTINGS.max_concurrency),
-    token=SETTINGS.api_token, description=DESCRIPTION,
+    token=SETTINGS.api_token, description=DESCRIPTION, workers=SETTINGS.workers,
     fields={"/predict": {"file": 1}, "/predict_batch": {"files": SETTINGS.max_files}, "/metadata": {}})

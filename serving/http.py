@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import PurePosixPath
 
+from serving.balance import ConnectionBalance
 from serving.openapi import amend_spec
+from serving.slots import server_key
 
 
 class Upload(PurePosixPath):
@@ -177,11 +179,15 @@ class RequestGuard:
       its spec is amended on the way out (:func:`amend_spec`). ``description``, if
       given, replaces the page text, which for a service served from source is BentoML's
       own README (``description=`` of ``@bentoml.service`` reaches only a built Bento's).
+    - With ``workers`` > 1, a worker holding more than its share of the server's active connections
+      closes one after its answer, so the workers share the load (:mod:`serving.balance`).
     """
 
     def __init__(self, app, max_body_bytes: int, fields: dict[str, dict[str, int]] | None = None,
                  max_concurrency: int = 0, token: str = "", linger_s: float = 2.0, description: str | None = None,
-                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+                 body_timeout_s: float = BODY_TIMEOUT_S, workers: int = 1) -> None:
+        import bentoml
+
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.fields = fields or {}
@@ -194,6 +200,8 @@ class RequestGuard:
         self.linger_s = linger_s  # most seconds spent dropping the rest of a refused body
         self.description = description
         self._answering = self._receiving = self._held = 0
+        # Built where the worker builds its app: BentoML has set the worker's index by then.
+        self._balance = ConnectionBalance(server_key(), workers, bentoml.server_context.worker_index)
         logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorTracebacks())
         if log.level == logging.NOTSET:  # BentoML sets the root logger to WARNING: refusals log at INFO
             log.setLevel(logging.INFO)
@@ -221,6 +229,8 @@ class RequestGuard:
             if self.max_concurrency and self._answering >= self.max_concurrency:
                 raise _Refused(429, f"server busy: {self._answering} requests are being answered, the most this worker "
                                     "takes (CIFAR10_MAX_CONCURRENCY); retry later", unread=False)
+            if self._balance.should_close(scope.get("client")):
+                shaped = _with_header(shaped, b"connection", b"close")
             self._answering += 1
             try:
                 await self.app(scope, receive, shaped)

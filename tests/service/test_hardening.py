@@ -409,6 +409,66 @@ def test_clients_sending_slow_bodies_leave_the_others_their_slots(server):
     assert slow_answers and all(line.startswith(b"HTTP/1.1 408") for line in slow_answers), slow_answers[:3]
 
 
+def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(server):
+    """32 connections opened at once, each sending requests back to back for 3 s, reconnecting when an answer
+    says ``Connection: close``. The workers share one listening socket, and the first awake used to accept all
+    32 (half the server idle); the one over its share now closes connections until each holds about as many,
+    give or take serving/balance.py's SLACK."""
+    import psutil
+
+    from serving.settings import ServingSettings
+
+    workers, url = ServingSettings().workers, httpx.URL(server)
+    if workers < 2:
+        pytest.skip("one worker (one CPU): nothing to balance")
+    body = (b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"ok.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + image_bytes(3) + b"\r\n--x--\r\n")
+    request = (f"POST /predict HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    async def client(deadline: float, statuses: list[int], closes: list[int], connected: asyncio.Barrier,
+                     sampled: asyncio.Event) -> None:
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        while time.monotonic() < deadline:
+            writer.write(request)
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            await reader.readexactly(int(re.search(rb"content-length: *(\d+)", head)[1]))
+            statuses.append(int(head.split()[1]))
+            if b"connection: close" in head:  # as any HTTP/1.1 client: this connection ends, open another
+                closes.append(1)
+                writer.close()
+                reader, writer = await asyncio.open_connection(url.host, url.port)
+        await connected.wait()  # all 32 hold an open connection now
+        await sampled.wait()
+        writer.close()
+
+    def held_by_worker() -> dict[int, int]:
+        held = {}  # worker PID -> the connections it holds
+        for conn in psutil.net_connections("tcp"):
+            if conn.laddr and conn.laddr.port == url.port and conn.status == psutil.CONN_ESTABLISHED and conn.pid:
+                held[conn.pid] = held.get(conn.pid, 0) + 1
+        return held
+
+    async def main():
+        statuses, closes, connected, sampled = [], [], asyncio.Barrier(33), asyncio.Event()
+        deadline = time.monotonic() + 3
+        clients = [asyncio.create_task(client(deadline, statuses, closes, connected, sampled)) for _ in range(32)]
+        await asyncio.wait_for(connected.wait(), 30)
+        await asyncio.sleep(0.2)  # the last reconnections accepted
+        held = await asyncio.to_thread(held_by_worker)
+        sampled.set()
+        await asyncio.gather(*clients)
+        return statuses, len(closes), held
+
+    statuses, closes, held = asyncio.run(main())
+    assert set(statuses) == {200}, {code: statuses.count(code) for code in set(statuses)}
+    assert sum(held.values()) == 32, held
+    # Each worker holds at least half an even share (an even split, give or take SLACK, once it settles), and
+    # the connections that moved are a few per client at most, not a close on every answer.
+    assert len(held) == workers and min(held.values()) >= 32 // workers // 2, held
+    assert closes <= 64, closes
+
+
 def test_a_refused_request_is_one_log_line_without_a_traceback(server):
     resp = httpx.post(f"{server}/predict", files={"file": ("x.jpg", b"log me once", "image/jpeg")}, timeout=30)
     assert resp.status_code == 400
