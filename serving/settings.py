@@ -43,7 +43,9 @@ class ServingSettings:
     # Worker processes, each with its own event loop, model and batcher: one process's
     # request handling holds the GIL and cannot feed two cores, so one per CPU, at most 4.
     workers: int = field(default_factory=lambda: min(cpu_share(), 4))
-    access_log: int = 1  # 1: one log line per request (BentoML access log); 0: off, saves CPU under load
+    # 1: BentoML's access log, a line per request. Off by default: at hundreds of requests a second its
+    # formatting is CPU the answers do not need (docs/results.md); errors and refusals are logged either way.
+    access_log: int = 0
     # 1: OpenTelemetry spans for the API routes (set it with a tracing exporter in BentoML's
     # configuration). 0: the routes are excluded from tracing, because BentoML runs its
     # tracing middleware on every request even when nothing exports the spans.

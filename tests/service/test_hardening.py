@@ -478,3 +478,5 @@ def test_a_refused_request_is_one_log_line_without_a_traceback(server):
              and "400 file: not a readable image" in line]
     assert lines and all("[INFO]" in line for line in lines), lines
     assert "Traceback" not in log and "Exception on /predict" not in log
+    # And no access-log line for the thousands of answered requests before it: it is off by default.
+    assert "path=/predict," not in log

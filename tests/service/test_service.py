@@ -42,7 +42,7 @@ def test_model_calls_run_side_by_side_one_per_cpu_the_server_may_use():
 
 # Each default of docs/serving.md's settings table, as the literal the table states.
 DOCUMENTED_SETTINGS = {"max_batch_size": 64, "max_latency_ms": 1000, "max_files": 64, "max_body_bytes": 10485760,
-                       "max_concurrency": 256, "access_log": 1, "trace_requests": 0, "drift_window": 256, "api_token": ""}
+                       "max_concurrency": 256, "access_log": 0, "trace_requests": 0, "drift_window": 256, "api_token": ""}
 
 
 @pytest.mark.parametrize("name", DOCUMENTED_SETTINGS)
@@ -66,7 +66,7 @@ def test_settings_from_env_overrides_and_rejects_nonpositive():
     assert (s.max_batch_size, s.max_body_bytes, s.max_files) == (8, 1000, ServingSettings().max_files)
     with pytest.raises(ValueError, match="CIFAR10_MAX_FILES='0': must be a positive integer"):
         ServingSettings.from_env({"CIFAR10_MAX_FILES": "0"})
-    assert ServingSettings.from_env({"CIFAR10_ACCESS_LOG": "0"}).access_log == 0  # switches may be off
+    assert ServingSettings.from_env({"CIFAR10_ACCESS_LOG": "1"}).access_log == 1  # switches may be on
     with pytest.raises(ValueError, match=r"CIFAR10_ACCESS_LOG='2': must be 0 \(off\) or 1 \(on\)"):
         ServingSettings.from_env({"CIFAR10_ACCESS_LOG": "2"})
 
@@ -457,11 +457,12 @@ SERVER_LOG: list[Path] = []  # the module server's log file
 
 @pytest.fixture(scope="module")
 def server(serving_model, tmp_path_factory):
-    """The service as shipped (default workers), small body and file limits; yields its base URL."""
+    """The service as shipped (default workers), small body and file limits, and BentoML's access log (the
+    tracing test reads it); yields its base URL."""
     SERVER_LOG[:] = [tmp_path_factory.mktemp("serve") / "serve.log"]
     proc, url = _serve(serving_model, SERVER_LOG[0],
                        {"CIFAR10_MAX_BODY_BYTES": str(MAX_BODY), "CIFAR10_MAX_FILES": str(MAX_FILES),
-                        "CIFAR10_MAX_LATENCY_MS": "20000"})
+                        "CIFAR10_MAX_LATENCY_MS": "20000", "CIFAR10_ACCESS_LOG": "1"})
     try:
         yield url
     finally:
