@@ -7,8 +7,10 @@ workers in about a third of the runs. That worker's Python request handling hold
 more than about one core, the other worker idles, and the server answers half as many requests.
 
 Each worker counts its active connections (a client address and port that sent a request within
-:data:`WINDOW_S`: ASGI shows requests, not connections) and publishes the count in a table in shared
-memory, one slot per worker. A worker holding more than its share by :data:`SLACK` answers with
+:data:`WINDOW_S`: ASGI shows requests, not connections) and publishes the count, with the time it
+counted, in a table in shared memory, one slot per worker. A count older than the window is read as 0:
+a worker that answered nothing for a window holds no active connection, and one that takes no request
+never updates its slot. A worker holding more than its share by :data:`SLACK` answers with
 ``Connection: close``, and forgets that connection; the client reconnects, and the worker waiting in
 ``accept`` (the idle one) takes it. Connections already spread never see a close. A worker closes at
 most one connection per :data:`CLOSE_EVERY_S`, so that a moved connection is counted where it lands
@@ -59,12 +61,15 @@ class ConnectionBalance:
         table = self._table if self._table is not None else self._attach()
         if table is None:
             return False
-        mine = table[self._slot] = len(self._seen)
-        if mine <= sum(table) / self._workers + SLACK or now - self._closed < CLOSE_EVERY_S:
+        mine, stamp = len(self._seen), int(now * 1e6)
+        table[2 * self._slot], table[2 * self._slot + 1] = mine, stamp
+        fresh = stamp - int(WINDOW_S * 1e6)
+        total = sum(table[2 * i] for i in range(self._workers) if table[2 * i + 1] > fresh)
+        if mine <= total / self._workers + SLACK or now - self._closed < CLOSE_EVERY_S:
             return False
         self._closed = now
         del self._seen[client]  # it is closing: the next look counts it where it reconnects
-        table[self._slot] = mine - 1
+        table[2 * self._slot] = mine - 1
         return True
 
     def _attach(self) -> memoryview | None:
@@ -74,7 +79,7 @@ class ConnectionBalance:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                size = 8 * self._workers
+                size = 16 * self._workers  # per worker: its count, and when it counted (monotonic us)
                 if os.fstat(fd).st_size < size:
                     os.ftruncate(fd, size)
                 self._table = memoryview(mmap.mmap(fd, size)).cast("q")

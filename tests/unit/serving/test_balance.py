@@ -77,3 +77,15 @@ def test_a_table_it_cannot_map_turns_balancing_off(tmp_path):
     worker = ConnectionBalance("k", 2, 1, tmp_path / "missing")
     assert not any(worker.should_close(c) for c in clients(64))
     assert not worker.on
+
+
+def test_a_worker_that_takes_no_request_stops_counting_after_the_window(tmp_path, clock):
+    """Its slot is written only when it answers: a count it published a window ago must not hide an imbalance
+    (a benchmark's warm-up left 29 there, and the next run's 32 connections then stayed on one worker)."""
+    busy, idle = ConnectionBalance("k", 2, 1, tmp_path), ConnectionBalance("k", 2, 2, tmp_path)
+    for c in clients(29, start=100):
+        idle.should_close(c)
+    clock[0] += WINDOW_S + 1
+    held = [clients(32), []]
+    run([busy, idle], held, clock, rounds=30)
+    assert sorted(map(len, held)) == [16 - SLACK, 16 + SLACK]
