@@ -28,7 +28,7 @@ from serving.lineage import answer_headers, lineage_headers
 from serving.metrics import ServiceMetrics, drift_window
 from serving.model import onnx_session, prediction, warm_up
 from serving.precision import choose as choose_precision
-from serving.settings import INFER_NICE, ServingSettings
+from serving.settings import GC_THRESHOLDS, INFER_NICE, ServingSettings
 from serving.slots import ComputeSlots, server_key
 
 if TYPE_CHECKING:  # numpy is imported where it is used: the `bentoml serve` CLI process needs none of it
@@ -132,6 +132,7 @@ class CIFAR10Classifier:
         # reach, full collections under load scan only what requests create.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
 
     def _infer(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: pixels.astype("float32")})[0]
