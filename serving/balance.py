@@ -53,6 +53,7 @@ class ConnectionBalance:
         if not self.on or client is None:
             return False
         now = time.monotonic()
+        client = tuple(client)  # a server may give a list: a key must be hashable
         self._seen[client] = now
         if now - self._pruned > WINDOW_S / 4:
             self._pruned = now

@@ -89,3 +89,8 @@ def test_a_worker_that_takes_no_request_stops_counting_after_the_window(tmp_path
     held = [clients(32), []]
     run([busy, idle], held, clock, rounds=30)
     assert sorted(map(len, held)) == [16 - SLACK, 16 + SLACK]
+
+
+def test_a_client_given_as_a_list_is_counted_not_refused(tmp_path):
+    worker = ConnectionBalance("k", 2, 1, tmp_path)
+    assert worker.should_close(["127.0.0.1", 1]) is False  # a list is no dict key: counted as a tuple
