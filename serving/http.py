@@ -202,6 +202,7 @@ class RequestGuard:
         self._answering = self._receiving = self._held = 0
         # Built where the worker builds its app: BentoML has set the worker's index by then.
         self._balance = ConnectionBalance(server_key(), workers, bentoml.server_context.worker_index)
+        self._balance.start()
         logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorTracebacks())
         if log.level == logging.NOTSET:  # BentoML sets the root logger to WARNING: refusals log at INFO
             log.setLevel(logging.INFO)

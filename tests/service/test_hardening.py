@@ -454,8 +454,10 @@ def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(server):
         deadline = time.monotonic() + 3
         clients = [asyncio.create_task(client(deadline, statuses, closes, connected, sampled)) for _ in range(32)]
         await asyncio.wait_for(connected.wait(), 30)
-        await asyncio.sleep(0.2)  # the last reconnections accepted
-        held = await asyncio.to_thread(held_by_worker)
+        held, waited = {}, time.monotonic()
+        while sum(held.values()) < 32 and time.monotonic() - waited < 5:  # the last reconnections accepted
+            await asyncio.sleep(0.1)
+            held = await asyncio.to_thread(held_by_worker)
         sampled.set()
         await asyncio.gather(*clients)
         return statuses, len(closes), held
