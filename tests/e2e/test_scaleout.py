@@ -95,12 +95,14 @@ def _listening(port: int) -> bool:
     return True
 
 
-def _free_range(count: int, twins: int) -> int:
-    """A port p with p..p+count-1 free and the gRPC twins p+10000..p+10000+twins-1 free too."""
+def _free_range(count: int, twins: int, taken: set[int]) -> int:
+    """A port p with p..p+count-1 free and the gRPC twins p+10000..p+10000+twins-1 free too, none of them in
+    ``taken`` (ports chosen for other servers, free until they start); adds them to ``taken``."""
     for _ in range(200):
         base = free_port()
-        if base + 10000 + count < 65535 and all(_free(base + i) for i in range(count)) \
-                and all(_free(base + 10000 + i) for i in range(twins)):
+        wanted = {*range(base, base + count), *range(base + 10000, base + 10000 + twins)}
+        if base + 10000 + count < 65535 and not wanted & taken and all(_free(port) for port in wanted):
+            taken |= wanted
             return base
     raise RuntimeError("no free port range on 127.0.0.1 for SeaweedFS; free some ports")
 
@@ -158,11 +160,14 @@ def stack(tmp_path_factory, postgres):
     tmp = tmp_path_factory.mktemp("distributed")
     state = tmp / "state"
     admin = urlsplit(postgres["admin"])
-    ports = {name: str(free_port()) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT", "BENTO_PORT",
-                                                 "FOLLOW_PORT", "REDIS_PORT")}
-    s3_port = _free_range(1, 1)
+    # Distinct ports: each is free when chosen, and nothing binds one before the stack starts, so two draws
+    # could return the same one (S3 and the front door once did).
+    taken: set[int] = set()
+    ports = {name: str(_free_range(1, 0, taken)) for name in ("AIRFLOW_PORT", "MLFLOW_PORT", "PROXY_PORT",
+                                                              "BENTO_PORT", "FOLLOW_PORT", "REDIS_PORT")}
+    s3_port = _free_range(1, 1, taken)
     env = state_env(state, STACK="distributed", CIFAR10_SCHEDULE="none", **ports,
-                    S3_PORT=str(s3_port), WEED_PORTS=str(_free_range(6, 4)),
+                    S3_PORT=str(s3_port), WEED_PORTS=str(_free_range(6, 4, taken)),
                     POSTGRES_HOST=admin.hostname, POSTGRES_PORT=str(admin.port or 5432),
                     POSTGRES_USER=unquote(admin.username or ""), POSTGRES_PASSWORD=unquote(admin.password or ""),
                     AIRFLOW_DB=postgres["names"]["airflow"], MLFLOW_DB=postgres["names"]["mlflow"],

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,9 @@ from pathlib import Path
 # source ports too, and one of those can take it in the seconds a server needs before it listens.
 # Servers started here listen below that range (Linux starts it at 32768), where only listeners go.
 LISTEN_PORTS = range(20000, 32768)
+# Ports this process handed out lately: free when chosen, but their server may not listen yet, so a second
+# draw could return the same one to another server (a stack's S3 and front door once got one port).
+_HANDED_OUT: deque[int] = deque(maxlen=1000)
 # What BentoML logs when the service's __init__ raises; its supervisor then keeps restarting the
 # worker, so the server process itself never exits.
 STARTUP_FAILED = "Application startup failed"
@@ -29,14 +33,18 @@ class NotReady(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port nothing is bound to on any interface, from :data:`LISTEN_PORTS`."""
+    """A TCP port nothing is bound to on any interface, from :data:`LISTEN_PORTS`, and none this process
+    handed out among its last 1,000."""
     for port in random.sample(LISTEN_PORTS, 200):
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("", port))  # every interface: a container runtime publishes there
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.append(port)
+        return port
     raise OSError(f"no free TCP port in {LISTEN_PORTS.start}-{LISTEN_PORTS.stop - 1} after 200 tries")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import time
@@ -37,6 +38,19 @@ def test_free_port_is_unbound_and_below_the_ephemeral_range():
     assert port in LISTEN_PORTS and port < _ephemeral_start()
     with socket.socket() as s:
         s.bind(("", port))  # raises if anything holds it
+
+
+def test_free_port_never_hands_out_a_port_twice_before_it_is_bound(monkeypatch):
+    """Two servers given ports one after the other, before either listens, must not get the same one."""
+    import training.packaging.server as server
+
+    monkeypatch.setattr(server, "LISTEN_PORTS", range(1000, 1200))  # as many ports as one call tries
+    monkeypatch.setattr(server, "_HANDED_OUT", server.deque(maxlen=1000))
+    unbound = type("Unbound", (), {"bind": lambda self, address: None})()  # every port is free to bind
+    monkeypatch.setattr(server.socket, "socket", lambda: contextlib.nullcontext(unbound))
+    assert len({server.free_port() for _ in range(200)}) == 200
+    with pytest.raises(OSError, match="no free TCP port in 1000-1199"):
+        server.free_port()
 
 
 def test_a_startup_failure_in_the_log_fails_at_once():
