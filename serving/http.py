@@ -179,7 +179,7 @@ class RequestGuard:
       its spec is amended on the way out (:func:`amend_spec`). ``description``, if
       given, replaces the page text, which for a service served from source is BentoML's
       own README (``description=`` of ``@bentoml.service`` reaches only a built Bento's).
-    - With ``workers`` > 1, a worker holding more than its share of the server's active connections
+    - With ``workers`` > 1, a worker holding more than its share of the server's kept-alive connections
       closes one after its answer, so the workers share the load (:mod:`serving.balance`).
     """
 
