@@ -63,7 +63,7 @@ from training.packaging.server import bentoml_serve, free_port, start_server, st
 
 PYTHON = "3.11"
 # The project's versions of what every peer runs besides its server, so only the server differs.
-COMMON_PINS = ("onnxruntime==1.32.0", "pillow==13.0.0")
+COMMON_PINS = ("onnxruntime==1.32.0", "pillow==13.0.0", "simplejpeg==1.9.0")
 # MLServer needs a batch window above 0 to batch at all. It sends a batch to a worker as soon as the
 # window closes, busy or not, so a longer one only adds latency: of 1, 10 and 50 ms, 1 ms gave the
 # most requests per second at concurrency 8 and 32.

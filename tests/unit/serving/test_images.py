@@ -19,7 +19,7 @@ def _general_path(data: bytes) -> np.ndarray:
     return to_rgb32(img)
 
 
-@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}, {"quality": 30}])
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}, {"quality": 30}, {"keep_rgb": True}])
 def test_jpeg_fast_path_gives_the_same_pixels_as_the_general_path(options):
     x, _ = make_images(3, ["a", "b"])
     for img in x:
@@ -30,8 +30,9 @@ def test_jpeg_fast_path_gives_the_same_pixels_as_the_general_path(options):
         np.testing.assert_array_equal(decode_image(data), _general_path(data))
 
 
-def test_fast_path_after_a_refused_file_still_gives_exact_pixels():
-    # The fast path decodes into one reused image: a file refused half-way must not leak into the next.
+def test_fast_path_refuses_other_sizes_and_truncated_data():
+    # Refused means None (the general path then decides), never pixels: a truncated JPEG would
+    # otherwise decode with its missing rows grey.
     good = encode(make_images(1, ["a"])[0][0], "JPEG")
     white, tall = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (32, 32), (255, 255, 255)).save(white, "JPEG")
@@ -45,6 +46,7 @@ def test_fast_path_after_a_refused_file_still_gives_exact_pixels():
 def test_grey_jpeg_takes_the_fast_path_and_matches():
     buf = io.BytesIO()
     Image.fromarray(make_images(1, ["a"])[0][0]).convert("L").save(buf, "JPEG")
+    assert images.decode_jpeg_32(buf.getvalue()) is not None
     out = decode_image(buf.getvalue())
     assert out.shape == (32, 32, 3)
     np.testing.assert_array_equal(out, _general_path(buf.getvalue()))
@@ -64,6 +66,7 @@ def test_jpeg_of_other_sizes_leaves_the_fast_path_and_is_resized(size):
 def test_cmyk_jpeg_is_converted():
     buf = io.BytesIO()
     Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(buf, "JPEG")
+    assert images.decode_jpeg_32(buf.getvalue()) is None  # Pillow's CMYK conversion, on the general path
     out = decode_image(buf.getvalue())
     assert out.shape == (32, 32, 3) and out[0, 0, 0] > 200 and out[0, 0, 1] < 60
 
