@@ -73,7 +73,8 @@ def quantize(float_path: Path, calibration: np.ndarray, int8_path: Path) -> Path
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         # Ranges from the 99.999th percentile rather than the extremes, and the layers that see raw pixels
         # and produce the logits kept in float: together they keep float's class for the most test images
-        # (docs/serving.md), at a small share of the compute.
+        # (docs/serving.md), at a small share of the compute. Quantizing the pixels' scaling only to
+        # dequantize it for a float convolution would also cost more than it saves.
         quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile, nodes_to_exclude=edge_layers(prepared))
@@ -81,18 +82,20 @@ def quantize(float_path: Path, calibration: np.ndarray, int8_path: Path) -> Path
 
 
 def edge_layers(path: Path) -> list[str]:
-    """The nodes of the ONNX model at ``path`` kept in float: each convolution no other convolution feeds (the
-    first layer of every test-time view) and every matrix product (the logits)."""
+    """The nodes of the ONNX model at ``path`` kept in float: the pixel side (every node no convolution feeds: the
+    scaling of the pixels and the first convolution of every test-time view) and the logits side (every matrix
+    product and every node after one)."""
     import onnx
 
     nodes = onnx.load(str(path)).graph.node
     producer = {out: node for node in nodes for out in node.output}
 
-    def after_conv(node, seen=frozenset()) -> bool:
+    def after(node, ops: tuple[str, ...], seen=frozenset()) -> bool:
         ups = [producer[name] for name in node.input if name in producer and producer[name].name not in seen]
-        return any(up.op_type == "Conv" or after_conv(up, seen | {up.name}) for up in ups)
+        return any(up.op_type in ops or after(up, ops, seen | {up.name}) for up in ups)
 
-    return [n.name for n in nodes if n.op_type in ("MatMul", "Gemm") or n.op_type == "Conv" and not after_conv(n)]
+    products = ("MatMul", "Gemm")
+    return [n.name for n in nodes if n.op_type in products or not after(n, ("Conv",)) or after(n, products)]
 
 
 def images_per_second(session, images: np.ndarray, seconds: float = 1.0) -> float:

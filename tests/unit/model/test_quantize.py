@@ -37,8 +37,9 @@ def test_calibration_is_a_seeded_sample_of_the_training_images():
 
 
 def test_the_layers_that_see_pixels_and_make_the_logits_stay_float(tmp_path):
-    """Each test-time view's first convolution and every logits product are left out of quantization: kept in
-    float they keep float's class for more test images."""
+    """The pixel side (the pixels' scaling, each test-time view's first convolution) and the logits side (every
+    matrix product and what follows it) are left out of quantization: kept in float they keep float's class
+    for more test images, and a quantized scaling only to be dequantized for a float convolution costs more."""
     float_path = tmp_path / "model.onnx"
     export_onnx(with_flip_tta(build_model((8, 16), num_classes=10)), float_path, natural_images(4).astype(np.float32))
     graph = onnx.load(float_path).graph
@@ -46,6 +47,9 @@ def test_the_layers_that_see_pixels_and_make_the_logits_stay_float(tmp_path):
     kept = edge_layers(float_path)
     assert sum(n.op_type == "Conv" for n in graph.node if n.name in kept) == 2  # one per view (flip TTA)
     assert {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")} <= set(kept)
+    scaling = {n.name for n in graph.node if "standardize" in n.name}  # pixels * scale + shift
+    softmax = {n.name for n in graph.node if n.op_type == "Softmax"}
+    assert scaling and softmax and scaling | softmax <= set(kept)
     assert len(convs) > 2 and set(convs) - set(kept)  # the rest is quantized
     # 100 images: batches of 64 and 36, which the percentile calibrator cannot stack; quantize keeps 64.
     quantize(float_path, natural_images(100, seed=1), tmp_path / "model.int8.onnx")
