@@ -31,10 +31,10 @@ MAX_REQUEST_PIXELS = 16 * 1024 * 1024
 # A request decoding to at most this many pixels (64 images of 64x64) is decoded as soon as its
 # headers are read: the cost of a second hand-off would be more than the decoding.
 CHEAP_PIXELS = 64 * 64 * 64
-# A request of 32x32 JPEGs no larger than this each (CIFAR-10's are ~1 KB, quality 100 ~3 KB) is
-# decoded on the event loop, in the reused buffer of the fast path: ~20 us an image, bounded by its
-# size like parsing the request, where the hand-off to a thread and back cost more than the decoding
-# (docs/decisions/decoding.md).
+# A request of single-scan 32x32 JPEGs no larger than this each (CIFAR-10's are ~1 KB, quality 100
+# ~3 KB) is decoded on the event loop by the fast path: ~20 us an image, bounded by its size like
+# parsing the request, where the hand-off to a thread and back cost more than the decoding
+# (docs/decisions/decoding.md). A progressive JPEG's cost grows with its scans, not its bytes: the lanes.
 INLINE_JPEG_BYTES = 8 * 1024
 # The costly lane's niceness: it runs when the cores are otherwise idle.
 COSTLY_NICE = 19
@@ -71,9 +71,9 @@ class Decoder:
     async def __call__(self, files: list[bytes]) -> np.ndarray:
         import numpy as np
 
-        if all(len(data) <= INLINE_JPEG_BYTES for data in files):
-            from serving.images import decode_jpeg_32
+        from serving.images import decode_jpeg_32, jpeg_scans
 
+        if all(len(data) <= INLINE_JPEG_BYTES and jpeg_scans(data) == 1 for data in files):
             inline = [decode_jpeg_32(data) for data in files]
             if all(pixels is not None for pixels in inline):
                 return np.stack(inline)

@@ -46,6 +46,11 @@ JPEG_DRAFT_ALLOWANCE = 4
 # upload is larger, and it bounds the memory one member of an archive can take.
 MAX_IMAGE_BYTES = 64 * 1024**2
 _JPEG_SOI = b"\xff\xd8\xff"
+_JPEG_SOS = b"\xff\xda"
+# Most scans one JPEG may have. A progressive JPEG's every scan passes over all its coefficients, and with
+# arithmetic coding a scan of a few hundred bytes makes the decoder do tens of thousands of steps: bytes and
+# pixels do not bound its cost, scans do. Encoders' progressive scripts use about 10 (libjpeg's: 10 for colour).
+MAX_JPEG_SCANS = 64
 # JPEG colour spaces the fast path converts to RGB as Pillow does; CMYK and YCCK take the general path.
 _FAST_COLORSPACES = ("YCbCr", "Gray", "RGB")
 
@@ -77,6 +82,9 @@ def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
         width, height = img.size
         if img.format == "JPEG":
+            if (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+                raise InvalidImage(f"JPEG of {scans} scans, over the {MAX_JPEG_SCANS} one image may have (a "
+                                   "progressive JPEG has about 10); send it re-encoded")
             if width * height > max_pixels * JPEG_DRAFT_ALLOWANCE:
                 raise _too_large(width, height, max_pixels * JPEG_DRAFT_ALLOWANCE)
             if (width, height) != (SIZE, SIZE):
@@ -126,18 +134,25 @@ def decode_jpeg_32(data: bytes) -> np.ndarray | None:
     docs/decisions/jpeg-decoder.md). Anything else (another size, CMYK, truncated or corrupt data)
     returns None and goes down the general path, which handles or reports it.
     """
-    if not data.startswith(_JPEG_SOI) or len(data) > MAX_IMAGE_BYTES:
+    if not data.startswith(_JPEG_SOI) or len(data) > MAX_IMAGE_BYTES or jpeg_scans(data) > MAX_JPEG_SCANS:
         return None
     import simplejpeg
 
+    # simplejpeg 1.9.0 raises KeyError for a subsampling it has no name for (4:4:1), which Pillow decodes.
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if (width, height) != (SIZE, SIZE) or colorspace not in _FAST_COLORSPACES:
             return None
         # strict (the default): a warning, such as data that ends early, raises rather than returning grey rows.
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except ValueError:
+    except (ValueError, KeyError):
         return None
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The scans of JPEG ``data``, counted by their SOS markers: never fewer than there are (entropy-coded
+    data cannot hold the marker's bytes), more only where metadata happens to hold them."""
+    return data.count(_JPEG_SOS)
 
 
 def to_rgb32(img: Image.Image) -> np.ndarray:

@@ -85,8 +85,8 @@ def test_the_costly_lane_runs_at_the_lowest_priority():
                                                                    + decoding.COSTLY_NICE)
 
 
-def test_only_small_32x32_jpegs_are_decoded_on_the_event_loop(monkeypatch):
-    """They cost less than the hand-off; anything else, a larger 32x32 JPEG too, goes to a lane."""
+def test_only_small_single_scan_32x32_jpegs_are_decoded_on_the_event_loop(monkeypatch):
+    """They cost less than the hand-off; anything else, a larger or a progressive 32x32 JPEG too, goes to a lane."""
     from PIL import Image
     import io
 
@@ -99,13 +99,16 @@ def test_only_small_32x32_jpegs_are_decoded_on_the_event_loop(monkeypatch):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
         big_jpeg, "JPEG", quality=100, subsampling=0, optimize=False, comment=b"x" * decoding.INLINE_JPEG_BYTES)
     assert len(big_jpeg.getvalue()) > decoding.INLINE_JPEG_BYTES
+    progressive = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 40)).save(progressive, "JPEG", progressive=True)
+    assert len(progressive.getvalue()) <= decoding.INLINE_JPEG_BYTES
 
     async def main():
         decoder = Decoder(threads=1, nice=0)
         small = await decoder([image_bytes(1)] * 3)
         assert lanes == [] and small.shape == (3, 32, 32, 3)
-        for files in ([image_bytes(1), noisy.getvalue()], [big_jpeg.getvalue()]):
+        for files in ([image_bytes(1), noisy.getvalue()], [big_jpeg.getvalue()], [progressive.getvalue()]):
             assert (await decoder(files)).shape == (len(files), 32, 32, 3)
         return lanes
 
-    assert asyncio.run(main()) == [2, 1]
+    assert asyncio.run(main()) == [2, 1, 1]

@@ -43,6 +43,32 @@ def test_fast_path_refuses_other_sizes_and_truncated_data():
     np.testing.assert_array_equal(images.decode_jpeg_32(good), _general_path(good))
 
 
+def test_a_jpeg_with_4_4_1_sampling_is_decoded_as_pillow_decodes_it():
+    # simplejpeg has no name for this subsampling (KeyError in its header read); Pillow decodes it.
+    buf = io.BytesIO()
+    Image.fromarray(make_images(1, ["a"])[0][0]).save(buf, "JPEG", subsampling=0)
+    data = bytearray(buf.getvalue())
+    data[data.index(b"\xff\xc0") + 11] = 0x14  # the luma component's sampling: 1 across, 4 down
+    out = decode_image(bytes(data))
+    np.testing.assert_array_equal(out, _general_path(bytes(data)))
+
+
+def test_a_jpeg_of_more_scans_than_the_limit_is_refused_before_decoding():
+    # A progressive JPEG's cost grows with its scans, which neither its bytes nor its pixels bound.
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 40)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    assert 1 < images.jpeg_scans(data) <= images.MAX_JPEG_SCANS
+    assert images.decode_jpeg_32(data) is not None
+    last = data.rindex(b"\xff\xda")
+    scan = data[last:-2]  # the last scan, up to the end-of-image marker
+    many = data[:last] + scan * images.MAX_JPEG_SCANS + data[-2:]
+    assert images.jpeg_scans(many) > images.MAX_JPEG_SCANS
+    assert images.decode_jpeg_32(many) is None
+    with pytest.raises(InvalidImage, match="scans"):
+        decode_image(many)
+
+
 def test_grey_jpeg_takes_the_fast_path_and_matches():
     buf = io.BytesIO()
     Image.fromarray(make_images(1, ["a"])[0][0]).convert("L").save(buf, "JPEG")
