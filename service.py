@@ -27,7 +27,7 @@ from serving.images import MAX_PIXELS
 from serving.lineage import answer_headers, lineage_headers
 from serving.metrics import ServiceMetrics, drift_window
 from serving.model import onnx_session, prediction, warm_up
-from serving.precision import choose as choose_precision
+from serving.precision import choose as choose_precision, measurement_key
 from serving.settings import GC_THRESHOLDS, INFER_NICE, ServingSettings
 from serving.slots import ComputeSlots, server_key
 
@@ -105,8 +105,10 @@ class CIFAR10Classifier:
     def __init__(self) -> None:
         model_dir = Path(self.bento_model.path)
         self.class_names = json.loads((model_dir / "classes.json").read_text())
-        # float32, or the int8 candidate where it keeps float's answers and is faster on this host.
-        self.precision = choose_precision(model_dir, self.bento_model.info.metadata, server_key())
+        # float32, or the int8 candidate where it keeps float's answers and is faster on this host, as
+        # measured by the first server of this model here.
+        self.precision = choose_precision(model_dir, self.bento_model.info.metadata,
+                                          measurement_key(str(self.bento_model.tag)))
         # One intra-op thread per call: calls run side by side (CIFAR10_CPUS of them), which scales better
         # than threads that synchronise at every layer.
         self.session = onnx_session(model_dir / self.precision.file, threads=1)

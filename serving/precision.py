@@ -4,8 +4,11 @@ Training judges whether int8 keeps float's answers (accuracy and agreement on th
 ``training/model/quantize.py``) and records that with the ``precision`` setting in the BentoML
 model's metadata. Whether int8 is faster depends on the CPU, and the host that trains is not always
 the one that serves, so under ``auto`` the server measures both files here when it starts. The first
-worker measures and writes the choice into a file of its server (a ``flock`` serialises them), the
-others read it: every worker of one server serves the same precision.
+worker measures and writes the choice into a file kept for the model on this CPU (a ``flock``
+serialises them), the others read it: every worker of one server serves the same precision, and so
+does every later server of that model on this host until it restarts. A restart or a rollback then
+answers as it did, even where the two speeds are close enough for a new measurement to tip the other
+way.
 """
 
 from __future__ import annotations
@@ -54,8 +57,24 @@ def decide(setting: str, accurate: bool, float_img_s: float | None = None,
                      float_img_s, int8_img_s)
 
 
-def choose(model_dir: Path, metadata: dict, server: str, folder: Path | None = None) -> Precision:
-    """The precision this server runs for the model in ``model_dir``; measured once per ``server`` key."""
+def measurement_key(model_tag: str) -> str:
+    """The key :func:`choose` keeps a measurement of ``model_tag`` under: the model, this CPU and its count."""
+    import hashlib
+    import platform
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:  # not Linux
+        pass
+    identity = f"{model_tag}|{cpu or platform.processor()}|{os.cpu_count()}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def choose(model_dir: Path, metadata: dict, key: str, folder: Path | None = None) -> Precision:
+    """The precision a server runs for the model in ``model_dir``; measured once per ``key``
+    (:func:`measurement_key`)."""
     info = metadata.get("precision") or {}
     if not (model_dir / INT8_MODEL).exists():
         return Precision("float", "the model has no int8 candidate")
@@ -63,7 +82,7 @@ def choose(model_dir: Path, metadata: dict, server: str, folder: Path | None = N
     if setting != "auto" or not accurate:
         return decide(setting, accurate)
     folder = Path(folder or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"))
-    with open(folder / f"cifar10-precision-{server}.json", "a+") as shared:
+    with open(folder / f"cifar10-precision-{key}.json", "a+") as shared:
         fcntl.flock(shared, fcntl.LOCK_EX)  # the other workers wait here while the first one measures
         shared.seek(0)
         if text := shared.read():

@@ -48,7 +48,7 @@ def test_without_a_measurement_where_nothing_is_to_choose(tmp_path, monkeypatch)
     assert choose(_model(tmp_path), {"precision": {"setting": "auto", "accurate": False}}, "s1", tmp_path).served == "float"
 
 
-def test_the_workers_of_one_server_measure_once_and_serve_the_same(tmp_path, monkeypatch):
+def test_one_measurement_per_key_serves_every_worker_and_later_server(tmp_path, monkeypatch):
     calls = []
 
     def speeds(folder):
@@ -65,5 +65,16 @@ def test_the_workers_of_one_server_measure_once_and_serve_the_same(tmp_path, mon
         worker.join()
     assert len(calls) == 1 and {r.served for r in results} == {"int8"}
     assert results[0].float_img_s == 600.0 and results[0].int8_img_s == 1250.0
-    # Another server (another key) measures for itself.
+    # A later server of the same model here (the same key) serves what the first measured: a restart or a
+    # rollback answers as before, though a new measurement would disagree.
+    assert choose(_model(tmp_path), ACCURATE, "srv", tmp_path).served == "int8" and len(calls) == 1
+    # Another model or CPU (another key) measures for itself.
     assert choose(_model(tmp_path), ACCURATE, "another", tmp_path).served == "float" and len(calls) == 2
+
+
+def test_the_measurement_key_names_the_model_and_the_cpu(monkeypatch):
+    key = precision.measurement_key("cifar10-cnn:abc")
+    assert key == precision.measurement_key("cifar10-cnn:abc") and len(key) == 16
+    assert key != precision.measurement_key("cifar10-cnn:def")
+    monkeypatch.setattr(precision.os, "cpu_count", lambda: 1024)
+    assert key != precision.measurement_key("cifar10-cnn:abc")
