@@ -112,6 +112,9 @@ class CIFAR10Classifier:
         # One intra-op thread per call: calls run side by side (CIFAR10_CPUS of them), which scales better
         # than threads that synchronise at every layer.
         self.session = onnx_session(model_dir / self.precision.file, threads=1)
+        # The other file must load too, or the Bento is broken: another host may choose it.
+        if (model_dir / self.precision.other_file).exists():
+            onnx_session(model_dir / self.precision.other_file, threads=1)
         self.input_name = self.session.get_inputs()[0].name
         # Every prediction answer carries these, so a client (and the served-artifact check) can tell
         # which Bento and model produced it without a second request.

@@ -39,6 +39,10 @@ class Precision:
     def file(self) -> str:
         return INT8_MODEL if self.served == "int8" else FLOAT_MODEL
 
+    @property
+    def other_file(self) -> str:
+        return FLOAT_MODEL if self.served == "int8" else INT8_MODEL
+
 
 def decide(setting: str, accurate: bool, float_img_s: float | None = None,
            int8_img_s: float | None = None) -> Precision:
