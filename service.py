@@ -162,9 +162,8 @@ class CIFAR10Classifier:
     async def predict(self, ctx: bentoml.Context,
                       file: Upload = Field(description="An image: PNG, JPEG, BMP, GIF or WebP")) -> Prediction:
         """Classify one uploaded image (multipart field `file`)."""
-        ctx.response.headers.update(self.lineage)
         answer = (await self._classify([file]))[0]
-        ctx.response.headers.update(answer_headers(answer.label, answer.confidence))
+        ctx.response.headers.update({**self.lineage, **answer_headers(answer.label, answer.confidence)})
         return answer
 
     # maxItems only documents the file limit: the guard enforces it before BentoML parses the form.

@@ -76,7 +76,7 @@ class Decoder:
         if all(len(data) <= INLINE_JPEG_BYTES and jpeg_scans(data) == 1 for data in files):
             inline = [decode_jpeg_32(data) for data in files]
             if all(pixels is not None for pixels in inline):
-                return np.stack(inline)
+                return inline[0][None] if len(inline) == 1 else np.stack(inline)
         loop = asyncio.get_running_loop()
         pixels, pending = await loop.run_in_executor(self._cheap, open_all, files)
         if pending:

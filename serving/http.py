@@ -309,9 +309,8 @@ class RequestGuard:
 
     def _log_refusal(self, scope):
         """A callback logging one line for a refused request: the route, the client, the status and why."""
-        client = ":".join(map(str, scope.get("client") or ("?",)))
-
         def log_refusal(status: int, error: str) -> None:
+            client = ":".join(map(str, scope.get("client") or ("?",)))
             log.log(logging.WARNING if status in (408, 429, 503) else logging.INFO, "refused %s %s from %s: %d %s",
                     scope["method"], scope["path"], client, status, error)
 
