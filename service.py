@@ -60,7 +60,8 @@ Pixel limits: {MAX_PIXELS:,} decoded pixels per image (a JPEG decodes at down to
 and {MAX_REQUEST_PIXELS:,} per request.
 
 Errors are one JSON object, `{{"error": "what was wrong and what to do"}}`:
-- 400: not a PNG, JPEG, BMP, GIF or WebP image, over the pixel limits, a missing or unknown field, too many files;
+- 400: not a PNG, JPEG, BMP, GIF or WebP image, over the pixel limits, a JPEG of over 64 scans or arithmetic-coded,
+  a missing or unknown field, too many files;
 - 401: no or a wrong bearer token, where the server has one (`Authorize` above);
 - 408: a body that does not arrive in time;
 - 413: a body over {SETTINGS.max_body_bytes:,} bytes;

@@ -8,7 +8,8 @@ hand-off. The work is bounded before it starts: each image by
 the headers. Two lanes keep a costly request from delaying cheap ones:
 
 - the *cheap* lane (one thread per CPU) reads every header of a request and decodes the
-  request at once when it is cheap (:data:`CHEAP_PIXELS`; CIFAR-sized images always are);
+  request at once when it is cheap (:data:`CHEAP_PIXELS`, :data:`CHEAP_JPEG_PASSES`; CIFAR-sized images
+  always are);
 - a costly request's images go to the *costly* lane, one thread at the lowest CPU priority,
   so costly requests queue behind each other and take only CPU that nothing else wants.
 """
@@ -28,9 +29,16 @@ if TYPE_CHECKING:
 # Most pixels the images of one request may decode to together: 64 images of 512x512, or four
 # of the largest one image may be. It bounds one request's decoding to tens of milliseconds.
 MAX_REQUEST_PIXELS = 16 * 1024 * 1024
-# A request decoding to at most this many pixels (64 images of 64x64) is decoded as soon as its
-# headers are read: the cost of a second hand-off would be more than the decoding.
+# Most pixel passes the JPEG decoder may make for one request: each scan of a progressive JPEG passes
+# over every pixel it declares, however few bytes the scan holds and whatever scale it decodes at. One
+# JPEG at the limits of serving/images.py (16 Mpx declared, 64 scans) fills it, ~0.5 s of one core; a
+# progressive photo of 12 Mpx in 10 scans takes an eighth.
+MAX_REQUEST_JPEG_PASSES = 16 * 1024 * 1024 * 64
+# A request decoding to at most this many pixels (64 images of 64x64), its JPEGs in at most this many
+# pixel passes (~2 ms), is decoded as soon as its headers are read: the cost of a second hand-off would be
+# more than the decoding.
 CHEAP_PIXELS = 64 * 64 * 64
+CHEAP_JPEG_PASSES = 4 * 1024 * 1024
 # A request of single-scan 32x32 JPEGs no larger than this each (CIFAR-10's are ~1 KB, quality 100
 # ~3 KB) is decoded on the event loop by the fast path: ~20 us an image, bounded by its size like
 # parsing the request, where the hand-off to a thread and back cost more than the decoding
@@ -90,11 +98,11 @@ def open_all(files: list[bytes]) -> tuple[list, dict[int, Image.Image]]:
     Returns (pixels, pending): ``pixels[i]`` is the decoded (32, 32, 3) array of file ``i``, or
     None while it is in ``pending`` (its opened, undecoded image). Raises :class:`Refused`.
     """
-    from serving.images import SIZE, InvalidImage, decode_jpeg_32, decoded_pixels, open_image
+    from serving.images import SIZE, InvalidImage, decode_jpeg_32, decoded_pixels, jpeg_frame, jpeg_scans, open_image
 
     pixels: list = []
     pending: dict[int, Image.Image] = {}
-    total = 0
+    total = passes = 0
     for i, data in enumerate(files):
         fast = decode_jpeg_32(data)
         if fast is not None:
@@ -106,11 +114,17 @@ def open_all(files: list[bytes]) -> tuple[list, dict[int, Image.Image]]:
         except InvalidImage as exc:
             raise Refused(f"{_which(i, files)}: {exc}") from exc
         pixels.append(None)
+        if pending[i].format == "JPEG":
+            passes += jpeg_frame(data)[1] * jpeg_scans(data)
+            if passes > MAX_REQUEST_JPEG_PASSES:
+                raise Refused(f"the JPEGs of this request take over {MAX_REQUEST_JPEG_PASSES:,} pixel passes to decode "
+                              f"(declared pixels times scans, at {_which(i, files)}), the limit per request; send "
+                              "fewer or smaller images, or baseline (not progressive) JPEGs")
         total += decoded_pixels(pending[i])
         if total > MAX_REQUEST_PIXELS:
             raise Refused(f"the images of this request decode to over {MAX_REQUEST_PIXELS:,} pixels together (at "
                           f"{_which(i, files)}), the limit per request; send fewer or smaller images")
-    if total <= CHEAP_PIXELS:
+    if total <= CHEAP_PIXELS and passes <= CHEAP_JPEG_PASSES:
         load_all(pixels, pending)
         pending = {}
     return pixels, pending

@@ -168,6 +168,9 @@ def _corpus() -> dict[str, dict]:
         "text": one(b"this is not an image, it is text\n" * 10),
         "huge dimensions (PNG header 100000x100000)": one(_png_header(100_000, 100_000)),
         "decompression bomb": one(_bomb_png()),
+        "arithmetic-coded JPEG": one(_arithmetic_jpeg()),
+        "JPEGs over the pixel passes of a request": {"url": "/predict_batch", "files": [
+            ("files", (f"{i}.jpg", _many_scan_jpeg(), "image/jpeg")) for i in range(2)]},
         "wrong field name": one(jpeg, name="image"),
         "too many files": {"url": "/predict_batch", "files": [("files", (f"{i}.jpg", jpeg, "image/jpeg"))
                                                               for i in range(MAX_FILES + 1)]},
@@ -176,6 +179,25 @@ def _corpus() -> dict[str, dict]:
         **{name: {"url": "/predict", "content": body, "headers": {"Content-Type": content_type}}
            for name, (content_type, body) in FORM_BODIES.items()},
     }
+
+
+def _arithmetic_jpeg() -> bytes:
+    """A progressive JPEG whose frame header says arithmetic coding: refused before its scans are read."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (20, 120, 220)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    at = data.index(b"\xff\xc2")
+    return data[:at] + b"\xff\xca" + data[at + 2:]
+
+
+def _many_scan_jpeg() -> bytes:
+    """4096x4096 progressive in 64 scans, ~100 KB: at the per-image limits, it alone fills a request's
+    pixel passes (~0.5 s of decoding)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (90, 90, 90)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    return data[:last] + data[last:-2] * (65 - data.count(b"\xff\xda")) + data[-2:]
 
 
 async def _timed(client: httpx.AsyncClient, **request) -> tuple[int | str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import threading
 import time
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from serving import decoding
-from serving.decoding import CHEAP_PIXELS, MAX_REQUEST_PIXELS, Decoder, Refused, load_all, open_all
+from serving.decoding import (CHEAP_PIXELS, MAX_REQUEST_JPEG_PASSES, MAX_REQUEST_PIXELS, Decoder, Refused, load_all,
+                              open_all)
 from tests.helpers import black_png, documented, encode, image_bytes, make_images
 
 
@@ -37,6 +39,30 @@ def test_the_request_budget_counts_decoded_pixels_of_all_files():
     with pytest.raises(Refused, match=r"over 16,777,216 pixels together \(at file 4 \(0-based\)\), the limit per "
                                       "request; send fewer or smaller images"):
         open_all(fits + [black_png(1, 1)])
+
+
+def test_the_request_budget_counts_the_pixel_passes_of_progressive_jpegs():
+    # Each scan of a progressive JPEG passes over every declared pixel, at any decoding scale and however
+    # few bytes it holds: 4096x4096 flat in 64 scans (the per-image limits) is ~100 KB and ~0.5 s of a core.
+    from PIL import Image
+
+    from serving.images import MAX_JPEG_SCANS, jpeg_frame, jpeg_scans
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (90, 90, 90)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    worst = data[:last] + data[last:-2] * (MAX_JPEG_SCANS - jpeg_scans(data) + 1) + data[-2:]
+    assert jpeg_scans(worst) == MAX_JPEG_SCANS and jpeg_frame(worst)[1] * MAX_JPEG_SCANS == MAX_REQUEST_JPEG_PASSES
+    # The worst one JPEG may be fills the request's budget, and goes to the costly lane although it decodes
+    # to the cheap lane's pixels (512x512).
+    assert len(open_all([worst])[1]) == 1 and jpeg_frame(worst)[1] // 64 == CHEAP_PIXELS
+    with pytest.raises(Refused, match=r"take over 1,073,741,824 pixel passes to decode \(declared pixels times "
+                                      r"scans, at file 1 \(0-based\)\), the limit per request"):
+        open_all([worst, data])
+    # A photo's worth: ten scans of 4096x4096, six to a request.
+    assert len(open_all([data] * (MAX_REQUEST_JPEG_PASSES // (jpeg_frame(data)[1] * jpeg_scans(data))))[1]) == 6
+    documented("docs/reliability.md", "1,073,741,824 pixel passes")
 
 
 def test_the_cheap_lane_and_the_inline_jpegs_are_bounded_as_documented():

@@ -69,6 +69,39 @@ def test_a_jpeg_of_more_scans_than_the_limit_is_refused_before_decoding():
         decode_image(many)
 
 
+def _arithmetic(data: bytes) -> bytes:
+    """``data`` with its frame header saying arithmetic coding (Pillow cannot write it): refused before its
+    scans are read, so they need not be arithmetic-coded."""
+    marker, _ = images.jpeg_frame(data)
+    at = data.index(bytes([0xFF, marker]))
+    return data[:at + 1] + bytes([{0xC0: 0xC9, 0xC2: 0xCA}[marker]]) + data[at + 2:]
+
+
+@pytest.mark.parametrize("size, options", [(32, {}), (32, {"progressive": True}), (64, {"progressive": True})])
+def test_an_arithmetic_coded_jpeg_is_refused_on_every_path(size, options):
+    # Its cost is bounded by neither its bytes nor its scans: a few KB can make the decoder visit every
+    # coefficient once per scan.
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (10, 200, 30)).save(buf, "JPEG", **options)
+    data = _arithmetic(buf.getvalue())
+    assert images.jpeg_frame(data)[0] in (0xC9, 0xCA)
+    assert images.decode_jpeg_32(data) is None
+    with pytest.raises(InvalidImage, match="arithmetic-coded JPEG: not accepted"):
+        decode_image(data)
+
+
+def test_the_frame_header_is_found_by_walking_the_segments_not_by_searching_bytes():
+    # A comment holding a frame marker's bytes comes before the real frame header: a byte search would
+    # read it as an arithmetic-coded frame of another size.
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 40)).save(buf, "JPEG", comment=b"\xff\xc9\x00\x11\x08\xff\xff\xff\xff")
+    data = buf.getvalue()
+    assert data.index(b"\xff\xc9") < data.index(b"\xff\xc0")
+    assert images.jpeg_frame(data) == (0xC0, 48 * 40)
+    assert decode_image(data).shape == (32, 32, 3)
+    assert images.jpeg_frame(b"\xff\xd8\xff\xda\x00\x08" + bytes(20)) == (None, 0)  # a scan, no frame
+
+
 def test_grey_jpeg_takes_the_fast_path_and_matches():
     buf = io.BytesIO()
     Image.fromarray(make_images(1, ["a"])[0][0]).convert("L").save(buf, "JPEG")
