@@ -98,7 +98,8 @@ def open_all(files: list[bytes]) -> tuple[list, dict[int, Image.Image]]:
     Returns (pixels, pending): ``pixels[i]`` is the decoded (32, 32, 3) array of file ``i``, or
     None while it is in ``pending`` (its opened, undecoded image). Raises :class:`Refused`.
     """
-    from serving.images import SIZE, InvalidImage, decode_jpeg_32, decoded_pixels, jpeg_frame, jpeg_scans, open_image
+    from serving.images import (SIZE, InvalidImage, decode_jpeg_32, decoded_pixels, is_jpeg, jpeg_frame, jpeg_scans,
+                                open_image)
 
     pixels: list = []
     pending: dict[int, Image.Image] = {}
@@ -114,7 +115,7 @@ def open_all(files: list[bytes]) -> tuple[list, dict[int, Image.Image]]:
         except InvalidImage as exc:
             raise Refused(f"{_which(i, files)}: {exc}") from exc
         pixels.append(None)
-        if pending[i].format == "JPEG":
+        if is_jpeg(pending[i]):
             passes += jpeg_frame(data)[1] * jpeg_scans(data)
             if passes > MAX_REQUEST_JPEG_PASSES:
                 raise Refused(f"the JPEGs of this request take over {MAX_REQUEST_JPEG_PASSES:,} pixel passes to decode "

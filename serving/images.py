@@ -87,10 +87,12 @@ def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
         width, height = img.size
-        if img.format == "JPEG":
-            if jpeg_frame(data)[0] in _ARITHMETIC_FRAMES:
+        if is_jpeg(img):
+            if (frame := jpeg_frame(data)[0]) not in _HUFFMAN_FRAMES:
                 raise InvalidImage("arithmetic-coded JPEG: not accepted, its decoding cost is not bounded by its "
-                                   "size; send it re-encoded (Huffman coding, encoders' default)")
+                                   "size; send it re-encoded (Huffman coding, encoders' default)"
+                                   if frame in _ARITHMETIC_FRAMES else
+                                   "JPEG whose frame header cannot be found from its markers; send it re-encoded")
             if (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
                 raise InvalidImage(f"JPEG of {scans} scans, over the {MAX_JPEG_SCANS} one image may have (a "
                                    "progressive JPEG has about 10); send it re-encoded")
@@ -165,19 +167,32 @@ def jpeg_scans(data: bytes) -> int:
     return data.count(_JPEG_SOS)
 
 
+def is_jpeg(img: Image.Image) -> bool:
+    """Whether Pillow opened a JPEG: also a JPEG with a multi-picture segment, which it opens as MPO."""
+    from PIL.JpegImagePlugin import JpegImageFile
+
+    return isinstance(img, JpegImageFile)
+
+
 def jpeg_frame(data: bytes) -> tuple[int | None, int]:
-    """JPEG ``data``'s frame marker and the pixels its frame header declares; (None, 0) where the segments
-    before the first scan do not lead to one (the decoder then reports the file)."""
+    """JPEG ``data``'s frame marker and the pixels its blocks cover (its declared size rounded up to whole
+    16x16 units: a one-pixel row costs a row of blocks); (None, 0) where no frame header comes before a scan.
+
+    The segments are walked as libjpeg reads them: bytes between segments other than a marker are skipped,
+    so a byte put there cannot hide the frame from this walk but not from the decoder.
+    """
     i, end = 2, len(data) - 9
     while i <= end:
-        if data[i] != 0xFF:
-            break
+        if data[i] != 0xFF or data[i + 1] == 0x00:  # not a marker: libjpeg skips it
+            i += 1 if data[i] != 0xFF else 2
+            continue
         marker = data[i + 1]
         if marker == 0xFF:  # a fill byte before a marker
             i += 1
         elif marker in _HUFFMAN_FRAMES or marker in _ARITHMETIC_FRAMES:
             # length (2 bytes), sample precision (1), height (2), width (2)
-            return marker, int.from_bytes(data[i + 5:i + 7], "big") * int.from_bytes(data[i + 7:i + 9], "big")
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return marker, (height + 15) // 16 * 16 * ((width + 15) // 16 * 16)
         elif marker == 0xDA:  # a scan before any frame
             break
         elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a segment
@@ -198,9 +213,12 @@ def to_rgb32(img: Image.Image) -> np.ndarray:
         width, height = img.size
         scale = SIZE / min(width, height)
         new_w, new_h = max(SIZE, round(width * scale)), max(SIZE, round(height * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
         left, top_edge = (new_w - SIZE) // 2, (new_h - SIZE) // 2
-        img = img.crop((left, top_edge, left + SIZE, top_edge + SIZE))
+        # Only the centre crop is resampled, as its box in the source: scaling the whole image first would
+        # make a thin one (32 / its height) times larger, 1.3 GB for a 336-byte 262144x1 PNG.
+        to_x, to_y = width / new_w, height / new_h
+        box = (left * to_x, top_edge * to_y, (left + SIZE) * to_x, (top_edge + SIZE) * to_y)
+        img = img.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
     return np.asarray(img, dtype=np.uint8)
 
 

@@ -97,9 +97,64 @@ def test_the_frame_header_is_found_by_walking_the_segments_not_by_searching_byte
     Image.new("RGB", (48, 40)).save(buf, "JPEG", comment=b"\xff\xc9\x00\x11\x08\xff\xff\xff\xff")
     data = buf.getvalue()
     assert data.index(b"\xff\xc9") < data.index(b"\xff\xc0")
-    assert images.jpeg_frame(data) == (0xC0, 48 * 40)
+    assert images.jpeg_frame(data) == (0xC0, 48 * 48)  # 48x40: whole 16x16 units
     assert decode_image(data).shape == (32, 32, 3)
     assert images.jpeg_frame(b"\xff\xd8\xff\xda\x00\x08" + bytes(20)) == (None, 0)  # a scan, no frame
+
+
+def test_bytes_between_segments_do_not_hide_the_frame_header():
+    # libjpeg skips them (with a warning, which Pillow ignores), so the walk must skip them too: else an
+    # arithmetic-coded file with one extra byte after its first segment went through unchecked.
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, "JPEG", progressive=True)
+    data = _arithmetic(buf.getvalue())
+    after_app0 = 4 + int.from_bytes(data[4:6], "big")
+    junk = data[:after_app0] + b"\x00\x17\xff\x00" + data[after_app0:]
+    assert images.jpeg_frame(junk) == (0xCA, 64 * 64)
+    with pytest.raises(InvalidImage, match="arithmetic-coded JPEG"):
+        decode_image(junk)
+
+
+def _as_mpo(jpeg: bytes) -> bytes:
+    """``jpeg`` with a multi-picture (MPF) segment, which makes Pillow open it as MPO."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    mpo = buf.getvalue()
+    at = mpo.index(b"\xff\xe2")
+    return jpeg[:2] + mpo[at:at + 2 + int.from_bytes(mpo[at + 2:at + 4], "big")] + jpeg[2:]
+
+
+def test_a_jpeg_pillow_opens_as_mpo_is_checked_and_drafted_as_a_jpeg():
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 40)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    many = _as_mpo(data[:last] + data[last:-2] * images.MAX_JPEG_SCANS + data[-2:])
+    assert Image.open(io.BytesIO(many)).format == "MPO"
+    with pytest.raises(InvalidImage, match="scans"):
+        decode_image(many)
+    with pytest.raises(InvalidImage, match="arithmetic-coded JPEG"):
+        decode_image(_as_mpo(_arithmetic(data)))
+    photo = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (20, 40, 60)).save(photo, "JPEG")  # 12 Mpx: decodes at 1/8, within the limit
+    img = images.open_image(_as_mpo(photo.getvalue()))
+    assert img.format == "MPO" and img.size == (500, 375)
+
+
+def test_a_thin_image_costs_its_pixels_not_its_scaled_size():
+    # Scaled so that its shorter side is 32 before the crop, a 4,194,304x1 PNG (the per-image limit) would
+    # have been 4.3 Gpx (262,144x1 took 1.8 s and 1.35 GB); only the crop is resampled.
+    import time
+
+    buf = io.BytesIO()
+    Image.new("L", (images.MAX_PIXELS, 1), 200).save(buf, "PNG")
+    start = time.perf_counter()
+    out = decode_image(buf.getvalue())
+    assert out.shape == (32, 32, 3) and (out == 200).all()
+    assert time.perf_counter() - start < 1.0  # ~15 ms here
+    thin = io.BytesIO()
+    Image.new("RGB", (65500, 1)).save(thin, "JPEG", progressive=True)
+    assert images.jpeg_frame(thin.getvalue()) == (0xC2, 65504 * 16)  # whole rows of blocks, for the passes
 
 
 def test_grey_jpeg_takes_the_fast_path_and_matches():
