@@ -115,6 +115,14 @@ def test_bytes_between_segments_do_not_hide_the_frame_header():
         decode_image(junk)
 
 
+def test_a_jpeg_whose_frame_header_the_walk_cannot_find_is_refused(monkeypatch):
+    # Fails closed: were the walk and Pillow ever to disagree, the file is refused rather than decoded unchecked.
+    monkeypatch.setattr(images, "jpeg_frame", lambda data: (None, 0))
+    with pytest.raises(InvalidImage, match="JPEG whose frame header cannot be found from its markers; send it "
+                                           "re-encoded"):
+        images.open_image(encode(make_images(1, ["a"])[0][0], "JPEG"))
+
+
 def _as_mpo(jpeg: bytes) -> bytes:
     """``jpeg`` with a multi-picture (MPF) segment, which makes Pillow open it as MPO."""
     buf = io.BytesIO()
