@@ -32,7 +32,7 @@ MAX_REQUEST_PIXELS = 16 * 1024 * 1024
 # Most pixel passes the JPEG decoder may make for one request: each scan of a progressive JPEG passes
 # over every pixel it declares, however few bytes the scan holds and whatever scale it decodes at. One
 # JPEG at the limits of serving/images.py (16 Mpx declared, 64 scans) fills it, ~0.5 s of one core; a
-# progressive photo of 12 Mpx in 10 scans takes an eighth.
+# progressive photo of 12 Mpx in 10 scans takes a ninth.
 MAX_REQUEST_JPEG_PASSES = 16 * 1024 * 1024 * 64
 # A request decoding to at most this many pixels (64 images of 64x64), its JPEGs in at most this many
 # pixel passes (~2 ms), is decoded as soon as its headers are read: the cost of a second hand-off would be

@@ -49,7 +49,8 @@ _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_SOS = b"\xff\xda"
 # Most scans one JPEG may have. A progressive JPEG's every scan passes over all its coefficients, and with
 # arithmetic coding a scan of a few hundred bytes makes the decoder do tens of thousands of steps: bytes and
-# pixels do not bound its cost, scans do. Encoders' progressive scripts use about 10 (libjpeg's: 10 for colour).
+# pixels do not bound its cost, scans times pixels do (a request's total: serving/decoding.py). Encoders'
+# progressive scripts use about 10 (libjpeg's: 10 for colour).
 MAX_JPEG_SCANS = 64
 # Frame (SOF) markers, whose segment declares the image's size and coding. With arithmetic coding (the
 # second set) a JPEG's cost is bounded by neither its bytes nor its scans: a well-compressing stream of a few
